@@ -1,0 +1,1054 @@
+#!/usr/bin/env python3
+"""Mongo Mail Server: an SMTP server that records every message it receives in MongoDB.
+
+The promise, to the mail administrator who puts it behind Postfix or amavisd-new:
+
+* a message is answered ``250 ... queued as <store_key>`` only once it is stored
+  (or, in proxy mode, accepted by the downstream server); any storage or
+  downstream failure answers 4xx, so the sending MTA keeps it and retries;
+* the bytes stored are the bytes received, after un-dot-stuffing, and nothing else;
+* every input is bounded (command lines, data lines, message size, recipients,
+  connections, idle time), and a misbehaving client never hurts other sessions.
+
+One file, one runtime dependency (pymongo). Copy it to a mail host and run::
+
+    python mms.py --server debug
+"""
+
+import argparse
+import base64
+import datetime
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import importlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import zlib
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("mms")
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+COMMAND_LINE_MAX = 512          # RFC 5321 4.5.3.1.4, CRLF included
+PARAMS_ROOM = 1024              # extra room on MAIL/RCPT for ESMTP parameters
+DATA_LINE_MAX = 1000            # RFC 5321 4.5.3.1.6, CRLF included
+PATH_MAX = 256                  # RFC 5321 4.5.3.1.3
+XFORWARD_VALUE_MAX = 255        # Postfix XFORWARD_README
+RECV_SIZE = 256 * 1024
+END_OF_DATA = b"\r\n.\r\n"
+
+XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
+COMMANDS = ("start", "count", "list", "show", "headers")
+
+# Every reply the session sends that is not built from a downstream answer.
+R_MAIL_OK = "250 2.1.0 Ok"
+R_RCPT_OK = "250 2.1.5 Ok"
+R_OK = "250 2.0.0 Ok"
+R_QUEUED = "250 2.0.0 Ok: queued as {}"
+R_DATA_GO = "354 End data with <CR><LF>.<CR><LF>"
+R_BYE = "221 2.0.0 Bye"
+R_VRFY = "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
+R_HELP = "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XFORWARD"
+R_UNKNOWN = "500 5.5.2 Error: command not recognized"
+R_LINE_TOO_LONG = "500 5.5.6 Error: line too long"
+R_SYNTAX = "501 5.5.4 Syntax: {}"
+R_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+R_BAD_RCPT = "501 5.1.3 Bad recipient address syntax"
+R_SEQUENCE = "503 5.5.1 Error: {}"
+R_TOO_BIG = "552 5.3.4 Error: message size exceeds fixed limit"
+R_TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
+R_NO_RCPTS = "554 5.5.1 Error: no valid recipients"
+R_XFORWARD_DENIED = "550 5.7.0 Error: insufficient authorization"
+R_ACCESS_DENIED = "554 5.7.1 Error: access denied for {}"
+R_TIMEOUT = "421 4.4.2 {} Error: timeout exceeded"
+R_TOO_MANY_CONN = "421 4.7.0 {} Error: too many connections"
+R_SHUTDOWN = "421 4.3.2 {} Service shutting down, try again later"
+R_STORE_FAILED = "451 4.3.0 Error: message not stored, try again later"
+
+
+def _env(name, default):
+    return os.environ.get(name, default)
+
+
+def _flag(value):
+    if isinstance(value, bool):
+        return value
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a yes/no value: {value!r}")
+
+
+def _port(value):
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value!r}")
+    return port
+
+
+def _positive(value):
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {value!r}")
+    return number
+
+
+def _count(value):
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value!r}")
+    return number
+
+
+def _networks(value):
+    """A comma-separated list of IPs or CIDRs, as MMS_ALLOW and MMS_XFORWARD_HOSTS hold."""
+    if isinstance(value, list):
+        return value
+    try:
+        return [ipaddress.ip_network(item.strip(), strict=False)
+                for item in value.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _names(value):
+    return value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
+
+
+# (flag, variable, default, type, help). The variable gives the default; the flag wins.
+OPTIONS = [
+    ("--server", "MMS_SERVER", "mongo-quarantine", str,
+     "mode: " + " | ".join(MODES)),
+    ("--host", "MMS_HOST", "0.0.0.0", str, "address to listen on (IPv4 or IPv6)"),
+    ("--port", "MMS_PORT", "14001", _port, "port to listen on"),
+    ("--hostname", "MMS_HOSTNAME", "", str,
+     "name in the greeting and EHLO reply (default: this machine's FQDN)"),
+    ("--timeout", "MMS_TIMEOUT", "600", _positive,
+     "idle timeout in seconds for each read from a client"),
+    ("--data-size-limit", "MMS_DATA_SIZE_LIMIT", "0", _count,
+     "largest message in bytes, 0 for no limit"),
+    ("--max-recipients", "MMS_MAX_RECIPIENTS", "1000", _count,
+     "recipients per message; more answer 452 4.5.3"),
+    ("--max-connections", "MMS_MAX_CONNECTIONS", "256", _count,
+     "connections in service at once; one more gets 421 4.7.0"),
+    ("--allow", "MMS_ALLOW", "", _networks,
+     "clients allowed to connect, IPs or CIDRs (repeatable; default: everyone)"),
+    ("--xforward-hosts", "MMS_XFORWARD_HOSTS", "127.0.0.0/8,::1", _networks,
+     "clients allowed to send XFORWARD, IPs or CIDRs"),
+    ("--plugin", "MMS_PLUGINS", "", _names,
+     "module whose apply(metadata=None, data=None) runs on each message (repeatable)"),
+    ("--grace", "MMS_GRACE", "8", _positive,
+     "seconds that SIGTERM waits for transactions in progress"),
+    ("--debug", "MMS_DEBUG", "0", _flag, "log the SMTP dialogue"),
+    ("--mongo-host", "MMS_MONGODB_URI", "mongodb://localhost/message", str,
+     "MongoDB connection string"),
+    ("--mongo-database", "MMS_MONGODB_DATABASE", "message", str, "database name"),
+    ("--mongo-collection", "MMS_MONGODB_COLLECTION", "message", str,
+     "collection of metadata documents"),
+    ("--mongo-timeout", "MMS_MONGODB_TIMEOUT", "5", _positive,
+     "seconds to find a MongoDB server before answering 451"),
+    ("--mongo-write-concern", "MMS_MONGODB_WRITE_CONCERN", "1", str,
+     "write concern w: a number or 'majority'"),
+    ("--real-rcpt", "MMS_REAL_RCPT", "0", _flag,
+     "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
+]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mms.py",
+        description="Mongo Mail Server: an SMTP server that records every message in MongoDB.",
+        epilog="Every option can be set by the MMS_* variable shown; the flag wins.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for flag, variable, default, kind, text in OPTIONS:
+        shown = default or "none"
+        extra = {"action": "append"} if kind in (_networks, _names) else {}
+        if kind is _flag:
+            extra = {"action": "store_const", "const": True}
+        if kind is not _flag:
+            extra.update(type=kind, metavar=variable.replace("MMS_", ""))
+        parser.add_argument(flag, default=None, help=f"{text} [{variable}, default: {shown}]",
+                            **extra)
+    parser.add_argument("command", nargs="?", default="start", choices=COMMANDS,
+                        help="start the server (default), or read the archive")
+    parser.add_argument("key", nargs="?", help="store_key, for show and headers")
+    reader = parser.add_argument_group("reader options (list)")
+    reader.add_argument("--limit", type=int, default=20, help="messages to list (default 20)")
+    reader.add_argument("--sender", help="only this sender")
+    reader.add_argument("--rcpt", help="only this recipient")
+    reader.add_argument("--since", type=datetime.datetime.fromisoformat,
+                        help="only messages received since this ISO date")
+    reader.add_argument("--json", action="store_true", help="one JSON document per line")
+    return parser
+
+
+def parse_config(argv=None):
+    """Flags first, then MMS_* variables, then defaults: all checked the same way."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    for flag, variable, default, kind, _ in OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        value = getattr(cfg, dest)
+        if value is None:
+            try:
+                value = (kind or str)(_env(variable, default))
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{variable}: {exc}")
+        elif kind in (_networks, _names):
+            value = [item for part in value for item in part]
+        setattr(cfg, dest, value)
+    if cfg.server not in MODES:
+        parser.error(f"unknown mode {cfg.server!r}: choose one of {', '.join(MODES)}")
+    if cfg.command in ("show", "headers") and not cfg.key:
+        parser.error(f"{cfg.command} needs a store_key")
+    if cfg.real_rcpt and cfg.server not in ("mongo-quarantine", "debug"):
+        parser.error("--real-rcpt rewrites the message: it is for mongo-quarantine mode only")
+    cfg.hostname = cfg.hostname or socket.getfqdn()
+    return cfg
+
+
+def in_networks(address, networks):
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+###############################################################################
+# The SMTP session ############################################################
+###############################################################################
+
+class ClientGone(Exception):
+    """The client closed the connection: nothing to answer."""
+
+
+class CloseSession(Exception):
+    """Say a last reply (421) and close."""
+
+    def __init__(self, reply):
+        super().__init__(reply)
+        self.reply = reply
+
+
+class Transaction:
+    """One MAIL ... DATA exchange; a new one starts after the final dot or RSET."""
+
+    def __init__(self, sender, params):
+        self.sender = sender
+        self.mail_params = params     # ESMTP parameters verbatim, for proxy mode
+        self.rcpts = []               # accepted recipients
+        self.rcpt_params = []         # their parameters verbatim
+        self.refused = {}             # address -> [code, text], from a downstream
+        self.relay = None             # proxy mode's downstream session
+
+
+ADDRESS_RE = re.compile(r"^(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^<>\s]+))(?:\s+(?P<params>.*))?$")
+PARAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[^=\s]+)?$")
+XTEXT_RE = re.compile(r"\+([0-9A-F]{2})")
+
+
+def parse_path(arg, keyword):
+    """Split 'FROM:<a@b> SIZE=10' into ('a@b', ['SIZE=10']); None on bad syntax."""
+    if not arg[:len(keyword)].upper() == keyword:
+        return None
+    match = ADDRESS_RE.match(arg[len(keyword):].lstrip())
+    if not match:
+        return None
+    address = match.group("bracketed")
+    if address is None:
+        address = match.group("bare")
+    # A source route (@a,@b:user@c) is allowed by RFC 5321 and ignored.
+    address = address.rsplit(":", 1)[-1] if address.startswith("@") else address
+    params = (match.group("params") or "").split()
+    if any(not PARAM_RE.match(p) for p in params):
+        return None
+    return address, params
+
+
+def valid_address(address):
+    return (len(address.encode()) <= PATH_MAX
+            and not any(ch.isspace() or ord(ch) < 32 or ch == "\x7f" for ch in address))
+
+
+def xtext_decode(value):
+    return XTEXT_RE.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+class SMTPSession(socketserver.BaseRequestHandler):
+    """One client connection: a line reader, smtp_<VERB> dispatch and a DATA reader."""
+
+    def setup(self):
+        self.cfg = self.server.cfg
+        self.peer = self.client_address[0]
+        self.buf = bytearray()
+        self.helo = None
+        self.esmtp = False
+        self.xforward = {}
+        self.tx = None
+        self.trusted = in_networks(self.peer, self.cfg.xforward_hosts)
+        self.request.settimeout(self.cfg.timeout)
+
+    # -- the connection ------------------------------------------------------
+
+    def handle(self):
+        if self.cfg.allow and not in_networks(self.peer, self.cfg.allow):
+            log.warning("reject connection from %s: not in --allow", self.peer)
+            return self.reply(R_ACCESS_DENIED.format(self.peer))
+        if not self.server.enter(self):
+            log.warning("reject connection from %s: too many connections", self.peer)
+            return self.reply(R_TOO_MANY_CONN.format(self.cfg.hostname))
+        try:
+            self.reply(f"220 {self.cfg.hostname} ESMTP Mongo Mail Server")
+            while self.dispatch(self.read_command()):
+                pass
+        except CloseSession as close:
+            self.reply(close.reply)
+        except (ClientGone, OSError):
+            pass
+        except Exception:  # a bug must cost one session, never the server
+            log.exception("session with %s failed", self.peer)
+        finally:
+            self.abort_transaction()
+            self.server.leave(self)
+
+    def reply(self, text):
+        if self.cfg.debug:
+            log.debug("%s > %s", self.peer, text)
+        try:
+            self.request.sendall(text.encode() + b"\r\n")
+        except OSError:
+            raise ClientGone() from None
+
+    def fill(self, idle=False):
+        """Wait for more bytes; an idle session also wakes when the server drains."""
+        poller = select.poll()
+        poller.register(self.request, select.POLLIN)
+        if idle:
+            poller.register(self.server.drain_fd, select.POLLIN)
+        events = poller.poll(self.cfg.timeout * 1000)
+        if not events:
+            raise CloseSession(R_TIMEOUT.format(self.cfg.hostname))
+        if idle and any(fd == self.server.drain_fd for fd, _ in events):
+            raise CloseSession(R_SHUTDOWN.format(self.cfg.hostname))
+        try:
+            chunk = self.request.recv(RECV_SIZE)
+        except OSError:
+            raise ClientGone() from None
+        if not chunk:
+            raise ClientGone()
+        return chunk
+
+    def read_command(self):
+        """The next command line, without its line ending; None if it was too long."""
+        limit = COMMAND_LINE_MAX + PARAMS_ROOM
+        overlong = False
+        while True:
+            if self.tx is None and self.server.draining:
+                raise CloseSession(R_SHUTDOWN.format(self.cfg.hostname))
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buf[:end + 1])
+                del self.buf[:end + 1]
+                return None if overlong or len(line) > limit else line
+            if len(self.buf) > limit:
+                overlong = True
+                self.buf.clear()
+            self.buf += self.fill(idle=self.tx is None)
+
+    # -- dispatch ------------------------------------------------------------
+
+    def dispatch(self, line):
+        """Answer one command; False ends the session."""
+        if line is None:
+            self.reply(R_LINE_TOO_LONG)
+            return True
+        if self.cfg.debug:
+            log.debug("%s < %r", self.peer, line)
+        line = line.rstrip(b"\n")
+        line = line[:-1] if line.endswith(b"\r") else line
+        verb, _, arg = line.partition(b" ")
+        verb = verb.upper().decode("ascii", "replace")
+        if len(line) + 2 > COMMAND_LINE_MAX and verb not in ("MAIL", "RCPT"):
+            self.reply(R_LINE_TOO_LONG)
+            return True
+        handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        if handler is None:
+            self.reply(R_UNKNOWN)
+            return True
+        if b"\r" in arg or b"\0" in arg:
+            self.reply(R_SYNTAX.format("bare CR or NUL in command"))
+            return True
+        try:
+            arg = arg.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            self.reply(R_SYNTAX.format("command is not UTF-8"))
+            return True
+        return handler(arg) is not False
+
+    # -- verbs ---------------------------------------------------------------
+
+    def smtp_HELO(self, arg):
+        if not arg:
+            return self.reply(R_SYNTAX.format("HELO hostname"))
+        self.greet(arg, esmtp=False)
+        self.reply(f"250 {self.cfg.hostname}")
+
+    def smtp_EHLO(self, arg):
+        if not arg:
+            return self.reply(R_SYNTAX.format("EHLO hostname"))
+        self.greet(arg, esmtp=True)
+        limit = self.cfg.data_size_limit
+        lines = [self.cfg.hostname, "PIPELINING", f"SIZE {limit}" if limit else "SIZE",
+                 "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if self.trusted:
+            lines.append("XFORWARD " + " ".join(XFORWARD_ATTRS))
+        lines.append("HELP")
+        self.reply("\r\n".join(f"250-{text}" for text in lines[:-1]) + f"\r\n250 {lines[-1]}")
+
+    def greet(self, name, esmtp):
+        """RFC 5321 4.1.4: a new EHLO ends any transaction; XFORWARD attributes stay."""
+        xforward = self.xforward
+        self.abort_transaction()
+        self.xforward = xforward
+        self.helo, self.esmtp = name, esmtp
+
+    def smtp_MAIL(self, arg):
+        if self.helo is None:
+            return self.reply(R_SEQUENCE.format("send HELO/EHLO first"))
+        if self.tx is not None:
+            return self.reply(R_SEQUENCE.format("nested MAIL command"))
+        parsed = parse_path(arg, "FROM:")
+        if parsed is None:
+            return self.reply(R_SYNTAX.format("MAIL FROM:<address> [parameters]"))
+        sender, params = parsed
+        if not valid_address(sender):
+            return self.reply(R_BAD_SENDER)
+        problem = self.check_mail_params(params)
+        if problem:
+            return self.reply(problem)
+        tx = Transaction(sender, params)
+        answer = self.server.mode.on_mail(self, tx)
+        if answer is None or answer.startswith("2"):
+            self.tx = tx
+        self.reply(answer or R_MAIL_OK)
+
+    def check_mail_params(self, params):
+        """Unknown parameters are kept and relayed: Postfix passes its clients' through."""
+        for param in params:
+            name, _, value = param.partition("=")
+            name = name.upper()
+            if name == "SIZE":
+                if not value.isdigit():
+                    return R_SYNTAX.format("SIZE=<number>")
+                if self.cfg.data_size_limit and int(value) > self.cfg.data_size_limit:
+                    return R_TOO_BIG
+            elif name == "BODY" and value.upper() not in ("7BIT", "8BITMIME"):
+                return R_SYNTAX.format("BODY=7BIT or BODY=8BITMIME")
+        return None
+
+    def smtp_RCPT(self, arg):
+        if self.tx is None:
+            return self.reply(R_SEQUENCE.format("need MAIL command"))
+        parsed = parse_path(arg, "TO:")
+        if parsed is None:
+            return self.reply(R_SYNTAX.format("RCPT TO:<address> [parameters]"))
+        rcpt, params = parsed
+        if not rcpt or not valid_address(rcpt):
+            return self.reply(R_BAD_RCPT)
+        if self.cfg.max_recipients and len(self.tx.rcpts) >= self.cfg.max_recipients:
+            return self.reply(R_TOO_MANY_RCPTS)
+        answer = self.server.mode.on_rcpt(self, self.tx, rcpt, params)
+        if answer is None or answer.startswith("2"):
+            self.tx.rcpts.append(rcpt)
+            self.tx.rcpt_params.append(params)
+        else:
+            self.tx.refused[rcpt] = [int(answer[:3]), answer[4:]]
+        self.reply(answer or R_RCPT_OK)
+
+    def smtp_DATA(self, arg):
+        if arg:
+            return self.reply(R_SYNTAX.format("DATA"))
+        if self.tx is None:
+            return self.reply(R_SEQUENCE.format("need MAIL command"))
+        if not self.tx.rcpts:
+            return self.reply(R_SEQUENCE.format("need RCPT command") if not self.tx.refused
+                              else R_NO_RCPTS)
+        answer = self.server.mode.on_data(self, self.tx)
+        if answer and not answer.startswith("3"):
+            return self.reply(answer)
+        self.reply(R_DATA_GO)
+        data, problem = self.read_data()
+        tx, self.tx, xforward, self.xforward = self.tx, None, self.xforward, {}
+        if problem:
+            self.server.mode.on_reset(self, tx)
+            return self.reply(problem)
+        self.reply(receive_message(self, tx, xforward, data))
+
+    def smtp_RSET(self, arg):
+        self.abort_transaction()
+        self.reply(R_OK)
+
+    def smtp_NOOP(self, arg):
+        self.reply(R_OK)
+
+    def smtp_QUIT(self, arg):
+        self.reply(R_BYE)
+        return False
+
+    def smtp_HELP(self, arg):
+        self.reply(R_HELP)
+
+    def smtp_VRFY(self, arg):
+        if not arg:
+            return self.reply(R_SYNTAX.format("VRFY address"))
+        self.reply(R_VRFY)
+
+    def smtp_XFORWARD(self, arg):
+        if not self.trusted:
+            return self.reply(R_XFORWARD_DENIED)
+        if self.tx is not None:
+            return self.reply(R_SEQUENCE.format("MAIL transaction in progress"))
+        attrs = parse_xforward(arg)
+        if attrs is None:
+            return self.reply(R_SYNTAX.format("XFORWARD attribute=value..."))
+        for name, value in attrs.items():
+            if value is None:
+                self.xforward.pop(name, None)
+            else:
+                self.xforward[name] = value
+        self.reply(R_OK)
+
+    def abort_transaction(self):
+        """RSET, EHLO, QUIT or a lost client: forget the envelope and the XFORWARD attributes."""
+        if self.tx is not None:
+            self.server.mode.on_reset(self, self.tx)
+        self.tx = None
+        self.xforward = {}
+
+    # -- DATA ----------------------------------------------------------------
+
+    def read_data(self):
+        """The message up to <CRLF>.<CRLF>, un-dot-stuffed, and a problem reply if any.
+
+        Work stays linear: a block is searched once, and only the short tail of an
+        unfinished line is carried to the next block. A pending buffer always starts
+        with the CRLF that ended the previous line, so a line-leading '.' is found
+        as '\\r\\n.'. Once a problem is found, the rest is drained in constant memory.
+        """
+        parts, size, problem = [], 0, None
+        pending = b"\r\n" + bytes(self.buf)
+        self.buf.clear()
+        while True:
+            end = pending.find(END_OF_DATA)
+            cut = end if end >= 0 else pending.rfind(b"\r\n")
+            if not problem:
+                problem, size = self.take_lines(pending[:cut + 2], parts, size)
+            if end >= 0:
+                self.buf += pending[end + len(END_OF_DATA):]
+                return (None if problem else b"".join(parts)), problem
+            if not problem:
+                pending = pending[cut:]
+                if len(pending) - 2 >= DATA_LINE_MAX:
+                    problem = R_LINE_TOO_LONG
+            if problem:
+                parts.clear()
+                pending = pending[-4:]
+            pending += self.fill()
+
+    def take_lines(self, block, parts, size):
+        """Un-dot-stuff complete lines that start after a CRLF; check their length and the total."""
+        if max(map(len, block.split(b"\r\n"))) > DATA_LINE_MAX - 2:
+            return R_LINE_TOO_LONG, size
+        block = block.replace(b"\r\n.", b"\r\n")[2:]
+        size += len(block)
+        parts.append(block)
+        limit = self.cfg.data_size_limit
+        return (R_TOO_BIG if limit and size > limit else None), size
+
+
+def parse_xforward(arg):
+    """{NAME: value or None for [UNAVAILABLE]}; None on bad syntax."""
+    attrs = {}
+    if not arg:
+        return None
+    for item in arg.split():
+        name, eq, value = item.partition("=")
+        name = name.upper()
+        if not eq or name not in XFORWARD_ATTRS:
+            return None
+        value = xtext_decode(value)
+        if len(value) > XFORWARD_VALUE_MAX:
+            return None
+        if value.upper() == "[UNAVAILABLE]":
+            attrs[name] = None
+            continue
+        if name == "ADDR":
+            address = value[5:] if value.upper().startswith("IPV6:") else value
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                return None
+        attrs[name] = value
+    return attrs
+
+
+class SMTPServer(socketserver.ThreadingTCPServer):
+    """Counts sessions, so that --max-connections and a graceful SIGTERM can see them."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, cfg, mode):
+        self.cfg = cfg
+        self.mode = mode
+        self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        self.sessions = set()
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.draining = False
+        self.drain_fd, self._drain_w = os.pipe()
+        super().__init__((cfg.host, cfg.port), SMTPSession)
+
+    def enter(self, session):
+        with self.lock:
+            if self.cfg.max_connections and len(self.sessions) >= self.cfg.max_connections:
+                return False
+            self.sessions.add(session)
+            return True
+
+    def leave(self, session):
+        with self.lock:
+            self.sessions.discard(session)
+            self.idle.notify_all()
+
+    def drain(self, grace):
+        """Stop listening, close idle sessions with 421, give the others `grace` seconds."""
+        self.server_close()
+        self.draining = True
+        os.write(self._drain_w, b"x")
+        with self.lock:
+            self.idle.wait_for(lambda: not self.sessions, timeout=grace)
+            left = len(self.sessions)
+        if left:
+            log.warning("stopping with %d session(s) still open after %.0fs", left, grace)
+
+
+###############################################################################
+# The message pipeline: metadata, plugins, modes ##############################
+###############################################################################
+
+def receive_message(session, tx, xforward, data):
+    """From the final dot to the reply: metadata, then plugins, then the mode."""
+    metadata = make_metadata(session, tx, xforward, data)
+    if session.cfg.real_rcpt:
+        data = apply_real_rcpt(metadata, data)
+    run_plugins(session.server.plugins, metadata, data)
+    answer = session.server.mode.on_message(session, tx, metadata, data)
+    if answer.startswith("250"):
+        log.info("queued as %s from=<%s> to=<%s> size=%d client=%s", metadata["store_key"],
+                 metadata["sender"], ",".join(metadata["rcpt"]), len(data),
+                 metadata["client_address"])
+    else:
+        log.warning("not queued (%s) from=<%s> to=<%s> size=%d client=%s", answer,
+                    metadata["sender"], ",".join(metadata["rcpt"]), len(data),
+                    metadata["client_address"])
+    return answer
+
+
+def make_metadata(session, tx, xforward, data):
+    """The seed's metadata document, plus fields that are cheap to search on."""
+    addr = xforward.get("ADDR")
+    if addr and addr.upper().startswith("IPV6:"):
+        addr = addr[5:]
+    metadata = {
+        "store_key": secrets.token_hex(32),
+        "sender": tx.sender.strip().lower(),
+        "rcpt": [r.strip().lower() for r in tx.rcpts],
+        "rcpt_count": len(tx.rcpts),
+        "rcpt_refused": dict(tx.refused),
+        "client_address": addr or session.peer,
+        "xforward": dict(xforward),
+        "server": session.peer,
+        "received": datetime.datetime.now(datetime.timezone.utc),
+        "message": None,
+        "size": len(data),
+    }
+    metadata.update(header_fields(data))
+    return metadata
+
+
+HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+HEADER_BLOCK_MAX = 256 * 1024
+
+
+def header_block(data):
+    end = data.find(b"\r\n\r\n", 0, HEADER_BLOCK_MAX)
+    return data[:end + 2] if end >= 0 else data[:HEADER_BLOCK_MAX]
+
+
+def header_fields(data):
+    """subject, message_id and sent, each left out when absent or unreadable.
+
+    Only the header block is parsed, and every failure is swallowed: a broken
+    header must never cost a message.
+    """
+    fields = {}
+    try:
+        headers = HEADER_PARSER.parsebytes(header_block(data))
+    except Exception:
+        return fields
+    try:
+        if headers["Subject"] is not None:
+            fields["subject"] = str(email.header.make_header(
+                email.header.decode_header(headers["Subject"]))).replace("\r\n", "").strip()
+    except Exception:
+        pass
+    try:
+        if headers["Message-ID"]:
+            fields["message_id"] = str(headers["Message-ID"]).strip().strip("<>").strip()
+    except Exception:
+        pass
+    try:
+        sent = email.utils.parsedate_to_datetime(str(headers["Date"]))
+        fields["sent"] = sent if sent.tzinfo else sent.replace(tzinfo=datetime.timezone.utc)
+    except Exception:
+        pass
+    return fields
+
+
+def apply_real_rcpt(metadata, data):
+    """amavisd-new quarantine copies: the real recipients are in X-Envelope-To.
+
+    The envelope recipients (the quarantine addresses) are kept in a prepended
+    X-MMS-RCPT header: the one change mms ever makes to a message.
+    """
+    try:
+        values = HEADER_PARSER.parsebytes(header_block(data)).get_all("X-Envelope-To") or []
+    except Exception:
+        values = []
+    text = " ".join(str(v) for v in values)
+    real = re.findall(r"<([^<>\s]+)>", text) or [a for a in re.split(r"[\s,]+", text) if a]
+    if not real:
+        return data
+    eol = b"\r\n" if b"\r\n" in data[:4096] or not data else b"\n"
+    line = "X-MMS-RCPT: " + ", ".join(f"<{r}>" for r in metadata["rcpt"])
+    data = line.encode() + eol + data
+    metadata.update(rcpt=[r.lower() for r in real], rcpt_count=len(real), size=len(data))
+    return data
+
+
+def load_plugins(names):
+    """Import every plugin at start-up, so a typo stops the server, not a message."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    plugins = []
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:
+            raise SystemExit(f"mms.py: error: plugin {name!r} cannot be imported: {exc}") from None
+        if not callable(getattr(module, "apply", None)):
+            raise SystemExit(f"mms.py: error: plugin {name!r} has no apply(metadata, data)")
+        plugins.append(module)
+    return plugins
+
+
+def run_plugins(plugins, metadata, data):
+    """A plugin that fails is logged and skipped: the message goes on."""
+    for plugin in plugins:
+        try:
+            plugin.apply(metadata=metadata, data=data)
+        except Exception:
+            log.exception("plugin %s failed on %s; message kept", plugin.__name__,
+                          metadata.get("store_key"))
+
+
+###############################################################################
+# The modes ###################################################################
+###############################################################################
+
+class Mode:
+    """What a mode does at each step; None means 'carry on with the usual reply'."""
+
+    def start(self):
+        pass
+
+    def close(self):
+        pass
+
+    def on_mail(self, session, tx):
+        return None
+
+    def on_rcpt(self, session, tx, rcpt, params):
+        return None
+
+    def on_data(self, session, tx):
+        return None
+
+    def on_reset(self, session, tx):
+        pass
+
+    def on_message(self, session, tx, metadata, data):
+        raise NotImplementedError
+
+
+class DebugMode(Mode):
+    """Prints each message to stdout: its metadata as JSON, then the raw bytes."""
+
+    def __init__(self, cfg, stream=None):
+        self.stream = stream or sys.stdout.buffer
+        self.lock = threading.Lock()
+
+    def on_message(self, session, tx, metadata, data):
+        head = json.dumps(metadata, default=str, ensure_ascii=False, sort_keys=True)
+        with self.lock:
+            self.stream.write(b"---------- MESSAGE FOLLOWS ----------\n")
+            self.stream.write(head.encode() + b"\n")
+            self.stream.write(data)
+            self.stream.write(b"\n------------ END MESSAGE ------------\n")
+            self.stream.flush()
+        return R_QUEUED.format(metadata["store_key"])
+
+
+class MongoStore:
+    """The archive: GridFS holds base64(zlib(raw message)) named by store_key, and the
+    collection holds one metadata document pointing at it.
+
+    GridFS documents are written directly, in the standard layout that pymongo's
+    GridFS and mongofiles read: chunks first, then the file, then the metadata, so
+    that a failure part-way can leave an orphan chunk but never a metadata document
+    that points at nothing. One MongoClient per process, made after any fork.
+    """
+
+    CHUNK_SIZE = 255 * 1024
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.client = None
+        self.indexed = False
+
+    def connect(self):
+        import pymongo  # imported here so that debug mode runs without pymongo
+        ms = int(self.cfg.mongo_timeout * 1000)
+        concern = self.cfg.mongo_write_concern
+        self.client = pymongo.MongoClient(
+            self.cfg.mongo_host, tz_aware=True, appname="mms", serverSelectionTimeoutMS=ms,
+            connectTimeoutMS=ms, socketTimeoutMS=max(4 * ms, 20000),
+            w=int(concern) if concern.isdigit() else concern)
+        self.db = self.client[self.cfg.mongo_database]
+        self.collection = self.db[self.cfg.mongo_collection]
+        return self
+
+    def start(self):
+        """A MongoDB that is down at start-up is not fatal: messages get 451 until it is back."""
+        self.connect()
+        try:
+            self.ensure_indexes()
+            version = self.client.server_info().get("version") or "unknown"
+            log.info("MongoDB %s at %s, database %s, collection %s", version,
+                     self.cfg.mongo_host, self.cfg.mongo_database, self.cfg.mongo_collection)
+        except Exception as exc:
+            log.warning("MongoDB at %s is unreachable (%s): messages will be answered 451 "
+                        "until it is back", self.cfg.mongo_host, exc)
+
+    def ensure_indexes(self):
+        self.collection.create_index("store_key", unique=True)
+        for field in ("received", "sender", "rcpt", "message_id"):
+            self.collection.create_index(field)
+        self.db.fs.files.create_index([("filename", 1), ("uploadDate", 1)])
+        self.db.fs.chunks.create_index([("files_id", 1), ("n", 1)], unique=True)
+        self.indexed = True
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+
+    def store(self, metadata, data):
+        """Write the message and its metadata; any exception means 'not stored'."""
+        from bson import Binary, ObjectId
+        if not self.indexed:
+            self.ensure_indexes()
+        content = base64.b64encode(zlib.compress(data))
+        file_id = ObjectId()
+        size = self.CHUNK_SIZE
+        chunks = [{"files_id": file_id, "n": n, "data": Binary(content[at:at + size])}
+                  for n, at in enumerate(range(0, len(content), size))]
+        if chunks:
+            self.db.fs.chunks.insert_many(chunks)
+        self.db.fs.files.insert_one({
+            "_id": file_id, "filename": metadata["store_key"], "contentType": "text/plain",
+            "length": len(content), "chunkSize": size,
+            "uploadDate": datetime.datetime.now(datetime.timezone.utc)})
+        metadata["message"] = file_id
+        self.collection.insert_one(metadata)
+
+    def find(self, store_key):
+        return self.collection.find_one({"store_key": store_key})
+
+    def read(self, metadata):
+        import gridfs
+        content = gridfs.GridFS(self.db).get(metadata["message"]).read()
+        return zlib.decompress(base64.b64decode(content))
+
+
+class QuarantineMode(Mode):
+    """amavisd-new's quarantine and archive target: store every message, answer 250."""
+
+    def __init__(self, cfg):
+        self.store = MongoStore(cfg)
+
+    def start(self):
+        self.store.start()
+
+    def close(self):
+        self.store.close()
+
+    def on_message(self, session, tx, metadata, data):
+        try:
+            self.store.store(metadata, data)
+        except Exception as exc:
+            log.error("storing %s failed: %s", metadata["store_key"], exc)
+            return R_STORE_FAILED
+        return R_QUEUED.format(metadata["store_key"])
+
+
+MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode}
+
+
+def make_mode(cfg):
+    if cfg.server not in MODE_CLASSES:
+        raise SystemExit(f"mms.py: error: mode {cfg.server!r} is not available in this version")
+    return MODE_CLASSES[cfg.server](cfg)
+
+
+###############################################################################
+# The command line ############################################################
+###############################################################################
+
+def serve(cfg, mode=None):
+    """Run until SIGTERM or SIGINT, then drain: this is what supervisord expects."""
+    mode = mode or make_mode(cfg)
+    plugins = load_plugins(cfg.plugin)
+    try:
+        server = SMTPServer(cfg, mode)
+    except OSError as exc:
+        raise SystemExit(f"mms.py: error: cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+    server.plugins = plugins
+    mode.start()
+
+    def stop(signum, frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    log.info("starting mms %s in %s mode on %s:%d (pid %d)", __version__, cfg.server, host,
+             port, os.getpid())
+    server.serve_forever(poll_interval=0.5)
+    server.drain(cfg.grace)
+    mode.close()
+    log.info("stopped")
+    return 0
+
+
+def read_archive(cfg):
+    """count, list, show and headers: the archive from the shell, without mongo tools."""
+    store = MongoStore(cfg).connect()
+    try:
+        return READERS[cfg.command](cfg, store)
+    except LookupError as exc:
+        print(f"mms.py: error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"mms.py: error: cannot read the archive at {cfg.mongo_host}: {exc}",
+              file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def read_count(cfg, store):
+    print(store.collection.count_documents({}))
+    return 0
+
+
+def read_list(cfg, store):
+    query = {}
+    if cfg.sender:
+        query["sender"] = cfg.sender.lower()
+    if cfg.rcpt:
+        query["rcpt"] = cfg.rcpt.lower()
+    if cfg.since:
+        since = cfg.since
+        query["received"] = {"$gte": since if since.tzinfo else
+                             since.replace(tzinfo=datetime.timezone.utc)}
+    out = sys.stdout
+    for doc in store.collection.find(query).sort("received", -1).limit(cfg.limit):
+        doc.pop("_id", None)
+        if cfg.json:
+            out.write(json.dumps(doc, default=str, ensure_ascii=False) + "\n")
+        else:
+            out.write(f"{doc['received']:%Y-%m-%d %H:%M:%S} {doc['store_key']} "
+                      f"{doc.get('size', 0):>8} <{doc['sender']}> -> "
+                      f"{','.join(doc['rcpt'])} {doc.get('subject', '')!r}\n")
+    return 0
+
+
+def found(store, key):
+    metadata = store.find(key)
+    if metadata is None:
+        raise LookupError(f"no message with store_key {key}")
+    return store.read(metadata)
+
+
+def read_show(cfg, store):
+    sys.stdout.buffer.write(found(store, cfg.key))
+    sys.stdout.flush()
+    return 0
+
+
+def read_headers(cfg, store):
+    sys.stdout.buffer.write(header_block(found(store, cfg.key)))
+    sys.stdout.flush()
+    return 0
+
+
+READERS = {"count": read_count, "list": read_list, "show": read_show, "headers": read_headers}
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    logging.basicConfig(level=logging.DEBUG if cfg.debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s mms[%(process)d]: %(levelname)s %(message)s")
+    if cfg.command == "start":
+        return serve(cfg)
+    return read_archive(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Example plugins for mms.py: pass one with --plugin plugins.NAME."""
