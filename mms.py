@@ -226,6 +226,12 @@ def parse_config(argv=None):
     return cfg
 
 
+def fail(message):
+    """Start-up errors: one clear line and exit 2, as argparse does for bad flags."""
+    print(f"mms.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def in_networks(address, networks):
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
@@ -770,9 +776,9 @@ def load_plugins(names):
         try:
             module = importlib.import_module(name)
         except Exception as exc:
-            raise SystemExit(f"mms.py: error: plugin {name!r} cannot be imported: {exc}") from None
+            fail(f"plugin {name!r} cannot be imported: {exc}")
         if not callable(getattr(module, "apply", None)):
-            raise SystemExit(f"mms.py: error: plugin {name!r} has no apply(metadata, data)")
+            fail(f"plugin {name!r} has no apply(metadata, data)")
         plugins.append(module)
     return plugins
 
@@ -941,7 +947,7 @@ MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode}
 
 def make_mode(cfg):
     if cfg.server not in MODE_CLASSES:
-        raise SystemExit(f"mms.py: error: mode {cfg.server!r} is not available in this version")
+        fail(f"mode {cfg.server!r} is not available in this version")
     return MODE_CLASSES[cfg.server](cfg)
 
 
@@ -949,16 +955,22 @@ def make_mode(cfg):
 # The command line ############################################################
 ###############################################################################
 
-def serve(cfg, mode=None):
-    """Run until SIGTERM or SIGINT, then drain: this is what supervisord expects."""
+def open_server(cfg, mode=None):
+    """Everything that can fail at start-up fails here, before the first client."""
     mode = mode or make_mode(cfg)
     plugins = load_plugins(cfg.plugin)
     try:
         server = SMTPServer(cfg, mode)
     except OSError as exc:
-        raise SystemExit(f"mms.py: error: cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+        fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
     server.plugins = plugins
     mode.start()
+    return server
+
+
+def serve(cfg):
+    """Run until SIGTERM or SIGINT, then drain: this is what supervisord expects."""
+    server = open_server(cfg)
 
     def stop(signum, frame):
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -971,7 +983,7 @@ def serve(cfg, mode=None):
              port, os.getpid())
     server.serve_forever(poll_interval=0.5)
     server.drain(cfg.grace)
-    mode.close()
+    server.mode.close()
     log.info("stopped")
     return 0
 
@@ -1002,7 +1014,9 @@ def read_list(cfg, store):
     if cfg.sender:
         query["sender"] = cfg.sender.lower()
     if cfg.rcpt:
-        query["rcpt"] = cfg.rcpt.lower()
+        # $in, not equality: the same on MongoDB, and nx-27017 misses array
+        # elements of an indexed field on plain equality.
+        query["rcpt"] = {"$in": [cfg.rcpt.lower()]}
     if cfg.since:
         since = cfg.since
         query["received"] = {"$gte": since if since.tzinfo else

@@ -1,0 +1,1295 @@
+"""Tests for mms.py, with real parts: real SMTP clients over TCP, real pymongo
+against a MongoDB-wire server (nx-27017, or a real MongoDB when
+MMS_TEST_MONGODB_URI is set), and mms itself as a subprocess where signals or
+the command line are under test.
+
+    python -m unittest -v
+
+Sections follow mms.py: configuration, the SMTP session, the message pipeline,
+the modes, the command line.
+"""
+
+import base64
+import contextlib
+import io
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import unittest
+import uuid
+import zlib
+from unittest import mock
+
+import mms
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MMS = os.path.join(HERE, "mms.py")
+
+# Every reply code the tests expect, in one table: (code, enhanced status code).
+CODES = {
+    "greeting": (220, None),
+    "ok": (250, "2.0.0"),
+    "mail_ok": (250, "2.1.0"),
+    "rcpt_ok": (250, "2.1.5"),
+    "queued": (250, "2.0.0"),
+    "data_go": (354, None),
+    "bye": (221, "2.0.0"),
+    "vrfy": (252, "2.0.0"),
+    "help": (214, "2.0.0"),
+    "unknown": (500, "5.5.2"),
+    "too_long": (500, "5.5.6"),
+    "syntax": (501, "5.5.4"),
+    "bad_rcpt": (501, "5.1.3"),
+    "sequence": (503, "5.5.1"),
+    "too_big": (552, "5.3.4"),
+    "too_many_rcpts": (452, "4.5.3"),
+    "xforward_denied": (550, "5.7.0"),
+    "access_denied": (554, "5.7.1"),
+    "timeout": (421, "4.4.2"),
+    "too_many_conn": (421, "4.7.0"),
+    "shutdown": (421, "4.3.2"),
+    "not_stored": (451, "4.3.0"),
+}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port, host="127.0.0.1", seconds=15):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port}")
+
+
+###############################################################################
+# MongoDB for the tests #######################################################
+###############################################################################
+
+class MongoServer:
+    """nx-27017 started once for the module, unless MMS_TEST_MONGODB_URI names a real one."""
+
+    uri = None
+    process = None
+
+    @classmethod
+    def get_uri(cls):
+        if cls.uri:
+            return cls.uri
+        cls.uri = os.environ.get("MMS_TEST_MONGODB_URI")
+        if cls.uri:
+            return cls.uri
+        exe = shutil.which("nx-27017")
+        if exe is None:
+            raise unittest.SkipTest("nx-27017 is not installed (pip install nx-27017)")
+        port = free_port()
+        run = tempfile.mkdtemp(prefix="mms-nx-")
+        cls.process = subprocess.Popen(
+            [exe, "--host", "127.0.0.1", "-p", str(port), "--data-dir", "memory",
+             "--pid-file", os.path.join(run, "pid"), "--log-file", os.path.join(run, "log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port)
+        cls.uri = f"mongodb://127.0.0.1:{port}/"
+        return cls.uri
+
+    @classmethod
+    def stop(cls):
+        if cls.process:
+            cls.process.terminate()
+            cls.process.wait(10)
+
+
+def tearDownModule():
+    MongoServer.stop()
+
+
+class Cable:
+    """A TCP forwarder between mms and MongoDB that a test can cut and mend.
+
+    MongoDB cannot be stopped when it is a shared real server
+    (MMS_TEST_MONGODB_URI), so an outage is made on the wire instead: every
+    connection is dropped and new ones are refused, exactly what mms sees when
+    mongod dies.
+    """
+
+    def __init__(self, uri):
+        from pymongo.uri_parser import parse_uri
+        self.target = parse_uri(uri)["nodelist"][0]
+        self.up = True
+        self.conns = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def cut(self):
+        self.up = False
+        for sock in self.conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.conns = []
+
+    def mend(self):
+        self.up = True
+
+    def close(self):
+        self.cut()
+        self.listener.close()
+
+
+###############################################################################
+# SMTP helpers ################################################################
+###############################################################################
+
+class Raw:
+    """A raw SMTP client, for the protocol edges smtplib will not produce."""
+
+    def __init__(self, port, host="127.0.0.1"):
+        self.sock = socket.create_connection((host, port), timeout=20)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def reply(self):
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("connection closed")
+            lines.append(line.decode().rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return int(lines[0][:3]), "\n".join(line[4:] for line in lines)
+
+    def cmd(self, line):
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def closed(self):
+        return self.file.read() == b""
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+def dot_stuff(data):
+    lines = data.split(b"\r\n")
+    return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+
+
+def parse_debug_output(raw):
+    """Split debug mode's stdout into (metadata, message bytes) pairs."""
+    start, end = b"---------- MESSAGE FOLLOWS ----------\n", b"\n------------ END MESSAGE ------------\n"
+    messages, at = [], 0
+    while (at := raw.find(start, at)) >= 0:
+        head_end = raw.index(b"\n", at + len(start))
+        metadata = json.loads(raw[at + len(start):head_end])
+        body_start = head_end + 1
+        body = raw[body_start:body_start + metadata["size"]]
+        assert raw[body_start + metadata["size"]:].startswith(end)
+        messages.append((metadata, body))
+        at = body_start + metadata["size"] + len(end)
+    return messages
+
+
+class ServerCase(unittest.TestCase):
+    """Starts mms in this process on a free port; debug mode writes into a buffer."""
+
+    mode = "debug"
+
+    def start(self, *args, mode=None):
+        cfg = mms.parse_config(["--server", self.mode, "--host", "127.0.0.1", "--port", "0",
+                                "--hostname", "mx.test", *args])
+        self.output = io.BytesIO()
+        if mode is None and self.mode == "debug":
+            mode = mms.DebugMode(cfg, stream=self.output)
+        server = mms.open_server(cfg, mode)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        self.addCleanup(self.stop, server, thread)
+        self.server = server
+        self.port = server.server_address[1]
+        return server
+
+    def stop(self, server, thread):
+        server.shutdown()
+        server.drain(1)
+        server.mode.close()
+        thread.join(5)
+
+    def raw(self, ehlo="client.test"):
+        client = Raw(self.port)
+        self.addCleanup(client.close)
+        self.assertReply(client.reply(), "greeting")
+        if ehlo:
+            self.assertEqual(client.cmd(f"EHLO {ehlo}")[0], 250)
+        return client
+
+    def smtp(self):
+        client = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+        self.addCleanup(client.close)
+        return client
+
+    def messages(self):
+        return parse_debug_output(self.output.getvalue())
+
+    def assertReply(self, reply, name):
+        code, enhanced = CODES[name]
+        self.assertEqual(reply[0], code, reply)
+        if enhanced:
+            self.assertTrue(reply[1].startswith(enhanced + " "), reply)
+
+    def send_message(self, client, data, sender="a@example.org", rcpts=("b@example.com",)):
+        """MAIL, RCPT, DATA and the message, on a raw client; the end-of-data reply."""
+        self.assertReply(client.cmd(f"MAIL FROM:<{sender}>"), "mail_ok")
+        for rcpt in rcpts:
+            self.assertReply(client.cmd(f"RCPT TO:<{rcpt}>"), "rcpt_ok")
+        self.assertReply(client.cmd("DATA"), "data_go")
+        client.send(dot_stuff(data) + b".\r\n")
+        return client.reply()
+
+
+SIMPLE = b"Subject: test\r\nFrom: a@example.org\r\n\r\nHello\r\n"
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+class TestConfiguration(unittest.TestCase):
+
+    def parse(self, argv, env=None):
+        with mock.patch.dict(os.environ, env or {}, clear=False):
+            return mms.parse_config(argv)
+
+    def test_defaults_follow_the_seed(self):
+        with mock.patch.dict(os.environ, {}, clear=True):
+            cfg = mms.parse_config([])
+        self.assertEqual((cfg.server, cfg.host, cfg.port, cfg.timeout, cfg.data_size_limit),
+                         ("mongo-quarantine", "0.0.0.0", 14001, 600, 0))
+        self.assertEqual(cfg.mongo_host, "mongodb://localhost/message")
+        self.assertEqual((cfg.mongo_database, cfg.mongo_collection), ("message", "message"))
+        self.assertEqual((cfg.max_recipients, cfg.max_connections, cfg.grace), (1000, 256, 8))
+        self.assertEqual([str(n) for n in cfg.xforward_hosts], ["127.0.0.0/8", "::1/128"])
+
+    def test_variables_set_options(self):
+        cfg = self.parse([], {"MMS_SERVER": "debug", "MMS_PORT": "2525", "MMS_TIMEOUT": "30",
+                              "MMS_ALLOW": "10.0.0.0/8, 192.0.2.1", "MMS_PLUGINS": "a.b,c",
+                              "MMS_REAL_RCPT": "1", "MMS_MONGODB_URI": "mongodb://db/x"})
+        self.assertEqual((cfg.server, cfg.port, cfg.timeout), ("debug", 2525, 30))
+        self.assertEqual([str(n) for n in cfg.allow], ["10.0.0.0/8", "192.0.2.1/32"])
+        self.assertEqual(cfg.plugin, ["a.b", "c"])
+        self.assertTrue(cfg.real_rcpt)
+        self.assertEqual(cfg.mongo_host, "mongodb://db/x")
+
+    def test_flags_win_over_variables(self):
+        cfg = self.parse(["--port", "2626", "--allow", "10.1.0.0/16", "--allow", "::1",
+                          "--mongo-host", "mongodb://flag/x"],
+                         {"MMS_PORT": "2525", "MMS_ALLOW": "10.0.0.0/8",
+                          "MMS_MONGODB_URI": "mongodb://env/x"})
+        self.assertEqual(cfg.port, 2626)
+        self.assertEqual([str(n) for n in cfg.allow], ["10.1.0.0/16", "::1/128"])
+        self.assertEqual(cfg.mongo_host, "mongodb://flag/x")
+
+    def test_trailing_start_is_accepted(self):
+        self.assertEqual(self.parse(["--server", "debug", "start"]).command, "start")
+
+    def run_mms(self, *args, env=None):
+        return subprocess.run([sys.executable, MMS, *args], capture_output=True, text=True,
+                              timeout=30, env={**os.environ, **(env or {})})
+
+    def test_invalid_values_exit_2_with_a_clear_message(self):
+        for args, env, words in [
+            (["--port", "99999"], {}, "not a TCP port"),
+            (["--allow", "10.0.0.300/8"], {}, "10.0.0.300/8"),
+            (["--server", "nonsense"], {}, "unknown mode"),
+            ([], {"MMS_PORT": "http"}, "MMS_PORT"),
+            ([], {"MMS_XFORWARD_HOSTS": "not-an-ip"}, "MMS_XFORWARD_HOSTS"),
+            (["--server", "mongo-proxy", "--real-rcpt"], {}, "quarantine"),
+        ]:
+            with self.subTest(args=args, env=env):
+                done = self.run_mms(*args, env=env)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn(words, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+
+    def test_help_lists_every_option_with_its_variable(self):
+        text = self.run_mms("--help").stdout
+        for flag, variable, *_ in mms.OPTIONS:
+            self.assertIn(flag, text)
+            self.assertIn(variable, text)
+
+    def test_version(self):
+        self.assertIn(mms.__version__, self.run_mms("--version").stdout)
+
+
+###############################################################################
+# The SMTP session ############################################################
+###############################################################################
+
+class TestReplies(ServerCase):
+
+    def setUp(self):
+        self.start("--data-size-limit", "100000")
+
+    def test_greeting_and_ehlo_keywords(self):
+        client = Raw(self.port)
+        self.addCleanup(client.close)
+        code, text = client.reply()
+        self.assertEqual(code, 220)
+        self.assertTrue(text.startswith("mx.test ESMTP"), text)
+        code, text = client.cmd("EHLO client.test")
+        self.assertEqual(code, 250)
+        keywords = text.split("\n")
+        self.assertEqual(keywords[0], "mx.test")
+        for keyword in ("PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES",
+                        "SMTPUTF8", "HELP", "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"):
+            self.assertIn(keyword, keywords)
+
+    def test_helo(self):
+        client = self.raw(ehlo=None)
+        self.assertEqual(client.cmd("HELO client.test"), (250, "mx.test"))
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org>"), "mail_ok")
+
+    def test_simple_verbs(self):
+        client = self.raw()
+        self.assertReply(client.cmd("NOOP"), "ok")
+        self.assertReply(client.cmd("RSET"), "ok")
+        self.assertReply(client.cmd("HELP"), "help")
+        self.assertReply(client.cmd("VRFY postmaster"), "vrfy")
+        self.assertReply(client.cmd("QUIT"), "bye")
+        self.assertTrue(client.closed())
+
+    def test_unknown_verb(self):
+        client = self.raw()
+        self.assertReply(client.cmd("EXPN staff"), "unknown")
+        self.assertReply(client.cmd("GET / HTTP/1.0"), "unknown")
+        self.assertReply(client.cmd("NOOP"), "ok")
+
+    def test_out_of_order(self):
+        client = self.raw(ehlo=None)
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org>"), "sequence")
+        client.cmd("EHLO client.test")
+        self.assertReply(client.cmd("RCPT TO:<b@example.com>"), "sequence")
+        self.assertReply(client.cmd("DATA"), "sequence")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org>"), "mail_ok")
+        self.assertReply(client.cmd("DATA"), "sequence")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org>"), "sequence")
+
+    def test_bad_syntax(self):
+        client = self.raw()
+        self.assertReply(client.cmd("EHLO"), "syntax")
+        self.assertReply(client.cmd("MAIL TO:<a@example.org>"), "syntax")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org> SIZE=big"), "syntax")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org> BODY=BINARYMIME"), "syntax")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org> =x"), "syntax")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org>"), "mail_ok")
+        self.assertReply(client.cmd("RCPT TO:<>"), "bad_rcpt")
+        self.assertReply(client.cmd("RCPT TO:"), "syntax")
+        self.assertReply(client.cmd("RCPT TO:<" + "x" * 300 + "@example.com>"), "bad_rcpt")
+        self.assertReply(client.cmd("DATA now"), "syntax")
+
+    def test_size_parameter_over_the_limit(self):
+        client = self.raw()
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org> SIZE=100001"), "too_big")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org> SIZE=100000"), "mail_ok")
+
+    def test_null_sender_and_utf8_addresses(self):
+        client = self.raw()
+        reply = self.send_message(client, SIMPLE, sender="", rcpts=("jörg@bücher.example",))
+        self.assertReply(reply, "queued")
+        metadata, _ = self.messages()[0]
+        self.assertEqual((metadata["sender"], metadata["rcpt"]), ("", ["jörg@bücher.example"]))
+
+    def test_queued_reply_carries_a_64_hex_store_key(self):
+        client = self.raw()
+        code, text = self.send_message(client, SIMPLE)
+        self.assertEqual(code, 250)
+        key = text.rsplit(" ", 1)[1]
+        self.assertRegex(text, r"^2\.0\.0 Ok: queued as [0-9a-f]{64}$")
+        self.assertEqual(self.messages()[0][0]["store_key"], key)
+
+
+class Recorder(mms.DebugMode):
+    """Debug mode that also keeps each transaction, to see what proxy mode would relay."""
+
+    def __init__(self, cfg, stream):
+        super().__init__(cfg, stream)
+        self.transactions = []
+
+    def on_message(self, session, tx, metadata, data):
+        self.transactions.append(tx)
+        return super().on_message(session, tx, metadata, data)
+
+
+class TestEsmtpParameters(ServerCase):
+
+    def test_parameters_are_kept_verbatim(self):
+        recorder = Recorder(None, io.BytesIO())
+        self.start(mode=recorder)
+        client = self.raw()
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org> SIZE=180 BODY=8BITMIME RET=HDRS "
+                                    "ENVID=env-123 SMTPUTF8"), "mail_ok")
+        self.assertReply(client.cmd("RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE "
+                                    "ORCPT=rfc822;b@example.com"), "rcpt_ok")
+        self.assertReply(client.cmd("RCPT TO:<c@example.com> NOTIFY=NEVER"), "rcpt_ok")
+        self.assertReply(client.cmd("DATA"), "data_go")
+        client.send(SIMPLE + b".\r\n")
+        self.assertReply(client.reply(), "queued")
+        tx = recorder.transactions[0]
+        self.assertEqual(tx.mail_params, ["SIZE=180", "BODY=8BITMIME", "RET=HDRS",
+                                          "ENVID=env-123", "SMTPUTF8"])
+        self.assertEqual(tx.rcpt_params, [["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;b@example.com"],
+                                          ["NOTIFY=NEVER"]])
+
+
+class TestPipelining(ServerCase):
+
+    def setUp(self):
+        self.start()
+
+    def test_amavis_style_pipelining_in_one_write(self):
+        client = self.raw()
+        client.send(b"MAIL FROM:<a@example.org> BODY=7BIT ENVID=x\r\n"
+                    b"RCPT TO:<virus-quarantine@example.net> NOTIFY=NEVER\r\n"
+                    b"RCPT TO:<archive@example.net> NOTIFY=NEVER\r\nDATA\r\n")
+        for name in ("mail_ok", "rcpt_ok", "rcpt_ok", "data_go"):
+            self.assertReply(client.reply(), name)
+        client.send(SIMPLE + b".\r\nQUIT\r\n")
+        self.assertReply(client.reply(), "queued")
+        self.assertReply(client.reply(), "bye")
+        self.assertEqual(self.messages()[0][1], SIMPLE)
+
+    def test_whole_session_in_one_write(self):
+        client = Raw(self.port)
+        self.addCleanup(client.close)
+        client.send(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n" + SIMPLE +
+                    b".\r\nMAIL FROM:<c@x>\r\nRCPT TO:<d@y>\r\nDATA\r\n" + SIMPLE + b".\r\nQUIT\r\n")
+        names = ["greeting", "ok", "mail_ok", "rcpt_ok", "data_go", "queued",
+                 "mail_ok", "rcpt_ok", "data_go", "queued", "bye"]
+        for name in names:
+            reply = client.reply()
+            self.assertEqual(reply[0], CODES[name][0], (name, reply))
+        self.assertEqual([m["sender"] for m, _ in self.messages()], ["a@x", "c@x"])
+
+
+class TestTransactions(ServerCase):
+
+    def setUp(self):
+        self.start()
+
+    def test_two_transactions_on_one_connection(self):
+        client = self.raw()
+        self.assertReply(self.send_message(client, b"Subject: one\r\n\r\n1\r\n"), "queued")
+        self.assertReply(self.send_message(client, b"Subject: two\r\n\r\n2\r\n",
+                                           sender="c@example.org", rcpts=("d@example.com",)),
+                         "queued")
+        (first, body1), (second, body2) = self.messages()
+        self.assertEqual((first["subject"], second["subject"]), ("one", "two"))
+        self.assertEqual(second["rcpt"], ["d@example.com"])
+        self.assertNotEqual(first["store_key"], second["store_key"])
+
+    def test_rset_starts_over(self):
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<wrong@example.com>")
+        self.assertReply(client.cmd("RSET"), "ok")
+        self.assertReply(client.cmd("RCPT TO:<b@example.com>"), "sequence")
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        self.assertEqual(self.messages()[0][0]["rcpt"], ["b@example.com"])
+
+    def test_smtplib_sends_several_messages(self):
+        client = self.smtp()
+        for n in range(3):
+            client.sendmail("a@example.org", [f"r{n}@example.com"], SIMPLE)
+        self.assertEqual([m["rcpt"] for m, _ in self.messages()],
+                         [["r0@example.com"], ["r1@example.com"], ["r2@example.com"]])
+
+
+class TestXforward(ServerCase):
+
+    def setUp(self):
+        self.start()
+
+    def metadata(self):
+        return self.messages()[-1][0]
+
+    def test_attributes_are_recorded(self):
+        client = self.raw()
+        self.assertReply(client.cmd("XFORWARD NAME=mx.example.org ADDR=139.129.236.68 "
+                                    "PORT=35264 HELO=mx.example.org"), "ok")
+        self.assertReply(client.cmd("XFORWARD PROTO=ESMTP SOURCE=REMOTE IDENT=abc"), "ok")
+        self.send_message(client, SIMPLE)
+        metadata = self.metadata()
+        self.assertEqual(metadata["xforward"], {
+            "NAME": "mx.example.org", "ADDR": "139.129.236.68", "PORT": "35264",
+            "HELO": "mx.example.org", "PROTO": "ESMTP", "SOURCE": "REMOTE", "IDENT": "abc"})
+        self.assertEqual(metadata["client_address"], "139.129.236.68")
+        self.assertEqual(metadata["server"], "127.0.0.1")
+
+    def test_names_are_case_insensitive_and_values_xtext(self):
+        client = self.raw()
+        self.assertReply(client.cmd("XFORWARD name=a+2Bb.example helo=x+3Dy"), "ok")
+        self.send_message(client, SIMPLE)
+        self.assertEqual(self.metadata()["xforward"], {"NAME": "a+b.example", "HELO": "x=y"})
+
+    def test_unavailable_means_absent(self):
+        client = self.raw()
+        client.cmd("XFORWARD NAME=mx.example.org ADDR=192.0.2.1")
+        self.assertReply(client.cmd("XFORWARD NAME=[unavailable] IDENT=[UNAVAILABLE]"), "ok")
+        self.send_message(client, SIMPLE)
+        self.assertEqual(self.metadata()["xforward"], {"ADDR": "192.0.2.1"})
+
+    def test_ipv6_prefix_is_removed_for_client_address(self):
+        client = self.raw()
+        client.cmd("XFORWARD ADDR=IPV6:2001:db8::25")
+        self.send_message(client, SIMPLE)
+        self.assertEqual(self.metadata()["client_address"], "2001:db8::25")
+        self.assertEqual(self.metadata()["xforward"]["ADDR"], "IPV6:2001:db8::25")
+
+    def test_without_xforward_client_address_is_the_peer(self):
+        client = self.raw()
+        self.send_message(client, SIMPLE)
+        self.assertEqual((self.metadata()["client_address"], self.metadata()["xforward"]),
+                         ("127.0.0.1", {}))
+
+    def test_bad_syntax_is_501(self):
+        client = self.raw()
+        for arg in ("", "NAME", "COLOR=blue", "ADDR=not-an-ip", "NAME=" + "x" * 256):
+            with self.subTest(arg=arg):
+                self.assertReply(client.cmd(f"XFORWARD {arg}".strip()), "syntax")
+
+    def test_after_mail_is_503(self):
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        self.assertReply(client.cmd("XFORWARD ADDR=192.0.2.1"), "sequence")
+
+    def test_reset_after_final_dot_and_rset(self):
+        client = self.raw()
+        client.cmd("XFORWARD ADDR=192.0.2.1")
+        self.send_message(client, SIMPLE)
+        self.send_message(client, SIMPLE)
+        client.cmd("XFORWARD ADDR=192.0.2.2")
+        client.cmd("RSET")
+        self.send_message(client, SIMPLE)
+        self.assertEqual([m["client_address"] for m, _ in self.messages()],
+                         ["192.0.2.1", "127.0.0.1", "127.0.0.1"])
+
+
+class TestXforwardUntrusted(ServerCase):
+
+    def test_untrusted_client_gets_550_and_no_keyword(self):
+        self.start("--xforward-hosts", "192.0.2.0/24")
+        client = Raw(self.port)
+        self.addCleanup(client.close)
+        client.reply()
+        code, text = client.cmd("EHLO client.test")
+        self.assertNotIn("XFORWARD", text)
+        self.assertReply(client.cmd("XFORWARD ADDR=192.0.2.1"), "xforward_denied")
+        self.send_message(client, SIMPLE)
+        self.assertEqual(self.messages()[0][0]["client_address"], "127.0.0.1")
+
+
+class TestLimits(ServerCase):
+
+    def test_message_over_the_limit_is_drained_then_552(self):
+        self.start("--data-size-limit", "10000")
+        client = self.raw()
+        big = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 1 + (b"y" * 98 + b"\r\n") * 200
+        self.assertReply(self.send_message(client, big), "too_big")
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        self.assertEqual(len(self.messages()), 1)
+
+    def test_message_at_the_limit_is_accepted(self):
+        self.start("--data-size-limit", str(len(SIMPLE)))
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+
+    def test_long_data_line_is_drained_then_500(self):
+        self.start()
+        client = self.raw()
+        ok = b"Subject: x\r\n\r\n" + b"a" * 998 + b"\r\n"
+        self.assertReply(self.send_message(client, ok), "queued")
+        for bad in (b"Subject: x\r\n\r\n" + b"a" * 999 + b"\r\nmore\r\n",
+                    b"Subject: x\r\n\r\n" + b"b" * 500000 + b"\r\n"):
+            with self.subTest(length=len(bad)):
+                self.assertReply(self.send_message(client, bad), "too_long")
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        self.assertEqual([b for _, b in self.messages()], [ok, SIMPLE])
+
+    def test_long_command_line(self):
+        self.start()
+        client = self.raw()
+        self.assertReply(client.cmd("NOOP " + "x" * 600), "too_long")
+        self.assertReply(client.cmd("NOOP " + "x" * 5000), "too_long")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org> " + "ENVID=" + "e" * 600),
+                         "mail_ok")
+        self.assertReply(client.cmd("RCPT TO:<b@example.com> " + "X=" * 2000), "too_long")
+        self.assertReply(client.cmd("RCPT TO:<b@example.com>"), "rcpt_ok")
+
+    def test_too_many_recipients(self):
+        self.start("--max-recipients", "3")
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        for n in range(3):
+            self.assertReply(client.cmd(f"RCPT TO:<r{n}@example.com>"), "rcpt_ok")
+        self.assertReply(client.cmd("RCPT TO:<r4@example.com>"), "too_many_rcpts")
+        client.cmd("DATA")
+        client.send(SIMPLE + b".\r\n")
+        self.assertReply(client.reply(), "queued")
+        self.assertEqual(self.messages()[0][0]["rcpt_count"], 3)
+
+    def test_idle_timeout(self):
+        self.start("--timeout", "0.3")
+        client = self.raw()
+        self.assertReply(client.reply(), "timeout")
+        self.assertTrue(client.closed())
+
+    def test_idle_timeout_in_data(self):
+        self.start("--timeout", "0.3")
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@x>")
+        client.cmd("RCPT TO:<b@y>")
+        client.cmd("DATA")
+        client.send(b"Subject: half")
+        self.assertReply(client.reply(), "timeout")
+        self.assertEqual(self.messages(), [])
+
+    def test_max_connections(self):
+        self.start("--max-connections", "2")
+        first, second = self.raw(), self.raw()
+        third = Raw(self.port)
+        self.addCleanup(third.close)
+        self.assertReply(third.reply(), "too_many_conn")
+        self.assertTrue(third.closed())
+        first.cmd("QUIT")
+        first.closed()
+        time.sleep(0.1)
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        self.assertReply(second.cmd("NOOP"), "ok")
+
+    def test_memory_stays_bounded_while_draining(self):
+        self.start("--data-size-limit", "1000000")
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@x>")
+        client.cmd("RCPT TO:<b@y>")
+        client.cmd("DATA")
+        block = (b"z" * 78 + b"\r\n") * 12800          # 1 MiB
+        tracemalloc.start()
+        try:
+            for _ in range(40):
+                client.send(block)
+            client.send(b".\r\n")
+            self.assertReply(client.reply(), "too_big")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 8 * 2**20, "40 MiB drained with a peak over 8 MiB")
+
+    def test_misbehaving_client_does_not_block_others(self):
+        self.start()
+        stuck = self.raw()
+        stuck.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n" + b"partial line, never ended")
+        garbage = Raw(self.port)
+        self.addCleanup(garbage.close)
+        garbage.send(bytes(range(256)) * 40)
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+
+
+class TestAllowList(ServerCase):
+
+    def test_client_outside_the_list_is_refused(self):
+        self.start("--allow", "192.0.2.0/24", "--allow", "10.0.0.1")
+        client = Raw(self.port)
+        self.addCleanup(client.close)
+        self.assertReply(client.reply(), "access_denied")
+        self.assertTrue(client.closed())
+
+    def test_client_inside_the_list_is_served(self):
+        self.start("--allow", "192.0.2.0/24,127.0.0.0/8")
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+
+
+class TestIPv6(ServerCase):
+
+    def test_listens_on_ipv6_loopback(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6 on this machine")
+        cfg = mms.parse_config(["--server", "debug", "--host", "::1", "--port", "0"])
+        try:
+            server = mms.open_server(cfg, mms.DebugMode(cfg, io.BytesIO()))
+        except SystemExit as exc:
+            self.skipTest(f"cannot bind ::1: {exc}")
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(self.stop, server, thread)
+        client = smtplib.SMTP("::1", server.server_address[1], timeout=10)
+        self.addCleanup(client.close)
+        self.assertEqual(client.sendmail("a@x", ["b@y"], SIMPLE), {})
+
+
+class TestSmuggling(ServerCase):
+    """Only <CRLF>.<CRLF> ends the data (CVE-2023-51764/5); the rest is message."""
+
+    def setUp(self):
+        self.start()
+
+    def test_bare_line_ends_do_not_end_data(self):
+        client = self.raw()
+        for fake in (b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r\n.\r"):
+            with self.subTest(fake=fake):
+                body = (b"Subject: s\r\n\r\nbefore" + fake +
+                        b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nforged\r\n")
+                client.cmd("MAIL FROM:<a@x>")
+                client.cmd("RCPT TO:<b@y>")
+                client.cmd("DATA")
+                client.send(dot_stuff(body) + b".\r\n")
+                self.assertReply(client.reply(), "queued")
+                metadata, data = self.messages()[-1]
+                self.assertEqual(data, body)
+                self.assertEqual(metadata["sender"], "a@x")
+        self.assertReply(client.cmd("NOOP"), "ok")
+        self.assertEqual(len(self.messages()), 5)
+
+
+class TestMessageBytes(ServerCase):
+
+    def setUp(self):
+        self.start()
+
+    def test_dot_stuffing_is_removed(self):
+        body = b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\nmiddle . dot\r\n...\r\n"
+        self.send_message(self.raw(), body)
+        self.assertEqual(self.messages()[0][1], body)
+
+    def test_message_without_final_crlf_and_empty_message(self):
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@x>")
+        client.cmd("RCPT TO:<b@y>")
+        client.cmd("DATA")
+        client.send(b".\r\n")
+        self.assertReply(client.reply(), "queued")
+        self.assertEqual(self.messages()[0][1], b"")
+
+    def test_20_mb_binary_and_8bit_message_is_byte_exact(self):
+        rng = random.Random(7)
+        blob = rng.randbytes(20 * 2**20).replace(b"\r", b"\x00").replace(b"\n", b"\xff")
+        lines = [blob[at:at + 700] for at in range(0, len(blob), 700)]
+        lines[10] = b"." + lines[10]
+        body = b"Subject: binary\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+        client = self.smtp()
+        client.sendmail("a@x", ["b@y"], body)
+        metadata, data = self.messages()[0]
+        self.assertEqual(metadata["size"], len(body))
+        self.assertEqual(data, body)
+
+
+###############################################################################
+# The message pipeline ########################################################
+###############################################################################
+
+class TestMetadata(ServerCase):
+
+    def setUp(self):
+        self.start()
+
+    def test_header_fields(self):
+        body = (b"Subject: =?utf-8?q?caf=C3=A9?= time\r\nMessage-ID: <abc@mx.example>\r\n"
+                b"Date: Wed, 08 Apr 2015 13:19:34 +0200\r\n\r\nbody\r\n")
+        self.send_message(self.raw(), body)
+        metadata = self.messages()[0][0]
+        self.assertEqual(metadata["subject"], "café time")
+        self.assertEqual(metadata["message_id"], "abc@mx.example")
+        self.assertEqual(metadata["sent"], "2015-04-08 13:19:34+02:00")
+
+    def test_broken_headers_never_fail_a_message(self):
+        body = (b"Subject: =?bogus?x?@@@?=\r\nDate: yesterday-ish\r\nMessage-ID:\r\n"
+                b"\xff\xfe: \x00\r\n\r\nbody\r\n")
+        self.assertReply(self.send_message(self.raw(), body), "queued")
+        metadata = self.messages()[0][0]
+        self.assertNotIn("sent", metadata)
+        self.assertNotIn("message_id", metadata)
+
+    def test_sender_is_lower_cased(self):
+        self.send_message(self.raw(), SIMPLE, sender="Alice@Example.ORG")
+        self.assertEqual(self.messages()[0][0]["sender"], "alice@example.org")
+
+
+class TestPlugins(ServerCase):
+
+    def setUp(self):
+        self.plugin_dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.plugin_dir)
+        sys.path.insert(0, self.plugin_dir)
+        self.addCleanup(sys.path.remove, self.plugin_dir)
+        self.prefix = "p" + uuid.uuid4().hex[:8]
+
+    def plugin(self, name, code):
+        with open(os.path.join(self.plugin_dir, f"{self.prefix}_{name}.py"), "w") as f:
+            f.write(code)
+        return f"{self.prefix}_{name}"
+
+    def test_plugins_run_in_order_and_edit_metadata(self):
+        first = self.plugin("first", "def apply(metadata=None, data=None):\n"
+                                     "    metadata['order'] = ['first']\n"
+                                     "    metadata['server'] = '1.1.1.1'\n")
+        second = self.plugin("second", "def apply(metadata=None, data=None):\n"
+                                       "    metadata['order'].append('second')\n"
+                                       "    metadata['seen'] = len(data)\n")
+        self.start("--plugin", first, "--plugin", second)
+        self.send_message(self.raw(), SIMPLE)
+        metadata = self.messages()[0][0]
+        self.assertEqual(metadata["order"], ["first", "second"])
+        self.assertEqual((metadata["server"], metadata["seen"]), ("1.1.1.1", len(SIMPLE)))
+
+    def test_failing_plugin_is_logged_and_message_kept(self):
+        bad = self.plugin("bad", "def apply(metadata=None, data=None):\n    raise ValueError('boom')\n")
+        after = self.plugin("after", "def apply(metadata=None, data=None):\n"
+                                     "    metadata['after'] = True\n")
+        self.start("--plugin", bad, "--plugin", after)
+        with self.assertLogs("mms", "ERROR") as logs:
+            self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        self.assertIn("ValueError: boom", "\n".join(logs.output))
+        self.assertTrue(self.messages()[0][0]["after"])
+
+    def test_shipped_plugins(self):
+        self.start("--plugin", "plugins.mark_bounces", "--plugin", "plugins.dummy_plugin")
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            self.send_message(self.raw(), SIMPLE, sender="")
+            self.send_message(self.raw(), SIMPLE)
+        bounce, normal = [m for m, _ in self.messages()]
+        self.assertEqual((bounce["is_bounce"], normal["is_bounce"]), (1, 0))
+        self.assertEqual(bounce["server"], "1.1.1.1")
+        self.assertIn("'server': '1.1.1.1'", printed.getvalue())
+
+    def test_bad_plugins_stop_start_up(self):
+        no_apply = self.plugin("noapply", "x = 1\n")
+        env = {**os.environ, "PYTHONPATH": self.plugin_dir}
+        for name in ("no_such_module_here", no_apply):
+            with self.subTest(plugin=name):
+                done = subprocess.run([sys.executable, MMS, "--server", "debug", "--port", "0",
+                                       "--plugin", name], capture_output=True, text=True,
+                                      timeout=30, env=env)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn(name, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+
+
+###############################################################################
+# The modes: debug ############################################################
+###############################################################################
+
+class MmsProcess:
+    """mms.py as a supervisord would run it: a subprocess on a free port."""
+
+    def __init__(self, *args, env=None):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, MMS, "--host", "127.0.0.1", "--port", str(self.port),
+             "--hostname", "mx.test", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+        wait_port(self.port)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+class TestDebugMode(unittest.TestCase):
+
+    def test_prints_metadata_then_the_raw_message(self):
+        server = MmsProcess("--server", "debug", "--grace", "1")
+        try:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.sendmail("a@example.org", ["b@example.com"], SIMPLE)
+            server.proc.send_signal(signal.SIGTERM)
+            out, err = server.proc.communicate(timeout=10)
+        finally:
+            server.stop()
+        [(metadata, data)] = parse_debug_output(out)
+        self.assertEqual(data, SIMPLE)
+        for field in ("store_key", "sender", "rcpt", "rcpt_count", "rcpt_refused",
+                      "client_address", "xforward", "server", "received", "message"):
+            self.assertIn(field, metadata)
+        self.assertRegex(err.decode(), rf"queued as {metadata['store_key']} from=<a@example.org> "
+                                       rf"to=<b@example.com> size={len(SIMPLE)} client=127.0.0.1")
+
+    def test_debug_flag_logs_the_dialogue(self):
+        server = MmsProcess("--server", "debug", "--debug")
+        try:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.noop()
+        finally:
+            server.proc.send_signal(signal.SIGTERM)
+            err = server.proc.communicate(timeout=10)[1].decode()
+        self.assertIn("< b'noop\\r\\n'", err)
+        self.assertIn("> 250 2.0.0 Ok", err)
+
+
+class TestShutdown(unittest.TestCase):
+    """What supervisord's SIGTERM does: finish transactions, close idle sessions, exit 0."""
+
+    def test_sigterm_lets_a_transaction_finish(self):
+        server = MmsProcess("--server", "debug", "--grace", "5")
+        self.addCleanup(server.stop)
+        idle, busy = Raw(server.port), Raw(server.port)
+        self.addCleanup(idle.close)
+        self.addCleanup(busy.close)
+        idle.reply(), busy.reply()
+        idle.cmd("EHLO idle")
+        busy.cmd("EHLO busy")
+        busy.cmd("MAIL FROM:<a@x>")
+        busy.cmd("RCPT TO:<b@y>")
+        busy.cmd("DATA")
+        busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        server.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(idle.reply()[0], 421)
+        time.sleep(0.5)
+        busy.send(b"second half\r\n.\r\n")
+        self.assertEqual(busy.reply()[0], 250)
+        self.assertEqual(busy.reply()[0], 421)
+        self.assertEqual(server.proc.wait(10), 0)
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2)
+        out = server.proc.stdout.read()
+        self.assertEqual(parse_debug_output(out)[0][1],
+                         b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")
+
+    def test_sigint_stops_too(self):
+        server = MmsProcess("--server", "debug")
+        self.addCleanup(server.stop)
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.proc.wait(10), 0)
+
+
+###############################################################################
+# The modes: quarantine (MongoDB) #############################################
+###############################################################################
+
+class MongoCase(ServerCase):
+    """A fresh database for each test, on nx-27017 or MMS_TEST_MONGODB_URI."""
+
+    mode = "mongo-quarantine"
+
+    def setUp(self):
+        import pymongo
+        self.uri = MongoServer.get_uri()
+        self.dbname = "mms_test_" + uuid.uuid4().hex[:10]
+        self.client = pymongo.MongoClient(self.uri, tz_aware=True, serverSelectionTimeoutMS=5000)
+        self.addCleanup(self.client.close)
+        self.addCleanup(self.client.drop_database, self.dbname)
+        self.db = self.client[self.dbname]
+
+    def start_mongo(self, *args, uri=None):
+        return self.start("--mongo-host", uri or self.uri, "--mongo-database", self.dbname,
+                          "--mongo-timeout", "2", *args)
+
+    def stored(self, key):
+        """The seed's "Open Message with Python" snippet."""
+        from gridfs import GridFS
+        doc = self.db["message"].find_one({"store_key": key})
+        msg_base64 = GridFS(self.db).get(doc["message"]).read()
+        return doc, zlib.decompress(base64.b64decode(msg_base64))
+
+    @staticmethod
+    def key(reply):
+        return reply[1].rsplit(" ", 1)[1]
+
+
+class TestQuarantineStorage(MongoCase):
+
+    def setUp(self):
+        super().setUp()
+        self.start_mongo()
+
+    def test_byte_exact_round_trip(self):
+        client = self.raw()
+        bodies = {
+            "crlf": b"Subject: crlf\r\n\r\nline\r\n\r\n\r\nend\r\n",
+            "dots": b"Subject: dots\r\n\r\n.\r\n..two\r\n.one\r\n",
+            "8bit": "Subject: 8bit\r\n\r\ncafé, Grüße, 日本\r\n".encode(),
+            "nul": b"Subject: nul\r\n\r\na\x00b\x00\r\n\x00\r\n",
+            "bare-lf": b"Subject: lf\r\n\r\nunix\nline\rcr\r\n",
+        }
+        for name, body in bodies.items():
+            with self.subTest(name):
+                reply = self.send_message(client, body)
+                self.assertReply(reply, "queued")
+                doc, data = self.stored(self.key(reply))
+                self.assertEqual(data, body)
+                self.assertEqual(doc["size"], len(body))
+
+    def test_20_mb_round_trip_and_gridfs_layout(self):
+        rng = random.Random(3)
+        lines = [rng.randbytes(500).replace(b"\r", b"r").replace(b"\n", b"n") for _ in range(42000)]
+        body = b"Subject: big\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+        client = self.raw()
+        reply = self.send_message(client, body)
+        key = self.key(reply)
+        doc, data = self.stored(key)
+        self.assertEqual(data, body)
+        files = list(self.db.fs.files.find({"filename": key}))
+        self.assertEqual(len(files), 1)
+        if os.environ.get("MMS_TEST_MONGODB_URI"):  # nx-27017 drops contentType from fs.files
+            self.assertEqual(files[0]["contentType"], "text/plain")
+        self.assertEqual(files[0]["_id"], doc["message"])
+        chunks = list(self.db.fs.chunks.find({"files_id": doc["message"]}))
+        self.assertEqual(sum(len(c["data"]) for c in chunks), files[0]["length"])
+        self.assertGreater(len(chunks), 1)
+        # mongofiles get <store_key> reads by filename; GridFSBucket does the same.
+        from gridfs import GridFSBucket
+        content = GridFSBucket(self.db).open_download_stream_by_name(key).read()
+        self.assertEqual(zlib.decompress(base64.b64decode(content)), body)
+
+    def test_every_metadata_field_with_xforward(self):
+        client = self.raw()
+        client.cmd("XFORWARD NAME=mx.example.org ADDR=139.129.236.68 HELO=mx.example.org "
+                   "PORT=4000 PROTO=ESMTP")
+        body = (b"Subject: Provident tempora\r\nMessage-ID: <20150408131934.10264.63423@admin>\r\n"
+                b"Date: Wed, 08 Apr 2015 13:19:34 UTC\r\n\r\nhi\r\n")
+        reply = self.send_message(client, body, sender="ACollet@Example.org",
+                                  rcpts=("jean91@example.com", "paul@example.com"))
+        doc, _ = self.stored(self.key(reply))
+        doc.pop("_id")
+        received = doc.pop("received")
+        self.assertLess(abs(time.time() - received.timestamp()), 60)
+        self.assertIsNotNone(received.tzinfo)
+        self.assertEqual(doc.pop("sent").isoformat(), "2015-04-08T13:19:34+00:00")
+        message = doc.pop("message")
+        self.assertEqual(self.db.fs.files.find_one({"_id": message})["filename"], self.key(reply))
+        self.assertEqual(doc, {
+            "store_key": self.key(reply), "sender": "acollet@example.org",
+            "rcpt": ["jean91@example.com", "paul@example.com"], "rcpt_count": 2,
+            "rcpt_refused": {}, "client_address": "139.129.236.68",
+            "xforward": {"NAME": "mx.example.org", "ADDR": "139.129.236.68",
+                         "HELO": "mx.example.org", "PORT": "4000", "PROTO": "ESMTP"},
+            "server": "127.0.0.1", "size": len(body), "subject": "Provident tempora",
+            "message_id": "20150408131934.10264.63423@admin"})
+
+    def test_every_metadata_field_without_xforward(self):
+        reply = self.send_message(self.raw(), b"no headers at all\r\n")
+        doc, _ = self.stored(self.key(reply))
+        self.assertEqual(set(doc), {"_id", "store_key", "sender", "rcpt", "rcpt_count",
+                                    "rcpt_refused", "client_address", "xforward", "server",
+                                    "received", "message", "size"})
+        self.assertEqual((doc["client_address"], doc["xforward"]), ("127.0.0.1", {}))
+
+    def test_indexes_are_created(self):
+        names = {tuple(spec["key"].keys()): spec for spec in self.db["message"].list_indexes()}
+        self.assertTrue(names[("store_key",)].get("unique"))
+        for field in ("received", "sender", "rcpt", "message_id"):
+            self.assertIn((field,), names)
+        chunks = {tuple(spec["key"].keys()): spec for spec in self.db.fs.chunks.list_indexes()}
+        # nx-27017 names a compound key as one field, files_id_n.
+        compound = chunks.get(("files_id", "n")) or chunks.get(("files_id_n",))
+        self.assertTrue(compound and compound.get("unique"), chunks)
+        files = {tuple(spec["key"].keys()) for spec in self.db.fs.files.list_indexes()}
+        # nx-27017 keeps fs.files in a fixed table with its own filename index.
+        real = bool(os.environ.get("MMS_TEST_MONGODB_URI"))
+        self.assertIn(("filename", "uploadDate") if real else ("filename",), files)
+
+    def test_concurrent_clients_lose_nothing(self):
+        keys, errors = [], []
+
+        def sender(n):
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as client:
+                    for m in range(25):
+                        body = f"Subject: {n}-{m}\r\n\r\nbody {n} {m}\r\n".encode()
+                        client.ehlo()
+                        client.mail(f"s{n}@example.org")
+                        client.rcpt(f"r{m}@example.com")
+                        code, text = client.data(body)
+                        self.assertEqual(code, 250)
+                        keys.append((text.decode().rsplit(" ", 1)[1], body))
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        self.assertEqual(errors, [])
+        self.assertEqual(len({k for k, _ in keys}), 500)
+        docs = list(self.db["message"].find({}, {"store_key": 1}))
+        self.assertEqual(sorted(d["store_key"] for d in docs), sorted(k for k, _ in keys))
+        for key, body in random.Random(1).sample(keys, 25):
+            self.assertEqual(self.stored(key)[1], body)
+
+    def test_plugin_edits_what_is_stored(self):
+        self.server.plugins = mms.load_plugins(["plugins.mark_bounces", "plugins.dummy_plugin"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            reply = self.send_message(self.raw(), SIMPLE, sender="")
+        doc, _ = self.stored(self.key(reply))
+        self.assertEqual((doc["server"], doc["is_bounce"]), ("1.1.1.1", 1))
+
+
+class TestMongoOutage(MongoCase):
+
+    def test_451_while_down_and_250_when_back_without_restart(self):
+        cable = Cable(self.uri)
+        self.addCleanup(cable.close)
+        self.start_mongo(uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+        client = self.raw()
+        first = self.send_message(client, b"Subject: 1\r\n\r\nbefore\r\n")
+        self.assertReply(first, "queued")
+        cable.cut()
+        with self.assertLogs("mms", "ERROR"):
+            self.assertReply(self.send_message(client, b"Subject: 2\r\n\r\nduring\r\n"),
+                             "not_stored")
+        cable.mend()
+        third = self.send_message(client, b"Subject: 3\r\n\r\nafter\r\n")
+        self.assertReply(third, "queued")
+        subjects = sorted(d["subject"] for d in self.db["message"].find())
+        self.assertEqual(subjects, ["1", "3"])
+        self.assertEqual(self.stored(self.key(third))[1], b"Subject: 3\r\n\r\nafter\r\n")
+
+    def test_start_with_mongodb_down(self):
+        with self.assertLogs("mms", "WARNING") as logs:
+            self.start("--mongo-host", f"mongodb://127.0.0.1:{free_port()}/",
+                       "--mongo-timeout", "0.5")
+        self.assertIn("unreachable", "\n".join(logs.output))
+        with self.assertLogs("mms", "ERROR"):
+            self.assertReply(self.send_message(self.raw(), SIMPLE), "not_stored")
+
+
+class TestRealRcpt(MongoCase):
+
+    AMAVIS = (b"X-Envelope-From: <sender@example.org>\r\n"
+              b"X-Envelope-To: <alice@example.com>,\r\n <bob@example.com>,\r\n\t<Carol@Example.com>\r\n"
+              b"X-Quarantine-ID: <abc123>\r\nX-Amavis-Alert: INFECTED, message contains virus\r\n"
+              b"Subject: quarantined\r\n\r\nbody\r\n")
+
+    def test_amavis_quarantine_copy(self):
+        self.start_mongo("--real-rcpt")
+        reply = self.send_message(self.raw(), self.AMAVIS, sender="sender@example.org",
+                                  rcpts=("virus-quarantine@example.net", "archive@example.net"))
+        doc, data = self.stored(self.key(reply))
+        self.assertEqual(doc["rcpt"], ["alice@example.com", "bob@example.com", "carol@example.com"])
+        self.assertEqual(doc["rcpt_count"], 3)
+        header = b"X-MMS-RCPT: <virus-quarantine@example.net>, <archive@example.net>\r\n"
+        self.assertEqual(data, header + self.AMAVIS)
+        self.assertEqual(doc["size"], len(data))
+
+    def test_without_the_header_envelope_recipients_stay(self):
+        self.start_mongo("--real-rcpt")
+        reply = self.send_message(self.raw(), SIMPLE, rcpts=("archive@example.net",))
+        doc, data = self.stored(self.key(reply))
+        self.assertEqual((doc["rcpt"], data), (["archive@example.net"], SIMPLE))
+
+    def test_off_by_default(self):
+        self.start_mongo()
+        reply = self.send_message(self.raw(), self.AMAVIS, rcpts=("archive@example.net",))
+        doc, data = self.stored(self.key(reply))
+        self.assertEqual((doc["rcpt"], data), (["archive@example.net"], self.AMAVIS))
+
+
+###############################################################################
+# The command line: the reader ################################################
+###############################################################################
+
+class TestReader(MongoCase):
+
+    def setUp(self):
+        super().setUp()
+        self.start_mongo()
+        client = self.raw()
+        self.keys = []
+        for n, (sender, rcpt) in enumerate([("a@x.org", "b@y.com"), ("c@x.org", "d@y.com"),
+                                            ("a@x.org", "e@y.com")]):
+            body = f"Subject: msg {n}\r\nFrom: {sender}\r\n\r\nbody {n}\r\n".encode()
+            self.keys.append(self.key(self.send_message(client, body, sender, (rcpt,))))
+            time.sleep(0.01)
+
+    def reader(self, *args):
+        return subprocess.run([sys.executable, MMS, *args, "--mongo-host", self.uri,
+                               "--mongo-database", self.dbname], capture_output=True, timeout=60)
+
+    def test_count(self):
+        done = self.reader("count")
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, b"3"))
+
+    def test_list_newest_first_with_filters(self):
+        done = self.reader("list")
+        lines = done.stdout.decode().splitlines()
+        self.assertEqual([line.split()[2] for line in lines], self.keys[::-1])
+        self.assertIn("'msg 2'", lines[0])
+        done = self.reader("list", "--sender", "A@x.org", "--json")
+        docs = [json.loads(line) for line in done.stdout.decode().splitlines()]
+        self.assertEqual([d["store_key"] for d in docs], [self.keys[2], self.keys[0]])
+        done = self.reader("list", "--rcpt", "d@y.com", "--limit", "5")
+        self.assertEqual(len(done.stdout.splitlines()), 1)
+        self.assertIn(self.keys[1], done.stdout.decode())
+        done = self.reader("list", "--since", "2999-01-01")
+        self.assertEqual(done.stdout, b"")
+        done = self.reader("list", "--limit", "1")
+        self.assertEqual(len(done.stdout.splitlines()), 1)
+
+    def test_show_and_headers(self):
+        done = self.reader("show", self.keys[1])
+        self.assertEqual(done.stdout, b"Subject: msg 1\r\nFrom: c@x.org\r\n\r\nbody 1\r\n")
+        done = self.reader("headers", self.keys[1])
+        self.assertEqual(done.stdout, b"Subject: msg 1\r\nFrom: c@x.org\r\n")
+
+    def test_unknown_key(self):
+        done = self.reader("show", "0" * 64)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(b"no message with store_key", done.stderr)
+
+    def test_unreachable_mongodb(self):
+        done = subprocess.run([sys.executable, MMS, "count", "--mongo-host",
+                               f"mongodb://127.0.0.1:{free_port()}/", "--mongo-timeout", "0.5"],
+                              capture_output=True, timeout=60)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(b"cannot read the archive", done.stderr)
+        self.assertNotIn(b"Traceback", done.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
