@@ -55,7 +55,7 @@ END_OF_DATA = b"\r\n.\r\n"
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
-COMMANDS = ("start", "count", "list", "show", "headers")
+COMMANDS = ("start", "count", "list", "show", "headers", "replay")
 
 # Every reply the session sends that is not built from a downstream answer.
 R_MAIL_OK = "250 2.1.0 Ok"
@@ -81,6 +81,7 @@ R_TIMEOUT = "421 4.4.2 {} Error: timeout exceeded"
 R_TOO_MANY_CONN = "421 4.7.0 {} Error: too many connections"
 R_SHUTDOWN = "421 4.3.2 {} Service shutting down, try again later"
 R_STORE_FAILED = "451 4.3.0 Error: message not stored, try again later"
+R_RELAY_FAILED = "451 4.4.1 Error: downstream server unavailable, try again later"
 
 
 def _env(name, default):
@@ -167,6 +168,14 @@ OPTIONS = [
      "seconds to find a MongoDB server before answering 451"),
     ("--mongo-write-concern", "MMS_MONGODB_WRITE_CONCERN", "1", str,
      "write concern w: a number or 'majority'"),
+    ("--remote-host", "MMS_REMOTE_HOST", "127.0.0.1", str,
+     "proxy and filter modes: the SMTP server that mail is relayed to"),
+    ("--remote-port", "MMS_REMOTE_PORT", "14002", _port, "port of --remote-host"),
+    ("--remote-timeout", "MMS_REMOTE_TIMEOUT", "60", _positive,
+     "seconds to wait for each reply of --remote-host (keep it under Postfix's "
+     "smtpd_proxy_timeout of 100 s)"),
+    ("--spool-dir", "MMS_SPOOL_DIR", "/var/spool/mms", str,
+     "proxy and filter modes: where delivered messages wait for `replay` when MongoDB fails"),
     ("--real-rcpt", "MMS_REAL_RCPT", "0", _flag,
      "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
 ]
@@ -300,6 +309,16 @@ def valid_address(address):
 
 def xtext_decode(value):
     return XTEXT_RE.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+def xtext_encode(value):
+    return "".join(f"+{ord(ch):02X}" if ch in "+=" or not 33 <= ord(ch) <= 126 else ch
+                   for ch in value)
+
+
+def reply_text(reply):
+    """The text of a (multi-line) reply, without its codes: '550 5.1.1 a' -> '5.1.1 a'."""
+    return " ".join(line[4:] for line in reply.split("\r\n"))
 
 
 class SMTPSession(socketserver.BaseRequestHandler):
@@ -490,7 +509,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
             self.tx.rcpts.append(rcpt)
             self.tx.rcpt_params.append(params)
         else:
-            self.tx.refused[rcpt] = [int(answer[:3]), answer[4:]]
+            self.tx.refused[rcpt] = [int(answer[:3]), reply_text(answer)]
         self.reply(answer or R_RCPT_OK)
 
     def smtp_DATA(self, arg):
@@ -942,7 +961,253 @@ class QuarantineMode(Mode):
         return R_QUEUED.format(metadata["store_key"])
 
 
-MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode}
+class Spool:
+    """Messages that were delivered but could not be stored wait here for `replay`.
+
+    Each is two files named by store_key: the raw message (.msg), then its
+    metadata as BSON (.bson), written last and renamed into place, so that replay
+    only ever sees complete pairs.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def check(self):
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            probe = os.path.join(self.path, ".probe")
+            with open(probe, "w"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            fail(f"--spool-dir {self.path} is not writable: {exc}")
+
+    def put(self, metadata, data):
+        import bson
+        key = metadata["store_key"]
+        with open(os.path.join(self.path, key + ".msg"), "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        temporary = os.path.join(self.path, key + ".tmp")
+        with open(temporary, "wb") as f:
+            f.write(bson.encode(metadata))
+            os.fsync(f.fileno())
+        os.replace(temporary, os.path.join(self.path, key + ".bson"))
+
+    def replay(self, store):
+        """Store every spooled message; return (stored, failed)."""
+        import bson
+        from pymongo.errors import DuplicateKeyError
+        stored = failed = 0
+        for name in sorted(os.listdir(self.path)):
+            if not name.endswith(".bson"):
+                continue
+            base = os.path.join(self.path, name[:-5])
+            with open(base + ".bson", "rb") as f:
+                metadata = bson.decode(f.read(), codec_options=bson.CodecOptions(tz_aware=True))
+            with open(base + ".msg", "rb") as f:
+                data = f.read()
+            metadata.pop("_id", None)
+            try:
+                store.store(metadata, data)
+            except DuplicateKeyError:
+                pass  # stored by an earlier replay that was cut short
+            except Exception as exc:
+                log.error("replay of %s failed: %s", metadata["store_key"], exc)
+                failed += 1
+                continue
+            os.unlink(base + ".bson")
+            os.unlink(base + ".msg")
+            stored += 1
+        return stored, failed
+
+
+class DownstreamError(Exception):
+    """The downstream server is down, timed out or broke the protocol."""
+
+
+class Downstream:
+    """One SMTP client session to --remote-host, opened at MAIL for one transaction."""
+
+    REPLY_LINE_MAX = 4096
+    REPLY_LINES_MAX = 100
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        try:
+            self.sock = socket.create_connection((cfg.remote_host, cfg.remote_port),
+                                                 timeout=cfg.remote_timeout)
+        except OSError as exc:
+            raise DownstreamError(f"connect to {cfg.remote_host}:{cfg.remote_port}: {exc}") from None
+        self.file = self.sock.makefile("rb")
+        self.in_data = False
+        self.expect(self.reply(), "greeting")
+        self.extensions = self.ehlo()
+
+    def reply(self):
+        """A whole reply, multi-line included, exactly as the server sent it (CRLF joined)."""
+        lines = []
+        try:
+            while len(lines) < self.REPLY_LINES_MAX:
+                line = self.file.readline(self.REPLY_LINE_MAX)
+                if not line.endswith(b"\n"):
+                    raise DownstreamError("connection closed or reply line too long")
+                text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+                if len(text) < 3 or not text[:3].isdigit() or text[3:4] not in ("", " ", "-"):
+                    raise DownstreamError(f"not an SMTP reply: {text!r}")
+                lines.append(text)
+                if text[3:4] != "-":
+                    return "\r\n".join(lines)
+        except OSError as exc:
+            raise DownstreamError(str(exc)) from None
+        raise DownstreamError("reply has too many lines")
+
+    def command(self, line):
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def send(self, data):
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise DownstreamError(str(exc)) from None
+
+    @staticmethod
+    def expect(reply, what):
+        if not reply.startswith("2"):
+            raise DownstreamError(f"{what} answered {reply_text(reply)!r}")
+
+    def ehlo(self):
+        reply = self.command(f"EHLO {self.cfg.hostname}")
+        self.expect(reply, "EHLO")
+        return {line[4:].split(" ")[0].upper(): line[4:].split()[1:]
+                for line in reply.split("\r\n")[1:]}
+
+    def xforward(self, attrs):
+        """Only the attributes the server announced, in commands under 512 characters."""
+        offered = set(self.extensions.get("XFORWARD", []))
+        items = [f"{name}={xtext_encode(value)}" for name, value in attrs.items()
+                 if name in offered]
+        line = "XFORWARD"
+        for item in items + [None]:
+            if item is None or len(line) + 1 + len(item) + 2 > COMMAND_LINE_MAX:
+                if line != "XFORWARD":
+                    reply = self.command(line)
+                    if not reply.startswith("2"):
+                        log.warning("downstream refused %s: %s", line, reply_text(reply))
+                line = "XFORWARD"
+            if item is not None:
+                line += " " + item
+
+    def mail(self, xforward, tx):
+        self.xforward(xforward)
+        return self.command(" ".join([f"MAIL FROM:<{tx.sender}>", *tx.mail_params]))
+
+    def data(self):
+        answer = self.command("DATA")
+        self.in_data = answer.startswith("3")
+        return answer
+
+    def message(self, data):
+        """Send DATA content, dot-stuffed after every LF: a downstream that ends lines on
+        a bare LF must not see '<LF>.<CRLF>' as the end of data (SMTP smuggling)."""
+        stuffed = (b"\n" + data).replace(b"\n.", b"\n..")[1:]
+        if stuffed and not stuffed.endswith(b"\r\n"):
+            stuffed += b"\r\n"
+        self.send(stuffed + b".\r\n")
+        self.in_data = False
+        return self.reply()
+
+    def close(self):
+        """QUIT politely, but never wait long for it. In the middle of DATA a QUIT would
+        be message text: hanging up there is what makes the server drop the message."""
+        try:
+            self.sock.settimeout(min(5, self.cfg.remote_timeout))
+            if not self.in_data:
+                self.command("QUIT")
+        except (DownstreamError, OSError):
+            pass
+        finally:
+            self.file.close()
+            self.sock.close()
+
+
+class ProxyMode(Mode):
+    """Postfix's before-queue filter: relay in step with the client, pass the replies
+    through, and archive what the downstream accepted (the seed's rule)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.store = MongoStore(cfg)
+        self.spool = Spool(cfg.spool_dir)
+
+    def start(self):
+        self.spool.check()
+        self.store.start()
+
+    def close(self):
+        self.store.close()
+
+    def relayed(self, tx, step):
+        """Run one step on the open downstream session; a broken downstream becomes
+        451 4.4.1, and the session is dropped."""
+        if tx.relay is None:
+            return R_RELAY_FAILED
+        try:
+            return step(tx.relay)
+        except DownstreamError as exc:
+            log.error("downstream %s:%d failed: %s", self.cfg.remote_host,
+                      self.cfg.remote_port, exc)
+            self.on_reset(None, tx)
+            return R_RELAY_FAILED
+
+    def on_mail(self, session, tx):
+        try:
+            tx.relay = Downstream(self.cfg)
+        except DownstreamError as exc:
+            log.error("downstream %s:%d failed: %s", self.cfg.remote_host,
+                      self.cfg.remote_port, exc)
+            return R_RELAY_FAILED
+        answer = self.relayed(tx, lambda relay: relay.mail(session.xforward, tx))
+        if not answer.startswith("2"):
+            self.on_reset(session, tx)
+        return answer
+
+    def on_rcpt(self, session, tx, rcpt, params):
+        return self.relayed(tx, lambda relay: relay.command(
+            " ".join([f"RCPT TO:<{rcpt}>", *params])))
+
+    def on_data(self, session, tx):
+        return self.relayed(tx, lambda relay: relay.data())
+
+    def on_reset(self, session, tx):
+        if tx.relay is not None:
+            tx.relay.close()
+            tx.relay = None
+
+    def on_message(self, session, tx, metadata, data):
+        answer = self.relayed(tx, lambda relay: relay.message(data))
+        self.on_reset(session, tx)
+        if answer.startswith("2"):
+            self.archive(metadata, data)
+        return answer
+
+    def archive(self, metadata, data):
+        """The downstream has the message: refusing now would deliver it twice, so a
+        failed store goes to the spool instead, and the client still gets the 250."""
+        try:
+            self.store.store(metadata, data)
+        except Exception as exc:
+            log.error("storing %s failed (%s): spooled to %s for `mms.py replay`",
+                      metadata["store_key"], exc, self.spool.path)
+            try:
+                self.spool.put(metadata, data)
+            except OSError as exc:
+                log.critical("spooling %s failed (%s): delivered but not archived",
+                             metadata["store_key"], exc)
+
+
+MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode, "mongo-proxy": ProxyMode}
 
 
 def make_mode(cfg):
@@ -1004,6 +1269,12 @@ def read_archive(cfg):
         store.close()
 
 
+def read_replay(cfg, store):
+    stored, failed = Spool(cfg.spool_dir).replay(store)
+    print(f"replayed {stored} message(s) from {cfg.spool_dir}, {failed} failed")
+    return 1 if failed else 0
+
+
 def read_count(cfg, store):
     print(store.collection.count_documents({}))
     return 0
@@ -1052,7 +1323,7 @@ def read_headers(cfg, store):
     return 0
 
 
-READERS = {"count": read_count, "list": read_list, "show": read_show, "headers": read_headers}
+READERS = {"replay": read_replay, "count": read_count, "list": read_list, "show": read_show, "headers": read_headers}
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import os
 import random
 import select
@@ -20,6 +21,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,9 @@ import zlib
 from unittest import mock
 
 import mms
+
+# Log records are checked with assertLogs; keep the rest off the test output.
+logging.getLogger("mms").addHandler(logging.NullHandler())
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MMS = os.path.join(HERE, "mms.py")
@@ -1228,6 +1233,421 @@ class TestRealRcpt(MongoCase):
         reply = self.send_message(self.raw(), self.AMAVIS, rcpts=("archive@example.net",))
         doc, data = self.stored(self.key(reply))
         self.assertEqual((doc["rcpt"], data), (["archive@example.net"], self.AMAVIS))
+
+
+###############################################################################
+# The modes: proxy ############################################################
+###############################################################################
+
+class ScriptedDownstream(socketserver.ThreadingTCPServer):
+    """A downstream SMTP server whose replies each test sets, recording what it is sent.
+
+    Real Postfix cannot be made to answer a multi-line 550, to stall, or to hide
+    XFORWARD on demand; the edges of reply pass-through are tested against this.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, **replies):
+        self.replies = {
+            "EHLO": "250-down.test\r\n250-XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE\r\n250 8BITMIME",
+            "XFORWARD": "250 2.0.0 Ok", "MAIL": "250 2.1.0 Ok", "RCPT": "250 2.1.5 Ok",
+            "DATA": "354 go ahead", ".": "250 2.0.0 Ok: queued as DOWN1", "QUIT": "221 2.0.0 Bye",
+            "RSET": "250 2.0.0 Ok"}
+        self.replies.update(replies)
+        self.rcpt_replies = {}
+        self.commands, self.messages = [], []
+        self.stall = threading.Event()
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            with contextlib.suppress(OSError):
+                self.converse(self.server)
+
+        def converse(self, server):
+            self.wfile.write(b"220 down.test ESMTP\r\n")
+            while line := self.rfile.readline():
+                command = line.decode().rstrip("\r\n")
+                server.commands.append(command)
+                verb = command.split(" ")[0].upper()
+                reply = server.replies.get(verb, "500 5.5.2 unknown")
+                if verb == "RCPT":
+                    address = command.split("<", 1)[1].split(">", 1)[0]
+                    reply = server.rcpt_replies.get(address, reply)
+                self.wfile.write(reply.encode() + b"\r\n")
+                if verb == "DATA" and reply.startswith("354"):
+                    wire = b""
+                    while not wire.endswith(b"\r\n.\r\n") and (chunk := self.rfile.readline()):
+                        wire += chunk
+                    server.messages.append(wire)
+                    if server.stall.is_set():
+                        time.sleep(3)
+                    self.wfile.write(server.replies["."].encode() + b"\r\n")
+                if verb == "QUIT":
+                    return
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class ProxyCase(MongoCase):
+
+    mode = "mongo-proxy"
+
+    def start_proxy(self, downstream_port, *args, uri=None):
+        self.spool = tempfile.mkdtemp(prefix="mms-spool-")
+        self.addCleanup(shutil.rmtree, self.spool)
+        return self.start_mongo("--remote-port", str(downstream_port), "--spool-dir", self.spool,
+                                "--remote-timeout", "2", *args, uri=uri)
+
+    def records(self):
+        return list(self.db["message"].find())
+
+
+class TestProxyRelay(ProxyCase):
+    """Reply pass-through, against a scripted downstream."""
+
+    def setUp(self):
+        super().setUp()
+        self.down = ScriptedDownstream()
+        self.addCleanup(self.down.close)
+        self.start_proxy(self.down.server_address[1])
+
+    def test_accepted_message_is_relayed_and_recorded(self):
+        client = self.raw()
+        client.cmd("XFORWARD NAME=mx.example.org ADDR=192.0.2.7 PORT=4567 HELO=helo.example "
+                   "PROTO=ESMTP")
+        body = b"Subject: relay\r\n\r\n.dot\r\nbare\n.lf\r\n"
+        reply = self.send_message(client, body)
+        self.assertEqual(reply, (250, "2.0.0 Ok: queued as DOWN1"))
+        self.assertEqual(self.down.messages, [b"Subject: relay\r\n\r\n..dot\r\nbare\n..lf\r\n.\r\n"])
+        self.assertIn("XFORWARD NAME=mx.example.org ADDR=192.0.2.7 PORT=4567 HELO=helo.example "
+                      "PROTO=ESMTP", self.down.commands)
+        [doc] = self.records()
+        self.assertEqual((doc["client_address"], doc["rcpt"]), ("192.0.2.7", ["b@example.com"]))
+        self.assertEqual(self.stored(doc["store_key"])[1], body)
+
+    def test_parameters_are_relayed_verbatim(self):
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org> SIZE=180 BODY=8BITMIME RET=HDRS ENVID=env-123 SMTPUTF8")
+        client.cmd("RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.com")
+        self.assertIn("MAIL FROM:<a@example.org> SIZE=180 BODY=8BITMIME RET=HDRS ENVID=env-123 "
+                      "SMTPUTF8", self.down.commands)
+        self.assertIn("RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.com",
+                      self.down.commands)
+
+    def test_multiline_refusal_is_passed_through_and_recorded(self):
+        self.down.rcpt_replies["gone@example.com"] = ("550-5.1.1 <gone@example.com>: no such user\r\n"
+                                                      "550 5.1.1 try another address")
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        self.assertReply(client.cmd("RCPT TO:<b@example.com>"), "rcpt_ok")
+        code, text = client.cmd("RCPT TO:<gone@example.com>")
+        self.assertEqual((code, text), (550, "5.1.1 <gone@example.com>: no such user\n"
+                                             "5.1.1 try another address"))
+        client.cmd("DATA")
+        client.send(SIMPLE + b".\r\n")
+        self.assertEqual(client.reply()[0], 250)
+        [doc] = self.records()
+        self.assertEqual(doc["rcpt"], ["b@example.com"])
+        self.assertEqual(doc["rcpt_refused"], {"gone@example.com": [
+            550, "5.1.1 <gone@example.com>: no such user 5.1.1 try another address"]})
+
+    def test_temporary_and_permanent_refusals_at_end_of_data(self):
+        for reply in ("450 4.7.1 try later", "554 5.7.1 rejected by policy"):
+            with self.subTest(reply=reply):
+                self.down.replies["."] = reply
+                answer = self.send_message(self.raw(), SIMPLE)
+                self.assertEqual(answer, (int(reply[:3]), reply[4:]))
+        self.assertEqual(self.records(), [])
+
+    def test_refusal_at_mail_and_data(self):
+        self.down.replies["MAIL"] = "452 4.3.1 insufficient system storage"
+        client = self.raw()
+        self.assertEqual(client.cmd("MAIL FROM:<a@example.org>"),
+                         (452, "4.3.1 insufficient system storage"))
+        self.assertReply(client.cmd("RCPT TO:<b@example.com>"), "sequence")
+        self.down.replies["MAIL"] = "250 2.1.0 Ok"
+        self.down.replies["DATA"] = "554 5.5.1 no valid recipients"
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<b@example.com>")
+        self.assertEqual(client.cmd("DATA"), (554, "5.5.1 no valid recipients"))
+
+    def test_downstream_without_xforward_gets_none(self):
+        self.down.replies["EHLO"] = "250-down.test\r\n250 8BITMIME"
+        client = self.raw()
+        client.cmd("XFORWARD ADDR=192.0.2.7 HELO=helo.example")
+        self.send_message(client, SIMPLE)
+        self.assertFalse([c for c in self.down.commands if c.startswith("XFORWARD")])
+        self.assertEqual(self.records()[0]["client_address"], "192.0.2.7")
+
+    def test_only_announced_attributes_in_short_commands(self):
+        self.down.replies["EHLO"] = "250-down.test\r\n250 XFORWARD NAME ADDR HELO"
+        client = self.raw()
+        client.cmd("XFORWARD NAME=" + "n" * 250 + " ADDR=192.0.2.7 PORT=99")
+        client.cmd("XFORWARD HELO=" + "h" * 250 + " PROTO=ESMTP")
+        self.send_message(client, SIMPLE)
+        sent = [c for c in self.down.commands if c.startswith("XFORWARD")]
+        self.assertGreater(len(sent), 1)
+        self.assertTrue(all(len(c) + 2 <= 512 for c in sent), sent)
+        attrs = " ".join(sent)
+        self.assertIn("ADDR=192.0.2.7", attrs)
+        self.assertNotIn("PORT=", attrs)
+        self.assertNotIn("PROTO=", attrs)
+
+    def test_rset_ends_the_downstream_session(self):
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<b@example.com>")
+        self.assertReply(client.cmd("RSET"), "ok")
+        self.assertEqual(self.down.commands[-1], "QUIT")
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+
+    def test_downstream_down_or_stalled_is_451(self):
+        self.down.close()
+        with self.assertLogs("mms", "ERROR"):
+            self.assertEqual(self.raw().cmd("MAIL FROM:<a@example.org>")[0], 451)
+        stalled = ScriptedDownstream()
+        self.addCleanup(stalled.close)
+        stalled.stall.set()
+        self.server.cfg.remote_port = stalled.server_address[1]
+        with self.assertLogs("mms", "ERROR"):
+            answer = self.send_message(self.raw(), SIMPLE)
+        self.assertEqual(answer[0], 451)
+        self.assertTrue(answer[1].startswith("4.4.1 "))
+        self.assertEqual(self.records(), [])
+
+
+POSTFIX_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {dir}/queue
+data_directory = {dir}/data
+maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = front.mms.test
+mydestination =
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:{final}
+alias_maps =
+alias_database =
+smtputf8_enable = yes
+smtpd_relay_restrictions = permit_mynetworks, reject
+"""
+
+# The two smtpd services, exactly as the README shows them.
+POSTFIX_MASTER_CF = """\
+127.0.0.1:{front} inet n - n - - smtpd
+  -o smtpd_proxy_filter=127.0.0.1:{mms}
+127.0.0.1:{after} inet n - n - - smtpd
+  -o smtpd_proxy_filter=
+  -o smtpd_authorized_xforward_hosts=127.0.0.0/8
+  -o smtpd_recipient_restrictions=check_recipient_access,regexp:{dir}/rcpt_access,permit_mynetworks,reject
+  -o smtpd_end_of_data_restrictions=check_sender_access,regexp:{dir}/sender_access
+"""
+
+
+class Postfix:
+    """A private Postfix on loopback ports: a front smtpd whose smtpd_proxy_filter is
+    mms, an after-filter smtpd that mms relays to, and relayhost delivery to a
+    capture server (mms's own debug mode, proven byte-exact above)."""
+
+    def __init__(self):
+        if not shutil.which("postfix"):
+            if os.environ.get("CI"):
+                raise RuntimeError("postfix is not installed: .ci/run should install it")
+            raise unittest.SkipTest("postfix is not installed (apt-get install postfix)")
+        self.dir = tempfile.mkdtemp(prefix="mms-postfix-")
+        os.chmod(self.dir, 0o755)  # Postfix's daemons run as the postfix user
+        self.front, self.after, self.mms = free_port(), free_port(), free_port()
+        self.capture = io.BytesIO()
+        cfg = mms.parse_config(["--server", "debug", "--host", "127.0.0.1", "--port", "0",
+                                "--hostname", "final.mms.test"])
+        self.final = mms.open_server(cfg, mms.DebugMode(cfg, stream=self.capture))
+        threading.Thread(target=self.final.serve_forever, daemon=True).start()
+        ports = dict(dir=self.dir, front=self.front, after=self.after, mms=self.mms,
+                     final=self.final.server_address[1])
+        with open(os.path.join(self.dir, "main.cf"), "w") as f:
+            f.write(POSTFIX_MAIN_CF.format(**ports))
+        with open(os.path.join(self.dir, "master.cf"), "w") as f:
+            f.write(self.stock_services() + POSTFIX_MASTER_CF.format(**ports))
+        with open(os.path.join(self.dir, "rcpt_access"), "w") as f:
+            f.write("/^refused@/ 550 5.1.1 User unknown\n")
+        with open(os.path.join(self.dir, "sender_access"), "w") as f:
+            f.write("/^reject-at-dot@/ 554 5.7.1 Rejected at end of data\n")
+        os.makedirs(os.path.join(self.dir, "queue"))
+        os.makedirs(os.path.join(self.dir, "data"))
+        shutil.chown(os.path.join(self.dir, "data"), "postfix")
+        self.postfix("check")
+        self.postfix("start")
+        wait_port(self.front)
+        wait_port(self.after)
+
+    @staticmethod
+    def stock_services():
+        """Debian's master.cf without its port-25 smtpd, and with no chroot."""
+        lines = []
+        with open("/etc/postfix/master.cf") as f:
+            for line in f:
+                fields = line.split()
+                if line[:1].isalnum() and len(fields) >= 8:
+                    if fields[1] == "inet":
+                        continue
+                    fields[4] = "n"
+                    line = " ".join(fields) + "\n"
+                lines.append(line)
+        return "".join(lines)
+
+    def postfix(self, command):
+        done = subprocess.run(["postfix", "-c", self.dir, command], capture_output=True,
+                              text=True, timeout=60)
+        if done.returncode:
+            raise RuntimeError(f"postfix {command} failed: {done.stderr}{self.maillog()}")
+
+    def maillog(self):
+        with contextlib.suppress(OSError), open(os.path.join(self.dir, "maillog")) as f:
+            return f.read()
+        return ""
+
+    def delivered(self, count, seconds=60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            messages = parse_debug_output(self.capture.getvalue())
+            if len(messages) >= count:
+                return messages
+            time.sleep(0.1)
+        raise AssertionError(f"{count} message(s) not delivered:\n{self.maillog()[-3000:]}")
+
+    def stop(self):
+        with contextlib.suppress(RuntimeError):
+            self.postfix("stop")
+        self.final.shutdown()
+        self.final.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TestProxyWithPostfix(ProxyCase):
+    """smtpd_proxy_filter=127.0.0.1:<mms>, with mms relaying to a second smtpd."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.postfix = Postfix()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.postfix.stop()
+
+    def setUp(self):
+        super().setUp()
+        self.postfix.capture.seek(0)
+        self.postfix.capture.truncate()
+
+    def start_filter(self, *args, remote=None, uri=None):
+        self.start_proxy(remote or self.postfix.after, "--port", str(self.postfix.mms), *args,
+                         uri=uri)
+
+    def send(self, body, rcpts=("b@example.com",), sender="a@example.org"):
+        with smtplib.SMTP("127.0.0.1", self.postfix.front, local_hostname="client.example.net",
+                          timeout=120) as client:
+            return client.sendmail(sender, list(rcpts), body)
+
+    @staticmethod
+    def added_by_postfix(delivered, original):
+        """What Postfix put before the original: only Received: headers."""
+        self_check = delivered.endswith(original)
+        head = delivered[:len(delivered) - len(original)]
+        lines = head.split(b"\r\n")[:-1]
+        return self_check and all(l.startswith((b"Received:", b"\t", b" ")) for l in lines)
+
+    def test_message_is_delivered_and_recorded(self):
+        self.start_filter()
+        body = (b"Subject: through postfix\r\nFrom: a@example.org\r\nMessage-ID: <t1@example.org>\r\n"
+                b"Date: Thu, 26 Nov 2026 02:27:17 +0000\r\n\r\n.dot\r\ncaf\xc3\xa9\r\n")
+        self.assertEqual(self.send(body), {})
+        [(_, delivered)] = self.postfix.delivered(1)
+        [doc] = self.records()
+        _, stored = self.stored(doc["store_key"])
+        self.assertTrue(self.added_by_postfix(stored, body), stored)
+        self.assertTrue(self.added_by_postfix(delivered, stored), delivered)
+        # The after-filter smtpd took mms's XFORWARD: it logs the original client.
+        self.assertIn(b"with ESMTP id ", delivered)
+        queue_id = delivered.split(b"with ESMTP id ", 1)[1].split(b"\r\n", 1)[0].decode()
+        self.assertIn(f"{queue_id}: client=localhost[127.0.0.1], orig_client=localhost[127.0.0.1]",
+                      self.postfix.maillog())
+        self.assertEqual(doc["xforward"]["HELO"], "client.example.net")
+        self.assertEqual(doc["xforward"]["ADDR"], "127.0.0.1")
+        self.assertEqual(doc["client_address"], "127.0.0.1")
+        self.assertEqual((doc["sender"], doc["rcpt"]), ("a@example.org", ["b@example.com"]))
+
+    def test_refused_recipient(self):
+        self.start_filter()
+        refused = self.send(SIMPLE, rcpts=("b@example.com", "refused@example.com"))
+        self.assertEqual(refused["refused@example.com"][0], 550)
+        [(metadata, _)] = self.postfix.delivered(1)
+        self.assertEqual(metadata["rcpt"], ["b@example.com"])
+        [doc] = self.records()
+        self.assertEqual(doc["rcpt"], ["b@example.com"])
+        code, text = doc["rcpt_refused"]["refused@example.com"]
+        self.assertEqual(code, 550)
+        self.assertIn("User unknown", text)
+
+    def test_rejected_at_end_of_data_is_not_recorded(self):
+        self.start_filter()
+        with self.assertRaises(smtplib.SMTPDataError) as caught:
+            self.send(SIMPLE, sender="reject-at-dot@example.org")
+        self.assertEqual(caught.exception.smtp_code, 554)
+        self.assertEqual(self.records(), [])
+
+    def test_downstream_stopped_is_4xx_at_the_client(self):
+        self.start_filter(remote=free_port())
+        with self.assertLogs("mms", "ERROR"):
+            with self.assertRaises(smtplib.SMTPRecipientsRefused) as caught:
+                self.send(SIMPLE)
+        [(code, text)] = caught.exception.recipients.values()
+        self.assertTrue(400 <= code < 500, (code, text))
+        self.assertEqual(self.records(), [])
+
+    def test_mongodb_stopped_spools_and_replay_stores(self):
+        cable = Cable(self.uri)
+        self.addCleanup(cable.close)
+        self.start_filter(uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+        cable.cut()
+        with self.assertLogs("mms", "ERROR") as logs:
+            self.assertEqual(self.send(SIMPLE), {})
+        self.postfix.delivered(1)
+        self.assertIn("spooled", "\n".join(logs.output))
+        self.assertEqual(len(os.listdir(self.spool)), 2)
+        self.assertEqual(self.records(), [])
+        cable.mend()
+        done = subprocess.run([sys.executable, MMS, "replay", "--spool-dir", self.spool,
+                               "--mongo-host", self.uri, "--mongo-database", self.dbname],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("replayed 1 message", done.stdout)
+        [doc] = self.records()
+        self.assertTrue(self.added_by_postfix(self.stored(doc["store_key"])[1], SIMPLE))
+        self.assertEqual(os.listdir(self.spool), [])
+
+    def test_smtp_source_200_messages(self):
+        self.start_filter()
+        done = subprocess.run(["smtp-source", "-s", "10", "-m", "200", "-l", "1024", "-c",
+                               "-f", "a@example.org", "-t", "b@example.com",
+                               f"127.0.0.1:{self.postfix.front}"],
+                              capture_output=True, text=True, timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(len(self.postfix.delivered(200, seconds=120)), 200)
+        docs = self.records()
+        self.assertEqual(len(docs), 200)
+        self.assertEqual(len({d["store_key"] for d in docs}), 200)
+        self.assertTrue(all(d["xforward"].get("ADDR") == "127.0.0.1" for d in docs))
 
 
 ###############################################################################
