@@ -241,6 +241,11 @@ def fail(message):
     raise SystemExit(2)
 
 
+def redact(uri):
+    """A MongoDB URI fit for a log line: no password."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+
+
 def in_networks(address, networks):
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
@@ -894,11 +899,12 @@ class MongoStore:
         try:
             self.ensure_indexes()
             version = self.client.server_info().get("version") or "unknown"
-            log.info("MongoDB %s at %s, database %s, collection %s", version,
-                     self.cfg.mongo_host, self.cfg.mongo_database, self.cfg.mongo_collection)
+            log.info("connected to MongoDB %s (version %s), database %s, collection %s",
+                     redact(self.cfg.mongo_host), version,
+                     self.cfg.mongo_database, self.cfg.mongo_collection)
         except Exception as exc:
             log.warning("MongoDB at %s is unreachable (%s): messages will be answered 451 "
-                        "until it is back", self.cfg.mongo_host, exc)
+                        "until it is back", redact(self.cfg.mongo_host), exc)
 
     def ensure_indexes(self):
         self.collection.create_index("store_key", unique=True)
@@ -1262,7 +1268,7 @@ def read_archive(cfg):
         print(f"mms.py: error: {exc.args[0]}", file=sys.stderr)
         return 1
     except Exception as exc:
-        print(f"mms.py: error: cannot read the archive at {cfg.mongo_host}: {exc}",
+        print(f"mms.py: error: cannot read the archive at {redact(cfg.mongo_host)}: {exc}",
               file=sys.stderr)
         return 1
     finally:

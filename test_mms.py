@@ -369,6 +369,16 @@ class TestConfiguration(unittest.TestCase):
             self.assertIn(flag, text)
             self.assertIn(variable, text)
 
+    def test_mongodb_password_is_never_logged(self):
+        with self.assertLogs("mms", "WARNING") as logs:
+            cfg = mms.parse_config(["--mongo-host", f"mongodb://archiver:s3cret@127.0.0.1:{free_port()}/",
+                                    "--mongo-timeout", "0.2"])
+            store = mms.MongoStore(cfg)
+            store.start()
+            store.close()
+        self.assertNotIn("s3cret", "\n".join(logs.output))
+        self.assertIn("archiver:***@", "\n".join(logs.output))
+
     def test_version(self):
         self.assertIn(mms.__version__, self.run_mms("--version").stdout)
 
@@ -1445,9 +1455,9 @@ smtpd_relay_restrictions = permit_mynetworks, reject
 
 # The two smtpd services, exactly as the README shows them.
 POSTFIX_MASTER_CF = """\
-127.0.0.1:{front} inet n - n - - smtpd
+127.0.0.1:{front} inet  n       -       n       -       -       smtpd
   -o smtpd_proxy_filter=127.0.0.1:{mms}
-127.0.0.1:{after} inet n - n - - smtpd
+127.0.0.1:{after} inet n  -       n       -       -       smtpd
   -o smtpd_proxy_filter=
   -o smtpd_authorized_xforward_hosts=127.0.0.0/8
   -o smtpd_recipient_restrictions=check_recipient_access,regexp:{dir}/rcpt_access,permit_mynetworks,reject
