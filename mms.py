@@ -82,6 +82,9 @@ R_TOO_MANY_CONN = "421 4.7.0 {} Error: too many connections"
 R_SHUTDOWN = "421 4.3.2 {} Service shutting down, try again later"
 R_STORE_FAILED = "451 4.3.0 Error: message not stored, try again later"
 R_RELAY_FAILED = "451 4.4.1 Error: downstream server unavailable, try again later"
+R_SCAN_FAILED = "451 4.7.1 Error: message could not be scanned, try again later"
+R_VIRUS = "554 5.7.1 Virus found: {}"
+R_SPAM = "554 5.7.1 Message rejected as spam"
 
 
 def _env(name, default):
@@ -130,6 +133,27 @@ def _networks(value):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _scanner(value):
+    """HOST:PORT, [IPv6]:PORT, or 'none'."""
+    if isinstance(value, tuple) or value is None:
+        return value
+    if value.strip().lower() in ("", "none", "off"):
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT or none: {value!r}")
+    return host.strip("[]"), _port(port)
+
+
+def _choice(*choices):
+    def check(value):
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+    check.__name__ = "choice"
+    return check
+
+
 def _names(value):
     return value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -176,6 +200,20 @@ OPTIONS = [
      "smtpd_proxy_timeout of 100 s)"),
     ("--spool-dir", "MMS_SPOOL_DIR", "/var/spool/mms", str,
      "proxy and filter modes: where delivered messages wait for `replay` when MongoDB fails"),
+    ("--clamd", "MMS_CLAMD", "127.0.0.1:3310", _scanner,
+     "filter mode: clamd's TCP address, or 'none'"),
+    ("--spamd", "MMS_SPAMD", "127.0.0.1:783", _scanner,
+     "filter mode: spamd's TCP address, or 'none'"),
+    ("--scan-timeout", "MMS_SCAN_TIMEOUT", "30", _positive,
+     "filter mode: seconds each scanner may take"),
+    ("--scan-max-size", "MMS_SCAN_MAX_SIZE", str(25 * 2**20), _count,
+     "filter mode: larger messages are delivered unscanned, marked is_unchecked"),
+    ("--virus-action", "MMS_VIRUS_ACTION", "quarantine", _choice("quarantine", "reject"),
+     "filter mode: what a virus gets"),
+    ("--spam-action", "MMS_SPAM_ACTION", "quarantine", _choice("quarantine", "reject", "deliver"),
+     "filter mode: what spam gets"),
+    ("--on-scan-error", "MMS_ON_SCAN_ERROR", "tempfail", _choice("tempfail", "deliver"),
+     "filter mode: what a message gets when a scanner is down or too slow"),
     ("--real-rcpt", "MMS_REAL_RCPT", "0", _flag,
      "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
 ]
@@ -206,6 +244,8 @@ def build_parser():
     reader.add_argument("--rcpt", help="only this recipient")
     reader.add_argument("--since", type=datetime.datetime.fromisoformat,
                         help="only messages received since this ISO date")
+    reader.add_argument("--virus", action="store_true", help="only messages with a virus")
+    reader.add_argument("--spam", action="store_true", help="only spam")
     reader.add_argument("--json", action="store_true", help="one JSON document per line")
     return parser
 
@@ -687,7 +727,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
 
 
 ###############################################################################
-# The message pipeline: metadata, plugins, modes ##############################
+# The message pipeline: metadata and plugins ##################################
 ###############################################################################
 
 def receive_message(session, tx, xforward, data):
@@ -818,215 +858,111 @@ def run_plugins(plugins, metadata, data):
 
 
 ###############################################################################
-# The modes ###################################################################
+# The message pipeline: scanners ##############################################
 ###############################################################################
 
-class Mode:
-    """What a mode does at each step; None means 'carry on with the usual reply'."""
-
-    def start(self):
-        pass
-
-    def close(self):
-        pass
-
-    def on_mail(self, session, tx):
-        return None
-
-    def on_rcpt(self, session, tx, rcpt, params):
-        return None
-
-    def on_data(self, session, tx):
-        return None
-
-    def on_reset(self, session, tx):
-        pass
-
-    def on_message(self, session, tx, metadata, data):
-        raise NotImplementedError
+class ScanError(Exception):
+    """A scanner is down, too slow, or answered something unexpected."""
 
 
-class DebugMode(Mode):
-    """Prints each message to stdout: its metadata as JSON, then the raw bytes."""
-
-    def __init__(self, cfg, stream=None):
-        self.stream = stream or sys.stdout.buffer
-        self.lock = threading.Lock()
-
-    def on_message(self, session, tx, metadata, data):
-        head = json.dumps(metadata, default=str, ensure_ascii=False, sort_keys=True)
-        with self.lock:
-            self.stream.write(b"---------- MESSAGE FOLLOWS ----------\n")
-            self.stream.write(head.encode() + b"\n")
-            self.stream.write(data)
-            self.stream.write(b"\n------------ END MESSAGE ------------\n")
-            self.stream.flush()
-        return R_QUEUED.format(metadata["store_key"])
+SCANNER_REPLY_MAX = 64 * 1024
 
 
-class MongoStore:
-    """The archive: GridFS holds base64(zlib(raw message)) named by store_key, and the
-    collection holds one metadata document pointing at it.
+def ask(address, request, timeout):
+    """Send a request and read the whole answer: both daemons close after replying."""
+    try:
+        with socket.create_connection(address, timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            for part in request:
+                sock.sendall(part)
+            answer = b""
+            while len(answer) < SCANNER_REPLY_MAX and (chunk := sock.recv(4096)):
+                answer += chunk
+                if answer.endswith(b"\0"):
+                    break
+            return answer
+    except OSError as exc:
+        raise ScanError(f"{address[0]}:{address[1]}: {exc}") from None
 
-    GridFS documents are written directly, in the standard layout that pymongo's
-    GridFS and mongofiles read: chunks first, then the file, then the metadata, so
-    that a failure part-way can leave an orphan chunk but never a metadata document
-    that points at nothing. One MongoClient per process, made after any fork.
+
+def clamd_request(data, chunk=64 * 1024):
+    yield b"zINSTREAM\0"
+    for at in range(0, len(data), chunk):
+        piece = data[at:at + chunk]
+        yield len(piece).to_bytes(4, "big") + piece
+    yield b"\0\0\0\0"
+
+
+def clamd_scan(address, data, timeout):
+    """clamd's INSTREAM: 'stream: OK' or 'stream: <Name> FOUND'."""
+    raw = ask(address, clamd_request(data), timeout).rstrip(b"\0").decode("utf-8", "replace")
+    if raw.endswith(" FOUND"):
+        return {"virus": [raw[:-len(" FOUND")].split(": ", 1)[-1]], "raw": raw}
+    if raw.endswith(": OK"):
+        return {"virus": [], "raw": raw}
+    raise ScanError(f"clamd answered {raw!r}")
+
+
+SPAMD_RESULT_RE = re.compile(r"^Spam: (True|False|Yes|No) ; (-?[\d.]+) / (-?[\d.]+)\s*$",
+                             re.MULTILINE | re.IGNORECASE)
+
+
+def spamd_scan(address, data, timeout):
+    """SPAMC/1.5 SYMBOLS: the verdict in a 'Spam:' header, the rule names in the body."""
+    head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {len(data)}\r\n\r\n".encode()
+    raw = ask(address, [head, data], timeout).decode("utf-8", "replace")
+    status, _, rest = raw.partition("\r\n")
+    match = SPAMD_RESULT_RE.search(rest)
+    if not status.startswith("SPAMD/") or " 0 " not in status or not match:
+        raise ScanError(f"spamd answered {status!r}")
+    body = rest.split("\r\n\r\n", 1)[1] if "\r\n\r\n" in rest else ""
+    return {"is_spam": match.group(1).lower() in ("true", "yes"),
+            "score": float(match.group(2)), "required": float(match.group(3)),
+            "symbols": [s for s in body.strip().split(",") if s], "raw": match.group(0).strip()}
+
+
+def scan(cfg, data):
+    """Ask clamd and spamd at the same time, so the wait is the slower of the two.
+
+    Returns the metadata fields mongo-mail-web knows, plus 'scan' with each
+    scanner's own answer or error.
     """
+    fields = {"is_virus": 0, "virus": [], "is_spam": 0, "is_unchecked": 0, "scan": {}}
+    if len(data) > cfg.scan_max_size:
+        fields["is_unchecked"] = 1
+        fields["scan"]["skipped"] = f"message over --scan-max-size ({cfg.scan_max_size} bytes)"
+        return fields
+    results = {}
 
-    CHUNK_SIZE = 255 * 1024
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.client = None
-        self.indexed = False
-
-    def connect(self):
-        import pymongo  # imported here so that debug mode runs without pymongo
-        ms = int(self.cfg.mongo_timeout * 1000)
-        concern = self.cfg.mongo_write_concern
-        self.client = pymongo.MongoClient(
-            self.cfg.mongo_host, tz_aware=True, appname="mms", serverSelectionTimeoutMS=ms,
-            connectTimeoutMS=ms, socketTimeoutMS=max(4 * ms, 20000),
-            w=int(concern) if concern.isdigit() else concern)
-        self.db = self.client[self.cfg.mongo_database]
-        self.collection = self.db[self.cfg.mongo_collection]
-        return self
-
-    def start(self):
-        """A MongoDB that is down at start-up is not fatal: messages get 451 until it is back."""
-        self.connect()
+    def run(name, scanner, address):
         try:
-            self.ensure_indexes()
-            version = self.client.server_info().get("version") or "unknown"
-            log.info("connected to MongoDB %s (version %s), database %s, collection %s",
-                     redact(self.cfg.mongo_host), version,
-                     self.cfg.mongo_database, self.cfg.mongo_collection)
-        except Exception as exc:
-            log.warning("MongoDB at %s is unreachable (%s): messages will be answered 451 "
-                        "until it is back", redact(self.cfg.mongo_host), exc)
+            results[name] = scanner(address, data, cfg.scan_timeout)
+        except ScanError as exc:
+            results[name] = exc
 
-    def ensure_indexes(self):
-        self.collection.create_index("store_key", unique=True)
-        for field in ("received", "sender", "rcpt", "message_id"):
-            self.collection.create_index(field)
-        self.db.fs.files.create_index([("filename", 1), ("uploadDate", 1)])
-        self.db.fs.chunks.create_index([("files_id", 1), ("n", 1)], unique=True)
-        self.indexed = True
-
-    def close(self):
-        if self.client is not None:
-            self.client.close()
-
-    def store(self, metadata, data):
-        """Write the message and its metadata; any exception means 'not stored'."""
-        from bson import Binary, ObjectId
-        if not self.indexed:
-            self.ensure_indexes()
-        content = base64.b64encode(zlib.compress(data))
-        file_id = ObjectId()
-        size = self.CHUNK_SIZE
-        chunks = [{"files_id": file_id, "n": n, "data": Binary(content[at:at + size])}
-                  for n, at in enumerate(range(0, len(content), size))]
-        if chunks:
-            self.db.fs.chunks.insert_many(chunks)
-        self.db.fs.files.insert_one({
-            "_id": file_id, "filename": metadata["store_key"], "contentType": "text/plain",
-            "length": len(content), "chunkSize": size,
-            "uploadDate": datetime.datetime.now(datetime.timezone.utc)})
-        metadata["message"] = file_id
-        self.collection.insert_one(metadata)
-
-    def find(self, store_key):
-        return self.collection.find_one({"store_key": store_key})
-
-    def read(self, metadata):
-        import gridfs
-        content = gridfs.GridFS(self.db).get(metadata["message"]).read()
-        return zlib.decompress(base64.b64decode(content))
+    jobs = [("clamd", clamd_scan, cfg.clamd), ("spamd", spamd_scan, cfg.spamd)]
+    threads = [threading.Thread(target=run, args=job, daemon=True) for job in jobs if job[2]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, result in results.items():
+        if isinstance(result, ScanError):
+            fields["is_unchecked"] = 1
+            fields["scan"][name] = f"error: {result}"
+            continue
+        fields["scan"][name] = result["raw"]
+        if name == "clamd":
+            fields.update(is_virus=int(bool(result["virus"])), virus=result["virus"])
+        else:
+            fields.update(is_spam=int(result["is_spam"]), spam_score=result["score"],
+                          spam_required=result["required"], spam_symbols=result["symbols"])
+    return fields
 
 
-class QuarantineMode(Mode):
-    """amavisd-new's quarantine and archive target: store every message, answer 250."""
-
-    def __init__(self, cfg):
-        self.store = MongoStore(cfg)
-
-    def start(self):
-        self.store.start()
-
-    def close(self):
-        self.store.close()
-
-    def on_message(self, session, tx, metadata, data):
-        try:
-            self.store.store(metadata, data)
-        except Exception as exc:
-            log.error("storing %s failed: %s", metadata["store_key"], exc)
-            return R_STORE_FAILED
-        return R_QUEUED.format(metadata["store_key"])
-
-
-class Spool:
-    """Messages that were delivered but could not be stored wait here for `replay`.
-
-    Each is two files named by store_key: the raw message (.msg), then its
-    metadata as BSON (.bson), written last and renamed into place, so that replay
-    only ever sees complete pairs.
-    """
-
-    def __init__(self, path):
-        self.path = path
-
-    def check(self):
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            probe = os.path.join(self.path, ".probe")
-            with open(probe, "w"):
-                pass
-            os.unlink(probe)
-        except OSError as exc:
-            fail(f"--spool-dir {self.path} is not writable: {exc}")
-
-    def put(self, metadata, data):
-        import bson
-        key = metadata["store_key"]
-        with open(os.path.join(self.path, key + ".msg"), "wb") as f:
-            f.write(data)
-            os.fsync(f.fileno())
-        temporary = os.path.join(self.path, key + ".tmp")
-        with open(temporary, "wb") as f:
-            f.write(bson.encode(metadata))
-            os.fsync(f.fileno())
-        os.replace(temporary, os.path.join(self.path, key + ".bson"))
-
-    def replay(self, store):
-        """Store every spooled message; return (stored, failed)."""
-        import bson
-        from pymongo.errors import DuplicateKeyError
-        stored = failed = 0
-        for name in sorted(os.listdir(self.path)):
-            if not name.endswith(".bson"):
-                continue
-            base = os.path.join(self.path, name[:-5])
-            with open(base + ".bson", "rb") as f:
-                metadata = bson.decode(f.read(), codec_options=bson.CodecOptions(tz_aware=True))
-            with open(base + ".msg", "rb") as f:
-                data = f.read()
-            metadata.pop("_id", None)
-            try:
-                store.store(metadata, data)
-            except DuplicateKeyError:
-                pass  # stored by an earlier replay that was cut short
-            except Exception as exc:
-                log.error("replay of %s failed: %s", metadata["store_key"], exc)
-                failed += 1
-                continue
-            os.unlink(base + ".bson")
-            os.unlink(base + ".msg")
-            stored += 1
-        return stored, failed
-
+###############################################################################
+# The message pipeline: relay #################################################
+###############################################################################
 
 class DownstreamError(Exception):
     """The downstream server is down, timed out or broke the protocol."""
@@ -1114,6 +1050,10 @@ class Downstream:
         self.in_data = answer.startswith("3")
         return answer
 
+    def data_and_message(self, data):
+        answer = self.data()
+        return self.message(data) if self.in_data else answer
+
     def message(self, data):
         """Send DATA content, dot-stuffed after every LF: a downstream that ends lines on
         a bare LF must not see '<LF>.<CRLF>' as the end of data (SMTP smuggling)."""
@@ -1136,6 +1076,221 @@ class Downstream:
         finally:
             self.file.close()
             self.sock.close()
+
+
+###############################################################################
+# The message pipeline: store #################################################
+###############################################################################
+
+class MongoStore:
+    """The archive: GridFS holds base64(zlib(raw message)) named by store_key, and the
+    collection holds one metadata document pointing at it.
+
+    GridFS documents are written directly, in the standard layout that pymongo's
+    GridFS and mongofiles read: chunks first, then the file, then the metadata, so
+    that a failure part-way can leave an orphan chunk but never a metadata document
+    that points at nothing. One MongoClient per process, made after any fork.
+    """
+
+    CHUNK_SIZE = 255 * 1024
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.client = None
+        self.indexed = False
+
+    def connect(self):
+        import pymongo  # imported here so that debug mode runs without pymongo
+        ms = int(self.cfg.mongo_timeout * 1000)
+        concern = self.cfg.mongo_write_concern
+        self.client = pymongo.MongoClient(
+            self.cfg.mongo_host, tz_aware=True, appname="mms", serverSelectionTimeoutMS=ms,
+            connectTimeoutMS=ms, socketTimeoutMS=max(4 * ms, 20000),
+            w=int(concern) if concern.isdigit() else concern)
+        self.db = self.client[self.cfg.mongo_database]
+        self.collection = self.db[self.cfg.mongo_collection]
+        return self
+
+    def start(self):
+        """A MongoDB that is down at start-up is not fatal: messages get 451 until it is back."""
+        self.connect()
+        try:
+            self.ensure_indexes()
+            version = self.client.server_info().get("version") or "unknown"
+            log.info("connected to MongoDB %s (version %s), database %s, collection %s",
+                     redact(self.cfg.mongo_host), version,
+                     self.cfg.mongo_database, self.cfg.mongo_collection)
+        except Exception as exc:
+            log.warning("MongoDB at %s is unreachable (%s): messages will be answered 451 "
+                        "until it is back", redact(self.cfg.mongo_host), exc)
+
+    def ensure_indexes(self):
+        self.collection.create_index("store_key", unique=True)
+        for field in ("received", "sender", "rcpt", "message_id"):
+            self.collection.create_index(field)
+        self.db.fs.files.create_index([("filename", 1), ("uploadDate", 1)])
+        self.db.fs.chunks.create_index([("files_id", 1), ("n", 1)], unique=True)
+        self.indexed = True
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+
+    def store(self, metadata, data):
+        """Write the message and its metadata; any exception means 'not stored'."""
+        from bson import Binary, ObjectId
+        if not self.indexed:
+            self.ensure_indexes()
+        content = base64.b64encode(zlib.compress(data))
+        file_id = ObjectId()
+        size = self.CHUNK_SIZE
+        chunks = [{"files_id": file_id, "n": n, "data": Binary(content[at:at + size])}
+                  for n, at in enumerate(range(0, len(content), size))]
+        if chunks:
+            self.db.fs.chunks.insert_many(chunks)
+        self.db.fs.files.insert_one({
+            "_id": file_id, "filename": metadata["store_key"], "contentType": "text/plain",
+            "length": len(content), "chunkSize": size,
+            "uploadDate": datetime.datetime.now(datetime.timezone.utc)})
+        metadata["message"] = file_id
+        self.collection.insert_one(metadata)
+
+    def find(self, store_key):
+        return self.collection.find_one({"store_key": store_key})
+
+    def read(self, metadata):
+        import gridfs
+        content = gridfs.GridFS(self.db).get(metadata["message"]).read()
+        return zlib.decompress(base64.b64decode(content))
+
+
+class Spool:
+    """Messages that were delivered but could not be stored wait here for `replay`.
+
+    Each is two files named by store_key: the raw message (.msg), then its
+    metadata as BSON (.bson), written last and renamed into place, so that replay
+    only ever sees complete pairs.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def check(self):
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            probe = os.path.join(self.path, ".probe")
+            with open(probe, "w"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            fail(f"--spool-dir {self.path} is not writable: {exc}")
+
+    def put(self, metadata, data):
+        import bson
+        key = metadata["store_key"]
+        with open(os.path.join(self.path, key + ".msg"), "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        temporary = os.path.join(self.path, key + ".tmp")
+        with open(temporary, "wb") as f:
+            f.write(bson.encode(metadata))
+            os.fsync(f.fileno())
+        os.replace(temporary, os.path.join(self.path, key + ".bson"))
+
+    def replay(self, store):
+        """Store every spooled message; return (stored, failed)."""
+        import bson
+        from pymongo.errors import DuplicateKeyError
+        stored = failed = 0
+        for name in sorted(os.listdir(self.path)):
+            if not name.endswith(".bson"):
+                continue
+            base = os.path.join(self.path, name[:-5])
+            with open(base + ".bson", "rb") as f:
+                metadata = bson.decode(f.read(), codec_options=bson.CodecOptions(tz_aware=True))
+            with open(base + ".msg", "rb") as f:
+                data = f.read()
+            metadata.pop("_id", None)
+            try:
+                store.store(metadata, data)
+            except DuplicateKeyError:
+                pass  # stored by an earlier replay that was cut short
+            except Exception as exc:
+                log.error("replay of %s failed: %s", metadata["store_key"], exc)
+                failed += 1
+                continue
+            os.unlink(base + ".bson")
+            os.unlink(base + ".msg")
+            stored += 1
+        return stored, failed
+
+
+###############################################################################
+# The modes ###################################################################
+###############################################################################
+
+class Mode:
+    """What a mode does at each step; None means 'carry on with the usual reply'."""
+
+    def start(self):
+        pass
+
+    def close(self):
+        pass
+
+    def on_mail(self, session, tx):
+        return None
+
+    def on_rcpt(self, session, tx, rcpt, params):
+        return None
+
+    def on_data(self, session, tx):
+        return None
+
+    def on_reset(self, session, tx):
+        pass
+
+    def on_message(self, session, tx, metadata, data):
+        raise NotImplementedError
+
+
+class DebugMode(Mode):
+    """Prints each message to stdout: its metadata as JSON, then the raw bytes."""
+
+    def __init__(self, cfg, stream=None):
+        self.stream = stream or sys.stdout.buffer
+        self.lock = threading.Lock()
+
+    def on_message(self, session, tx, metadata, data):
+        head = json.dumps(metadata, default=str, ensure_ascii=False, sort_keys=True)
+        with self.lock:
+            self.stream.write(b"---------- MESSAGE FOLLOWS ----------\n")
+            self.stream.write(head.encode() + b"\n")
+            self.stream.write(data)
+            self.stream.write(b"\n------------ END MESSAGE ------------\n")
+            self.stream.flush()
+        return R_QUEUED.format(metadata["store_key"])
+
+
+class QuarantineMode(Mode):
+    """amavisd-new's quarantine and archive target: store every message, answer 250."""
+
+    def __init__(self, cfg):
+        self.store = MongoStore(cfg)
+
+    def start(self):
+        self.store.start()
+
+    def close(self):
+        self.store.close()
+
+    def on_message(self, session, tx, metadata, data):
+        try:
+            self.store.store(metadata, data)
+        except Exception as exc:
+            log.error("storing %s failed: %s", metadata["store_key"], exc)
+            return R_STORE_FAILED
+        return R_QUEUED.format(metadata["store_key"])
 
 
 class ProxyMode(Mode):
@@ -1213,7 +1368,52 @@ class ProxyMode(Mode):
                              metadata["store_key"], exc)
 
 
-MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode, "mongo-proxy": ProxyMode}
+class FilterMode(ProxyMode):
+    """Scan, then deliver clean mail as proxy mode does, and keep the rest.
+
+    MAIL and RCPT are relayed in step, as in proxy mode; DATA goes downstream
+    only once the message is scanned and found fit to deliver, so a virus never
+    reaches the downstream server. Every message is recorded, with its verdict.
+    """
+
+    def on_data(self, session, tx):
+        return None
+
+    def on_message(self, session, tx, metadata, data):
+        metadata.update(scan(self.cfg, data))
+        action = self.action(metadata)
+        if action == "deliver":
+            answer = self.relayed(tx, lambda relay: relay.data_and_message(data))
+            self.on_reset(session, tx)
+            if answer.startswith("2"):
+                self.archive(metadata, data)
+            return answer
+        self.on_reset(session, tx)
+        if action == "tempfail":
+            log.warning("%s not scanned: %s", metadata["store_key"], metadata["scan"])
+            return R_SCAN_FAILED
+        if action == "reject":
+            self.archive(metadata, data)
+            return R_VIRUS.format(", ".join(metadata["virus"])) if metadata["is_virus"] else R_SPAM
+        try:
+            self.store.store(metadata, data)
+        except Exception as exc:
+            log.error("quarantining %s failed: %s", metadata["store_key"], exc)
+            return R_STORE_FAILED
+        return R_QUEUED.format(metadata["store_key"])
+
+    def action(self, metadata):
+        if metadata["is_virus"]:
+            return self.cfg.virus_action
+        if metadata["is_spam"]:
+            return self.cfg.spam_action
+        if metadata["is_unchecked"] and "skipped" not in metadata["scan"]:
+            return "deliver" if self.cfg.on_scan_error == "deliver" else "tempfail"
+        return "deliver"
+
+
+MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode, "mongo-proxy": ProxyMode,
+                "mongo-filter": FilterMode}
 
 
 def make_mode(cfg):
@@ -1294,6 +1494,10 @@ def read_list(cfg, store):
         # $in, not equality: the same on MongoDB, and nx-27017 misses array
         # elements of an indexed field on plain equality.
         query["rcpt"] = {"$in": [cfg.rcpt.lower()]}
+    if cfg.virus:
+        query["is_virus"] = 1
+    if cfg.spam:
+        query["is_spam"] = 1
     if cfg.since:
         since = cfg.since
         query["received"] = {"$gte": since if since.tzinfo else

@@ -124,6 +124,9 @@ class MongoServer:
 
 def tearDownModule():
     MongoServer.stop()
+    Daemon.stop_all()
+    if Postfix.running:
+        Postfix.running.stop()
 
 
 class Cable:
@@ -1468,7 +1471,16 @@ POSTFIX_MASTER_CF = """\
 class Postfix:
     """A private Postfix on loopback ports: a front smtpd whose smtpd_proxy_filter is
     mms, an after-filter smtpd that mms relays to, and relayhost delivery to a
-    capture server (mms's own debug mode, proven byte-exact above)."""
+    capture server (mms's own debug mode, proven byte-exact above). One for the
+    module, started by the first test that needs it."""
+
+    running = None
+
+    @classmethod
+    def get(cls):
+        if cls.running is None:
+            cls.running = cls()
+        return cls.running
 
     def __init__(self):
         if not shutil.which("postfix"):
@@ -1522,6 +1534,10 @@ class Postfix:
         if done.returncode:
             raise RuntimeError(f"postfix {command} failed: {done.stderr}{self.maillog()}")
 
+    def queue(self):
+        return subprocess.run(["postqueue", "-c", self.dir, "-p"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+
     def maillog(self):
         with contextlib.suppress(OSError), open(os.path.join(self.dir, "maillog")) as f:
             return f.read()
@@ -1547,16 +1563,9 @@ class Postfix:
 class TestProxyWithPostfix(ProxyCase):
     """smtpd_proxy_filter=127.0.0.1:<mms>, with mms relaying to a second smtpd."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.postfix = Postfix()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.postfix.stop()
-
     def setUp(self):
         super().setUp()
+        self.postfix = Postfix.get()
         self.postfix.capture.seek(0)
         self.postfix.capture.truncate()
 
@@ -1658,6 +1667,380 @@ class TestProxyWithPostfix(ProxyCase):
         self.assertEqual(len(docs), 200)
         self.assertEqual(len({d["store_key"] for d in docs}), 200)
         self.assertTrue(all(d["xforward"].get("ADDR") == "127.0.0.1" for d in docs))
+
+
+###############################################################################
+# The modes: filter (clamd and spamd) #########################################
+###############################################################################
+
+# Built in two halves, so that no file in this repository carries them whole.
+EICAR = ("X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + "EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*").encode()
+GTUBE = ("XJS*C4JDBQADN1.NSBN3*2IDNEN*" + "GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X").encode()
+
+
+def mail(subject, body, extra=b""):
+    return (b"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.com>\r\n"
+            b"Subject: " + subject + b"\r\nMessage-ID: <" + uuid.uuid4().hex.encode() +
+            b"@example.org>\r\nDate: Thu, 26 Nov 2026 02:27:17 +0000\r\n" + extra + b"\r\n" + body)
+
+
+CLEAN = mail(b"lunch", b"Shall we meet at noon on Friday?\r\n")
+VIRUS_INLINE = mail(b"inline", EICAR + b"\r\n")
+VIRUS_ATTACHED = mail(b"attached", b"--XX\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--XX\r\n"
+                      b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+                      b"Content-Disposition: attachment; filename=eicar.com\r\n\r\n" +
+                      base64.b64encode(EICAR) + b"\r\n--XX--\r\n",
+                      b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n")
+SPAM = mail(b"offer", GTUBE + b"\r\n")
+EICAR_NAME = "Test.EICAR-Body.UNOFFICIAL"
+
+
+class Daemon:
+    """A Debian daemon started on a free loopback port, once for the module."""
+
+    started = {}
+
+    @classmethod
+    def get(cls):
+        if cls.__name__ not in Daemon.started:
+            if not shutil.which(cls.program):
+                if os.environ.get("CI"):
+                    raise RuntimeError(f"{cls.program} is not installed: .ci/run should install it")
+                raise unittest.SkipTest(f"{cls.program} is not installed ({cls.package})")
+            Daemon.started[cls.__name__] = cls()
+        return Daemon.started[cls.__name__]
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix=f"mms-{self.program}-")
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.program} did not start: {self.log()}")
+            time.sleep(0.1)
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def log(self):
+        with contextlib.suppress(OSError), open(os.path.join(self.dir, "log"), errors="replace") as f:
+            return f.read()[-2000:]
+        return ""
+
+    def stop(self):
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @classmethod
+    def stop_all(cls):
+        for daemon in Daemon.started.values():
+            daemon.stop()
+        Daemon.started.clear()
+
+
+class Clamd(Daemon):
+    """clamd with a one-line signature database of the test's own: freshclam cannot run here."""
+
+    program, package = "clamd", "apt-get install clamav-daemon"
+
+    def command(self):
+        db = os.path.join(self.dir, "db")
+        os.makedirs(db)
+        with open(os.path.join(db, "mms-test.ndb"), "w") as f:
+            f.write(f"Test.EICAR-Body:0:*:{EICAR.hex()}\n")
+        conf = os.path.join(self.dir, "clamd.conf")
+        with open(conf, "w") as f:
+            f.write(f"DatabaseDirectory {db}\nTCPSocket {self.port}\nTCPAddr 127.0.0.1\n"
+                    f"Foreground yes\nLogFile {self.dir}/log\nStreamMaxLength 25M\n"
+                    f"User root\n")
+        return ["clamd", "-c", conf]
+
+    def ready(self):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as s:
+            s.sendall(b"zPING\0")
+            return s.recv(16) == b"PONG\0"
+        return False
+
+
+class Spamd(Daemon):
+    """spamd with the stock rules, --local, and Bayes off."""
+
+    program, package = "spamd", "apt-get install spamassassin spamd"
+
+    def command(self):
+        return ["spamd", f"--listen=127.0.0.1:{self.port}", "--allowed-ips=127.0.0.1", "--local",
+                "--nouser-config", "--cf=use_bayes 0", "--max-children=4",
+                f"--pidfile={self.dir}/pid", f"--syslog={self.dir}/log",
+                "--username=debian-spamd", "--groupname=debian-spamd",
+                f"--helper-home-dir={self.dir}"]
+
+    def ready(self):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as s:
+            s.sendall(b"PING SPAMC/1.5\r\n\r\n")
+            return b"PONG" in s.recv(64)
+        return False
+
+
+class FakeScanner(socketserver.ThreadingTCPServer):
+    """Stands in for a scanner where the real one cannot misbehave on demand: it reads
+    the request, waits at `barrier` if given, then sends `answer` (or nothing)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, answer=None, barrier=None):
+        self.answer, self.barrier, self.connections = answer, barrier, 0
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.server.connections += 1
+            self.request.settimeout(5)
+            with contextlib.suppress(OSError):
+                self.request.recv(65536)
+                if self.server.barrier is not None:
+                    self.server.barrier.wait(2)
+                if self.server.answer is not None:
+                    self.request.sendall(self.server.answer)
+                    return
+                time.sleep(5)
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class FilterCase(ProxyCase):
+
+    mode = "mongo-filter"
+
+    def setUp(self):
+        super().setUp()
+        self.down = ScriptedDownstream()
+        self.addCleanup(self.down.close)
+
+    def start_filter(self, *args, clamd=None, spamd=None):
+        return self.start_proxy(self.down.server_address[1],
+                                "--clamd", clamd or Clamd.get().address,
+                                "--spamd", spamd or Spamd.get().address, *args)
+
+    def deliver(self, body):
+        """Send one message on a fresh connection; the reply and its metadata document."""
+        reply = self.send_message(self.raw(), body)
+        docs = [d for d in self.records() if d.get("message_id") and
+                body.find(d["message_id"].encode()) >= 0]
+        return reply, (docs[0] if docs else None)
+
+    def fake(self, **kwargs):
+        server = FakeScanner(**kwargs)
+        self.addCleanup(server.close)
+        return server
+
+
+class TestFilterVerdicts(FilterCase):
+
+    def test_clean_mail_is_delivered_and_recorded(self):
+        self.start_filter()
+        reply, doc = self.deliver(CLEAN)
+        self.assertEqual(reply, (250, "2.0.0 Ok: queued as DOWN1"))
+        self.assertEqual(self.down.messages, [CLEAN + b".\r\n"])
+        self.assertEqual((doc["is_virus"], doc["is_spam"], doc["is_unchecked"]), (0, 0, 0))
+        self.assertEqual(doc["virus"], [])
+        self.assertLess(doc["spam_score"], doc["spam_required"])
+        self.assertIsInstance(doc["spam_symbols"], list)
+        self.assertEqual(doc["scan"]["clamd"], "stream: OK")
+        self.assertTrue(doc["scan"]["spamd"].startswith("Spam: False ; "))
+        self.assertEqual(self.stored(doc["store_key"])[1], CLEAN)
+
+    def test_virus_is_quarantined_not_delivered(self):
+        self.start_filter()
+        for body in (VIRUS_INLINE, VIRUS_ATTACHED):
+            with self.subTest(body=body[:60]):
+                (code, text), doc = self.deliver(body)
+                self.assertEqual(code, 250)
+                self.assertEqual(text, f"2.0.0 Ok: queued as {doc['store_key']}")
+                self.assertEqual((doc["is_virus"], doc["virus"]), (1, [EICAR_NAME]))
+                self.assertEqual(self.stored(doc["store_key"])[1], body)
+        self.assertEqual(self.down.messages, [])
+        self.assertNotIn("DATA", self.down.commands)
+
+    def test_virus_reject(self):
+        self.start_filter("--virus-action", "reject")
+        reply, doc = self.deliver(VIRUS_ATTACHED)
+        self.assertEqual(reply, (554, f"5.7.1 Virus found: {EICAR_NAME}"))
+        self.assertEqual(doc["is_virus"], 1)
+        self.assertEqual(self.down.messages, [])
+
+    def test_spam_is_quarantined(self):
+        self.start_filter()
+        (code, text), doc = self.deliver(SPAM)
+        self.assertEqual((code, text), (250, f"2.0.0 Ok: queued as {doc['store_key']}"))
+        self.assertEqual((doc["is_spam"], doc["is_virus"]), (1, 0))
+        self.assertGreaterEqual(doc["spam_score"], 1000)
+        self.assertEqual(doc["spam_required"], 5.0)
+        self.assertIn("GTUBE", doc["spam_symbols"])
+        self.assertEqual(self.down.messages, [])
+
+    def test_spam_deliver(self):
+        self.start_filter("--spam-action", "deliver")
+        reply, doc = self.deliver(SPAM)
+        self.assertEqual(reply, (250, "2.0.0 Ok: queued as DOWN1"))
+        self.assertEqual(self.down.messages, [SPAM + b".\r\n"])
+        self.assertEqual(doc["is_spam"], 1)
+
+    def test_spam_reject(self):
+        self.start_filter("--spam-action", "reject")
+        reply, doc = self.deliver(SPAM)
+        self.assertEqual(reply[0], 554)
+        self.assertTrue(reply[1].startswith("5.7.1 "))
+        self.assertEqual(doc["is_spam"], 1)
+        self.assertEqual(self.down.messages, [])
+
+    def test_reader_finds_quarantined_mail(self):
+        self.start_filter()
+        for body in (CLEAN, VIRUS_INLINE, SPAM):
+            self.deliver(body)
+        def listed(flag):
+            done = subprocess.run([sys.executable, MMS, "list", flag, "--json", "--mongo-host",
+                                   self.uri, "--mongo-database", self.dbname],
+                                  capture_output=True, timeout=60)
+            return [json.loads(line)["subject"] for line in done.stdout.splitlines()]
+        self.assertEqual(listed("--virus"), ["inline"])
+        self.assertEqual(listed("--spam"), ["offer"])
+
+
+class TestFilterScanErrors(FilterCase):
+
+    def test_clamd_stopped_tempfail(self):
+        self.start_filter(clamd=f"127.0.0.1:{free_port()}")
+        with self.assertLogs("mms", "WARNING"):
+            reply, doc = self.deliver(CLEAN)
+        self.assertEqual(reply[0], 451)
+        self.assertTrue(reply[1].startswith("4.7.1 "))
+        self.assertIsNone(doc)
+        self.assertEqual(self.down.messages, [])
+
+    def test_clamd_stopped_deliver(self):
+        self.start_filter("--on-scan-error", "deliver", clamd=f"127.0.0.1:{free_port()}")
+        reply, doc = self.deliver(CLEAN)
+        self.assertEqual(reply, (250, "2.0.0 Ok: queued as DOWN1"))
+        self.assertEqual(doc["is_unchecked"], 1)
+        self.assertTrue(doc["scan"]["clamd"].startswith("error: "))
+        self.assertEqual(self.down.messages, [CLEAN + b".\r\n"])
+
+    def test_spamd_slower_than_the_timeout_tempfail(self):
+        stalled = self.fake()  # reads the message, never answers
+        self.start_filter("--scan-timeout", "0.5", spamd=stalled.address)
+        with self.assertLogs("mms", "WARNING"):
+            reply, doc = self.deliver(CLEAN)
+        self.assertEqual((reply[0], doc), (451, None))
+        self.assertEqual(self.down.messages, [])
+
+    def test_spamd_slower_than_the_timeout_deliver(self):
+        stalled = self.fake()
+        self.start_filter("--on-scan-error", "deliver", "--scan-timeout", "0.5",
+                          spamd=stalled.address)
+        reply, doc = self.deliver(CLEAN)
+        self.assertEqual(reply[0], 250)
+        self.assertEqual(doc["is_unchecked"], 1)
+        self.assertIn("timed out", doc["scan"]["spamd"])
+        self.assertEqual(doc["scan"]["clamd"], "stream: OK")
+        self.assertEqual(len(self.down.messages), 1)
+
+    def test_message_over_scan_max_size_is_not_scanned(self):
+        clamd, spamd = self.fake(answer=b"stream: OK\0"), self.fake(answer=b"")
+        self.start_filter("--scan-max-size", "100", clamd=clamd.address, spamd=spamd.address)
+        reply, doc = self.deliver(CLEAN)
+        self.assertEqual(reply[0], 250)
+        self.assertEqual(doc["is_unchecked"], 1)
+        self.assertEqual(clamd.connections + spamd.connections, 0)
+        self.assertEqual(len(self.down.messages), 1)
+
+    def test_scanners_are_asked_at_the_same_time(self):
+        # Each fake answers only once both have been asked (a barrier of two):
+        # asked one after the other, the first would give up and fail the scan.
+        both = threading.Barrier(2)
+        clamd = self.fake(answer=b"stream: OK\0", barrier=both)
+        spamd = self.fake(answer=b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 0.1 / 5.0\r\n\r\nRULE_A\r\n",
+                          barrier=both)
+        self.start_filter("--scan-timeout", "5", clamd=clamd.address, spamd=spamd.address)
+        reply, doc = self.deliver(CLEAN)
+        self.assertEqual(reply[0], 250)
+        self.assertEqual((doc["is_unchecked"], doc["spam_symbols"]), (0, ["RULE_A"]))
+
+
+class TestFilterWithPostfix(TestProxyWithPostfix):
+    """mongo-filter as Postfix's smtpd_proxy_filter, with real clamd and spamd: every
+    proxy test again (clean mail must pass exactly as in proxy mode), plus verdicts."""
+
+    mode = "mongo-filter"
+
+    def start_filter(self, *args, **kwargs):
+        super().start_filter("--clamd", Clamd.get().address, "--spamd", Spamd.get().address,
+                             *args, **kwargs)
+
+    def test_clean_delivered_virus_quarantined_spam_rejected(self):
+        self.start_filter("--spam-action", "reject")
+        self.assertEqual(self.send(CLEAN), {})
+        self.assertEqual(self.send(VIRUS_ATTACHED), {})
+        with self.assertRaises(smtplib.SMTPDataError) as caught:
+            self.send(SPAM)
+        self.assertEqual(caught.exception.smtp_code, 554)
+        [(_, delivered)] = self.postfix.delivered(1)
+        self.assertTrue(self.added_by_postfix(delivered, CLEAN), delivered)
+        verdicts = sorted((d["subject"], d["is_virus"], d["is_spam"]) for d in self.records())
+        self.assertEqual(verdicts, [("attached", 1, 0), ("lunch", 0, 0), ("offer", 0, 1)])
+        self.assertEqual(self.postfix.queue(), "Mail queue is empty")
+        self.assertEqual(len(self.postfix.delivered(1)), 1)
+
+
+class TestFilterLoad(FilterCase):
+
+    def test_20_concurrent_sessions_of_mixed_mail(self):
+        self.start_filter()
+        kinds = [("clean", CLEAN), ("virus", VIRUS_INLINE), ("spam", SPAM), ("attached", VIRUS_ATTACHED)]
+        sent, errors = [], []
+
+        def session(n):
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=120) as client:
+                    for m in range(3):
+                        kind, template = kinds[(n + m) % len(kinds)]
+                        body = template.replace(b"Message-ID: <", f"Message-ID: <{n}-{m}-".encode(), 1)
+                        client.sendmail("a@example.org", ["b@example.com"], body)
+                        sent.append((kind, body))
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=session, args=(n,)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(sent), 60)
+        docs = {d["message_id"]: d for d in self.records()}
+        self.assertEqual(len(docs), 60)
+        expected = {"clean": (0, 0), "virus": (1, 0), "attached": (1, 0), "spam": (0, 1)}
+        for kind, body in sent:
+            message_id = body.split(b"Message-ID: <", 1)[1].split(b">", 1)[0].decode()
+            doc = docs[message_id]
+            self.assertEqual((doc["is_virus"], doc["is_spam"]), expected[kind], kind)
+            self.assertEqual(doc["is_unchecked"], 0)
+        delivered = sorted(self.down.messages)
+        self.assertEqual(delivered, sorted(b + b".\r\n" for k, b in sent if k == "clean"))
 
 
 ###############################################################################
