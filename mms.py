@@ -1508,9 +1508,11 @@ def read_list(cfg, store):
         if cfg.json:
             out.write(json.dumps(doc, default=str, ensure_ascii=False) + "\n")
         else:
+            verdict = "".join(f" [{name}]" for name in ("virus", "spam")
+                              if doc.get(f"is_{name}"))
             out.write(f"{doc['received']:%Y-%m-%d %H:%M:%S} {doc['store_key']} "
                       f"{doc.get('size', 0):>8} <{doc['sender']}> -> "
-                      f"{','.join(doc['rcpt'])} {doc.get('subject', '')!r}\n")
+                      f"{','.join(doc['rcpt'])} {doc.get('subject', '')!r}{verdict}\n")
     return 0
 
 

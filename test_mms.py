@@ -989,7 +989,7 @@ class TestDebugMode(unittest.TestCase):
         self.assertIn("> 250 2.0.0 Ok", err)
 
 
-class TestShutdown(unittest.TestCase):
+class TestShutdown(ServerCase):
     """What supervisord's SIGTERM does: finish transactions, close idle sessions, exit 0."""
 
     def test_sigterm_lets_a_transaction_finish(self):
@@ -1006,11 +1006,11 @@ class TestShutdown(unittest.TestCase):
         busy.cmd("DATA")
         busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
         server.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(idle.reply()[0], 421)
+        self.assertReply(idle.reply(), "shutdown")
         time.sleep(0.5)
         busy.send(b"second half\r\n.\r\n")
-        self.assertEqual(busy.reply()[0], 250)
-        self.assertEqual(busy.reply()[0], 421)
+        self.assertReply(busy.reply(), "queued")
+        self.assertReply(busy.reply(), "shutdown")
         self.assertEqual(server.proc.wait(10), 0)
         with self.assertRaises(OSError):
             socket.create_connection(("127.0.0.1", server.port), timeout=2)
@@ -1207,6 +1207,12 @@ class TestMongoOutage(MongoCase):
         subjects = sorted(d["subject"] for d in self.db["message"].find())
         self.assertEqual(subjects, ["1", "3"])
         self.assertEqual(self.stored(self.key(third))[1], b"Subject: 3\r\n\r\nafter\r\n")
+
+    def test_write_concern_reaches_the_driver(self):
+        cfg = mms.parse_config(["--mongo-host", self.uri, "--mongo-write-concern", "majority"])
+        store = mms.MongoStore(cfg).connect()
+        self.addCleanup(store.close)
+        self.assertEqual(store.collection.write_concern.document, {"w": "majority"})
 
     def test_start_with_mongodb_down(self):
         with self.assertLogs("mms", "WARNING") as logs:
