@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import select
@@ -1082,6 +1083,17 @@ class Downstream:
 # The message pipeline: store #################################################
 ###############################################################################
 
+class StoreJob:
+    """One message on its way to MongoDB, and the answer its session waits for."""
+
+    __slots__ = ("chunks", "file", "metadata", "size", "done", "error")
+
+    def __init__(self, chunks, file, metadata, size):
+        self.chunks, self.file, self.metadata, self.size = chunks, file, metadata, size
+        self.done = threading.Event()
+        self.error = None
+
+
 class MongoStore:
     """The archive: GridFS holds base64(zlib(raw message)) named by store_key, and the
     collection holds one metadata document pointing at it.
@@ -1089,15 +1101,19 @@ class MongoStore:
     GridFS documents are written directly, in the standard layout that pymongo's
     GridFS and mongofiles read: chunks first, then the file, then the metadata, so
     that a failure part-way can leave an orphan chunk but never a metadata document
-    that points at nothing. One MongoClient per process, made after any fork.
+    that points at nothing. Concurrent messages are written together, three
+    commands a batch. One MongoClient per process, made after any fork.
     """
 
     CHUNK_SIZE = 255 * 1024
+    BATCH_COUNT = 256
+    BATCH_BYTES = 16 * 2**20
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.client = None
         self.indexed = False
+        self.queue = None
 
     def connect(self):
         import pymongo  # imported here so that debug mode runs without pymongo
@@ -1114,6 +1130,7 @@ class MongoStore:
     def start(self):
         """A MongoDB that is down at start-up is not fatal: messages get 451 until it is back."""
         self.connect()
+        self.start_writer()
         try:
             self.ensure_indexes()
             version = self.client.server_info().get("version") or "unknown"
@@ -1137,23 +1154,73 @@ class MongoStore:
             self.client.close()
 
     def store(self, metadata, data):
-        """Write the message and its metadata; any exception means 'not stored'."""
+        """Write the message and its metadata; any exception means 'not stored'.
+
+        With the writer running, the message joins the next batch and this waits
+        for that batch to be acknowledged; without it (replay), it is written alone.
+        """
+        job = self.prepare(metadata, data)
+        if self.queue is None:
+            self.write([job])
+        else:
+            self.queue.put(job)
+            job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    def prepare(self, metadata, data):
         from bson import Binary, ObjectId
-        if not self.indexed:
-            self.ensure_indexes()
         content = base64.b64encode(zlib.compress(data))
         file_id = ObjectId()
         size = self.CHUNK_SIZE
-        chunks = [{"files_id": file_id, "n": n, "data": Binary(content[at:at + size])}
-                  for n, at in enumerate(range(0, len(content), size))]
-        if chunks:
-            self.db.fs.chunks.insert_many(chunks)
-        self.db.fs.files.insert_one({
-            "_id": file_id, "filename": metadata["store_key"], "contentType": "text/plain",
-            "length": len(content), "chunkSize": size,
-            "uploadDate": datetime.datetime.now(datetime.timezone.utc)})
         metadata["message"] = file_id
-        self.collection.insert_one(metadata)
+        return StoreJob(
+            chunks=[{"files_id": file_id, "n": n, "data": Binary(content[at:at + size])}
+                    for n, at in enumerate(range(0, len(content), size))],
+            file={"_id": file_id, "filename": metadata["store_key"], "contentType": "text/plain",
+                  "length": len(content), "chunkSize": size,
+                  "uploadDate": datetime.datetime.now(datetime.timezone.utc)},
+            metadata=metadata, size=len(content))
+
+    def start_writer(self):
+        self.queue = queue.SimpleQueue()
+        threading.Thread(target=self.write_batches, name="mms-writer", daemon=True).start()
+
+    def write_batches(self):
+        """Group commit: whatever is ready when the last batch is done makes the next
+        one. Nothing waits for company, so a lone session is not slowed down."""
+        while True:
+            batch = [self.queue.get()]
+            size = batch[0].size
+            while len(batch) < self.BATCH_COUNT and size < self.BATCH_BYTES:
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(job)
+                size += job.size
+            self.write(batch)
+            for job in batch:
+                job.done.set()
+
+    def write(self, batch):
+        """One insert_many per collection: chunks, then files, then metadata."""
+        from pymongo.errors import BulkWriteError
+        try:
+            if not self.indexed:
+                self.ensure_indexes()
+            chunks = [chunk for job in batch for chunk in job.chunks]
+            if chunks:
+                self.db.fs.chunks.insert_many(chunks)
+            self.db.fs.files.insert_many([job.file for job in batch])
+            try:
+                self.collection.insert_many([job.metadata for job in batch])
+            except BulkWriteError as exc:  # ordered: the first nInserted are stored
+                for job in batch[exc.details.get("nInserted", 0):]:
+                    job.error = exc
+        except Exception as exc:
+            for job in batch:
+                job.error = exc
 
     def find(self, store_key):
         return self.collection.find_one({"store_key": store_key})

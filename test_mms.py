@@ -1180,6 +1180,41 @@ class TestQuarantineStorage(MongoCase):
         for key, body in random.Random(1).sample(keys, 25):
             self.assertEqual(self.stored(key)[1], body)
 
+    def test_concurrent_messages_are_written_in_batches(self):
+        from pymongo import monitoring
+
+        class Inserts(monitoring.CommandListener):
+            count, active = 0, True
+
+            def started(self, event):
+                if self.active and event.command_name == "insert":
+                    Inserts.count += 1
+
+            def succeeded(self, event):
+                pass
+
+            def failed(self, event):
+                pass
+
+        listener = Inserts()
+        monitoring.register(listener)  # seen by clients made from now on: the server's next
+        self.addCleanup(setattr, listener, "active", False)
+        self.server.mode.store.close()
+        self.server.mode.store.connect()
+
+        def sender(n):
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as client:
+                for m in range(10):
+                    client.sendmail("a@example.org", ["b@example.com"], SIMPLE)
+
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        self.assertEqual(len(list(self.db["message"].find({}, {"_id": 1}))), 200)
+        self.assertLess(Inserts.count, 3 * 200 / 2, "three inserts a message: no batching")
+
     def test_plugin_edits_what_is_stored(self):
         self.server.plugins = mms.load_plugins(["plugins.mark_bounces", "plugins.dummy_plugin"])
         with contextlib.redirect_stdout(io.StringIO()):
@@ -1207,6 +1242,55 @@ class TestMongoOutage(MongoCase):
         subjects = sorted(d["subject"] for d in self.db["message"].find())
         self.assertEqual(subjects, ["1", "3"])
         self.assertEqual(self.stored(self.key(third))[1], b"Subject: 3\r\n\r\nafter\r\n")
+
+    def test_a_batch_cut_short_never_acknowledges_an_unstored_message(self):
+        cable = Cable(self.uri)
+        self.addCleanup(cable.close)
+        self.start_mongo(uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+        acknowledged, refused, errors = [], [], []
+        stop = threading.Event()
+
+        def sender(n):
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as client:
+                    client.ehlo()
+                    m = 0
+                    while not stop.is_set():
+                        client.mail("a@example.org")
+                        client.rcpt("b@example.com")
+                        code, text = client.data(f"Subject: {n}-{m}\r\n\r\nbody\r\n".encode())
+                        if code == 250:
+                            acknowledged.append(text.decode().rsplit(" ", 1)[1])
+                        else:
+                            refused.append(code)
+                            client.rset()
+                        m += 1
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(20)]
+        def wait_for(count):
+            deadline = time.monotonic() + 60
+            while len(acknowledged) < count and not errors and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        with self.assertLogs("mms", "ERROR"):
+            for thread in threads:
+                thread.start()
+            wait_for(100)
+            cable.cut()
+            time.sleep(1)
+            cable.mend()
+            wait_for(len(acknowledged) + 100)
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+        self.assertEqual(errors, [])
+        self.assertTrue(refused and set(refused) == {451}, refused[:5])
+        stored = {d["store_key"] for d in self.db["message"].find({}, {"store_key": 1})}
+        self.assertEqual(set(acknowledged) - stored, set())
+        for key in random.Random(2).sample(acknowledged, 20):
+            self.assertEqual(self.stored(key)[1][:9], b"Subject: ")
 
     def test_write_concern_reaches_the_driver(self):
         cfg = mms.parse_config(["--mongo-host", self.uri, "--mongo-write-concern", "majority"])
