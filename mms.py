@@ -35,6 +35,7 @@ import signal
 import socket
 import socketserver
 import sys
+import tempfile
 import threading
 import zlib
 
@@ -52,6 +53,7 @@ DATA_LINE_MAX = 1000            # RFC 5321 4.5.3.1.6, CRLF included
 PATH_MAX = 256                  # RFC 5321 4.5.3.1.3
 XFORWARD_VALUE_MAX = 255        # Postfix XFORWARD_README
 RECV_SIZE = 256 * 1024
+SPOOL_THRESHOLD = 4 * 2**20     # larger messages wait in a temporary file while they arrive
 END_OF_DATA = b"\r\n.\r\n"
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
@@ -113,6 +115,13 @@ def _positive(value):
     number = float(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {value!r}")
+    return number
+
+
+def _workers(value):
+    number = int(value)
+    if not 1 <= number <= 256:
+        raise argparse.ArgumentTypeError(f"must be 1 to 256: {value!r}")
     return number
 
 
@@ -181,6 +190,8 @@ OPTIONS = [
      "clients allowed to send XFORWARD, IPs or CIDRs"),
     ("--plugin", "MMS_PLUGINS", "", _names,
      "module whose apply(metadata=None, data=None) runs on each message (repeatable)"),
+    ("--workers", "MMS_WORKERS", "1", _workers,
+     "processes sharing the listening socket, each with its own MongoDB client"),
     ("--grace", "MMS_GRACE", "8", _positive,
      "seconds that SIGTERM waits for transactions in progress"),
     ("--debug", "MMS_DEBUG", "0", _flag, "log the SMTP dialogue"),
@@ -627,36 +638,69 @@ class SMTPSession(socketserver.BaseRequestHandler):
         unfinished line is carried to the next block. A pending buffer always starts
         with the CRLF that ended the previous line, so a line-leading '.' is found
         as '\\r\\n.'. Once a problem is found, the rest is drained in constant memory.
+        A message past SPOOL_THRESHOLD goes to a temporary file while it arrives, so
+        that many slow large messages do not sit in memory at once.
         """
-        parts, size, problem = [], 0, None
+        body, problem = MessageBuffer(), None
         pending = b"\r\n" + bytes(self.buf)
         self.buf.clear()
-        while True:
-            end = pending.find(END_OF_DATA)
-            cut = end if end >= 0 else pending.rfind(b"\r\n")
-            if not problem:
-                problem, size = self.take_lines(pending[:cut + 2], parts, size)
-            if end >= 0:
-                self.buf += pending[end + len(END_OF_DATA):]
-                return (None if problem else b"".join(parts)), problem
-            if not problem:
-                pending = pending[cut:]
-                if len(pending) - 2 >= DATA_LINE_MAX:
-                    problem = R_LINE_TOO_LONG
-            if problem:
-                parts.clear()
-                pending = pending[-4:]
-            pending += self.fill()
+        try:
+            while True:
+                end = pending.find(END_OF_DATA)
+                cut = end if end >= 0 else pending.rfind(b"\r\n")
+                if not problem:
+                    problem = self.take_lines(pending[:cut + 2], body)
+                if end >= 0:
+                    self.buf += pending[end + len(END_OF_DATA):]
+                    return (None if problem else body.getvalue()), problem
+                if not problem:
+                    pending = pending[cut:]
+                    if len(pending) - 2 >= DATA_LINE_MAX:
+                        problem = R_LINE_TOO_LONG
+                if problem:
+                    body.close()
+                    pending = pending[-4:]
+                pending += self.fill()
+        finally:
+            body.close()
 
-    def take_lines(self, block, parts, size):
+    def take_lines(self, block, body):
         """Un-dot-stuff complete lines that start after a CRLF; check their length and the total."""
         if max(map(len, block.split(b"\r\n"))) > DATA_LINE_MAX - 2:
-            return R_LINE_TOO_LONG, size
-        block = block.replace(b"\r\n.", b"\r\n")[2:]
-        size += len(block)
-        parts.append(block)
+            return R_LINE_TOO_LONG
+        body.write(block.replace(b"\r\n.", b"\r\n")[2:])
         limit = self.cfg.data_size_limit
-        return (R_TOO_BIG if limit and size > limit else None), size
+        return R_TOO_BIG if limit and body.size > limit else None
+
+
+class MessageBuffer:
+    """Message bytes in memory, moved to a temporary file once past SPOOL_THRESHOLD."""
+
+    def __init__(self):
+        self.parts, self.size, self.file = [], 0, None
+
+    def write(self, block):
+        self.size += len(block)
+        if self.file is not None:
+            self.file.write(block)
+            return
+        self.parts.append(block)
+        if self.size > SPOOL_THRESHOLD:
+            self.file = tempfile.TemporaryFile(prefix="mms-")
+            self.file.writelines(self.parts)
+            self.parts = []
+
+    def getvalue(self):
+        if self.file is None:
+            return b"".join(self.parts)
+        self.file.seek(0)
+        return self.file.read()
+
+    def close(self):
+        self.parts = []
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def parse_xforward(arg):
@@ -700,8 +744,15 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)
         self.draining = False
-        self.drain_fd, self._drain_w = os.pipe()
         super().__init__((cfg.host, cfg.port), SMTPSession)
+        # Workers share this socket: all wake for one connection, one accepts it,
+        # and the others must find nothing rather than block in accept().
+        self.socket.setblocking(False)
+
+    def start(self):
+        """What each serving process does for itself, after any fork."""
+        self.drain_fd, self._drain_w = os.pipe()
+        self.mode.start()
 
     def enter(self, session):
         with self.lock:
@@ -1083,6 +1134,22 @@ class Downstream:
 # The message pipeline: store #################################################
 ###############################################################################
 
+def gridfs_content(data, chunk_size):
+    """base64(zlib(data)), cut in GridFS chunks, made piece by piece: a large message
+    is never held compressed and encoded in full beside itself."""
+    raw = chunk_size // 4 * 3              # raw bytes behind one full base64 chunk
+    compressor = zlib.compressobj()
+    view, pending = memoryview(data), bytearray()
+    for at in range(0, len(data), 2**20):
+        pending += compressor.compress(view[at:at + 2**20])
+        while len(pending) >= raw:
+            yield base64.b64encode(pending[:raw])
+            del pending[:raw]
+    pending += compressor.flush()
+    for at in range(0, len(pending), raw):
+        yield base64.b64encode(pending[at:at + raw])
+
+
 class StoreJob:
     """One message on its way to MongoDB, and the answer its session waits for."""
 
@@ -1108,6 +1175,7 @@ class MongoStore:
     CHUNK_SIZE = 255 * 1024
     BATCH_COUNT = 256
     BATCH_BYTES = 16 * 2**20
+    CHUNKS_PER_INSERT = 16
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -1158,6 +1226,7 @@ class MongoStore:
 
         With the writer running, the message joins the next batch and this waits
         for that batch to be acknowledged; without it (replay), it is written alone.
+        A large message writes its own chunks first, a few at a time.
         """
         job = self.prepare(metadata, data)
         if self.queue is None:
@@ -1170,17 +1239,21 @@ class MongoStore:
 
     def prepare(self, metadata, data):
         from bson import Binary, ObjectId
-        content = base64.b64encode(zlib.compress(data))
         file_id = ObjectId()
-        size = self.CHUNK_SIZE
         metadata["message"] = file_id
+        chunks, length = [], 0
+        for n, piece in enumerate(gridfs_content(data, self.CHUNK_SIZE)):
+            chunks.append({"files_id": file_id, "n": n, "data": Binary(piece)})
+            length += len(piece)
+            if len(data) > SPOOL_THRESHOLD and len(chunks) == self.CHUNKS_PER_INSERT:
+                self.db.fs.chunks.insert_many(chunks)
+                chunks = []
         return StoreJob(
-            chunks=[{"files_id": file_id, "n": n, "data": Binary(content[at:at + size])}
-                    for n, at in enumerate(range(0, len(content), size))],
+            chunks=chunks,
             file={"_id": file_id, "filename": metadata["store_key"], "contentType": "text/plain",
-                  "length": len(content), "chunkSize": size,
+                  "length": length, "chunkSize": self.CHUNK_SIZE,
                   "uploadDate": datetime.datetime.now(datetime.timezone.utc)},
-            metadata=metadata, size=len(content))
+            metadata=metadata, size=length)
 
     def start_writer(self):
         self.queue = queue.SimpleQueue()
@@ -1493,7 +1566,7 @@ def make_mode(cfg):
 # The command line ############################################################
 ###############################################################################
 
-def open_server(cfg, mode=None):
+def open_server(cfg, mode=None, start=True):
     """Everything that can fail at start-up fails here, before the first client."""
     mode = mode or make_mode(cfg)
     plugins = load_plugins(cfg.plugin)
@@ -1502,13 +1575,24 @@ def open_server(cfg, mode=None):
     except OSError as exc:
         fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
     server.plugins = plugins
-    mode.start()
+    if start:
+        server.start()
     return server
 
 
 def serve(cfg):
     """Run until SIGTERM or SIGINT, then drain: this is what supervisord expects."""
-    server = open_server(cfg)
+    server = open_server(cfg, start=False)
+    host, port = server.server_address[:2]
+    log.info("starting mms %s in %s mode on %s:%d (pid %d, %d worker(s))", __version__,
+             cfg.server, host, port, os.getpid(), cfg.workers)
+    if cfg.workers > 1:
+        return run_workers(server, cfg.workers)
+    return run_process(server)
+
+
+def run_process(server):
+    server.start()
 
     def stop(signum, frame):
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -1516,13 +1600,47 @@ def serve(cfg):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    host, port = server.server_address[:2]
-    log.info("starting mms %s in %s mode on %s:%d (pid %d)", __version__, cfg.server, host,
-             port, os.getpid())
     server.serve_forever(poll_interval=0.5)
-    server.drain(cfg.grace)
+    server.drain(server.cfg.grace)
     server.mode.close()
     log.info("stopped")
+    return 0
+
+
+def run_workers(server, count):
+    """Fork workers that share the listening socket; the GIL then caps one worker, not
+    the host. A worker that dies is replaced; SIGTERM is passed on to all of them."""
+    workers, stopping = set(), False
+
+    def spawn():
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_process(server)
+            finally:
+                os._exit(code)
+        workers.add(pid)
+
+    def stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for _ in range(count):
+        spawn()
+    while workers:
+        pid, status = os.wait()
+        workers.discard(pid)
+        if not stopping:
+            log.error("worker %d ended (status %d), starting another", pid, status)
+            spawn()
+    server.server_close()
+    log.info("all workers stopped")
     return 0
 
 

@@ -949,12 +949,13 @@ class MmsProcess:
         self.proc = subprocess.Popen(
             [sys.executable, MMS, "--host", "127.0.0.1", "--port", str(self.port),
              "--hostname", "mx.test", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+            start_new_session=True)
         wait_port(self.port)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # workers too
         self.proc.communicate()
 
 
@@ -1017,6 +1018,34 @@ class TestShutdown(ServerCase):
         out = server.proc.stdout.read()
         self.assertEqual(parse_debug_output(out)[0][1],
                          b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")
+
+    def test_workers_share_the_socket_and_stop_together(self):
+        server = MmsProcess("--server", "debug", "--workers", "2", "--grace", "2")
+        self.addCleanup(server.stop)
+
+        def workers():
+            with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+                return [int(pid) for pid in f.read().split()]
+
+        deadline = time.monotonic() + 10
+        while len(workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = workers()
+        self.assertEqual(len(first), 2)
+        for n in range(10):
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.sendmail("a@x", [f"r{n}@y"], SIMPLE)
+        os.kill(first[0], signal.SIGKILL)
+        while (len(workers()) < 2 or first[0] in workers()) and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        self.assertEqual(len(workers()), 2, "a dead worker is replaced")
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.sendmail("a@x", ["last@y"], SIMPLE)
+        server.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(server.proc.wait(15), 0)
+        out, err = server.proc.communicate()
+        self.assertEqual(len(parse_debug_output(out)), 11)
+        self.assertIn(b"all workers stopped", err)
 
     def test_sigint_stops_too(self):
         server = MmsProcess("--server", "debug")
