@@ -17,6 +17,7 @@ One file, one runtime dependency (pymongo). Copy it to a mail host and run::
 
 import argparse
 import base64
+import contextlib
 import datetime
 import email.header
 import email.parser
@@ -30,10 +31,10 @@ import os
 import queue
 import re
 import secrets
-import select
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import tempfile
 import threading
@@ -390,7 +391,13 @@ class SMTPSession(socketserver.BaseRequestHandler):
         self.xforward = {}
         self.tx = None
         self.trusted = in_networks(self.peer, self.cfg.xforward_hosts)
-        self.request.settimeout(self.cfg.timeout)
+        self.waiting = False
+        # The kernel times reads and writes out, so no call waits on a poll first.
+        whole = int(self.cfg.timeout)
+        limit = struct.pack("ll", whole, int((self.cfg.timeout - whole) * 1e6))
+        self.request.settimeout(None)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
 
     # -- the connection ------------------------------------------------------
 
@@ -424,21 +431,24 @@ class SMTPSession(socketserver.BaseRequestHandler):
             raise ClientGone() from None
 
     def fill(self, idle=False):
-        """Wait for more bytes; an idle session also wakes when the server drains."""
-        poller = select.poll()
-        poller.register(self.request, select.POLLIN)
+        """Wait for more bytes, as long as --timeout allows (SO_RCVTIMEO: no poll call
+        per read). A session idle between transactions says so, so that a draining
+        server can wake it by shutting down its reading side."""
         if idle:
-            poller.register(self.server.drain_fd, select.POLLIN)
-        events = poller.poll(self.cfg.timeout * 1000)
-        if not events:
-            raise CloseSession(R_TIMEOUT.format(self.cfg.hostname))
-        if idle and any(fd == self.server.drain_fd for fd, _ in events):
-            raise CloseSession(R_SHUTDOWN.format(self.cfg.hostname))
+            self.waiting = True
+            if self.server.draining:
+                raise CloseSession(R_SHUTDOWN.format(self.cfg.hostname))
         try:
             chunk = self.request.recv(RECV_SIZE)
+        except BlockingIOError:
+            raise CloseSession(R_TIMEOUT.format(self.cfg.hostname)) from None
         except OSError:
             raise ClientGone() from None
+        finally:
+            self.waiting = False
         if not chunk:
+            if idle and self.server.draining:
+                raise CloseSession(R_SHUTDOWN.format(self.cfg.hostname))
             raise ClientGone()
         return chunk
 
@@ -742,7 +752,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.sessions = set()
         self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)
+        self.emptied = threading.Condition(self.lock)
         self.draining = False
         super().__init__((cfg.host, cfg.port), SMTPSession)
         # Workers share this socket: all wake for one connection, one accepts it,
@@ -751,7 +761,6 @@ class SMTPServer(socketserver.ThreadingTCPServer):
 
     def start(self):
         """What each serving process does for itself, after any fork."""
-        self.drain_fd, self._drain_w = os.pipe()
         self.mode.start()
 
     def enter(self, session):
@@ -764,15 +773,22 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     def leave(self, session):
         with self.lock:
             self.sessions.discard(session)
-            self.idle.notify_all()
+            self.emptied.notify_all()
 
     def drain(self, grace):
-        """Stop listening, close idle sessions with 421, give the others `grace` seconds."""
+        """Stop listening, close idle sessions with 421, give the others `grace` seconds.
+
+        An idle session is blocked in recv(); shutting down its reading side wakes
+        it, and it answers 421. Sessions in a transaction are left to finish.
+        """
         self.server_close()
         self.draining = True
-        os.write(self._drain_w, b"x")
         with self.lock:
-            self.idle.wait_for(lambda: not self.sessions, timeout=grace)
+            for session in self.sessions:
+                if session.waiting:
+                    with contextlib.suppress(OSError):
+                        session.request.shutdown(socket.SHUT_RD)
+            self.emptied.wait_for(lambda: not self.sessions, timeout=grace)
             left = len(self.sessions)
         if left:
             log.warning("stopping with %d session(s) still open after %.0fs", left, grace)
@@ -824,6 +840,8 @@ def make_metadata(session, tx, xforward, data):
 
 HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 HEADER_BLOCK_MAX = 256 * 1024
+SEARCHED_HEADERS_RE = re.compile(rb"^(subject|message-id|date):[ \t]*(.*(?:\r?\n[ \t].*)*)",
+                                 re.IGNORECASE | re.MULTILINE)
 
 
 def header_block(data):
@@ -834,31 +852,35 @@ def header_block(data):
 def header_fields(data):
     """subject, message_id and sent, each left out when absent or unreadable.
 
-    Only the header block is parsed, and every failure is swallowed: a broken
-    header must never cost a message.
+    Only the header block is read, with one regular expression rather than a MIME
+    parser (it costs a tenth), and every failure is swallowed: a broken header
+    must never cost a message.
     """
+    found = {}
+    for match in SEARCHED_HEADERS_RE.finditer(header_block(data)):
+        name = match.group(1).lower()
+        if name not in found:
+            found[name] = re.sub(rb"\r?\n[ \t]", b" ", match.group(2)).strip()
     fields = {}
-    try:
-        headers = HEADER_PARSER.parsebytes(header_block(data))
-    except Exception:
-        return fields
-    try:
-        if headers["Subject"] is not None:
-            fields["subject"] = str(email.header.make_header(
-                email.header.decode_header(headers["Subject"]))).replace("\r\n", "").strip()
-    except Exception:
-        pass
-    try:
-        if headers["Message-ID"]:
-            fields["message_id"] = str(headers["Message-ID"]).strip().strip("<>").strip()
-    except Exception:
-        pass
-    try:
-        sent = email.utils.parsedate_to_datetime(str(headers["Date"]))
+    with contextlib.suppress(Exception):
+        if b"subject" in found:
+            fields["subject"] = decode_header_value(found[b"subject"])
+    with contextlib.suppress(Exception):
+        if found.get(b"message-id"):
+            fields["message_id"] = found[b"message-id"].decode("utf-8", "replace").strip("<> ")
+    with contextlib.suppress(Exception):
+        sent = email.utils.parsedate_to_datetime(found[b"date"].decode("ascii", "replace"))
         fields["sent"] = sent if sent.tzinfo else sent.replace(tzinfo=datetime.timezone.utc)
-    except Exception:
-        pass
     return fields
+
+
+def decode_header_value(raw):
+    """RFC 2047 encoded words, or raw UTF-8 (RFC 6532); never an exception."""
+    text = raw.decode("utf-8", "replace")
+    if "=?" in text:
+        with contextlib.suppress(Exception):
+            text = str(email.header.make_header(email.header.decode_header(text)))
+    return text
 
 
 def apply_real_rcpt(metadata, data):

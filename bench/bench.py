@@ -1,0 +1,314 @@
+"""Benchmark mms against the ceiling and a peer, side by side, in one run.
+
+    apt-get install postfix          # smtp-source (the load) and smtp-sink (the ceiling)
+    pip install -r requirements.txt nx-27017 aiosmtpd
+    python bench/bench.py            # the whole matrix (about 15 minutes on 2 cores)
+    python bench/bench.py --quick    # 500 messages a cell, to try it out
+
+Servers, each started fresh for the run on a loopback port:
+
+- sink: Postfix's smtp-sink, written in C, which accepts and forgets: the ceiling;
+- mms-debug: mms in debug mode, its output to /dev/null;
+- mms-store: mms in quarantine mode, storing in nx-27017;
+- peer: bench/peer.py, aiosmtpd with pymongo's GridFS.put, storing in the same nx-27017.
+
+For each cell it prints msg/s, the server's CPU in ms per message, its peak RSS,
+and MongoDB commands per message (counted by a pymongo CommandListener that this
+script installs in the server's process), then ratios against the sink and the
+peer measured in the same run. Runs vary by about 20%: compare ratios, not
+absolute numbers from different runs.
+"""
+
+import argparse
+import base64
+import os
+import random
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MMS = os.path.join(os.path.dirname(HERE), "mms.py")
+PEER = os.path.join(HERE, "peer.py")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port, seconds=30):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def counted(argv):
+    """Run a Python server with a CommandListener that writes its count to a file."""
+    from pymongo import monitoring
+    path = os.environ["BENCH_COUNTER"]
+
+    class Counter(monitoring.CommandListener):
+        count = 0
+
+        def started(self, event):
+            Counter.count += 1
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    def report():
+        while True:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(Counter.count))
+            os.replace(path + ".tmp", path)
+            time.sleep(0.05)
+
+    monitoring.register(Counter())
+    threading.Thread(target=report, daemon=True).start()
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+class Server:
+    """A server process: its CPU, peak RSS and MongoDB command count, on demand."""
+
+    def __init__(self, name, argv, port, python=True):
+        self.name, self.port = name, port
+        self.counter = tempfile.mktemp(prefix="bench-count-")
+        env = {**os.environ, "BENCH_COUNTER": self.counter}
+        if python:
+            argv = [sys.executable, os.path.abspath(__file__), "counted", *argv]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
+        wait_port(port)
+
+    def pids(self):
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [self.proc.pid] + [int(p) for p in f.read().split()]
+        except OSError:
+            return [self.proc.pid]
+
+    def cpu(self):
+        total = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / TICK
+
+    def status(self, key):
+        total = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
+    def reset_peak(self):
+        for pid in self.pids():
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+
+    def commands(self):
+        time.sleep(0.15)
+        try:
+            with open(self.counter) as f:
+                return int(f.read() or 0)
+        except OSError:
+            return 0
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for path in (self.counter, self.counter + ".tmp"):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def smtp_source(port, sessions, count, size, reuse):
+    argv = ["smtp-source", "-s", str(sessions), "-m", str(count), "-l", str(size),
+            "-f", "a@example.org", "-t", "b@example.com"]
+    if reuse:
+        argv.append("-d")
+    started = time.monotonic()
+    subprocess.run(argv + [f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=3600)
+    return time.monotonic() - started
+
+
+def measure(server, sessions, count, size, reuse):
+    server.reset_peak()
+    cpu, commands = server.cpu(), server.commands()
+    seconds = smtp_source(server.port, sessions, count, size, reuse)
+    return {"rate": count / seconds, "cpu_ms": (server.cpu() - cpu) * 1000 / count,
+            "rss_mb": server.status("VmHWM") / 2**20,
+            "cmds": (server.commands() - commands) / count}
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.servers = {}
+        self.nx = None
+
+    def start(self):
+        run = tempfile.mkdtemp(prefix="bench-nx-")
+        nx_port = free_port()
+        self.nx = subprocess.Popen(
+            ["nx-27017", "--host", "127.0.0.1", "-p", str(nx_port), "--data-dir", "memory",
+             "--pid-file", f"{run}/pid", "--log-file", f"{run}/log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port(nx_port)
+        self.uri = f"mongodb://127.0.0.1:{nx_port}/"
+        port = free_port()
+        self.servers["sink"] = Server("sink", ["smtp-sink", "-u", "nobody", f"127.0.0.1:{port}",
+                                               "1024"], port, python=False)
+        self.servers["mms-debug"] = self.mms("debug")
+        self.servers["mms-store"] = self.mms("mongo-quarantine", "--mongo-host", self.uri,
+                                             "--mongo-database", "bench_mms")
+        port = free_port()
+        self.servers["peer"] = Server("peer", [PEER, "--port", str(port), "--mongo", self.uri,
+                                               "--database", "bench_peer"], port)
+
+    def mms(self, mode, *args, workers=1):
+        port = free_port()
+        return Server(f"mms-{mode}", [MMS, "--server", mode, "--host", "127.0.0.1",
+                                      "--port", str(port), "--hostname", "bench.test",
+                                      "--max-connections", "5000", "--workers", str(workers),
+                                      *args], port)
+
+    def stop(self):
+        for server in self.servers.values():
+            server.stop()
+        if self.nx:
+            os.killpg(self.nx.pid, signal.SIGTERM)
+
+    def matrix(self):
+        count = self.args.count
+        print("| size | sessions | connection | server | msg/s | CPU ms/msg | peak RSS MB "
+              "| MongoDB cmds/msg | vs sink | vs peer |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for size in (1024, 102400):
+            for sessions in (1, 20, 100):
+                for reuse in (False, True):
+                    results = {name: measure(server, sessions, count, size, reuse)
+                               for name, server in self.servers.items()}
+                    for name, r in results.items():
+                        print(f"| {size // 1024} KB | {sessions} | {'reused' if reuse else 'new'} "
+                              f"| {name} | {r['rate']:.0f} | {r['cpu_ms']:.2f} | {r['rss_mb']:.0f} "
+                              f"| {r['cmds']:.2f} | {r['rate'] / results['sink']['rate']:.0%} "
+                              f"| {r['rate'] / results['peer']['rate']:.1f}x |", flush=True)
+
+    def halves(self):
+        """The archive grows: the second half of a run must not be slower than the first."""
+        half = self.args.count // 2
+        store = self.servers["mms-store"]
+        first = measure(store, 20, half, 1024, False)["rate"]
+        second = measure(store, 20, half, 1024, False)["rate"]
+        print(f"\nmms-store, 1 KB, 20 sessions, {half} + {half} messages: "
+              f"{first:.0f} msg/s, then {second:.0f} msg/s ({second / first:.0%})")
+
+    def idle(self, connections=1000):
+        for name in ("mms-debug", "peer"):
+            server = self.servers[name]
+            before = server.status("VmRSS")
+            socks = []
+            for _ in range(connections):
+                sock = socket.create_connection(("127.0.0.1", server.port))
+                sock.recv(512)
+                socks.append(sock)
+            time.sleep(0.5)
+            after = server.status("VmRSS")
+            for sock in socks:
+                sock.close()
+            print(f"{name}: RSS {after / 2**20:.0f} MB with {connections} idle connections "
+                  f"({before / 2**20:.0f} MB before)")
+
+    def large(self):
+        """One 5 MB and one 50 MB message, stored: time and peak RSS (linear means ~10x)."""
+        rng = random.Random(5)
+        store = self.servers["mms-store"]
+        times = {}
+        for megabytes in (5, 50):
+            text = base64.encodebytes(rng.randbytes(megabytes * 2**20 * 3 // 4))
+            body = b"Subject: large\r\n\r\n" + text.replace(b"\n", b"\r\n")
+            store.reset_peak()
+            sock = socket.create_connection(("127.0.0.1", store.port))
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"HELO bench\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n"
+                         b"DATA\r\n")
+            for _ in range(4):
+                reader.readline()
+            started = time.monotonic()
+            sock.sendall(body + b".\r\n")
+            reply = reader.readline()
+            times[megabytes] = time.monotonic() - started
+            sock.close()
+            print(f"mms-store: {megabytes} MB message received and stored in "
+                  f"{times[megabytes]:.2f} s, peak RSS {store.status('VmHWM') / 2**20:.0f} MB "
+                  f"({reply.decode().strip()[:28]}...)")
+        print(f"50 MB took {times[50] / times[5]:.1f}x the time of 5 MB")
+
+    def workers(self):
+        count = self.args.count
+        for workers in (1, 2):
+            server = self.mms("debug", workers=workers)
+            try:
+                r = measure(server, 100, count, 1024, False)
+            finally:
+                server.stop()
+            print(f"mms-debug --workers {workers}, 1 KB, 100 sessions, new connections: "
+                  f"{r['rate']:.0f} msg/s, {r['cpu_ms']:.2f} ms CPU/msg")
+
+
+def main():
+    if sys.argv[1:2] == ["counted"]:
+        return counted(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="500 messages a cell")
+    parser.add_argument("--count", type=int, default=5000, help="messages a cell (5000)")
+    args = parser.parse_args()
+    if args.quick:
+        args.count = 500
+    for tool in ("smtp-source", "smtp-sink", "nx-27017"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not found (see the docstring for what to install)")
+    bench = Bench(args)
+    try:
+        bench.start()
+        print(f"# mms benchmark, {args.count} messages a cell, {os.cpu_count()} cores\n")
+        bench.matrix()
+        print()
+        bench.halves()
+        bench.idle()
+        bench.large()
+        bench.workers()
+    finally:
+        bench.stop()
+
+
+if __name__ == "__main__":
+    main()
