@@ -1425,11 +1425,10 @@ class DebugMode(Mode):
 
     def on_message(self, session, tx, metadata, data):
         head = json.dumps(metadata, default=str, ensure_ascii=False, sort_keys=True)
+        text = b"".join([b"---------- MESSAGE FOLLOWS ----------\n", head.encode(), b"\n",
+                         data, b"\n------------ END MESSAGE ------------\n"])
         with self.lock:
-            self.stream.write(b"---------- MESSAGE FOLLOWS ----------\n")
-            self.stream.write(head.encode() + b"\n")
-            self.stream.write(data)
-            self.stream.write(b"\n------------ END MESSAGE ------------\n")
+            self.stream.write(text)
             self.stream.flush()
         return R_QUEUED.format(metadata["store_key"])
 
