@@ -10,9 +10,17 @@ The promise, to the mail administrator who puts it behind Postfix or amavisd-new
 * every input is bounded (command lines, data lines, message size, recipients,
   connections, idle time), and a misbehaving client never hurts other sessions.
 
+Modes: mongo-quarantine (amavisd-new's quarantine and archive target),
+mongo-proxy (a Postfix before-queue filter that records what the after-filter
+accepts), mongo-filter (the same, asking clamd and spamd first) and debug.
+
 One file, one runtime dependency (pymongo). Copy it to a mail host and run::
 
     python mms.py --server debug
+
+The sections below follow the data: configuration, the SMTP session, the
+message pipeline (metadata and plugins, scanners, relay, store), the modes,
+and the command line.
 """
 
 import argparse
@@ -1446,12 +1454,18 @@ class QuarantineMode(Mode):
         self.store.close()
 
     def on_message(self, session, tx, metadata, data):
-        try:
-            self.store.store(metadata, data)
-        except Exception as exc:
-            log.error("storing %s failed: %s", metadata["store_key"], exc)
-            return R_STORE_FAILED
-        return R_QUEUED.format(metadata["store_key"])
+        return stored_reply(self.store, metadata, data)
+
+
+def stored_reply(store, metadata, data):
+    """250 with the store_key once the message is stored; 451 otherwise, so that the
+    sending MTA keeps it and retries."""
+    try:
+        store.store(metadata, data)
+    except Exception as exc:
+        log.error("storing %s failed: %s", metadata["store_key"], exc)
+        return R_STORE_FAILED
+    return R_QUEUED.format(metadata["store_key"])
 
 
 class ProxyMode(Mode):
@@ -1556,12 +1570,7 @@ class FilterMode(ProxyMode):
         if action == "reject":
             self.archive(metadata, data)
             return R_VIRUS.format(", ".join(metadata["virus"])) if metadata["is_virus"] else R_SPAM
-        try:
-            self.store.store(metadata, data)
-        except Exception as exc:
-            log.error("quarantining %s failed: %s", metadata["store_key"], exc)
-            return R_STORE_FAILED
-        return R_QUEUED.format(metadata["store_key"])
+        return stored_reply(self.store, metadata, data)
 
     def action(self, metadata):
         if metadata["is_virus"]:

@@ -213,7 +213,9 @@ class Bench:
         for size in (1024, 102400):
             for sessions in (1, 20, 100):
                 for reuse in (False, True):
-                    results = {name: measure(server, sessions, count, size, reuse)
+                    results = {name: measure(server, sessions,
+                                             self.args.peer_count if name == "peer" else count,
+                                             size, reuse)
                                for name, server in self.servers.items()}
                     for name, r in results.items():
                         print(f"| {size // 1024} KB | {sessions} | {'reused' if reuse else 'new'} "
@@ -290,16 +292,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="500 messages a cell")
     parser.add_argument("--count", type=int, default=5000, help="messages a cell (5000)")
+    parser.add_argument("--peer-count", type=int, default=1000,
+                        help="messages a cell for the peer, which takes 20-50 ms each (1000)")
     args = parser.parse_args()
     if args.quick:
-        args.count = 500
+        args.count = args.peer_count = 500
     for tool in ("smtp-source", "smtp-sink", "nx-27017"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (see the docstring for what to install)")
     bench = Bench(args)
     try:
         bench.start()
-        print(f"# mms benchmark, {args.count} messages a cell, {os.cpu_count()} cores\n")
+        print(f"# mms benchmark, {args.count} messages a cell ({args.peer_count} for the peer), "
+              f"{os.cpu_count()} cores\n")
         bench.matrix()
         print()
         bench.halves()
