@@ -86,7 +86,7 @@ def wait_port(port, host="127.0.0.1", seconds=15):
 
 
 ###############################################################################
-# MongoDB for the tests #######################################################
+# Real peers for the tests: MongoDB and the Debian daemons ####################
 ###############################################################################
 
 class MongoServer:
@@ -186,6 +186,55 @@ class Cable:
     def close(self):
         self.cut()
         self.listener.close()
+
+
+class Daemon:
+    """A Debian daemon started on a free loopback port, once for the module."""
+
+    started = {}
+
+    @classmethod
+    def get(cls):
+        if cls.__name__ not in Daemon.started:
+            if not shutil.which(cls.program):
+                if os.environ.get("CI"):
+                    raise RuntimeError(f"{cls.program} is not installed: .ci/run should install it")
+                raise unittest.SkipTest(f"{cls.program} is not installed ({cls.package})")
+            Daemon.started[cls.__name__] = cls()
+        return Daemon.started[cls.__name__]
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix=f"mms-{self.program}-")
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.program} did not start: {self.log()}")
+            time.sleep(0.1)
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def log(self):
+        with contextlib.suppress(OSError), open(os.path.join(self.dir, "log"), errors="replace") as f:
+            return f.read()[-2000:]
+        return ""
+
+    def stop(self):
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @classmethod
+    def stop_all(cls):
+        for daemon in Daemon.started.values():
+            daemon.stop()
+        Daemon.started.clear()
 
 
 ###############################################################################
@@ -1087,6 +1136,9 @@ class MongoCase(ServerCase):
     def key(reply):
         return reply[1].rsplit(" ", 1)[1]
 
+    def records(self):
+        return list(self.db["message"].find())
+
 
 class TestQuarantineStorage(MongoCase):
 
@@ -1367,6 +1419,103 @@ class TestRealRcpt(MongoCase):
         self.assertEqual((doc["rcpt"], data), (["archive@example.net"], self.AMAVIS))
 
 
+AMAVISD_CONF = """\
+use strict;
+$MYHOME = '{home}';
+$TEMPBASE = "$MYHOME/tmp";
+$db_home = "$MYHOME/db";
+$helpers_home = "$MYHOME/var";
+$pid_file = "$MYHOME/amavisd.pid";
+$lock_file = "$MYHOME/amavisd.lock";
+$daemon_user = 'amavis';
+$daemon_group = 'amavis';
+$mydomain = 'example.com';
+$myhostname = 'amavis.mms.test';
+$inet_socket_bind = '127.0.0.1';
+$inet_socket_port = {port};
+@inet_acl = qw(127.0.0.1);
+$max_servers = 2;
+$do_syslog = 0;
+$LOGFILE = "$MYHOME/amavis.log";
+$enable_db = 0;
+$enable_dkim_verification = 0;
+@bypass_virus_checks_maps = (1);
+@bypass_spam_checks_maps = (1);
+@av_scanners = ();
+@av_scanners_backup = ();
+$QUARANTINEDIR = undef;
+$forward_method = 'smtp:[127.0.0.1]:{final}';
+$notify_method = $forward_method;
+# The README's "archive only" settings: every message is copied to mms.
+$archive_quarantine_method = 'smtp:[127.0.0.1]:{mms}';
+$archive_quarantine_to = 'archive-quarantine@localhost.net';
+1;
+"""
+
+
+class Amavis(Daemon):
+    """amavisd-new with no scanners, forwarding to a capture server and archiving to mms."""
+
+    program, package = "amavisd", "apt-get install amavisd-new"
+
+    def command(self):
+        self.mms = free_port()
+        self.capture = io.BytesIO()
+        cfg = mms.parse_config(["--server", "debug", "--host", "127.0.0.1", "--port", "0"])
+        self.final = mms.open_server(cfg, mms.DebugMode(cfg, stream=self.capture))
+        threading.Thread(target=self.final.serve_forever, daemon=True).start()
+        home, conf = os.path.join(self.dir, "home"), os.path.join(self.dir, "conf")
+        for sub in ("tmp", "db", "var"):
+            os.makedirs(os.path.join(home, sub))
+        for root, dirs, _ in os.walk(home):
+            for path in [root] + [os.path.join(root, d) for d in dirs]:
+                shutil.chown(path, "amavis", "amavis")
+        os.makedirs(conf)  # owned by root: amavisd refuses a config it could rewrite
+        with open(os.path.join(conf, "amavisd.conf"), "w") as f:
+            f.write(AMAVISD_CONF.format(home=home, port=self.port, mms=self.mms,
+                                        final=self.final.server_address[1]))
+        return ["amavisd", "-c", os.path.join(conf, "amavisd.conf"), "foreground"]
+
+    def log(self):
+        with contextlib.suppress(OSError), open(os.path.join(self.dir, "home", "amavis.log")) as f:
+            return f.read()[-2000:]
+        return ""
+
+    def ready(self):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as s:
+            s.settimeout(5)
+            return s.recv(64).startswith(b"220")
+        return False
+
+    def stop(self):
+        super().stop()
+        self.final.shutdown()
+        self.final.server_close()
+
+
+class TestAmavisArchive(MongoCase):
+    """amavisd-new, as Debian ships it, archiving every message into mms (--real-rcpt)."""
+
+    def test_archive_copy_keeps_the_real_recipients(self):
+        amavis = Amavis.get()
+        self.start_mongo("--real-rcpt", "--port", str(amavis.mms))
+        with smtplib.SMTP("127.0.0.1", amavis.port, timeout=60) as client:
+            self.assertEqual(client.sendmail("sender@example.org",
+                                             ["alice@example.com", "bob@example.com"], SIMPLE), {})
+        [doc] = self.records()
+        self.assertEqual(doc["rcpt"], ["alice@example.com", "bob@example.com"])
+        self.assertEqual((doc["rcpt_count"], doc["sender"]), (2, "sender@example.org"))
+        self.assertEqual(doc["xforward"], {})  # amavisd-new sends none to its quarantine
+        _, data = self.stored(doc["store_key"])
+        self.assertTrue(data.startswith(b"X-MMS-RCPT: <archive-quarantine@localhost.net>\r\n"
+                                        b"X-Envelope-From: <sender@example.org>\r\n"
+                                        b"X-Envelope-To: <alice@example.com>, <bob@example.com>\r\n"),
+                        data[:300])
+        self.assertTrue(data.endswith(SIMPLE))
+        delivered = parse_debug_output(amavis.capture.getvalue())
+        self.assertEqual(delivered[-1][0]["rcpt"], ["alice@example.com", "bob@example.com"])
+
+
 ###############################################################################
 # The modes: proxy ############################################################
 ###############################################################################
@@ -1436,9 +1585,6 @@ class ProxyCase(MongoCase):
         self.addCleanup(shutil.rmtree, self.spool)
         return self.start_mongo("--remote-port", str(downstream_port), "--spool-dir", self.spool,
                                 "--remote-timeout", "2", *args, uri=uri)
-
-    def records(self):
-        return list(self.db["message"].find())
 
 
 class TestProxyRelay(ProxyCase):
@@ -1812,55 +1958,6 @@ VIRUS_ATTACHED = mail(b"attached", b"--XX\r\nContent-Type: text/plain\r\n\r\nsee
                       b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n")
 SPAM = mail(b"offer", GTUBE + b"\r\n")
 EICAR_NAME = "Test.EICAR-Body.UNOFFICIAL"
-
-
-class Daemon:
-    """A Debian daemon started on a free loopback port, once for the module."""
-
-    started = {}
-
-    @classmethod
-    def get(cls):
-        if cls.__name__ not in Daemon.started:
-            if not shutil.which(cls.program):
-                if os.environ.get("CI"):
-                    raise RuntimeError(f"{cls.program} is not installed: .ci/run should install it")
-                raise unittest.SkipTest(f"{cls.program} is not installed ({cls.package})")
-            Daemon.started[cls.__name__] = cls()
-        return Daemon.started[cls.__name__]
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix=f"mms-{self.program}-")
-        os.chmod(self.dir, 0o755)
-        self.port = free_port()
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not self.ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.program} did not start: {self.log()}")
-            time.sleep(0.1)
-
-    @property
-    def address(self):
-        return f"127.0.0.1:{self.port}"
-
-    def log(self):
-        with contextlib.suppress(OSError), open(os.path.join(self.dir, "log"), errors="replace") as f:
-            return f.read()[-2000:]
-        return ""
-
-    def stop(self):
-        self.proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    @classmethod
-    def stop_all(cls):
-        for daemon in Daemon.started.values():
-            daemon.stop()
-        Daemon.started.clear()
 
 
 class Clamd(Daemon):
