@@ -61,7 +61,7 @@ PARAMS_ROOM = 1024              # extra room on MAIL/RCPT for ESMTP parameters
 DATA_LINE_MAX = 1000            # RFC 5321 4.5.3.1.6, CRLF included
 PATH_MAX = 256                  # RFC 5321 4.5.3.1.3
 XFORWARD_VALUE_MAX = 255        # Postfix XFORWARD_README
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 SPOOL_THRESHOLD = 4 * 2**20     # larger messages wait in a temporary file while they arrive
 END_OF_DATA = b"\r\n.\r\n"
 
