@@ -410,18 +410,18 @@ class SMTPSession(socketserver.BaseRequestHandler):
     # -- the connection ------------------------------------------------------
 
     def handle(self):
-        if self.cfg.allow and not in_networks(self.peer, self.cfg.allow):
-            log.warning("reject connection from %s: not in --allow", self.peer)
-            return self.reply(R_ACCESS_DENIED.format(self.peer))
-        if not self.server.enter(self):
-            log.warning("reject connection from %s: too many connections", self.peer)
-            return self.reply(R_TOO_MANY_CONN.format(self.cfg.hostname))
+        refusal = self.refusal()
+        if refusal:
+            with contextlib.suppress(ClientGone):
+                self.reply(refusal)
+            return
         try:
             self.reply(f"220 {self.cfg.hostname} ESMTP Mongo Mail Server")
             while self.dispatch(self.read_command()):
                 pass
         except CloseSession as close:
-            self.reply(close.reply)
+            with contextlib.suppress(ClientGone):
+                self.reply(close.reply)
         except (ClientGone, OSError):
             pass
         except Exception:  # a bug must cost one session, never the server
@@ -429,6 +429,16 @@ class SMTPSession(socketserver.BaseRequestHandler):
         finally:
             self.abort_transaction()
             self.server.leave(self)
+
+    def refusal(self):
+        """The 5xx or 4xx for a client that is not to be served, logged; None to serve it."""
+        if self.cfg.allow and not in_networks(self.peer, self.cfg.allow):
+            log.warning("reject connection from %s: not in --allow", self.peer)
+            return R_ACCESS_DENIED.format(self.peer)
+        if not self.server.enter(self):
+            log.warning("reject connection from %s: too many connections", self.peer)
+            return R_TOO_MANY_CONN.format(self.cfg.hostname)
+        return None
 
     def reply(self, text):
         if self.cfg.debug:
@@ -813,14 +823,10 @@ def receive_message(session, tx, xforward, data):
         data = apply_real_rcpt(metadata, data)
     run_plugins(session.server.plugins, metadata, data)
     answer = session.server.mode.on_message(session, tx, metadata, data)
-    if answer.startswith("250"):
-        log.info("queued as %s from=<%s> to=<%s> size=%d client=%s", metadata["store_key"],
-                 metadata["sender"], ",".join(metadata["rcpt"]), len(data),
-                 metadata["client_address"])
-    else:
-        log.warning("not queued (%s) from=<%s> to=<%s> size=%d client=%s", answer,
-                    metadata["sender"], ",".join(metadata["rcpt"]), len(data),
-                    metadata["client_address"])
+    queued = answer.startswith("250")
+    log.log(logging.INFO if queued else logging.WARNING, "%s from=<%s> to=<%s> size=%d client=%s",
+            f"queued as {metadata['store_key']}" if queued else f"not queued ({answer})",
+            metadata["sender"], ",".join(metadata["rcpt"]), len(data), metadata["client_address"])
     return answer
 
 
