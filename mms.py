@@ -99,10 +99,6 @@ R_VIRUS = "554 5.7.1 Virus found: {}"
 R_SPAM = "554 5.7.1 Message rejected as spam"
 
 
-def _env(name, default):
-    return os.environ.get(name, default)
-
-
 def _flag(value):
     if isinstance(value, bool):
         return value
@@ -280,7 +276,7 @@ def parse_config(argv=None):
         value = getattr(cfg, dest)
         if value is None:
             try:
-                value = (kind or str)(_env(variable, default))
+                value = kind(os.environ.get(variable, default))
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{variable}: {exc}")
         elif kind in (_networks, _names):
@@ -395,7 +391,6 @@ class SMTPSession(socketserver.BaseRequestHandler):
         self.peer = self.client_address[0]
         self.buf = bytearray()
         self.helo = None
-        self.esmtp = False
         self.xforward = {}
         self.tx = None
         self.trusted = in_networks(self.peer, self.cfg.xforward_hosts)
@@ -522,13 +517,13 @@ class SMTPSession(socketserver.BaseRequestHandler):
     def smtp_HELO(self, arg):
         if not arg:
             return self.reply(R_SYNTAX.format("HELO hostname"))
-        self.greet(arg, esmtp=False)
+        self.greet(arg)
         self.reply(f"250 {self.cfg.hostname}")
 
     def smtp_EHLO(self, arg):
         if not arg:
             return self.reply(R_SYNTAX.format("EHLO hostname"))
-        self.greet(arg, esmtp=True)
+        self.greet(arg)
         limit = self.cfg.data_size_limit
         lines = [self.cfg.hostname, "PIPELINING", f"SIZE {limit}" if limit else "SIZE",
                  "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
@@ -537,12 +532,12 @@ class SMTPSession(socketserver.BaseRequestHandler):
         lines.append("HELP")
         self.reply("\r\n".join(f"250-{text}" for text in lines[:-1]) + f"\r\n250 {lines[-1]}")
 
-    def greet(self, name, esmtp):
+    def greet(self, name):
         """RFC 5321 4.1.4: a new EHLO ends any transaction; XFORWARD attributes stay."""
         xforward = self.xforward
         self.abort_transaction()
         self.xforward = xforward
-        self.helo, self.esmtp = name, esmtp
+        self.helo = name
 
     def smtp_MAIL(self, arg):
         if self.helo is None:

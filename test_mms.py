@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import select
 import shutil
 import signal
 import smtplib
