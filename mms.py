@@ -1486,36 +1486,38 @@ class ProxyMode(Mode):
         self.store.close()
 
     def relayed(self, tx, step):
-        """Run one step on the open downstream session; a broken downstream becomes
+        """Run one step of the downstream session; a broken downstream becomes
         451 4.4.1, and the session is dropped."""
-        if tx.relay is None:
-            return R_RELAY_FAILED
         try:
-            return step(tx.relay)
+            return step()
         except DownstreamError as exc:
             log.error("downstream %s:%d failed: %s", self.cfg.remote_host,
                       self.cfg.remote_port, exc)
             self.on_reset(None, tx)
             return R_RELAY_FAILED
 
+    @staticmethod
+    def relay(tx):
+        if tx.relay is None:
+            raise DownstreamError("the downstream session was lost earlier in this transaction")
+        return tx.relay
+
+    def open_relay(self, session, tx):
+        tx.relay = Downstream(self.cfg)
+        return tx.relay.mail(session.xforward, tx)
+
     def on_mail(self, session, tx):
-        try:
-            tx.relay = Downstream(self.cfg)
-        except DownstreamError as exc:
-            log.error("downstream %s:%d failed: %s", self.cfg.remote_host,
-                      self.cfg.remote_port, exc)
-            return R_RELAY_FAILED
-        answer = self.relayed(tx, lambda relay: relay.mail(session.xforward, tx))
+        answer = self.relayed(tx, lambda: self.open_relay(session, tx))
         if not answer.startswith("2"):
             self.on_reset(session, tx)
         return answer
 
     def on_rcpt(self, session, tx, rcpt, params):
-        return self.relayed(tx, lambda relay: relay.command(
+        return self.relayed(tx, lambda: self.relay(tx).command(
             " ".join([f"RCPT TO:<{rcpt}>", *params])))
 
     def on_data(self, session, tx):
-        return self.relayed(tx, lambda relay: relay.data())
+        return self.relayed(tx, lambda: self.relay(tx).data())
 
     def on_reset(self, session, tx):
         if tx.relay is not None:
@@ -1523,7 +1525,7 @@ class ProxyMode(Mode):
             tx.relay = None
 
     def on_message(self, session, tx, metadata, data):
-        answer = self.relayed(tx, lambda relay: relay.message(data))
+        answer = self.relayed(tx, lambda: self.relay(tx).message(data))
         self.on_reset(session, tx)
         if answer.startswith("2"):
             self.archive(metadata, data)
@@ -1559,7 +1561,7 @@ class FilterMode(ProxyMode):
         metadata.update(scan(self.cfg, data))
         action = self.action(metadata)
         if action == "deliver":
-            answer = self.relayed(tx, lambda relay: relay.data_and_message(data))
+            answer = self.relayed(tx, lambda: self.relay(tx).data_and_message(data))
             self.on_reset(session, tx)
             if answer.startswith("2"):
                 self.archive(metadata, data)

@@ -1558,6 +1558,8 @@ class ScriptedDownstream(socketserver.ThreadingTCPServer):
                 if verb == "RCPT":
                     address = command.split("<", 1)[1].split(">", 1)[0]
                     reply = server.rcpt_replies.get(address, reply)
+                if reply is None:  # hang up instead of answering
+                    return
                 self.wfile.write(reply.encode() + b"\r\n")
                 if verb == "DATA" and reply.startswith("354"):
                     wire = b""
@@ -1683,6 +1685,16 @@ class TestProxyRelay(ProxyCase):
         client.cmd("RCPT TO:<b@example.com>")
         self.assertReply(client.cmd("RSET"), "ok")
         self.assertEqual(self.down.commands[-1], "QUIT")
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+
+    def test_downstream_lost_mid_transaction_is_451_for_the_rest(self):
+        self.down.rcpt_replies["hangup@example.com"] = None
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        with self.assertLogs("mms", "ERROR"):
+            self.assertEqual(client.cmd("RCPT TO:<hangup@example.com>")[0], 451)
+            self.assertEqual(client.cmd("RCPT TO:<b@example.com>")[0], 451)
+        self.assertReply(client.cmd("RSET"), "ok")
         self.assertReply(self.send_message(client, SIMPLE), "queued")
 
     def test_downstream_down_or_stalled_is_451(self):
