@@ -26,6 +26,7 @@ and the command line.
 import argparse
 import base64
 import contextlib
+import copy
 import datetime
 import email.header
 import email.parser
@@ -931,13 +932,26 @@ def load_plugins(names):
 
 
 def run_plugins(plugins, metadata, data):
-    """A plugin that fails is logged and skipped: the message goes on."""
+    """A plugin that raises, or leaves metadata that MongoDB could not store, is
+    logged and its edits are undone: the message goes on as if it had not run."""
     for plugin in plugins:
+        before = copy.deepcopy(metadata)
         try:
             plugin.apply(metadata=metadata, data=data)
+            check_storable(metadata)
         except Exception:
-            log.exception("plugin %s failed on %s; message kept", plugin.__name__,
-                          metadata.get("store_key"))
+            log.exception("plugin %s failed on %s; its changes are undone, the message goes on",
+                          plugin.__name__, metadata.get("store_key"))
+            metadata.clear()
+            metadata.update(before)
+
+
+def check_storable(metadata):
+    try:
+        import bson
+    except ImportError:  # debug mode without pymongo: nothing will be stored
+        return
+    bson.encode(metadata)
 
 
 ###############################################################################

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
 import unittest
 import uuid
 import zlib
@@ -962,6 +963,15 @@ class TestPlugins(ServerCase):
         self.assertIn("ValueError: boom", "\n".join(logs.output))
         self.assertTrue(self.messages()[0][0]["after"])
 
+    def test_failed_plugin_edits_are_undone(self):
+        half = self.plugin("half", "def apply(metadata=None, data=None):\n"
+                                   "    metadata['server'] = 'half-done'\n"
+                                   "    raise RuntimeError('gave up')\n")
+        self.start("--plugin", half)
+        with self.assertLogs("mms", "ERROR"):
+            self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        self.assertEqual(self.messages()[0][0]["server"], "127.0.0.1")
+
     def test_shipped_plugins(self):
         self.start("--plugin", "plugins.mark_bounces", "--plugin", "plugins.dummy_plugin")
         with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -1294,6 +1304,18 @@ class TestQuarantineStorage(MongoCase):
             thread.join(120)
         self.assertEqual(len(list(self.db["message"].find({}, {"_id": 1}))), 200)
         self.assertLess(Inserts.count, 3 * 200 / 2, "three inserts a message: no batching")
+
+    def test_plugin_leaving_unstorable_metadata_is_undone(self):
+        self.server.plugins = [types.SimpleNamespace(
+            __name__="unstorable",
+            apply=lambda metadata, data: metadata.update(handle=object(), server="x"))]
+        with self.assertLogs("mms", "ERROR") as logs:
+            reply = self.send_message(self.raw(), SIMPLE)
+        self.assertReply(reply, "queued")
+        doc, data = self.stored(self.key(reply))
+        self.assertEqual((doc["server"], data), ("127.0.0.1", SIMPLE))
+        self.assertNotIn("handle", doc)
+        self.assertIn("unstorable", "\n".join(logs.output))
 
     def test_plugin_edits_what_is_stored(self):
         self.server.plugins = mms.load_plugins(["plugins.mark_bounces", "plugins.dummy_plugin"])
