@@ -535,9 +535,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
 
     def greet(self, name):
         """RFC 5321 4.1.4: a new EHLO ends any transaction; XFORWARD attributes stay."""
-        xforward = self.xforward
-        self.abort_transaction()
-        self.xforward = xforward
+        self.end_transaction()
         self.helo = name
 
     def smtp_MAIL(self, arg):
@@ -647,11 +645,14 @@ class SMTPSession(socketserver.BaseRequestHandler):
         self.reply(R_OK)
 
     def abort_transaction(self):
-        """RSET, EHLO, QUIT or a lost client: forget the envelope and the XFORWARD attributes."""
+        """RSET, QUIT or a lost client: forget the envelope and the XFORWARD attributes."""
+        self.end_transaction()
+        self.xforward = {}
+
+    def end_transaction(self):
         if self.tx is not None:
             self.server.mode.on_reset(self, self.tx)
         self.tx = None
-        self.xforward = {}
 
     # -- DATA ----------------------------------------------------------------
 
@@ -1127,16 +1128,15 @@ class Downstream:
         offered = set(self.extensions.get("XFORWARD", []))
         items = [f"{name}={xtext_encode(value)}" for name, value in attrs.items()
                  if name in offered]
-        line = "XFORWARD"
-        for item in items + [None]:
-            if item is None or len(line) + 1 + len(item) + 2 > COMMAND_LINE_MAX:
-                if line != "XFORWARD":
-                    reply = self.command(line)
-                    if not reply.startswith("2"):
-                        log.warning("downstream refused %s: %s", line, reply_text(reply))
-                line = "XFORWARD"
-            if item is not None:
-                line += " " + item
+        lines = ["XFORWARD"] if items else []
+        for item in items:
+            if lines[-1] != "XFORWARD" and len(lines[-1]) + 1 + len(item) + 2 > COMMAND_LINE_MAX:
+                lines.append("XFORWARD")
+            lines[-1] += " " + item
+        for line in lines:
+            reply = self.command(line)
+            if not reply.startswith("2"):
+                log.warning("downstream refused %s: %s", line, reply_text(reply))
 
     def mail(self, xforward, tx):
         self.xforward(xforward)
@@ -1539,7 +1539,11 @@ class ProxyMode(Mode):
             tx.relay = None
 
     def on_message(self, session, tx, metadata, data):
-        answer = self.relayed(tx, lambda: self.relay(tx).message(data))
+        return self.deliver(session, tx, metadata, data, lambda: self.relay(tx).message(data))
+
+    def deliver(self, session, tx, metadata, data, send):
+        """Send the message downstream, end the session, archive what was accepted."""
+        answer = self.relayed(tx, send)
         self.on_reset(session, tx)
         if answer.startswith("2"):
             self.archive(metadata, data)
@@ -1575,11 +1579,8 @@ class FilterMode(ProxyMode):
         metadata.update(scan(self.cfg, data))
         action = self.action(metadata)
         if action == "deliver":
-            answer = self.relayed(tx, lambda: self.relay(tx).data_and_message(data))
-            self.on_reset(session, tx)
-            if answer.startswith("2"):
-                self.archive(metadata, data)
-            return answer
+            return self.deliver(session, tx, metadata, data,
+                                lambda: self.relay(tx).data_and_message(data))
         self.on_reset(session, tx)
         if action == "tempfail":
             log.warning("%s not scanned: %s", metadata["store_key"], metadata["scan"])
