@@ -728,6 +728,11 @@ class MessageBuffer:
             self.file = None
 
 
+def without_ipv6_prefix(address):
+    """XFORWARD writes IPv6 client addresses as 'IPV6:2001:db8::1'."""
+    return address[5:] if address.upper().startswith("IPV6:") else address
+
+
 def parse_xforward(arg):
     """{NAME: value or None for [UNAVAILABLE]}; None on bad syntax."""
     attrs = {}
@@ -745,7 +750,7 @@ def parse_xforward(arg):
             attrs[name] = None
             continue
         if name == "ADDR":
-            address = value[5:] if value.upper().startswith("IPV6:") else value
+            address = without_ipv6_prefix(value)
             try:
                 ipaddress.ip_address(address)
             except ValueError:
@@ -829,9 +834,7 @@ def receive_message(session, tx, xforward, data):
 
 def make_metadata(session, tx, xforward, data):
     """The seed's metadata document, plus fields that are cheap to search on."""
-    addr = xforward.get("ADDR")
-    if addr and addr.upper().startswith("IPV6:"):
-        addr = addr[5:]
+    addr = without_ipv6_prefix(xforward.get("ADDR", ""))
     metadata = {
         "store_key": secrets.token_hex(32),
         "sender": tx.sender.strip().lower(),
