@@ -25,17 +25,17 @@ and the command line.
 
 import argparse
 import base64
+import binascii
 import contextlib
 import copy
 import datetime
-import email.header
-import email.parser
-import email.policy
 import email.utils
 import importlib
+import itertools
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import queue
 import re
@@ -47,6 +47,7 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 import zlib
 
 __version__ = "1.0.0"
@@ -59,7 +60,6 @@ log = logging.getLogger("mms")
 
 COMMAND_LINE_MAX = 512          # RFC 5321 4.5.3.1.4, CRLF included
 PARAMS_ROOM = 1024              # extra room on MAIL/RCPT for ESMTP parameters
-DATA_LINE_MAX = 1000            # RFC 5321 4.5.3.1.6, CRLF included
 PATH_MAX = 256                  # RFC 5321 4.5.3.1.3
 XFORWARD_VALUE_MAX = 255        # Postfix XFORWARD_README
 RECV_SIZE = 64 * 1024
@@ -110,29 +110,40 @@ def _flag(value):
     raise argparse.ArgumentTypeError(f"not a yes/no value: {value!r}")
 
 
+def _number(value, kind=int):
+    """ASCII digits only: int() would also take '٣٣' and '²'-free Unicode digits."""
+    text = str(value).strip()
+    if not text.isascii():
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+
+
 def _port(value):
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {value!r}")
+    port = _number(value)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (1-65535): {value!r}")
     return port
 
 
 def _positive(value):
-    number = float(value)
-    if number <= 0:
+    number = _number(value, float)
+    if not number > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {value!r}")
     return number
 
 
 def _workers(value):
-    number = int(value)
+    number = _number(value)
     if not 1 <= number <= 256:
         raise argparse.ArgumentTypeError(f"must be 1 to 256: {value!r}")
     return number
 
 
 def _count(value):
-    number = int(value)
+    number = _number(value)
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more: {value!r}")
     return number
@@ -166,12 +177,25 @@ def _choice(*choices):
         if value not in choices:
             raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
         return value
-    check.__name__ = "choice"
     return check
 
 
 def _names(value):
     return value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _write_concern(value):
+    """w: a number of members or a tag set name; never 0, which acknowledges writes
+    MongoDB may never make, and so would answer 250 for mail that is not stored."""
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        if int(text) == 0:
+            raise argparse.ArgumentTypeError(
+                "0 would answer 250 for messages MongoDB never stored: use 1 or more, or majority")
+        return int(text)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"not a number, 'majority' or a tag set name: {value!r}")
+    return text
 
 
 # (flag, variable, default, type, help). The variable gives the default; the flag wins.
@@ -183,24 +207,33 @@ OPTIONS = [
     ("--hostname", "MMS_HOSTNAME", "", str,
      "name in the greeting and EHLO reply (default: this machine's FQDN)"),
     ("--timeout", "MMS_TIMEOUT", "600", _positive,
-     "idle timeout in seconds for each read from a client"),
+     "seconds a client may take for each read, and for each whole command line"),
+    ("--data-timeout", "MMS_DATA_TIMEOUT", "1800", _positive,
+     "seconds a client may take for a whole message, from DATA to the final dot"),
     ("--data-size-limit", "MMS_DATA_SIZE_LIMIT", "0", _count,
      "largest message in bytes, 0 for no limit"),
     ("--max-recipients", "MMS_MAX_RECIPIENTS", "1000", _count,
      "recipients per message; more answer 452 4.5.3"),
     ("--max-connections", "MMS_MAX_CONNECTIONS", "256", _count,
      "connections in service at once; one more gets 421 4.7.0"),
+    ("--max-connections-per-client", "MMS_MAX_CONNECTIONS_PER_CLIENT", "32", _count,
+     "connections in service at once from one IP address; one more gets 421 4.7.0"),
     ("--allow", "MMS_ALLOW", "", _networks,
-     "clients allowed to connect, IPs or CIDRs (repeatable; default: everyone)"),
+     "clients allowed to connect, IPs or CIDRs (repeatable; default: everyone, but in "
+     "proxy and filter modes only --xforward-hosts)"),
     ("--xforward-hosts", "MMS_XFORWARD_HOSTS", "127.0.0.0/8,::1", _networks,
      "clients allowed to send XFORWARD, IPs or CIDRs"),
     ("--plugin", "MMS_PLUGINS", "", _names,
      "module whose apply(metadata=None, data=None) runs on each message (repeatable)"),
+    ("--plugin-timeout", "MMS_PLUGIN_TIMEOUT", "10", _positive,
+     "seconds a plugin may take; past it the message goes on without its changes"),
     ("--workers", "MMS_WORKERS", "1", _workers,
      "processes sharing the listening socket, each with its own MongoDB client"),
     ("--grace", "MMS_GRACE", "8", _positive,
      "seconds that SIGTERM waits for transactions in progress"),
     ("--debug", "MMS_DEBUG", "0", _flag, "log the SMTP dialogue"),
+    ("--log-file", "MMS_LOG_FILE", "", str,
+     "append the log to this file instead of stderr; SIGHUP reopens it (for logrotate)"),
     ("--mongo-host", "MMS_MONGODB_URI", "mongodb://localhost/message", str,
      "MongoDB connection string"),
     ("--mongo-database", "MMS_MONGODB_DATABASE", "message", str, "database name"),
@@ -208,8 +241,10 @@ OPTIONS = [
      "collection of metadata documents"),
     ("--mongo-timeout", "MMS_MONGODB_TIMEOUT", "5", _positive,
      "seconds to find a MongoDB server before answering 451"),
-    ("--mongo-write-concern", "MMS_MONGODB_WRITE_CONCERN", "1", str,
-     "write concern w: a number or 'majority'"),
+    ("--mongo-write-concern", "MMS_MONGODB_WRITE_CONCERN", "1", _write_concern,
+     "write concern w: a number (1 or more), 'majority' or a tag set name"),
+    ("--mongo-journal", "MMS_MONGODB_JOURNAL", "0", _flag,
+     "write concern j: true, answer 250 only once MongoDB's journal has the message"),
     ("--remote-host", "MMS_REMOTE_HOST", "127.0.0.1", str,
      "proxy and filter modes: the SMTP server that mail is relayed to"),
     ("--remote-port", "MMS_REMOTE_PORT", "14002", _port, "port of --remote-host"),
@@ -237,8 +272,15 @@ OPTIONS = [
 ]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad option is one line and exit 2, not a usage block that hides it."""
+
+    def error(self, message):
+        fail(f"{message} (see mms.py --help)")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mms.py",
         description="Mongo Mail Server: an SMTP server that records every message in MongoDB.",
         epilog="Every option can be set by the MMS_* variable shown; the flag wins.",
@@ -251,13 +293,15 @@ def build_parser():
             extra = {"action": "store_const", "const": True}
         if kind is not _flag:
             extra.update(type=kind, metavar=variable.replace("MMS_", ""))
-        parser.add_argument(flag, default=None, help=f"{text} [{variable}, default: {shown}]",
-                            **extra)
+        # SUPPRESS: an option not given is absent, so that '--clamd none' (None) is
+        # told apart from no --clamd at all, which falls back to MMS_CLAMD.
+        parser.add_argument(flag, default=argparse.SUPPRESS,
+                            help=f"{text} [{variable}, default: {shown}]", **extra)
     parser.add_argument("command", nargs="?", default="start", choices=COMMANDS,
                         help="start the server (default), or read the archive")
     parser.add_argument("key", nargs="?", help="store_key, for show and headers")
     reader = parser.add_argument_group("reader options (list)")
-    reader.add_argument("--limit", type=int, default=20, help="messages to list (default 20)")
+    reader.add_argument("--limit", type=_count, default=20, help="messages to list (default 20)")
     reader.add_argument("--sender", help="only this sender")
     reader.add_argument("--rcpt", help="only this recipient")
     reader.add_argument("--since", type=datetime.datetime.fromisoformat,
@@ -274,27 +318,44 @@ def parse_config(argv=None):
     cfg = parser.parse_args(argv)
     for flag, variable, default, kind, _ in OPTIONS:
         dest = flag[2:].replace("-", "_")
-        value = getattr(cfg, dest)
-        if value is None:
+        if hasattr(cfg, dest):
+            value = getattr(cfg, dest)
+            if kind in (_networks, _names):
+                value = [item for part in value for item in part]
+        else:
             try:
                 value = kind(os.environ.get(variable, default))
             except (ValueError, argparse.ArgumentTypeError) as exc:
-                parser.error(f"{variable}: {exc}")
-        elif kind in (_networks, _names):
-            value = [item for part in value for item in part]
+                fail(f"{variable}: {exc}")
         setattr(cfg, dest, value)
     if cfg.server not in MODES:
-        parser.error(f"unknown mode {cfg.server!r}: choose one of {', '.join(MODES)}")
+        fail(f"unknown mode {cfg.server!r}: choose one of {', '.join(MODES)}")
     if cfg.command in ("show", "headers") and not cfg.key:
-        parser.error(f"{cfg.command} needs a store_key")
+        fail(f"{cfg.command} needs a store_key")
     if cfg.real_rcpt and cfg.server not in ("mongo-quarantine", "debug"):
-        parser.error("--real-rcpt rewrites the message: it is for mongo-quarantine mode only")
+        fail("--real-rcpt rewrites the message: it is for mongo-quarantine mode only")
+    if cfg.server != "debug" or cfg.command != "start":
+        check_mongo_options(cfg)
     cfg.hostname = cfg.hostname or socket.getfqdn()
     return cfg
 
 
+def check_mongo_options(cfg):
+    """A bad URI or write concern is a start-up error, not a 451 for every message."""
+    try:
+        import pymongo.uri_parser
+        from pymongo.write_concern import WriteConcern
+    except ImportError:
+        fail("this mode needs pymongo: pip install -r requirements.txt")
+    try:
+        pymongo.uri_parser.parse_uri(cfg.mongo_host, connect_timeout=1)
+        WriteConcern(w=cfg.mongo_write_concern, j=cfg.mongo_journal or None)
+    except Exception as exc:
+        fail(f"--mongo-host {redact(cfg.mongo_host)}: {exc}")
+
+
 def fail(message):
-    """Start-up errors: one clear line and exit 2, as argparse does for bad flags."""
+    """Start-up errors: one clear line and exit 2, as for a bad flag."""
     print(f"mms.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -306,12 +367,24 @@ def redact(uri):
 
 def in_networks(address, networks):
     try:
-        ip = ipaddress.ip_address(address.split("%")[0])
+        ip = ipaddress.ip_address(plain_address(address).split("%")[0])
     except ValueError:
         return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
+
+
+def plain_address(address):
+    """'::ffff:192.0.2.1', as a socket on '::' sees IPv4 clients, is '192.0.2.1'."""
+    if address.lower().startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+def kernel_time(seconds):
+    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO; never 0, which means 'no limit'."""
+    seconds = max(seconds, 0.001)
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 ###############################################################################
@@ -389,19 +462,19 @@ class SMTPSession(socketserver.BaseRequestHandler):
 
     def setup(self):
         self.cfg = self.server.cfg
-        self.peer = self.client_address[0]
+        self.peer = plain_address(self.client_address[0])
         self.buf = bytearray()
-        self.helo = None
+        self.helo = self.proto = None
         self.xforward = {}
         self.tx = None
         self.trusted = in_networks(self.peer, self.cfg.xforward_hosts)
         self.waiting = False
         # The kernel times reads and writes out, so no call waits on a poll first.
-        whole = int(self.cfg.timeout)
-        limit = struct.pack("ll", whole, int((self.cfg.timeout - whole) * 1e6))
         self.request.settimeout(None)
-        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        self.read_timeout = None
+        self.set_read_timeout(self.cfg.timeout)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                kernel_time(self.cfg.timeout))
 
     # -- the connection ------------------------------------------------------
 
@@ -428,11 +501,12 @@ class SMTPSession(socketserver.BaseRequestHandler):
 
     def refusal(self):
         """The 5xx or 4xx for a client that is not to be served, logged; None to serve it."""
-        if self.cfg.allow and not in_networks(self.peer, self.cfg.allow):
-            log.warning("reject connection from %s: not in --allow", self.peer)
+        if self.server.allow and not in_networks(self.peer, self.server.allow):
+            log.warning("reject connection from %s: not in %s", self.peer, self.server.allow_source)
             return R_ACCESS_DENIED.format(self.peer)
-        if not self.server.enter(self):
-            log.warning("reject connection from %s: too many connections", self.peer)
+        refused = self.server.enter(self)
+        if refused:
+            log.warning("reject connection from %s: %s", self.peer, refused)
             return R_TOO_MANY_CONN.format(self.cfg.hostname)
         return None
 
@@ -444,14 +518,21 @@ class SMTPSession(socketserver.BaseRequestHandler):
         except OSError:
             raise ClientGone() from None
 
-    def fill(self, idle=False):
-        """Wait for more bytes, as long as --timeout allows (SO_RCVTIMEO: no poll call
-        per read). A session idle between transactions says so, so that a draining
-        server can wake it by shutting down its reading side."""
+    def fill(self, idle=False, deadline=None):
+        """Wait for more bytes, as long as --timeout and the deadline allow
+        (SO_RCVTIMEO: no poll call per read, and a setsockopt only near a deadline).
+        A session idle between transactions says so, so that a draining server can
+        wake it by shutting down its reading side."""
         if idle:
             self.waiting = True
             if self.server.draining:
                 raise CloseSession(R_SHUTDOWN.format(self.cfg.hostname))
+        wait = self.cfg.timeout
+        if deadline is not None:
+            wait = min(wait, deadline - time.monotonic())
+            if wait <= 0:
+                raise CloseSession(R_TIMEOUT.format(self.cfg.hostname))
+        self.set_read_timeout(wait)
         try:
             chunk = self.request.recv(RECV_SIZE)
         except BlockingIOError:
@@ -466,10 +547,17 @@ class SMTPSession(socketserver.BaseRequestHandler):
             raise ClientGone()
         return chunk
 
+    def set_read_timeout(self, seconds):
+        if seconds != self.read_timeout:
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, kernel_time(seconds))
+            self.read_timeout = seconds
+
     def read_command(self):
-        """The next command line, without its line ending; None if it was too long."""
+        """The next command line, without its line ending; None if it was too long.
+        Once a line has begun, all of it must arrive within --timeout: a byte now and
+        then does not hold the session open (slowloris)."""
         limit = COMMAND_LINE_MAX + PARAMS_ROOM
-        overlong = False
+        overlong, deadline = False, None
         while True:
             if self.tx is None and self.server.draining:
                 raise CloseSession(R_SHUTDOWN.format(self.cfg.hostname))
@@ -481,7 +569,9 @@ class SMTPSession(socketserver.BaseRequestHandler):
             if len(self.buf) > limit:
                 overlong = True
                 self.buf.clear()
-            self.buf += self.fill(idle=self.tx is None)
+            if deadline is None and (self.buf or overlong):
+                deadline = time.monotonic() + self.cfg.timeout
+            self.buf += self.fill(idle=self.tx is None, deadline=deadline)
 
     # -- dispatch ------------------------------------------------------------
 
@@ -518,13 +608,13 @@ class SMTPSession(socketserver.BaseRequestHandler):
     def smtp_HELO(self, arg):
         if not arg:
             return self.reply(R_SYNTAX.format("HELO hostname"))
-        self.greet(arg)
+        self.greet(arg, "SMTP")
         self.reply(f"250 {self.cfg.hostname}")
 
     def smtp_EHLO(self, arg):
         if not arg:
             return self.reply(R_SYNTAX.format("EHLO hostname"))
-        self.greet(arg)
+        self.greet(arg, "ESMTP")
         limit = self.cfg.data_size_limit
         lines = [self.cfg.hostname, "PIPELINING", f"SIZE {limit}" if limit else "SIZE",
                  "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
@@ -533,10 +623,10 @@ class SMTPSession(socketserver.BaseRequestHandler):
         lines.append("HELP")
         self.reply("\r\n".join(f"250-{text}" for text in lines[:-1]) + f"\r\n250 {lines[-1]}")
 
-    def greet(self, name):
+    def greet(self, name, proto):
         """RFC 5321 4.1.4: a new EHLO ends any transaction; XFORWARD attributes stay."""
         self.end_transaction()
-        self.helo = name
+        self.helo, self.proto = name, proto
 
     def smtp_MAIL(self, arg):
         if self.helo is None:
@@ -564,7 +654,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
             name, _, value = param.partition("=")
             name = name.upper()
             if name == "SIZE":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):
                     return R_SYNTAX.format("SIZE=<number>")
                 if self.cfg.data_size_limit and int(value) > self.cfg.data_size_limit:
                     return R_TOO_BIG
@@ -581,7 +671,8 @@ class SMTPSession(socketserver.BaseRequestHandler):
         rcpt, params = parsed
         if not rcpt or not valid_address(rcpt):
             return self.reply(R_BAD_RCPT)
-        if self.cfg.max_recipients and len(self.tx.rcpts) >= self.cfg.max_recipients:
+        if (self.cfg.max_recipients
+                and len(self.tx.rcpts) + len(self.tx.refused) >= self.cfg.max_recipients):
             return self.reply(R_TOO_MANY_RCPTS)
         answer = self.server.mode.on_rcpt(self, self.tx, rcpt, params)
         if answer is None or answer.startswith("2"):
@@ -603,12 +694,16 @@ class SMTPSession(socketserver.BaseRequestHandler):
         if answer and not answer.startswith("3"):
             return self.reply(answer)
         self.reply(R_DATA_GO)
-        data, problem = self.read_data()
+        message, problem = self.read_data()
         tx, self.tx, xforward, self.xforward = self.tx, None, self.xforward, {}
         if problem:
             self.server.mode.on_reset(self, tx)
             return self.reply(problem)
-        self.reply(receive_message(self, tx, xforward, data))
+        try:
+            answer = receive_message(self, tx, xforward, message)
+        finally:
+            message.close()
+        self.reply(answer)
 
     def smtp_RSET(self, arg):
         self.abort_transaction()
@@ -659,70 +754,128 @@ class SMTPSession(socketserver.BaseRequestHandler):
     def read_data(self):
         """The message up to <CRLF>.<CRLF>, un-dot-stuffed, and a problem reply if any.
 
-        Work stays linear: a block is searched once, and only the short tail of an
-        unfinished line is carried to the next block. A pending buffer always starts
-        with the CRLF that ended the previous line, so a line-leading '.' is found
-        as '\\r\\n.'. Once a problem is found, the rest is drained in constant memory.
-        A message past SPOOL_THRESHOLD goes to a temporary file while it arrives, so
-        that many slow large messages do not sit in memory at once.
+        Lines may be of any length: behind Postfix or amavisd-new a long line is
+        message content, and refusing it would lose mail. Work and memory stay
+        linear: each block is searched once and written out whole, but for a tail
+        that may be the start of <CRLF>.<CRLF> (at most 4 bytes), carried to the next
+        block. The buffer starts with a virtual CRLF, so that a '.' leading the first
+        line is found as '\r\n.'. Once a problem is found, the rest is drained in
+        constant memory. The whole message must arrive within --data-timeout.
         """
-        body, problem = MessageBuffer(), None
-        pending = b"\r\n" + bytes(self.buf)
+        message, problem = Message(), None
+        pending, skip = b"\r\n" + bytes(self.buf), 2
         self.buf.clear()
+        deadline = time.monotonic() + self.cfg.data_timeout
         try:
             while True:
                 end = pending.find(END_OF_DATA)
-                cut = end if end >= 0 else pending.rfind(b"\r\n")
-                if not problem:
-                    problem = self.take_lines(pending[:cut + 2], body)
+                cut = end + 2 if end >= 0 else len(pending) - partial_end(pending)
+                if not problem and cut >= skip:
+                    message.write(pending[:cut].replace(b"\r\n.", b"\r\n")[skip:])
+                    skip = 0
+                    limit = self.cfg.data_size_limit
+                    if limit and message.size > limit:
+                        problem = R_TOO_BIG
+                        message.close()
                 if end >= 0:
                     self.buf += pending[end + len(END_OF_DATA):]
-                    return (None if problem else body.getvalue()), problem
-                if not problem:
-                    pending = pending[cut:]
-                    if len(pending) - 2 >= DATA_LINE_MAX:
-                        problem = R_LINE_TOO_LONG
-                if problem:
-                    body.close()
-                    pending = pending[-4:]
-                pending += self.fill()
-        finally:
-            body.close()
-
-    def take_lines(self, block, body):
-        """Un-dot-stuff complete lines that start after a CRLF; check their length and the total."""
-        if max(map(len, block.split(b"\r\n"))) > DATA_LINE_MAX - 2:
-            return R_LINE_TOO_LONG
-        body.write(block.replace(b"\r\n.", b"\r\n")[2:])
-        limit = self.cfg.data_size_limit
-        return R_TOO_BIG if limit and body.size > limit else None
+                    return (None, problem) if problem else (message.finish(), None)
+                pending = pending[cut:] + self.fill(deadline=deadline)
+        except BaseException:
+            message.close()
+            raise
 
 
-class MessageBuffer:
-    """Message bytes in memory, moved to a temporary file once past SPOOL_THRESHOLD."""
+def partial_end(block):
+    """How many bytes at the end of block could begin <CRLF>.<CRLF>."""
+    for n in (4, 3, 2, 1):
+        if block.endswith(END_OF_DATA[:n]):
+            return n
+    return 0
 
-    def __init__(self):
-        self.parts, self.size, self.file = [], 0, None
+
+class Message:
+    """The bytes of one message: in memory, or past SPOOL_THRESHOLD in a temporary
+    file, so that many large messages never sit in memory at once. Every reader
+    (store, relay, scanners, spool, debug output) takes it piece by piece."""
+
+    PIECE = 2**20
+
+    def __init__(self, data=b""):
+        self.buffer, self.data, self.file, self.map = bytearray(), data, None, None
+        self.size = len(data)
+
+    @classmethod
+    def from_file(cls, path):
+        message = cls()
+        message.file = open(path, "rb")
+        message.size = os.fstat(message.file.fileno()).st_size
+        return message
 
     def write(self, block):
         self.size += len(block)
         if self.file is not None:
             self.file.write(block)
             return
-        self.parts.append(block)
+        self.buffer += block
         if self.size > SPOOL_THRESHOLD:
             self.file = tempfile.TemporaryFile(prefix="mms-")
-            self.file.writelines(self.parts)
-            self.parts = []
+            self.file.write(self.buffer)
+            self.buffer = bytearray()
 
-    def getvalue(self):
+    def finish(self):
         if self.file is None:
-            return b"".join(self.parts)
-        self.file.seek(0)
-        return self.file.read()
+            self.data, self.buffer = bytes(self.buffer), bytearray()
+        else:
+            self.file.flush()
+        return self
+
+    def pieces(self, size=PIECE):
+        """The bytes in order; os.pread, so that two readers (clamd and spamd) may
+        read the same file at once."""
+        if self.file is None:
+            for at in range(0, self.size, size):
+                yield self.data if self.size <= size else self.data[at:at + size]
+            return
+        fd, at = self.file.fileno(), 0
+        while at < self.size and (piece := os.pread(fd, size, at)):
+            at += len(piece)
+            yield piece
+
+    def head(self, limit):
+        if self.file is None:
+            return self.data[:limit]
+        return os.pread(self.file.fileno(), limit, 0)
+
+    def view(self):
+        """What a plugin gets as data: bytes, or for a message in a file a read-only
+        mmap of it, which slices and searches like bytes without filling memory."""
+        if self.file is None:
+            return self.data
+        if self.map is None:
+            self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        return self.map
+
+    def prepend(self, line):
+        """--real-rcpt's one header; a message in a file is copied once to a new file."""
+        if self.file is None:
+            self.data = line + self.data
+        else:
+            copied = tempfile.TemporaryFile(prefix="mms-")
+            copied.write(line)
+            for piece in self.pieces():
+                copied.write(piece)
+            copied.flush()
+            self.close()
+            self.file = copied
+        self.size += len(line)
 
     def close(self):
-        self.parts = []
+        self.buffer, self.data = bytearray(), b""
+        if self.map is not None:
+            with contextlib.suppress(BufferError):
+                self.map.close()
+            self.map = None
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -759,8 +912,18 @@ def parse_xforward(arg):
     return attrs
 
 
+RELAY_MODES = ("mongo-proxy", "mongo-filter")
+
+
 class SMTPServer(socketserver.ThreadingTCPServer):
-    """Counts sessions, so that --max-connections and a graceful SIGTERM can see them."""
+    """Counts sessions, so that --max-connections, --max-connections-per-client and a
+    graceful SIGTERM can see them, and holds the allow-list in force.
+
+    In proxy and filter modes the allow-list defaults to --xforward-hosts: the
+    after-filter sees every relayed message coming from mms's own address, and an
+    after-filter set up as SMTPD_PROXY_README shows (permit_mynetworks with
+    127.0.0.0/8) relays for it, so any other client would have an open relay.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
@@ -771,6 +934,10 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.mode = mode
         self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.sessions = set()
+        self.per_client = {}
+        self.allow, self.allow_source = cfg.allow, "--allow"
+        if not cfg.allow and cfg.server in RELAY_MODES:
+            self.allow, self.allow_source = cfg.xforward_hosts, "--xforward-hosts"
         self.lock = threading.Lock()
         self.emptied = threading.Condition(self.lock)
         self.draining = False
@@ -784,15 +951,25 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.mode.start()
 
     def enter(self, session):
+        """None if the session may start, else why not."""
+        cfg, peer = self.cfg, session.peer
         with self.lock:
-            if self.cfg.max_connections and len(self.sessions) >= self.cfg.max_connections:
-                return False
+            if cfg.max_connections and len(self.sessions) >= cfg.max_connections:
+                return "too many connections"
+            count = self.per_client.get(peer, 0)
+            if cfg.max_connections_per_client and count >= cfg.max_connections_per_client:
+                return f"too many connections from {peer}"
+            self.per_client[peer] = count + 1
             self.sessions.add(session)
-            return True
+            return None
 
     def leave(self, session):
         with self.lock:
-            self.sessions.discard(session)
+            if session in self.sessions:
+                self.sessions.discard(session)
+                count = self.per_client.pop(session.peer) - 1
+                if count:
+                    self.per_client[session.peer] = count
             self.emptied.notify_all()
 
     def drain(self, grace):
@@ -818,23 +995,24 @@ class SMTPServer(socketserver.ThreadingTCPServer):
 # The message pipeline: metadata and plugins ##################################
 ###############################################################################
 
-def receive_message(session, tx, xforward, data):
+def receive_message(session, tx, xforward, message):
     """From the final dot to the reply: metadata, then plugins, then the mode."""
-    metadata = make_metadata(session, tx, xforward, data)
+    metadata = make_metadata(session, tx, xforward, message)
     if session.cfg.real_rcpt:
-        data = apply_real_rcpt(metadata, data)
-    run_plugins(session.server.plugins, metadata, data)
-    answer = session.server.mode.on_message(session, tx, metadata, data)
+        apply_real_rcpt(metadata, message)
+    run_plugins(session.server.plugins, metadata, message, session.cfg.plugin_timeout)
+    answer = session.server.mode.on_message(session, tx, metadata, message)
     queued = answer.startswith("250")
     log.log(logging.INFO if queued else logging.WARNING, "%s from=<%s> to=<%s> size=%d client=%s",
             f"queued as {metadata['store_key']}" if queued else f"not queued ({answer})",
-            metadata["sender"], ",".join(metadata["rcpt"]), len(data), metadata["client_address"])
+            metadata["sender"], ",".join(metadata["rcpt"]), message.size,
+            metadata["client_address"])
     return answer
 
 
-def make_metadata(session, tx, xforward, data):
+def make_metadata(session, tx, xforward, message):
     """The seed's metadata document, plus fields that are cheap to search on."""
-    addr = without_ipv6_prefix(xforward.get("ADDR", ""))
+    addr = plain_address(without_ipv6_prefix(xforward.get("ADDR", "")))
     metadata = {
         "store_key": secrets.token_hex(32),
         "sender": tx.sender.strip().lower(),
@@ -846,76 +1024,128 @@ def make_metadata(session, tx, xforward, data):
         "server": session.peer,
         "received": datetime.datetime.now(datetime.timezone.utc),
         "message": None,
-        "size": len(data),
+        "size": message.size,
     }
-    metadata.update(header_fields(data))
+    metadata.update(header_fields(message.head(HEADER_BLOCK_MAX)))
     return metadata
 
 
-HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-HEADER_BLOCK_MAX = 256 * 1024
-SEARCHED_HEADERS_RE = re.compile(rb"^(subject|message-id|date):[ \t]*(.*(?:\r?\n[ \t].*)*)",
-                                 re.IGNORECASE | re.MULTILINE)
+HEADER_BLOCK_MAX = 256 * 1024   # header fields mms reads must begin within this
+HEADER_VALUE_MAX = 16 * 1024    # and no more of one field than this is decoded
+SENT_MAX = 256                  # a Date: longer than this is no date
+UTC = datetime.timezone.utc
+
+
+def header_values(head, names):
+    """{name: value} for the first field of each name, unfolded and cut at
+    HEADER_VALUE_MAX, in time linear in the header's size.
+
+    Lines end at LF or CRLF only, for every field alike: a bare CR inside a
+    Subject never starts an X-Envelope-To. The header ends at the first empty
+    line, or at a line that is not a field (a missing blank line).
+    """
+    found, current = {}, None
+    for line in header_block(head).split(b"\n"):
+        line = line[:-1] if line.endswith(b"\r") else line
+        if line[:1] in (b" ", b"\t"):
+            if current is not None and len(current) < HEADER_VALUE_MAX:
+                current += b" " + line[1:]
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or b" " in name.rstrip(b" \t"):
+            break
+        name = name.rstrip(b" \t").lower()
+        current = None
+        if name in names and name not in found:
+            found[name] = current = bytearray(value)
+    return {name: bytes(value[:HEADER_VALUE_MAX]).strip() for name, value in found.items()}
 
 
 def header_block(data):
-    end = data.find(b"\r\n\r\n", 0, HEADER_BLOCK_MAX)
-    return data[:end + 2] if end >= 0 else data[:HEADER_BLOCK_MAX]
+    """The header up to and with the line ending before the first empty line."""
+    ends = [at + 1 for at in (data.find(b"\n\n", 0, HEADER_BLOCK_MAX),
+                              data.find(b"\n\r\n", 0, HEADER_BLOCK_MAX)) if at >= 0]
+    return data[:min(ends)] if ends else data[:HEADER_BLOCK_MAX]
 
 
-def header_fields(data):
-    """subject, message_id and sent, each left out when absent or unreadable.
-
-    Only the header block is read, with one regular expression rather than a MIME
-    parser (it costs a tenth), and every failure is swallowed: a broken header
-    must never cost a message.
-    """
-    found = {}
-    for match in SEARCHED_HEADERS_RE.finditer(header_block(data)):
-        name = match.group(1).lower()
-        if name not in found:
-            found[name] = re.sub(rb"\r?\n[ \t]", b" ", match.group(2)).strip()
+def header_fields(head):
+    """subject, message_id and sent, each left out when absent or unreadable:
+    a broken header never costs a message."""
+    found = header_values(head, (b"subject", b"message-id", b"date"))
     fields = {}
-    with contextlib.suppress(Exception):
-        if b"subject" in found:
-            fields["subject"] = decode_header_value(found[b"subject"])
-    with contextlib.suppress(Exception):
-        if found.get(b"message-id"):
-            fields["message_id"] = found[b"message-id"].decode("utf-8", "replace").strip("<> ")
-    with contextlib.suppress(Exception):
-        sent = email.utils.parsedate_to_datetime(found[b"date"].decode("ascii", "replace"))
-        fields["sent"] = sent if sent.tzinfo else sent.replace(tzinfo=datetime.timezone.utc)
+    if b"subject" in found:
+        fields["subject"] = decode_header_value(found[b"subject"])
+    if found.get(b"message-id"):
+        fields["message_id"] = found[b"message-id"].decode("utf-8", "replace").strip("<> ")
+    if b"date" in found:
+        sent = parse_date(found[b"date"])
+        if sent is not None:
+            fields["sent"] = sent
     return fields
 
 
+def parse_date(raw):
+    """The Date: in UTC, or None; a date that UTC cannot hold (31 Dec 9999 -1200) is none."""
+    with contextlib.suppress(Exception):
+        sent = email.utils.parsedate_to_datetime(raw[:SENT_MAX].decode("ascii", "replace"))
+        return (sent if sent.tzinfo else sent.replace(tzinfo=UTC)).astimezone(UTC)
+    return None
+
+
+ENCODED_WORD_RE = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
+
+
 def decode_header_value(raw):
-    """RFC 2047 encoded words, or raw UTF-8 (RFC 6532); never an exception."""
+    """RFC 2047 encoded words, or raw UTF-8 (RFC 6532); never an exception.
+
+    One regular expression pass, linear in the value: the email package's decoder
+    is quadratic on an unclosed '=?x?q?a' run and holds the GIL while it works.
+    Whitespace between two encoded words is dropped, as RFC 2047 6.2 says.
+    """
     text = raw.decode("utf-8", "replace")
-    if "=?" in text:
-        with contextlib.suppress(Exception):
-            text = str(email.header.make_header(email.header.decode_header(text)))
-    return text
+    if "=?" not in text:
+        return text
+    parts, at, after_word = [], 0, False
+    for match in ENCODED_WORD_RE.finditer(text):
+        between = text[at:match.start()]
+        if not (after_word and not between.strip()):
+            parts.append(between)
+        parts.append(decode_word(*match.groups()) or match.group(0))
+        at, after_word = match.end(), True
+    parts.append(text[at:])
+    return "".join(parts)
 
 
-def apply_real_rcpt(metadata, data):
-    """amavisd-new quarantine copies: the real recipients are in X-Envelope-To.
+def decode_word(charset, encoding, payload):
+    with contextlib.suppress(Exception):
+        if encoding in "qQ":
+            raw = binascii.a2b_qp(payload.encode("ascii"), header=True)
+        else:
+            raw = base64.b64decode(payload + "=" * (-len(payload) % 4))
+        return raw.decode(charset, "replace")
+    return None
+
+
+ADDRESS_IN_ANGLES_RE = re.compile(r"<([^<>\s]+)>")
+
+
+def apply_real_rcpt(metadata, message):
+    """amavisd-new quarantine copies: the real recipients are in the X-Envelope-To
+    that amavisd-new prepends, the first one (a sender's own further down is not).
 
     The envelope recipients (the quarantine addresses) are kept in a prepended
     X-MMS-RCPT header: the one change mms ever makes to a message.
     """
-    try:
-        values = HEADER_PARSER.parsebytes(header_block(data)).get_all("X-Envelope-To") or []
-    except Exception:
-        values = []
-    text = " ".join(str(v) for v in values)
-    real = re.findall(r"<([^<>\s]+)>", text) or [a for a in re.split(r"[\s,]+", text) if a]
+    head = message.head(HEADER_BLOCK_MAX)
+    text = header_values(head, (b"x-envelope-to",)).get(b"x-envelope-to", b"")
+    text = text.decode("utf-8", "replace")
+    real = ADDRESS_IN_ANGLES_RE.findall(text) or [a for a in re.split(r"[\s,]+", text) if a]
     if not real:
-        return data
-    eol = b"\r\n" if b"\r\n" in data[:4096] or not data else b"\n"
+        return
+    eol = b"\r\n" if b"\r\n" in head[:4096] or not head else b"\n"
     line = "X-MMS-RCPT: " + ", ".join(f"<{r}>" for r in metadata["rcpt"])
-    data = line.encode() + eol + data
-    metadata.update(rcpt=[r.lower() for r in real], rcpt_count=len(real), size=len(data))
-    return data
+    message.prepend(line.encode() + eol)
+    metadata.update(rcpt=[r.lower() for r in real], rcpt_count=len(real), size=message.size)
 
 
 def load_plugins(names):
@@ -935,27 +1165,50 @@ def load_plugins(names):
     return plugins
 
 
-def run_plugins(plugins, metadata, data):
-    """A plugin that raises, or leaves metadata that MongoDB could not store, is
-    logged and its edits are undone: the message goes on as if it had not run."""
+def run_plugins(plugins, metadata, message, timeout):
+    """Each plugin edits a copy of the metadata, in a thread of its own. The copy is
+    kept only if the plugin returned within --plugin-timeout and left metadata that
+    mms can still store and log; otherwise the message goes on as if the plugin had
+    not run. A plugin that hangs keeps its thread, never the session."""
     for plugin in plugins:
-        before = copy.deepcopy(metadata)
-        try:
-            plugin.apply(metadata=metadata, data=data)
-            check_storable(metadata)
-        except Exception:
-            log.exception("plugin %s failed on %s; its changes are undone, the message goes on",
-                          plugin.__name__, metadata.get("store_key"))
+        edited, outcome = copy.deepcopy(metadata), []
+
+        def apply(plugin=plugin, edited=edited, outcome=outcome):
+            try:
+                plugin.apply(metadata=edited, data=message.view())
+                check_storable(edited, metadata)
+                outcome.append(None)
+            except Exception as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=apply, name=f"plugin-{plugin.__name__}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if not outcome:
+            log.warning("plugin %s took more than %gs on %s; the message goes on without it",
+                        plugin.__name__, timeout, metadata["store_key"])
+        elif outcome[0] is not None:
+            log.error("plugin %s failed on %s; its changes are undone, the message goes on",
+                      plugin.__name__, metadata["store_key"], exc_info=outcome[0])
+        else:
             metadata.clear()
-            metadata.update(before)
+            metadata.update(edited)
 
 
-def check_storable(metadata):
+def check_storable(edited, before):
+    """The fields mms itself needs stay as they were made, and the rest stays BSON."""
+    for field in ("store_key", "message"):
+        if edited.get(field, "missing") != before[field]:
+            raise ValueError(f"{field} must not change")
+    if not (isinstance(edited.get("sender"), str) and isinstance(edited.get("rcpt"), list)
+            and all(isinstance(r, str) for r in edited["rcpt"])
+            and isinstance(edited.get("client_address"), str)):
+        raise ValueError("sender, rcpt and client_address must stay strings")
     try:
         import bson
     except ImportError:  # debug mode without pymongo: nothing will be stored
         return
-    bson.encode(metadata)
+    bson.encode(edited)
 
 
 ###############################################################################
@@ -986,17 +1239,16 @@ def ask(address, request, timeout):
         raise ScanError(f"{address[0]}:{address[1]}: {exc}") from None
 
 
-def clamd_request(data, chunk=64 * 1024):
+def clamd_request(message, chunk=64 * 1024):
     yield b"zINSTREAM\0"
-    for at in range(0, len(data), chunk):
-        piece = data[at:at + chunk]
+    for piece in message.pieces(chunk):
         yield len(piece).to_bytes(4, "big") + piece
     yield b"\0\0\0\0"
 
 
-def clamd_scan(address, data, timeout):
+def clamd_scan(address, message, timeout):
     """clamd's INSTREAM: 'stream: OK' or 'stream: <Name> FOUND'."""
-    raw = ask(address, clamd_request(data), timeout).rstrip(b"\0").decode("utf-8", "replace")
+    raw = ask(address, clamd_request(message), timeout).rstrip(b"\0").decode("utf-8", "replace")
     if raw.endswith(" FOUND"):
         return {"virus": [raw[:-len(" FOUND")].split(": ", 1)[-1]], "raw": raw}
     if raw.endswith(": OK"):
@@ -1008,10 +1260,10 @@ SPAMD_RESULT_RE = re.compile(r"^Spam: (True|False|Yes|No) ; (-?[\d.]+) / (-?[\d.
                              re.MULTILINE | re.IGNORECASE)
 
 
-def spamd_scan(address, data, timeout):
+def spamd_scan(address, message, timeout):
     """SPAMC/1.5 SYMBOLS: the verdict in a 'Spam:' header, the rule names in the body."""
-    head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {len(data)}\r\n\r\n".encode()
-    raw = ask(address, [head, data], timeout).decode("utf-8", "replace")
+    head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {message.size}\r\n\r\n".encode()
+    raw = ask(address, itertools.chain([head], message.pieces()), timeout).decode("utf-8", "replace")
     status, _, rest = raw.partition("\r\n")
     match = SPAMD_RESULT_RE.search(rest)
     if not status.startswith("SPAMD/") or " 0 " not in status or not match:
@@ -1022,14 +1274,14 @@ def spamd_scan(address, data, timeout):
             "symbols": [s for s in body.strip().split(",") if s], "raw": match.group(0).strip()}
 
 
-def scan(cfg, data):
+def scan(cfg, message):
     """Ask clamd and spamd at the same time, so the wait is the slower of the two.
 
     Returns the metadata fields mongo-mail-web knows, plus 'scan' with each
     scanner's own answer or error.
     """
     fields = {"is_virus": 0, "virus": [], "is_spam": 0, "is_unchecked": 0, "scan": {}}
-    if len(data) > cfg.scan_max_size:
+    if message.size > cfg.scan_max_size:
         fields["is_unchecked"] = 1
         fields["scan"]["skipped"] = f"message over --scan-max-size ({cfg.scan_max_size} bytes)"
         return fields
@@ -1037,7 +1289,7 @@ def scan(cfg, data):
 
     def run(name, scanner, address):
         try:
-            results[name] = scanner(address, data, cfg.scan_timeout)
+            results[name] = scanner(address, message, cfg.scan_timeout)
         except ScanError as exc:
             results[name] = exc
 
@@ -1069,6 +1321,14 @@ class DownstreamError(Exception):
     """The downstream server is down, timed out or broke the protocol."""
 
 
+# The positive replies RFC 5321 4.3.2 names for each step; any well-formed 4xx or
+# 5xx is a refusal and passes through. Anything else is a broken downstream.
+POSITIVE_REPLIES = {"greeting": ("220",), "EHLO": ("250",), "XFORWARD": ("250",),
+                    "MAIL": ("250",), "RCPT": ("250", "251", "252"), "DATA": ("354",),
+                    "end of data": ("250",), "QUIT": ("221",)}
+REPLY_CODE_RE = re.compile(r"[2-5][0-5][0-9]\Z")
+
+
 class Downstream:
     """One SMTP client session to --remote-host, opened at MAIL for one transaction."""
 
@@ -1084,11 +1344,12 @@ class Downstream:
             raise DownstreamError(f"connect to {cfg.remote_host}:{cfg.remote_port}: {exc}") from None
         self.file = self.sock.makefile("rb")
         self.in_data = False
-        self.expect(self.reply(), "greeting")
+        self.expect(self.reply("greeting"), "greeting")
         self.extensions = self.ehlo()
 
-    def reply(self):
-        """A whole reply, multi-line included, exactly as the server sent it (CRLF joined)."""
+    def reply(self, step):
+        """A whole reply, multi-line included, exactly as the server sent it (CRLF
+        joined), once it is known to be a reply that `step` may get."""
         lines = []
         try:
             while len(lines) < self.REPLY_LINES_MAX:
@@ -1096,18 +1357,29 @@ class Downstream:
                 if not line.endswith(b"\n"):
                     raise DownstreamError("connection closed or reply line too long")
                 text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-                if len(text) < 3 or not text[:3].isdigit() or text[3:4] not in ("", " ", "-"):
+                if len(text) < 3 or text[3:4] not in ("", " ", "-"):
                     raise DownstreamError(f"not an SMTP reply: {text!r}")
                 lines.append(text)
                 if text[3:4] != "-":
-                    return "\r\n".join(lines)
+                    return self.checked("\r\n".join(lines), step)
         except OSError as exc:
             raise DownstreamError(str(exc)) from None
         raise DownstreamError("reply has too many lines")
 
-    def command(self, line):
+    @staticmethod
+    def checked(reply, step):
+        """RFC 5321 4.2.1: every line of a reply carries the same code. A reply read by
+        its first line and passed on to be read by its last must not differ."""
+        code = reply[:3]
+        if any(line[:3] != code for line in reply.split("\r\n")):
+            raise DownstreamError(f"reply to {step} mixes codes: {reply!r}")
+        if not REPLY_CODE_RE.match(code) or (code[0] in "23" and code not in POSITIVE_REPLIES[step]):
+            raise DownstreamError(f"{code} is no reply to {step}: {reply!r}")
+        return reply
+
+    def command(self, line, step=None):
         self.send(line.encode() + b"\r\n")
-        return self.reply()
+        return self.reply(step or line.split(" ", 1)[0].upper())
 
     def send(self, data):
         try:
@@ -1150,19 +1422,25 @@ class Downstream:
         self.in_data = answer.startswith("3")
         return answer
 
-    def data_and_message(self, data):
+    def data_and_message(self, message):
         answer = self.data()
-        return self.message(data) if self.in_data else answer
+        return self.message(message) if self.in_data else answer
 
-    def message(self, data):
-        """Send DATA content, dot-stuffed after every LF: a downstream that ends lines on
-        a bare LF must not see '<LF>.<CRLF>' as the end of data (SMTP smuggling)."""
-        stuffed = (b"\n" + data).replace(b"\n.", b"\n..")[1:]
-        if stuffed and not stuffed.endswith(b"\r\n"):
-            stuffed += b"\r\n"
-        self.send(stuffed + b".\r\n")
+    def message(self, message):
+        """Send DATA content piece by piece, dot-stuffed after every LF: a downstream
+        that ends lines on a bare LF must not see '<LF>.<CRLF>' as the end of data
+        (SMTP smuggling)."""
+        last, pending = b"\r\n", b""
+        for piece in message.pieces():
+            if pending:
+                self.send(pending)
+            pending = piece.replace(b"\n.", b"\n..")
+            if last.endswith(b"\n") and piece.startswith(b"."):
+                pending = b"." + pending
+            last = piece[-2:] if len(piece) >= 2 else (last + piece)[-2:]
+        self.send(pending + (b".\r\n" if last == b"\r\n" else b"\r\n.\r\n"))
         self.in_data = False
-        return self.reply()
+        return self.reply("end of data")
 
     def close(self):
         """QUIT politely, but never wait long for it. In the middle of DATA a QUIT would
@@ -1182,14 +1460,14 @@ class Downstream:
 # The message pipeline: store #################################################
 ###############################################################################
 
-def gridfs_content(data, chunk_size):
-    """base64(zlib(data)), cut in GridFS chunks, made piece by piece: a large message
-    is never held compressed and encoded in full beside itself."""
+def gridfs_content(message, chunk_size):
+    """base64(zlib(message)), cut in GridFS chunks, made piece by piece: a large
+    message is never held whole, compressed or encoded, in memory."""
     raw = chunk_size // 4 * 3              # raw bytes behind one full base64 chunk
     compressor = zlib.compressobj()
-    view, pending = memoryview(data), bytearray()
-    for at in range(0, len(data), 2**20):
-        pending += compressor.compress(view[at:at + 2**20])
+    pending = bytearray()
+    for piece in message.pieces():
+        pending += compressor.compress(piece)
         while len(pending) >= raw:
             yield base64.b64encode(pending[:raw])
             del pending[:raw]
@@ -1234,11 +1512,11 @@ class MongoStore:
     def connect(self):
         import pymongo  # imported here so that debug mode runs without pymongo
         ms = int(self.cfg.mongo_timeout * 1000)
-        concern = self.cfg.mongo_write_concern
+        journal = {"j": True} if self.cfg.mongo_journal else {}
         self.client = pymongo.MongoClient(
             self.cfg.mongo_host, tz_aware=True, appname="mms", serverSelectionTimeoutMS=ms,
             connectTimeoutMS=ms, socketTimeoutMS=max(4 * ms, 20000),
-            w=int(concern) if concern.isdigit() else concern)
+            w=self.cfg.mongo_write_concern, event_listeners=[index_watch(self)], **journal)
         self.db = self.client[self.cfg.mongo_database]
         self.collection = self.db[self.cfg.mongo_collection]
         return self
@@ -1269,14 +1547,14 @@ class MongoStore:
         if self.client is not None:
             self.client.close()
 
-    def store(self, metadata, data):
+    def store(self, metadata, message):
         """Write the message and its metadata; any exception means 'not stored'.
 
         With the writer running, the message joins the next batch and this waits
         for that batch to be acknowledged; without it (replay), it is written alone.
         A large message writes its own chunks first, a few at a time.
         """
-        job = self.prepare(metadata, data)
+        job = self.prepare(metadata, message)
         if self.queue is None:
             self.write([job])
         else:
@@ -1285,22 +1563,25 @@ class MongoStore:
         if job.error is not None:
             raise job.error
 
-    def prepare(self, metadata, data):
+    def prepare(self, metadata, message):
+        """The documents to write. The metadata is checked before anything is written,
+        so that a document BSON cannot hold never leaves an orphan file behind."""
         from bson import Binary, ObjectId
         file_id = ObjectId()
         metadata["message"] = file_id
+        storable(metadata)
         chunks, length = [], 0
-        for n, piece in enumerate(gridfs_content(data, self.CHUNK_SIZE)):
+        for n, piece in enumerate(gridfs_content(message, self.CHUNK_SIZE)):
             chunks.append({"files_id": file_id, "n": n, "data": Binary(piece)})
             length += len(piece)
-            if len(data) > SPOOL_THRESHOLD and len(chunks) == self.CHUNKS_PER_INSERT:
+            if message.size > SPOOL_THRESHOLD and len(chunks) == self.CHUNKS_PER_INSERT:
                 self.db.fs.chunks.insert_many(chunks)
                 chunks = []
         return StoreJob(
             chunks=chunks,
             file={"_id": file_id, "filename": metadata["store_key"], "contentType": "text/plain",
                   "length": length, "chunkSize": self.CHUNK_SIZE,
-                  "uploadDate": datetime.datetime.now(datetime.timezone.utc)},
+                  "uploadDate": datetime.datetime.now(UTC)},
             metadata=metadata, size=length)
 
     def start_writer(self):
@@ -1325,7 +1606,11 @@ class MongoStore:
                 job.done.set()
 
     def write(self, batch):
-        """One insert_many per collection: chunks, then files, then metadata."""
+        """One insert_many per collection: chunks, then files, then metadata.
+
+        A write concern error on any of the three means the write may yet be rolled
+        back (w: majority with wtimeout), so no message of the batch is acknowledged.
+        """
         from pymongo.errors import BulkWriteError
         try:
             if not self.indexed:
@@ -1336,10 +1621,13 @@ class MongoStore:
             self.db.fs.files.insert_many([job.file for job in batch])
             try:
                 self.collection.insert_many([job.metadata for job in batch])
-            except BulkWriteError as exc:  # ordered: the first nInserted are stored
-                for job in batch[exc.details.get("nInserted", 0):]:
+            except BulkWriteError as exc:
+                if exc.details.get("writeConcernErrors"):
+                    raise
+                for job in batch[exc.details.get("nInserted", 0):]:  # ordered: the rest failed
                     job.error = exc
         except Exception as exc:
+            self.indexed = False  # whatever failed, look again once MongoDB answers
             for job in batch:
                 job.error = exc
 
@@ -1350,6 +1638,44 @@ class MongoStore:
         import gridfs
         content = gridfs.GridFS(self.db).get(metadata["message"]).read()
         return zlib.decompress(base64.b64decode(content))
+
+
+def index_watch(store):
+    """A MongoDB found again after it was lost (restarted empty, or replaced) may
+    have no indexes: the next write creates them again, the unique store_key first."""
+    from pymongo import monitoring
+
+    class IndexWatch(monitoring.ServerListener):
+        def opened(self, event):
+            pass
+
+        def description_changed(self, event):
+            if not event.new_description.is_server_type_known:
+                store.indexed = False
+
+        def closed(self, event):
+            pass
+
+    return IndexWatch()
+
+
+CORE_FIELDS = ("store_key", "sender", "rcpt", "rcpt_count", "rcpt_refused", "client_address",
+               "xforward", "server", "received", "message", "size")
+
+
+def storable(metadata):
+    """Metadata that BSON can hold: if a header or a plugin left something it cannot,
+    the message keeps mms's own fields and loses the rest, with a warning."""
+    import bson
+    try:
+        bson.encode(metadata)
+    except Exception as exc:
+        log.warning("metadata of %s cannot be stored (%s): keeping only %s",
+                    metadata.get("store_key"), exc, ", ".join(CORE_FIELDS))
+        kept = {field: metadata[field] for field in CORE_FIELDS if field in metadata}
+        metadata.clear()
+        metadata.update(kept)
+    return metadata
 
 
 class Spool:
@@ -1373,22 +1699,28 @@ class Spool:
         except OSError as exc:
             fail(f"--spool-dir {self.path} is not writable: {exc}")
 
-    def put(self, metadata, data):
+    def put(self, metadata, message):
         import bson
         key = metadata["store_key"]
         with open(os.path.join(self.path, key + ".msg"), "wb") as f:
-            f.write(data)
+            for piece in message.pieces():
+                f.write(piece)
             os.fsync(f.fileno())
         temporary = os.path.join(self.path, key + ".tmp")
         with open(temporary, "wb") as f:
-            f.write(bson.encode(metadata))
+            f.write(bson.encode(storable(metadata)))
             os.fsync(f.fileno())
         os.replace(temporary, os.path.join(self.path, key + ".bson"))
 
     def replay(self, store):
-        """Store every spooled message; return (stored, failed)."""
+        """Store every spooled message; return (stored, failed).
+
+        A message already in the archive (an earlier replay stored it, then died
+        before removing its files) counts as stored: its files go, nothing is written.
+        """
         import bson
-        from pymongo.errors import DuplicateKeyError
+        if not os.path.isdir(self.path):
+            raise LookupError(f"spool directory {self.path} does not exist")
         stored = failed = 0
         for name in sorted(os.listdir(self.path)):
             if not name.endswith(".bson"):
@@ -1396,13 +1728,11 @@ class Spool:
             base = os.path.join(self.path, name[:-5])
             with open(base + ".bson", "rb") as f:
                 metadata = bson.decode(f.read(), codec_options=bson.CodecOptions(tz_aware=True))
-            with open(base + ".msg", "rb") as f:
-                data = f.read()
             metadata.pop("_id", None)
             try:
-                store.store(metadata, data)
-            except DuplicateKeyError:
-                pass  # stored by an earlier replay that was cut short
+                if store.find(metadata["store_key"]) is None:
+                    with contextlib.closing(Message.from_file(base + ".msg")) as message:
+                        store.store(metadata, message)
             except Exception as exc:
                 log.error("replay of %s failed: %s", metadata["store_key"], exc)
                 failed += 1
@@ -1438,7 +1768,7 @@ class Mode:
     def on_reset(self, session, tx):
         pass
 
-    def on_message(self, session, tx, metadata, data):
+    def on_message(self, session, tx, metadata, message):
         raise NotImplementedError
 
 
@@ -1449,12 +1779,13 @@ class DebugMode(Mode):
         self.stream = stream or sys.stdout.buffer
         self.lock = threading.Lock()
 
-    def on_message(self, session, tx, metadata, data):
+    def on_message(self, session, tx, metadata, message):
         head = json.dumps(metadata, default=str, ensure_ascii=False, sort_keys=True)
-        text = b"".join([b"---------- MESSAGE FOLLOWS ----------\n", head.encode(), b"\n",
-                         data, b"\n------------ END MESSAGE ------------\n"])
         with self.lock:
-            self.stream.write(text)
+            self.stream.write(b"---------- MESSAGE FOLLOWS ----------\n" + head.encode() + b"\n")
+            for piece in message.pieces():
+                self.stream.write(piece)
+            self.stream.write(b"\n------------ END MESSAGE ------------\n")
             self.stream.flush()
         return R_QUEUED.format(metadata["store_key"])
 
@@ -1471,15 +1802,15 @@ class QuarantineMode(Mode):
     def close(self):
         self.store.close()
 
-    def on_message(self, session, tx, metadata, data):
-        return stored_reply(self.store, metadata, data)
+    def on_message(self, session, tx, metadata, message):
+        return stored_reply(self.store, metadata, message)
 
 
-def stored_reply(store, metadata, data):
+def stored_reply(store, metadata, message):
     """250 with the store_key once the message is stored; 451 otherwise, so that the
     sending MTA keeps it and retries."""
     try:
-        store.store(metadata, data)
+        store.store(metadata, message)
     except Exception as exc:
         log.error("storing %s failed: %s", metadata["store_key"], exc)
         return R_STORE_FAILED
@@ -1521,7 +1852,16 @@ class ProxyMode(Mode):
 
     def open_relay(self, session, tx):
         tx.relay = Downstream(self.cfg)
-        return tx.relay.mail(session.xforward, tx)
+        return tx.relay.mail(session.xforward or self.described(session), tx)
+
+    @staticmethod
+    def described(session):
+        """A client that sent no XFORWARD is named to the after-filter all the same,
+        so that its log shows who the mail came from, not only mms's address."""
+        addr = session.peer
+        return {"NAME": "[UNAVAILABLE]", "ADDR": f"IPV6:{addr}" if ":" in addr else addr,
+                "PORT": str(session.client_address[1]), "HELO": session.helo,
+                "PROTO": session.proto}
 
     def on_mail(self, session, tx):
         answer = self.relayed(tx, lambda: self.open_relay(session, tx))
@@ -1541,28 +1881,29 @@ class ProxyMode(Mode):
             tx.relay.close()
             tx.relay = None
 
-    def on_message(self, session, tx, metadata, data):
-        return self.deliver(session, tx, metadata, data, lambda: self.relay(tx).message(data))
+    def on_message(self, session, tx, metadata, message):
+        return self.deliver(session, tx, metadata, message,
+                            lambda: self.relay(tx).message(message))
 
-    def deliver(self, session, tx, metadata, data, send):
+    def deliver(self, session, tx, metadata, message, send):
         """Send the message downstream, end the session, archive what was accepted."""
         answer = self.relayed(tx, send)
         self.on_reset(session, tx)
         if answer.startswith("2"):
-            self.archive(metadata, data)
+            self.archive(metadata, message)
         return answer
 
-    def archive(self, metadata, data):
+    def archive(self, metadata, message):
         """The downstream has the message: refusing now would deliver it twice, so a
         failed store goes to the spool instead, and the client still gets the 250."""
         try:
-            self.store.store(metadata, data)
+            self.store.store(metadata, message)
         except Exception as exc:
             log.error("storing %s failed (%s): spooled to %s for `mms.py replay`",
                       metadata["store_key"], exc, self.spool.path)
             try:
-                self.spool.put(metadata, data)
-            except OSError as exc:
+                self.spool.put(metadata, message)
+            except Exception as exc:
                 log.critical("spooling %s failed (%s): delivered but not archived",
                              metadata["store_key"], exc)
 
@@ -1578,20 +1919,20 @@ class FilterMode(ProxyMode):
     def on_data(self, session, tx):
         return None
 
-    def on_message(self, session, tx, metadata, data):
-        metadata.update(scan(self.cfg, data))
+    def on_message(self, session, tx, metadata, message):
+        metadata.update(scan(self.cfg, message))
         action = self.action(metadata)
         if action == "deliver":
-            return self.deliver(session, tx, metadata, data,
-                                lambda: self.relay(tx).data_and_message(data))
+            return self.deliver(session, tx, metadata, message,
+                                lambda: self.relay(tx).data_and_message(message))
         self.on_reset(session, tx)
         if action == "tempfail":
             log.warning("%s not scanned: %s", metadata["store_key"], metadata["scan"])
             return R_SCAN_FAILED
         if action == "reject":
-            self.archive(metadata, data)
+            self.archive(metadata, message)
             return R_VIRUS.format(", ".join(metadata["virus"])) if metadata["is_virus"] else R_SPAM
-        return stored_reply(self.store, metadata, data)
+        return stored_reply(self.store, metadata, message)
 
     def action(self, metadata):
         if metadata["is_virus"]:
@@ -1635,11 +1976,23 @@ def serve(cfg):
     """Run until SIGTERM or SIGINT, then drain: this is what supervisord expects."""
     server = open_server(cfg, start=False)
     host, port = server.server_address[:2]
-    log.info("starting mms %s in %s mode on %s:%d (pid %d, %d worker(s))", __version__,
-             cfg.server, host, port, os.getpid(), cfg.workers)
+    log.info("starting mms %s in %s mode on %s:%d (pid %d, %d worker(s)), clients allowed: "
+             "%s, plugins: %s", __version__, cfg.server, host, port, os.getpid(), cfg.workers,
+             ", ".join(map(str, server.allow)) or "all", ", ".join(cfg.plugin) or "none")
+    if not cfg.allow and not is_loopback(cfg.host):
+        who = ("only --xforward-hosts may connect" if cfg.server in RELAY_MODES
+               else "any client that reaches it may send mail")
+        log.warning("listening on %s with no --allow: %s", cfg.host, who)
     if cfg.workers > 1:
         return run_workers(server, cfg.workers)
     return run_process(server)
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run_process(server):
@@ -1651,6 +2004,7 @@ def run_process(server):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reopen_log)
     server.serve_forever(poll_interval=0.5)
     server.drain(server.cfg.grace)
     server.mode.close()
@@ -1680,8 +2034,14 @@ def run_workers(server, count):
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
 
+    def hangup(signum, frame):
+        reopen_log(signum, frame)
+        for pid in workers:
+            os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
     for _ in range(count):
         spawn()
     while workers:
@@ -1746,10 +2106,21 @@ def read_list(cfg, store):
         else:
             verdict = "".join(f" [{name}]" for name in ("virus", "spam")
                               if doc.get(f"is_{name}"))
-            out.write(f"{doc['received']:%Y-%m-%d %H:%M:%S} {doc['store_key']} "
-                      f"{doc.get('size', 0):>8} <{doc['sender']}> -> "
-                      f"{','.join(doc['rcpt'])} {doc.get('subject', '')!r}{verdict}\n")
+            out.write(list_line(doc) + verdict + "\n")
     return 0
+
+
+def list_line(doc):
+    """One line per message, whatever wrote the document: another tool's documents
+    may lack any of mms's fields, or hold other types in them."""
+    received = doc.get("received")
+    when = (f"{received:%Y-%m-%d %H:%M:%S}" if isinstance(received, datetime.datetime)
+            else str(received or "-")[:19].ljust(19))
+    rcpt = doc.get("rcpt")
+    rcpt = ",".join(map(str, rcpt)) if isinstance(rcpt, list) else str(rcpt or "")
+    size = doc.get("size")
+    return (f"{when} {doc.get('store_key', '-')} {size if isinstance(size, int) else '-':>8} "
+            f"<{doc.get('sender', '')}> -> {rcpt} {str(doc.get('subject', ''))!r}")
 
 
 def found(store, key):
@@ -1774,10 +2145,58 @@ def read_headers(cfg, store):
 READERS = {"replay": read_replay, "count": read_count, "list": read_list, "show": read_show, "headers": read_headers}
 
 
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class EscapeControls(logging.Filter):
+    """What a client sends may reach the log (addresses, HELO names, commands in
+    --debug): C0, C1 and DEL are written as \\xNN, so that no client can forge a
+    log line or send escape sequences to a terminal."""
+
+    def filter(self, record):
+        text = record.getMessage()
+        if CONTROL_RE.search(text):
+            record.msg = CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+            record.args = None
+        return True
+
+
+def setup_logging(cfg):
+    """stderr, or --log-file; --debug adds mms's SMTP dialogue, not the driver's events."""
+    try:
+        stream = open(cfg.log_file, "a", encoding="utf-8") if cfg.log_file else sys.stderr
+    except OSError as exc:
+        fail(f"--log-file {cfg.log_file}: {exc}")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s mms[%(process)d]: %(levelname)s %(message)s"))
+    handler.addFilter(EscapeControls())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    setup_logging.handler, setup_logging.path = handler, cfg.log_file
+
+
+def reopen_log(signum=None, frame=None):
+    """SIGHUP: logrotate moved the file away; write to a new one at the same path.
+    Without --log-file there is nothing to reopen, and SIGHUP is only logged."""
+    path = getattr(setup_logging, "path", "")
+    if not path:
+        log.info("received SIGHUP: no --log-file to reopen, ignored")
+        return
+    try:
+        old = setup_logging.handler.setStream(open(path, "a", encoding="utf-8"))
+    except OSError as exc:
+        log.error("received SIGHUP: cannot reopen %s: %s", path, exc)
+        return
+    if old is not None:
+        old.close()
+    log.info("received SIGHUP: reopened %s", path)
+
+
 def main(argv=None):
     cfg = parse_config(argv)
-    logging.basicConfig(level=logging.DEBUG if cfg.debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s mms[%(process)d]: %(levelname)s %(message)s")
+    setup_logging(cfg)
     if cfg.command == "start":
         return serve(cfg)
     return read_archive(cfg)

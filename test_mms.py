@@ -74,6 +74,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def config(*args):
+    """A configuration for a server in this process, on a port the kernel picks
+    (port 0, which the command line refuses), unless args name one."""
+    cfg = mms.parse_config(["--port", "1", *args])
+    if "--port" not in args:
+        cfg.port = 0
+    return cfg
+
+
 def wait_port(port, host="127.0.0.1", seconds=15):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -299,8 +308,7 @@ class ServerCase(unittest.TestCase):
     mode = "debug"
 
     def start(self, *args, mode=None):
-        cfg = mms.parse_config(["--server", self.mode, "--host", "127.0.0.1", "--port", "0",
-                                "--hostname", "mx.test", *args])
+        cfg = config("--server", self.mode, "--host", "127.0.0.1", "--hostname", "mx.test", *args)
         self.output = io.BytesIO()
         if mode is None and self.mode == "debug":
             mode = mms.DebugMode(cfg, stream=self.output)
@@ -716,17 +724,18 @@ class TestLimits(ServerCase):
         self.start("--data-size-limit", str(len(SIMPLE)))
         self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
 
-    def test_long_data_line_is_drained_then_500(self):
+    def test_long_data_lines_are_message_content(self):
+        """Postfix and amavisd-new pass lines of any length: refusing one loses mail."""
         self.start()
         client = self.raw()
-        ok = b"Subject: x\r\n\r\n" + b"a" * 998 + b"\r\n"
-        self.assertReply(self.send_message(client, ok), "queued")
-        for bad in (b"Subject: x\r\n\r\n" + b"a" * 999 + b"\r\nmore\r\n",
-                    b"Subject: x\r\n\r\n" + b"b" * 500000 + b"\r\n"):
-            with self.subTest(length=len(bad)):
-                self.assertReply(self.send_message(client, bad), "too_long")
+        bodies = [b"Subject: x\r\n\r\n" + b"a" * 999 + b"\r\nmore\r\n",
+                  b"Subject: bare\n\n" + b"b\n" * 1000 + b".dot\n",
+                  b"Subject: x\r\n\r\n" + b"c" * 5_000_000 + b"\r\n"]
+        for body in bodies:
+            with self.subTest(length=len(body)):
+                self.assertReply(self.send_message(client, body), "queued")
         self.assertReply(self.send_message(client, SIMPLE), "queued")
-        self.assertEqual([b for _, b in self.messages()], [ok, SIMPLE])
+        self.assertEqual([b for _, b in self.messages()], bodies + [SIMPLE])
 
     def test_long_command_line(self):
         self.start()
@@ -826,7 +835,7 @@ class TestIPv6(ServerCase):
     def test_listens_on_ipv6_loopback(self):
         if not socket.has_ipv6:
             self.skipTest("no IPv6 on this machine")
-        cfg = mms.parse_config(["--server", "debug", "--host", "::1", "--port", "0"])
+        cfg = config("--server", "debug", "--host", "::1")
         try:
             server = mms.open_server(cfg, mms.DebugMode(cfg, io.BytesIO()))
         except SystemExit as exc:
@@ -911,7 +920,7 @@ class TestMetadata(ServerCase):
         metadata = self.messages()[0][0]
         self.assertEqual(metadata["subject"], "café time")
         self.assertEqual(metadata["message_id"], "abc@mx.example")
-        self.assertEqual(metadata["sent"], "2015-04-08 13:19:34+02:00")
+        self.assertEqual(metadata["sent"], "2015-04-08 11:19:34+00:00")  # in UTC, as BSON keeps it
 
     def test_broken_headers_never_fail_a_message(self):
         body = (b"Subject: =?bogus?x?@@@?=\r\nDate: yesterday-ish\r\nMessage-ID:\r\n"
@@ -987,7 +996,7 @@ class TestPlugins(ServerCase):
         env = {**os.environ, "PYTHONPATH": self.plugin_dir}
         for name in ("no_such_module_here", no_apply):
             with self.subTest(plugin=name):
-                done = subprocess.run([sys.executable, MMS, "--server", "debug", "--port", "0",
+                done = subprocess.run([sys.executable, MMS, "--server", "debug", "--port", str(free_port()),
                                        "--plugin", name], capture_output=True, text=True,
                                       timeout=30, env=env)
                 self.assertEqual(done.returncode, 2, done.stderr)
@@ -1482,7 +1491,7 @@ class Amavis(Daemon):
     def command(self):
         self.mms = free_port()
         self.capture = io.BytesIO()
-        cfg = mms.parse_config(["--server", "debug", "--host", "127.0.0.1", "--port", "0"])
+        cfg = config("--server", "debug", "--host", "127.0.0.1")
         self.final = mms.open_server(cfg, mms.DebugMode(cfg, stream=self.capture))
         threading.Thread(target=self.final.serve_forever, daemon=True).start()
         home, conf = os.path.join(self.dir, "home"), os.path.join(self.dir, "conf")
@@ -1789,8 +1798,7 @@ class Postfix:
         os.chmod(self.dir, 0o755)  # Postfix's daemons run as the postfix user
         self.front, self.after, self.mms = free_port(), free_port(), free_port()
         self.capture = io.BytesIO()
-        cfg = mms.parse_config(["--server", "debug", "--host", "127.0.0.1", "--port", "0",
-                                "--hostname", "final.mms.test"])
+        cfg = config("--server", "debug", "--host", "127.0.0.1", "--hostname", "final.mms.test")
         self.final = mms.open_server(cfg, mms.DebugMode(cfg, stream=self.capture))
         threading.Thread(target=self.final.serve_forever, daemon=True).start()
         ports = dict(dir=self.dir, front=self.front, after=self.after, mms=self.mms,
