@@ -729,7 +729,7 @@ class TestLimits(ServerCase):
         self.start()
         client = self.raw()
         bodies = [b"Subject: x\r\n\r\n" + b"a" * 999 + b"\r\nmore\r\n",
-                  b"Subject: bare\n\n" + b"b\n" * 1000 + b".dot\n",
+                  b"Subject: bare\n\n" + b"b\n" * 1000 + b".dot\nend\r\n",
                   b"Subject: x\r\n\r\n" + b"c" * 5_000_000 + b"\r\n"]
         for body in bodies:
             with self.subTest(length=len(body)):
