@@ -1512,7 +1512,7 @@ class MongoStore:
     def connect(self):
         import pymongo  # imported here so that debug mode runs without pymongo
         ms = int(self.cfg.mongo_timeout * 1000)
-        journal = {"j": True} if self.cfg.mongo_journal else {}
+        journal = {"journal": True} if self.cfg.mongo_journal else {}
         self.client = pymongo.MongoClient(
             self.cfg.mongo_host, tz_aware=True, appname="mms", serverSelectionTimeoutMS=ms,
             connectTimeoutMS=ms, socketTimeoutMS=max(4 * ms, 20000),

@@ -44,6 +44,8 @@ MMS = os.path.join(HERE, "mms.py")
 # Every reply code the tests expect, in one table: (code, enhanced status code).
 CODES = {
     "greeting": (220, None),
+    "bad_sender": (501, "5.1.7"),
+    "relay_failed": (451, "4.4.1"),
     "ok": (250, "2.0.0"),
     "mail_ok": (250, "2.1.0"),
     "rcpt_ok": (250, "2.1.5"),
@@ -253,8 +255,9 @@ class Daemon:
 class Raw:
     """A raw SMTP client, for the protocol edges smtplib will not produce."""
 
-    def __init__(self, port, host="127.0.0.1"):
-        self.sock = socket.create_connection((host, port), timeout=20)
+    def __init__(self, port, host="127.0.0.1", source=None):
+        self.sock = socket.create_connection((host, port), timeout=20,
+                                             source_address=(source, 0) if source else None)
         self.file = self.sock.makefile("rb")
 
     def send(self, data):
@@ -327,8 +330,8 @@ class ServerCase(unittest.TestCase):
         server.mode.close()
         thread.join(5)
 
-    def raw(self, ehlo="client.test"):
-        client = Raw(self.port)
+    def raw(self, ehlo="client.test", source=None):
+        client = Raw(self.port, source=source)
         self.addCleanup(client.close)
         self.assertReply(client.reply(), "greeting")
         if ehlo:
@@ -423,6 +426,39 @@ class TestConfiguration(unittest.TestCase):
                 self.assertIn(words, done.stderr)
                 self.assertNotIn("Traceback", done.stderr)
 
+    def test_start_up_errors_are_one_line_and_exit_2(self):
+        for args, words in [
+            (["--nonsense"], "unrecognized arguments: --nonsense"),
+            (["--port", "14OO1"], "--port: not a number: '14OO1'"),
+            (["--port", "0"], "not a TCP port"),
+            (["--mongo-host", "mongodb://db:notaport/"], "--mongo-host"),
+            (["--mongo-host", "http://db/"], "--mongo-host"),
+            (["--mongo-write-concern", "0"], "never stored"),
+            (["--mongo-write-concern", "w; drop"], "tag set name"),
+        ]:
+            with self.subTest(args=args):
+                done = self.run_mms(*args)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn(words, done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+                self.assertNotIn("_port", done.stderr)
+
+    def test_scanners_can_be_turned_off_by_flag_or_variable(self):
+        for args, env in [(["--clamd", "none", "--spamd", "none"], {}),
+                          ([], {"MMS_CLAMD": "none", "MMS_SPAMD": "off"})]:
+            with self.subTest(args=args, env=env):
+                cfg = self.parse(["--server", "mongo-filter", *args], env)
+                self.assertEqual((cfg.clamd, cfg.spamd), (None, None))
+        cfg = self.parse(["--server", "mongo-filter"], {"MMS_CLAMD": "none"})
+        self.assertEqual((cfg.clamd, cfg.spamd), (None, ("127.0.0.1", 783)))
+
+    def test_journal_and_write_concern_reach_the_driver(self):
+        cfg = mms.parse_config(["--mongo-host", "mongodb://127.0.0.1:1/", "--mongo-journal",
+                                "--mongo-write-concern", "majority"])
+        store = mms.MongoStore(cfg).connect()
+        self.addCleanup(store.close)
+        self.assertEqual(store.collection.write_concern.document, {"w": "majority", "j": True})
+
     def test_help_lists_every_option_with_its_variable(self):
         text = self.run_mms("--help").stdout
         for flag, variable, *_ in mms.OPTIONS:
@@ -513,6 +549,13 @@ class TestReplies(ServerCase):
         client = self.raw()
         self.assertReply(client.cmd("MAIL FROM:<a@example.org> SIZE=100001"), "too_big")
         self.assertReply(client.cmd("MAIL FROM:<a@example.org> SIZE=100000"), "mail_ok")
+
+    def test_esmtp_numbers_are_ascii_digits(self):
+        client = self.raw()
+        for value in ("\u00b2", "\u0663\u0663", "12a", ""):
+            with self.subTest(value=value):
+                self.assertReply(client.cmd(f"MAIL FROM:<a@example.org> SIZE={value}"), "syntax")
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org> SIZE=33"), "mail_ok")
 
     def test_null_sender_and_utf8_addresses(self):
         client = self.raw()
@@ -816,6 +859,68 @@ class TestLimits(ServerCase):
         self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
 
 
+class TestSlowClients(ServerCase):
+    """Slowloris: a byte now and then must not hold a session, nor all the slots."""
+
+    def trickle(self, client, data, every):
+        for byte in data:
+            client.send(bytes([byte]))
+            time.sleep(every)
+
+    def test_connections_per_client_are_limited(self):
+        self.start("--max-connections-per-client", "2")
+        first, second = self.raw(), self.raw()
+        with self.assertLogs("mms", "WARNING") as logs:
+            third = Raw(self.port)
+            self.addCleanup(third.close)
+            self.assertReply(third.reply(), "too_many_conn")
+        self.assertIn("too many connections from 127.0.0.1", "\n".join(logs.output))
+        other = self.raw(source="127.0.0.2")
+        self.assertReply(self.send_message(other, SIMPLE), "queued")
+        first.cmd("QUIT")
+        first.closed()
+        time.sleep(0.1)
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        self.assertReply(second.cmd("NOOP"), "ok")
+
+    def test_a_command_line_has_a_deadline(self):
+        self.start("--timeout", "1")
+        client = self.raw()
+        started = time.monotonic()
+        with self.assertRaises(OSError):
+            self.trickle(client, b"NOOP and some more bytes, one at a time\r\n", 0.2)
+        self.assertReply(client.reply(), "timeout")
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_data_has_a_deadline_and_nothing_is_stored(self):
+        self.start("--timeout", "1", "--data-timeout", "2")
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<b@example.com>")
+        client.cmd("DATA")
+        started = time.monotonic()
+        with self.assertRaises(OSError):
+            self.trickle(client, b"Subject: slow\r\n\r\n" + b"x\r\n" * 100 + b".\r\n", 0.2)
+        self.assertReply(client.reply(), "timeout")
+        self.assertLess(time.monotonic() - started, 4)
+        self.assertEqual(self.messages(), [])
+
+    def test_an_honest_sender_is_not_cut_off(self):
+        """Every read comes within --timeout, and the whole within --data-timeout."""
+        self.start("--timeout", "1", "--data-timeout", "10")
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<b@example.com>")
+        client.cmd("DATA")
+        body = b"Subject: steady\r\n\r\n" + b"line\r\n" * 30
+        for at in range(0, len(body), 10):
+            client.send(body[at:at + 10])
+            time.sleep(0.1)
+        client.send(b".\r\n")
+        self.assertReply(client.reply(), "queued")
+        self.assertEqual(self.messages()[0][1], body)
+
+
 class TestAllowList(ServerCase):
 
     def test_client_outside_the_list_is_refused(self):
@@ -831,6 +936,15 @@ class TestAllowList(ServerCase):
 
 
 class TestIPv6(ServerCase):
+
+    def test_ipv4_clients_of_a_dual_stack_socket_are_stored_as_ipv4(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6 on this machine")
+        self.start("--host", "::")
+        self.assertReply(self.send_message(self.raw(source="127.0.0.2"), SIMPLE), "queued")
+        metadata = self.messages()[0][0]
+        self.assertEqual((metadata["client_address"], metadata["server"]),
+                         ("127.0.0.2", "127.0.0.2"))
 
     def test_listens_on_ipv6_loopback(self):
         if not socket.has_ipv6:
@@ -1402,12 +1516,6 @@ class TestMongoOutage(MongoCase):
         self.assertEqual(set(acknowledged) - stored, set())
         for key in random.Random(2).sample(acknowledged, 20):
             self.assertEqual(self.stored(key)[1][:9], b"Subject: ")
-
-    def test_write_concern_reaches_the_driver(self):
-        cfg = mms.parse_config(["--mongo-host", self.uri, "--mongo-write-concern", "majority"])
-        store = mms.MongoStore(cfg).connect()
-        self.addCleanup(store.close)
-        self.assertEqual(store.collection.write_concern.document, {"w": "majority"})
 
     def test_start_with_mongodb_down(self):
         with self.assertLogs("mms", "WARNING") as logs:
