@@ -1049,6 +1049,41 @@ class TestMetadata(ServerCase):
         self.assertEqual(self.messages()[0][0]["sender"], "alice@example.org")
 
 
+class TestHeaderDecoding(ServerCase):
+    """Subject, Message-ID, Date and X-Envelope-To are decoded in linear time."""
+
+    def test_unclosed_encoded_words_do_not_stall_the_server(self):
+        self.start()
+        words = b"=?x?q?a" * 30000                  # about 200 KB, never closed by ?=
+        folded = b"\r\n ".join(words[at:at + 900] for at in range(0, len(words), 900))
+        body = b"Subject: " + folded + b"\r\nDate: " + words[:5000] + b"\r\n\r\nbody\r\n"
+        other, other_reply = self.raw(), []
+        other.cmd("MAIL FROM:<a@example.org>")
+        other.cmd("RCPT TO:<b@example.com>")
+        other.cmd("DATA")
+        started = time.monotonic()
+        client = self.raw()
+        worker = threading.Thread(target=lambda: other_reply.append(
+            (other.send(SIMPLE + b".\r\n"), other.reply())[1]))
+        self.assertReply(self.send_message(client, body), "queued")
+        worker.start()
+        worker.join(5)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertReply(other_reply[0], "queued")
+        metadata = {m["subject"][:7]: m for m, _ in self.messages()}
+        self.assertGreater(len(metadata["=?x?q?a"]["subject"]), mms.HEADER_VALUE_MAX - 10)
+        self.assertLessEqual(len(metadata["=?x?q?a"]["subject"]), mms.HEADER_VALUE_MAX)
+        self.assertNotIn("sent", metadata["=?x?q?a"])
+
+    def test_encoded_words_are_decoded(self):
+        self.start()
+        body = (b"Subject: =?utf-8?q?caf=C3=A9?= =?ISO-8859-1?B?d2l0aCDp?= plain "
+                b"=?unknown-charset?q?x?=\r\n\r\nbody\r\n")
+        self.send_message(self.raw(), body)
+        self.assertEqual(self.messages()[0][0]["subject"],
+                         "caf\u00e9with \u00e9 plain =?unknown-charset?q?x?=")
+
+
 class TestPlugins(ServerCase):
 
     def setUp(self):
@@ -1093,6 +1128,19 @@ class TestPlugins(ServerCase):
         self.start("--plugin", half)
         with self.assertLogs("mms", "ERROR"):
             self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        self.assertEqual(self.messages()[0][0]["server"], "127.0.0.1")
+
+    def test_hanging_plugin_is_left_behind(self):
+        slow = self.plugin("slow", "import time\n"
+                                   "def apply(metadata=None, data=None):\n"
+                                   "    metadata['server'] = 'slow'\n"
+                                   "    time.sleep(5)\n")
+        self.start("--plugin", slow, "--plugin-timeout", "0.3")
+        started = time.monotonic()
+        with self.assertLogs("mms", "WARNING") as logs:
+            self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIn("took more than 0.3s", "\n".join(logs.output))
         self.assertEqual(self.messages()[0][0]["server"], "127.0.0.1")
 
     def test_shipped_plugins(self):
@@ -1439,6 +1487,21 @@ class TestQuarantineStorage(MongoCase):
         self.assertEqual((doc["server"], data), ("127.0.0.1", SIMPLE))
         self.assertNotIn("handle", doc)
         self.assertIn("unstorable", "\n".join(logs.output))
+
+    def test_plugin_that_breaks_mms_own_fields_is_undone(self):
+        """A plugin may edit the metadata, but not what the store and the log rely on."""
+        for name, edit in [("drop_key", lambda m, d: m.pop("store_key")),
+                           ("bad_rcpt", lambda m, d: m.update(rcpt=[1, 2])),
+                           ("new_key", lambda m, d: m.update(store_key="0" * 64))]:
+            with self.subTest(plugin=name):
+                self.server.plugins = [types.SimpleNamespace(__name__=name, apply=edit)]
+                with self.assertLogs("mms", "ERROR") as logs:
+                    reply = self.send_message(self.raw(), SIMPLE)
+                self.assertReply(reply, "queued")
+                doc, data = self.stored(self.key(reply))
+                self.assertEqual((doc["store_key"], doc["rcpt"], data),
+                                 (self.key(reply), ["b@example.com"], SIMPLE))
+                self.assertIn(name, "\n".join(logs.output))
 
     def test_plugin_edits_what_is_stored(self):
         self.server.plugins = mms.load_plugins(["plugins.mark_bounces", "plugins.dummy_plugin"])
