@@ -21,6 +21,7 @@ import signal
 import smtplib
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,8 @@ import unittest
 import uuid
 import zlib
 from unittest import mock
+
+import bson
 
 import mms
 
@@ -197,6 +200,89 @@ class Cable:
     def close(self):
         self.cut()
         self.listener.close()
+
+
+class WireTap(Cable):
+    """A Cable that adds a writeConcernError to MongoDB's reply to every insert
+    into one collection.
+
+    No MongoDB can be made to report a write concern error on demand: it takes a
+    replica set whose members lag past wtimeout, and nx-27017 is a single server.
+    So the reply is doctored on the wire, where mms's driver reads it, exactly as
+    a real primary would send it; the write itself reaches the server.
+    """
+
+    def __init__(self, uri, collection):
+        self.collection, self.marked = collection, set()
+        super().__init__(uri)
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            threading.Thread(target=self.relay, args=(client, upstream, self.mark),
+                             daemon=True).start()
+            threading.Thread(target=self.relay, args=(upstream, client, self.doctor),
+                             daemon=True).start()
+
+    @staticmethod
+    def read(sock, count):
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            if not chunk:
+                raise OSError("closed")
+            data += chunk
+        return data
+
+    def relay(self, src, dst, change):
+        try:
+            while True:
+                head = self.read(src, 16)
+                length, request_id, response_to, opcode = struct.unpack("<iiii", head)
+                rest = self.read(src, length - 16)
+                if opcode == 2013:  # OP_MSG
+                    rest = change(request_id, response_to, rest)
+                    head = struct.pack("<iiii", 16 + len(rest), request_id, response_to, opcode)
+                dst.sendall(head + rest)
+        except OSError:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    @staticmethod
+    def body(rest):
+        """(flags, the kind-0 section's document, the other sections)."""
+        flags, at, body, others = struct.unpack("<I", rest[:4])[0], 4, None, b""
+        end = len(rest) - (4 if flags & 1 else 0)   # bit 0: a checksum follows
+        while at < end:
+            if rest[at] == 0:
+                size = struct.unpack("<i", rest[at + 1:at + 5])[0]
+                body = bson.decode(rest[at + 1:at + 1 + size])
+                at += 1 + size
+            else:
+                size = struct.unpack("<i", rest[at + 1:at + 5])[0]
+                others += rest[at:at + 1 + size]
+                at += 1 + size
+        return flags, body, others
+
+    def mark(self, request_id, response_to, rest):
+        if self.body(rest)[1].get("insert") == self.collection:
+            self.marked.add(request_id)
+        return rest
+
+    def doctor(self, request_id, response_to, rest):
+        if response_to not in self.marked:
+            return rest
+        flags, body, others = self.body(rest)
+        body["writeConcernError"] = {"code": 64, "codeName": "WriteConcernFailed",
+                                     "errmsg": "waiting for replication timed out",
+                                     "errInfo": {"wtimeout": True}}
+        return struct.pack("<I", flags & ~1) + b"\0" + bson.encode(body) + others
 
 
 class Daemon:
@@ -1579,6 +1665,35 @@ class TestMongoOutage(MongoCase):
         self.assertEqual(set(acknowledged) - stored, set())
         for key in random.Random(2).sample(acknowledged, 20):
             self.assertEqual(self.stored(key)[1][:9], b"Subject: ")
+
+    def test_a_write_concern_error_is_never_acknowledged(self):
+        """A write that may be rolled back (w: majority past wtimeout) is not stored."""
+        for collection in ("message", "fs.files", "fs.chunks"):
+            with self.subTest(collection=collection):
+                tap = WireTap(self.uri, collection)
+                self.addCleanup(tap.close)
+                self.start_mongo(uri=f"mongodb://127.0.0.1:{tap.port}/?directConnection=true")
+                with self.assertLogs("mms", "ERROR") as logs:
+                    replies = [self.send_message(self.raw(), SIMPLE) for _ in range(3)]
+                self.assertEqual({code for code, _ in replies}, {451})
+                self.assertTrue(tap.marked)
+                self.assertIn("waiting for replication timed out", "\n".join(logs.output))
+
+    def test_indexes_come_back_when_mongodb_does(self):
+        """MongoDB restarted empty (or replaced): the unique store_key index is made again."""
+        cable = Cable(self.uri)
+        self.addCleanup(cable.close)
+        self.start_mongo(uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+        client = self.raw()
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        cable.cut()
+        self.client.drop_database(self.dbname)
+        with self.assertLogs("mms", "ERROR"):
+            self.assertReply(self.send_message(client, SIMPLE), "not_stored")
+        cable.mend()
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        unique = [index for index in self.db["message"].list_indexes() if index.get("unique")]
+        self.assertEqual([list(index["key"]) for index in unique], [["store_key"]])
 
     def test_start_with_mongodb_down(self):
         with self.assertLogs("mms", "WARNING") as logs:
