@@ -1704,6 +1704,55 @@ class TestMongoOutage(MongoCase):
             self.assertReply(self.send_message(self.raw(), SIMPLE), "not_stored")
 
 
+class TestMemory(MongoCase):
+    """A message costs about its own size in memory, or less once it is in a file.
+    tracemalloc counts what Python allocates in this process, server included."""
+
+    def setUp(self):
+        super().setUp()
+        self.start_mongo()
+
+    def peak(self, send):
+        tracemalloc.start()
+        try:
+            reply = send()
+            return reply, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    def test_a_message_in_tiny_segments_costs_about_its_size(self):
+        body = b"Subject: tiny\r\n\r\n" + b"ab\r\n" * 250_000          # 1 MB of short lines
+        client = self.raw()
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<b@example.com>")
+        client.cmd("DATA")
+
+        def send():
+            for at in range(0, len(body), 8):
+                client.send(body[at:at + 8])
+            client.send(b".\r\n")
+            return client.reply()
+
+        reply, peak = self.peak(send)
+        self.assertReply(reply, "queued")
+        self.assertLess(peak, 3 * len(body), f"{len(body)} bytes cost a peak of {peak}")
+        self.assertEqual(self.stored(self.key(reply))[1], body)
+
+    def test_a_large_message_is_stored_from_its_file_piece_by_piece(self):
+        line = base64.b64encode(os.urandom(57)) + b"\r\n"             # 78 bytes, like MIME
+        body = b"Subject: large\r\n\r\n" + line * (30 * 2**20 // len(line))
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<b@example.com>")
+        client.cmd("DATA")
+        reply, peak = self.peak(lambda: (client.send(body), client.send(b".\r\n"),
+                                         client.reply())[2])
+        self.assertReply(reply, "queued")
+        self.assertLess(peak, 8 * 2**20, f"a 30 MB message cost a peak of {peak}")
+        self.assertEqual(self.stored(self.key(reply))[1], body)
+
+
 class TestRealRcpt(MongoCase):
 
     AMAVIS = (b"X-Envelope-From: <sender@example.org>\r\n"
@@ -2013,6 +2062,16 @@ class TestProxyRelay(ProxyCase):
             self.assertEqual(client.cmd("RCPT TO:<b@example.com>")[0], 451)
         self.assertReply(client.cmd("RSET"), "ok")
         self.assertReply(self.send_message(client, SIMPLE), "queued")
+
+    def test_refused_recipients_count_toward_the_limit(self):
+        """After the downstream is lost every RCPT is refused locally: that list is bounded."""
+        self.server.cfg.max_recipients = 20
+        self.down.rcpt_replies["hangup@example.com"] = None
+        client = self.raw()
+        client.cmd("MAIL FROM:<a@example.org>")
+        with self.assertLogs("mms", "ERROR"):
+            codes = [client.cmd(f"RCPT TO:<{n}@example.com>")[0] for n in ["hangup"] + list(range(40))]
+        self.assertEqual(codes, [451] * 20 + [452] * 21)
 
     def test_downstream_down_or_stalled_is_451(self):
         self.down.close()
