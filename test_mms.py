@@ -120,7 +120,7 @@ class MongoServer:
         if exe is None:
             raise unittest.SkipTest("nx-27017 is not installed (pip install nx-27017)")
         port = free_port()
-        run = tempfile.mkdtemp(prefix="mms-nx-")
+        run = cls.run = tempfile.mkdtemp(prefix="mms-nx-")
         cls.process = subprocess.Popen(
             [exe, "--host", "127.0.0.1", "-p", str(port), "--data-dir", "memory",
              "--pid-file", os.path.join(run, "pid"), "--log-file", os.path.join(run, "log")],
@@ -133,7 +133,12 @@ class MongoServer:
     def stop(cls):
         if cls.process:
             cls.process.terminate()
-            cls.process.wait(10)
+            try:
+                cls.process.wait(10)
+            except subprocess.TimeoutExpired:  # busy freeing a large database
+                cls.process.kill()
+                cls.process.wait(10)
+            shutil.rmtree(cls.run, ignore_errors=True)
 
 
 def tearDownModule():
