@@ -11,6 +11,7 @@ the modes, the command line.
 
 import base64
 import contextlib
+import datetime
 import io
 import json
 import logging
@@ -1308,6 +1309,76 @@ class TestDebugMode(unittest.TestCase):
             err = server.proc.communicate(timeout=10)[1].decode()
         self.assertIn("< b'noop\\r\\n'", err)
         self.assertIn("> 250 2.0.0 Ok", err)
+
+
+class TestLogging(unittest.TestCase):
+    """The log as an administrator reads it: under supervisord, or in a file logrotate moves."""
+
+    def serve(self, *args):
+        server = MmsProcess("--server", "debug", *args)
+        self.addCleanup(server.stop)
+        return server
+
+    def finish(self, server):
+        server.proc.send_signal(signal.SIGTERM)
+        return server.proc.communicate(timeout=10)[1].decode(errors="replace")
+
+    def send(self, server):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.sendmail("a@example.org", ["b@example.com"], SIMPLE)
+
+    def test_sighup_reopens_the_log_file(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "mms.log")
+        server = self.serve("--log-file", path)
+        os.rename(path, path + ".1")                     # what logrotate does
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.send(server)
+        self.finish(server)
+        with open(path) as f:
+            new = f.read()
+        with open(path + ".1") as f:
+            old = f.read()
+        self.assertIn("starting mms", old)
+        self.assertIn("reopened", new)
+        self.assertIn("queued as", new)
+        self.assertIn("stopped", new)
+
+    def test_sighup_without_a_log_file_is_ignored(self):
+        server = self.serve()
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        self.send(server)
+        self.assertIsNone(server.proc.poll())
+        err = self.finish(server)
+        self.assertIn("SIGHUP: no --log-file to reopen, ignored", err)
+        self.assertIn("queued as", err)
+
+    def test_control_characters_from_clients_are_escaped(self):
+        server = self.serve()
+        client = Raw(server.port)
+        self.addCleanup(client.close)
+        for line in ["EHLO client.test", "MAIL FROM:<evil\u009b31m@example.org>",
+                     "RCPT TO:<b@example.com>", "DATA"]:
+            client.reply()
+            client.send(line.encode() + b"\r\n")
+        client.reply()
+        client.send(SIMPLE + b".\r\n")
+        self.assertEqual(client.reply()[0], 250)
+        err = self.finish(server)
+        self.assertIn("from=<evil\\x9b31m", err)
+        self.assertNotIn("\u009b", err)
+
+    def test_listening_beyond_loopback_without_allow_is_warned(self):
+        err = self.finish(self.serve("--host", "0.0.0.0"))
+        self.assertIn("listening on 0.0.0.0 with no --allow: any client that reaches it "
+                      "may send mail", err)
+        err = self.finish(self.serve("--host", "0.0.0.0", "--allow", "127.0.0.1"))
+        self.assertNotIn("no --allow", err)
 
 
 class TestShutdown(ServerCase):
@@ -2709,6 +2780,70 @@ class TestReader(MongoCase):
         self.assertEqual(done.returncode, 1)
         self.assertIn(b"cannot read the archive", done.stderr)
         self.assertNotIn(b"Traceback", done.stderr)
+
+    def test_documents_written_by_another_tool(self):
+        self.db["message"].insert_many([{"note": "no mms fields at all"},
+                                        {"store_key": "k" * 64, "received": "yesterday",
+                                         "rcpt": "not-a-list", "size": "big"}])
+        done = self.reader("list")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.decode().splitlines()
+        self.assertEqual(len(lines), 5, lines)
+        self.assertTrue(any(line.startswith("yesterday") and "k" * 64 in line for line in lines))
+
+
+class TestReplay(MongoCase):
+    """`mms.py replay`: spooled messages into the archive, as often as it is run."""
+
+    def setUp(self):
+        super().setUp()
+        self.spool = tempfile.mkdtemp(prefix="mms-spool-")
+        self.addCleanup(shutil.rmtree, self.spool, True)
+        cfg = mms.parse_config(["--mongo-host", self.uri, "--mongo-database", self.dbname])
+        self.store = mms.MongoStore(cfg).connect()
+        self.addCleanup(self.store.close)
+
+    def replay(self, spool=None):
+        return subprocess.run([sys.executable, MMS, "replay", "--spool-dir", spool or self.spool,
+                               "--mongo-host", self.uri, "--mongo-database", self.dbname],
+                              capture_output=True, text=True, timeout=60)
+
+    def spooled(self, key):
+        metadata = {"store_key": key, "sender": "a@example.org", "rcpt": ["b@example.com"],
+                    "client_address": "192.0.2.1", "size": len(SIMPLE),
+                    "received": datetime.datetime.now(datetime.timezone.utc)}
+        mms.Spool(self.spool).put(dict(metadata), mms.Message(SIMPLE))
+        return metadata
+
+    def test_a_message_already_stored_is_a_success_and_writes_nothing(self):
+        """An earlier replay stored it, then died before removing its files."""
+        metadata = self.spooled("a" * 64)
+        self.store.store(dict(metadata), mms.Message(SIMPLE))
+        self.spooled("b" * 64)
+        first, again = self.replay(), self.replay()
+        self.assertEqual((first.returncode, again.returncode), (0, 0), first.stderr)
+        self.assertIn("replayed 2 message(s)", first.stdout)
+        self.assertIn("replayed 0 message(s)", again.stdout)
+        self.assertEqual(os.listdir(self.spool), [])
+        for key in ("a" * 64, "b" * 64):
+            self.assertEqual(len(list(self.db["fs.files"].find({"filename": key}))), 1)
+            self.assertEqual(self.stored(key)[1], SIMPLE)
+
+    def test_metadata_bson_cannot_hold_is_spooled_without_it(self):
+        metadata = self.spooled("c" * 64)
+        mms.Spool(self.spool).put(dict(metadata, handle=object()), mms.Message(SIMPLE))
+        done = self.replay()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        doc, data = self.stored("c" * 64)
+        self.assertEqual((doc["sender"], data), ("a@example.org", SIMPLE))
+        self.assertNotIn("handle", doc)
+
+    def test_a_missing_spool_directory_is_named(self):
+        done = self.replay(os.path.join(self.spool, "missing"))
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("spool directory", done.stderr)
+        self.assertIn("missing", done.stderr)
+        self.assertNotIn("archive", done.stderr)
 
 
 if __name__ == "__main__":
