@@ -221,8 +221,8 @@ OPTIONS = [
     ("--allow", "MMS_ALLOW", "", _networks,
      "clients allowed to connect, IPs or CIDRs (repeatable; default: everyone, but in "
      "proxy and filter modes only --xforward-hosts)"),
-    ("--xforward-hosts", "MMS_XFORWARD_HOSTS", "127.0.0.0/8,::1", _networks,
-     "clients allowed to send XFORWARD, IPs or CIDRs"),
+    ("--xforward-hosts", "MMS_XFORWARD_HOSTS", "127.0.0.1,::1", _networks,
+     "clients allowed to send XFORWARD, IPs or CIDRs: the front Postfix"),
     ("--plugin", "MMS_PLUGINS", "", _names,
      "module whose apply(metadata=None, data=None) runs on each message (repeatable)"),
     ("--plugin-timeout", "MMS_PLUGIN_TIMEOUT", "10", _positive,

@@ -475,7 +475,7 @@ class TestConfiguration(unittest.TestCase):
         self.assertEqual(cfg.mongo_host, "mongodb://localhost/message")
         self.assertEqual((cfg.mongo_database, cfg.mongo_collection), ("message", "message"))
         self.assertEqual((cfg.max_recipients, cfg.max_connections, cfg.grace), (1000, 256, 8))
-        self.assertEqual([str(n) for n in cfg.xforward_hosts], ["127.0.0.0/8", "::1/128"])
+        self.assertEqual([str(n) for n in cfg.xforward_hosts], ["127.0.0.1/32", "::1/128"])
 
     def test_variables_set_options(self):
         cfg = self.parse([], {"MMS_SERVER": "debug", "MMS_PORT": "2525", "MMS_TIMEOUT": "30",
@@ -2332,6 +2332,34 @@ class TestProxyWithPostfix(ProxyCase):
         self.assertEqual(doc["xforward"]["ADDR"], "127.0.0.1")
         self.assertEqual(doc["client_address"], "127.0.0.1")
         self.assertEqual((doc["sender"], doc["rcpt"]), ("a@example.org", ["b@example.com"]))
+
+    def test_only_the_front_postfix_may_connect(self):
+        """Anything else that reached mms would relay through the after-filter, which
+        sees mms's own address: an open relay (Postfix uses XFORWARD for logging only)."""
+        self.start_filter()
+        with self.assertLogs("mms", "WARNING") as logs:
+            stranger = Raw(self.postfix.mms, source="127.0.0.2")
+            self.addCleanup(stranger.close)
+            self.assertReply(stranger.reply(), "access_denied")
+        self.assertTrue(stranger.closed())
+        self.assertIn("reject connection from 127.0.0.2: not in --xforward-hosts",
+                      "\n".join(logs.output))
+        self.assertEqual(self.send(SIMPLE), {})
+        self.postfix.delivered(1)
+        self.assertEqual(len(self.records()), 1)
+
+    def test_a_client_without_xforward_is_named_to_the_after_filter(self):
+        self.start_filter("--allow", "127.0.0.0/8")
+        client = Raw(self.postfix.mms, source="127.0.0.2")
+        self.addCleanup(client.close)
+        client.reply()
+        client.cmd("EHLO direct.example")
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        [(_, delivered)] = self.postfix.delivered(1)
+        queue_id = delivered.split(b"with ESMTP id ", 1)[1].split(b"\r\n", 1)[0].decode()
+        self.assertIn(f"{queue_id}: client=localhost[127.0.0.1], orig_client=unknown[127.0.0.2]",
+                      self.postfix.maillog())
+        self.assertEqual(self.records()[0]["client_address"], "127.0.0.2")
 
     def test_refused_recipient(self):
         self.start_filter()
