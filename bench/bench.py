@@ -12,6 +12,9 @@ Servers, each started fresh for the run on a loopback port:
 - mms-store: mms in quarantine mode, storing in nx-27017;
 - peer: bench/peer.py, aiosmtpd with pymongo's GridFS.put, storing in the same nx-27017.
 
+`--only PART` runs one part: matrix, halves, idle, large (5 and 50 MB, time and
+peak RSS), concurrent_large (4 x 100 MB at once, peak RSS) or workers.
+
 For each cell it prints msg/s, the server's CPU in ms per message, its peak RSS,
 and MongoDB commands per message (counted by a pymongo CommandListener that this
 script installs in the server's process), then ratios against the sink and the
@@ -248,31 +251,58 @@ class Bench:
             print(f"{name}: RSS {after / 2**20:.0f} MB with {connections} idle connections "
                   f"({before / 2**20:.0f} MB before)")
 
-    def large(self):
-        """One 5 MB and one 50 MB message, stored: time and peak RSS (linear means ~10x)."""
-        rng = random.Random(5)
-        store = self.servers["mms-store"]
-        times = {}
-        for megabytes in (5, 50):
-            text = base64.encodebytes(rng.randbytes(megabytes * 2**20 * 3 // 4))
-            body = b"Subject: large\r\n\r\n" + text.replace(b"\n", b"\r\n")
-            store.reset_peak()
-            sock = socket.create_connection(("127.0.0.1", store.port))
-            reader = sock.makefile("rb")
+    @staticmethod
+    def send_large(server, body):
+        """One message on a new connection: the seconds from DATA to the reply, and the reply."""
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        with sock, sock.makefile("rb") as reader:
             reader.readline()
             sock.sendall(b"HELO bench\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n"
                          b"DATA\r\n")
             for _ in range(4):
                 reader.readline()
             started = time.monotonic()
-            sock.sendall(body + b".\r\n")
-            reply = reader.readline()
-            times[megabytes] = time.monotonic() - started
-            sock.close()
+            sock.sendall(body)
+            sock.sendall(b".\r\n")
+            reply = reader.readline().decode().strip()
+            return time.monotonic() - started, reply
+
+    @staticmethod
+    def large_body(megabytes, seed=5):
+        text = base64.encodebytes(random.Random(seed).randbytes(megabytes * 2**20 * 3 // 4))
+        return b"Subject: large\r\n\r\n" + text.replace(b"\n", b"\r\n")
+
+    def large(self):
+        """One 5 MB and one 50 MB message, stored: time and peak RSS (linear means ~10x)."""
+        store = self.servers["mms-store"]
+        times = {}
+        for megabytes in (5, 50):
+            body = self.large_body(megabytes)
+            store.reset_peak()
+            times[megabytes], reply = self.send_large(store, body)
             print(f"mms-store: {megabytes} MB message received and stored in "
                   f"{times[megabytes]:.2f} s, peak RSS {store.status('VmHWM') / 2**20:.0f} MB "
-                  f"({reply.decode().strip()[:28]}...)")
+                  f"({reply[:28]}...)")
         print(f"50 MB took {times[50] / times[5]:.1f}x the time of 5 MB")
+
+    def concurrent_large(self, count=4, megabytes=100):
+        """Several large messages at once: each is stored from its file, piece by piece."""
+        store = self.servers["mms-store"]
+        body = self.large_body(megabytes)
+        store.reset_peak()
+        before = store.status("VmRSS")
+        replies = []
+        threads = [threading.Thread(target=lambda: replies.append(self.send_large(store, body)))
+                   for _ in range(count)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stored = sum(reply.startswith("250") for _, reply in replies)
+        print(f"mms-store: {count} x {megabytes} MB at once, {stored} stored in "
+              f"{time.monotonic() - started:.1f} s, peak RSS {store.status('VmHWM') / 2**20:.0f} MB "
+              f"({before / 2**20:.0f} MB before)")
 
     def workers(self):
         count = self.args.count
@@ -286,6 +316,9 @@ class Bench:
                   f"{r['rate']:.0f} msg/s, {r['cpu_ms']:.2f} ms CPU/msg")
 
 
+PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers")
+
+
 def main():
     if sys.argv[1:2] == ["counted"]:
         return counted(sys.argv[2:])
@@ -294,6 +327,8 @@ def main():
     parser.add_argument("--count", type=int, default=5000, help="messages a cell (5000)")
     parser.add_argument("--peer-count", type=int, default=1000,
                         help="messages a cell for the peer, which takes 20-50 ms each (1000)")
+    parser.add_argument("--only", action="append", choices=PARTS,
+                        help="run only this part (repeatable; default: all)")
     args = parser.parse_args()
     if args.quick:
         args.count = args.peer_count = 500
@@ -305,12 +340,9 @@ def main():
         bench.start()
         print(f"# mms benchmark, {args.count} messages a cell ({args.peer_count} for the peer), "
               f"{os.cpu_count()} cores\n")
-        bench.matrix()
-        print()
-        bench.halves()
-        bench.idle()
-        bench.large()
-        bench.workers()
+        for part in args.only or PARTS:
+            getattr(bench, part)()
+            print()
     finally:
         bench.stop()
 
