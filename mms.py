@@ -438,9 +438,35 @@ def parse_path(arg, keyword):
     return address, params
 
 
+QUOTED_LOCAL_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+DOMAIN_SPECIALS = set('()<>[]@,;:\\" ')
+
+
 def valid_address(address):
-    return (len(address.encode()) <= PATH_MAX
-            and not any(ch.isspace() or ord(ch) < 32 or ch == "\x7f" for ch in address))
+    """RFC 5321's Mailbox, as leniently as Postfix reads it: a dot-string or quoted
+    local part, then '@' and a domain of non-empty labels or a closed address
+    literal. An address with no domain (postmaster) is accepted, as Postfix does.
+    Refused: an empty local part or domain, a second '@' outside quotes, an
+    unclosed literal, control characters, and white space outside quotes."""
+    if len(address.encode()) > PATH_MAX or any(ord(ch) < 32 or ch == "\x7f" for ch in address):
+        return False
+    quoted = QUOTED_LOCAL_RE.match(address)
+    local = quoted.group(0) if quoted else address.partition("@")[0]
+    rest = address[len(local):]
+    if not local or (not quoted and any(ch.isspace() or ch == '"' for ch in local)):
+        return False
+    if not rest:
+        return True
+    domain = rest[1:] if rest[0] == "@" else None
+    if not domain:
+        return False
+    if domain[0] == "[":
+        inside = domain[1:-1]
+        return (len(domain) > 2 and domain[-1] == "]"
+                and not any(ch in "[]\\" or ch.isspace() for ch in inside))
+    labels = (domain[:-1] if domain.endswith(".") else domain).split(".")
+    return all(labels) and not any(DOMAIN_SPECIALS & set(label) or any(ch.isspace() for ch in label)
+                                   for label in labels)
 
 
 def xtext_decode(value):
@@ -637,7 +663,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         if parsed is None:
             return self.reply(R_SYNTAX.format("MAIL FROM:<address> [parameters]"))
         sender, params = parsed
-        if not valid_address(sender):
+        if sender and not valid_address(sender):
             return self.reply(R_BAD_SENDER)
         problem = self.check_mail_params(params)
         if problem:
@@ -1700,17 +1726,23 @@ class Spool:
             fail(f"--spool-dir {self.path} is not writable: {exc}")
 
     def put(self, metadata, message):
+        """Both files, or neither (a full disk leaves no half pair behind)."""
         import bson
-        key = metadata["store_key"]
-        with open(os.path.join(self.path, key + ".msg"), "wb") as f:
-            for piece in message.pieces():
-                f.write(piece)
-            os.fsync(f.fileno())
-        temporary = os.path.join(self.path, key + ".tmp")
-        with open(temporary, "wb") as f:
-            f.write(bson.encode(storable(metadata)))
-            os.fsync(f.fileno())
-        os.replace(temporary, os.path.join(self.path, key + ".bson"))
+        base = os.path.join(self.path, metadata["store_key"])
+        try:
+            with open(base + ".msg", "wb") as f:
+                for piece in message.pieces():
+                    f.write(piece)
+                os.fsync(f.fileno())
+            with open(base + ".tmp", "wb") as f:
+                f.write(bson.encode(storable(metadata)))
+                os.fsync(f.fileno())
+            os.replace(base + ".tmp", base + ".bson")
+        except BaseException:
+            for suffix in (".msg", ".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(base + suffix)
+            raise
 
     def replay(self, store):
         """Store every spooled message; return (stored, failed).

@@ -649,6 +649,27 @@ class TestReplies(ServerCase):
                 self.assertReply(client.cmd(f"MAIL FROM:<a@example.org> SIZE={value}"), "syntax")
         self.assertReply(client.cmd("MAIL FROM:<a@example.org> SIZE=33"), "mail_ok")
 
+    def test_address_syntax(self):
+        client = self.raw()
+        for sender, name in [("<@@>", "bad_sender"), ("<a@>", "bad_sender"),
+                             ("<a@b@c>", "bad_sender"), ("<a@.>", "bad_sender"),
+                             ("<a@[192.0.2.1>", "bad_sender"), ('<"a b"@example.com>', "mail_ok")]:
+            with self.subTest(sender=sender):
+                self.assertReply(client.cmd(f"MAIL FROM:{sender}"), name)
+        for rcpt, name in [("<@@>", "bad_rcpt"), ("<a@>", "bad_rcpt"), ("<a@b@c>", "bad_rcpt"),
+                           ("<a@.>", "bad_rcpt"), ("<a@[IPv6:2001:db8::1>", "bad_rcpt"),
+                           ('<"a b"@example.com>', "rcpt_ok"), ("<a@[192.0.2.1]>", "rcpt_ok"),
+                           ("<a@[IPv6:2001:db8::1]>", "rcpt_ok"), ("bare@example.com", "rcpt_ok"),
+                           ("<postmaster>", "rcpt_ok")]:
+            with self.subTest(rcpt=rcpt):
+                self.assertReply(client.cmd(f"RCPT TO:{rcpt}"), name)
+        client.cmd("DATA")
+        client.send(SIMPLE + b".\r\n")
+        self.assertReply(client.reply(), "queued")
+        self.assertEqual(self.messages()[0][0]["rcpt"], [
+            '"a b"@example.com', "a@[192.0.2.1]", "a@[ipv6:2001:db8::1]", "bare@example.com",
+            "postmaster"])
+
     def test_null_sender_and_utf8_addresses(self):
         client = self.raw()
         reply = self.send_message(client, SIMPLE, sender="", rcpts=("jörg@bücher.example",))
@@ -1638,6 +1659,18 @@ class TestQuarantineStorage(MongoCase):
         self.assertEqual(len(list(self.db["message"].find({}, {"_id": 1}))), 200)
         self.assertLess(Inserts.count, 3 * 200 / 2, "three inserts a message: no batching")
 
+    def test_an_unrepresentable_date_never_costs_a_message(self):
+        """31 Dec 9999 -1200 is past what UTC (and BSON) can hold: the field is left out."""
+        body = b"Date: Fri, 31 Dec 9999 23:59:59 -1200\r\nSubject: far\r\n\r\nfuture\r\n"
+        client = self.raw()
+        keys = [self.key(self.send_message(client, body)) for _ in range(3)]
+        docs = self.records()
+        self.assertEqual(sorted(d["store_key"] for d in docs), sorted(keys))
+        self.assertTrue(all("sent" not in d and d["subject"] == "far" for d in docs))
+        self.assertEqual(self.stored(keys[0])[1], body)
+        files = {f["filename"] for f in self.db["fs.files"].find({}, {"filename": 1})}
+        self.assertEqual(files, set(keys))
+
     def test_plugin_leaving_unstorable_metadata_is_undone(self):
         self.server.plugins = [types.SimpleNamespace(
             __name__="unstorable",
@@ -1846,6 +1879,22 @@ class TestRealRcpt(MongoCase):
         header = b"X-MMS-RCPT: <virus-quarantine@example.net>, <archive@example.net>\r\n"
         self.assertEqual(data, header + self.AMAVIS)
         self.assertEqual(doc["size"], len(data))
+
+    def test_header_lines_end_at_lf_or_crlf_only(self):
+        """A bare CR inside a Subject never starts an X-Envelope-To, and only the first
+        X-Envelope-To (the one amavisd-new prepends) counts."""
+        self.start_mongo("--real-rcpt")
+        client = self.raw()
+        smuggled = (b"Subject: hello\rX-Envelope-To: <smuggled@evil.example>\r\n\r\nbody\r\n")
+        doc, data = self.stored(self.key(self.send_message(client, smuggled,
+                                                           rcpts=("archive@example.net",))))
+        self.assertEqual((doc["rcpt"], data), (["archive@example.net"], smuggled))
+        self.assertEqual(doc["subject"], "hello\rX-Envelope-To: <smuggled@evil.example>")
+        later = (b"X-Envelope-To: <real@example.com>\r\nSubject: x\r\n"
+                 b"X-Envelope-To: <smuggled@evil.example>\r\n\r\nbody\r\n")
+        doc, _ = self.stored(self.key(self.send_message(client, later,
+                                                        rcpts=("archive@example.net",))))
+        self.assertEqual(doc["rcpt"], ["real@example.com"])
 
     def test_without_the_header_envelope_recipients_stay(self):
         self.start_mongo("--real-rcpt")
@@ -2148,6 +2197,49 @@ class TestProxyRelay(ProxyCase):
         with self.assertLogs("mms", "ERROR"):
             codes = [client.cmd(f"RCPT TO:<{n}@example.com>")[0] for n in ["hangup"] + list(range(40))]
         self.assertEqual(codes, [451] * 20 + [452] * 21)
+
+    def test_replies_that_break_rfc_5321_are_a_downstream_error(self):
+        """A reply read by its first line and passed on to be read by its last must not
+        differ; a code the command cannot get is no reply. 451 4.4.1, nothing recorded."""
+        usual = dict(self.down.replies)
+        for step, reply in [("RCPT", "250-2.1.5 ok\r\n550 5.1.1 no"), ("RCPT", "354 go on"),
+                            ("RCPT", "999 what"), ("MAIL", "100 continue"),
+                            (".", "354 more"), (".", "250-2.0.0 Ok\r\n451 4.3.0 not really")]:
+            with self.subTest(step=step, reply=reply):
+                self.down.replies = {**usual, step: reply}
+                self.down.commands.clear()
+                client = self.raw()
+                with self.assertLogs("mms", "ERROR") as logs:
+                    if step == ".":
+                        answer = self.send_message(client, SIMPLE)
+                    else:
+                        answer = client.cmd("MAIL FROM:<a@example.org>")
+                        if step == "RCPT":
+                            answer = client.cmd("RCPT TO:<b@example.com>")
+                self.assertReply(answer, "relay_failed")
+                self.assertIn(reply.split("\r\n")[-1][:3], "\n".join(logs.output))
+                self.assertEqual(self.down.commands[-1], "QUIT")
+                self.assertEqual(self.records(), [])
+
+    def test_an_unrepresentable_date_is_left_out_and_spooled_messages_replay(self):
+        cable = Cable(self.uri)
+        self.addCleanup(cable.close)
+        self.start_proxy(self.down.server_address[1],
+                         uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+        body = b"Date: Fri, 31 Dec 9999 23:59:59 -1200\r\nSubject: far\r\n\r\nfuture\r\n"
+        cable.cut()
+        with self.assertLogs("mms", "ERROR"):
+            self.assertEqual(self.send_message(self.raw(), body)[0], 250)
+        self.assertEqual(sorted(name.rsplit(".", 1)[1] for name in os.listdir(self.spool)),
+                         ["bson", "msg"])
+        cable.mend()
+        done = subprocess.run([sys.executable, MMS, "replay", "--spool-dir", self.spool,
+                               "--mongo-host", self.uri, "--mongo-database", self.dbname],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        [doc] = self.records()
+        self.assertEqual((doc["subject"], self.stored(doc["store_key"])[1]), ("far", body))
+        self.assertNotIn("sent", doc)
 
     def test_downstream_down_or_stalled_is_451(self):
         self.down.close()
