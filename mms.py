@@ -489,7 +489,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
     def setup(self):
         self.cfg = self.server.cfg
         self.peer = plain_address(self.client_address[0])
-        self.buf = bytearray()
+        self.buf, self.out = bytearray(), bytearray()
         self.helo = self.proto = None
         self.xforward = {}
         self.tx = None
@@ -522,6 +522,8 @@ class SMTPSession(socketserver.BaseRequestHandler):
         except Exception:  # a bug must cost one session, never the server
             log.exception("session with %s failed", self.peer)
         finally:
+            with contextlib.suppress(ClientGone):
+                self.flush()
             self.abort_transaction()
             self.server.leave(self)
 
@@ -537,18 +539,29 @@ class SMTPSession(socketserver.BaseRequestHandler):
         return None
 
     def reply(self, text):
+        """Replies to pipelined commands go out together (RFC 2920 section 3.2), once
+        no whole command is left to answer: one write, and no reply held back by
+        Nagle's algorithm until the client's delayed ACK."""
         if self.cfg.debug:
             log.debug("%s > %s", self.peer, text)
-        try:
-            self.request.sendall(text.encode() + b"\r\n")
-        except OSError:
-            raise ClientGone() from None
+        self.out += text.encode() + b"\r\n"
+        if b"\n" not in self.buf:
+            self.flush()
+
+    def flush(self):
+        if self.out:
+            out, self.out = self.out, bytearray()
+            try:
+                self.request.sendall(out)
+            except OSError:
+                raise ClientGone() from None
 
     def fill(self, idle=False, deadline=None):
         """Wait for more bytes, as long as --timeout and the deadline allow
         (SO_RCVTIMEO: no poll call per read, and a setsockopt only near a deadline).
         A session idle between transactions says so, so that a draining server can
         wake it by shutting down its reading side."""
+        self.flush()
         if idle:
             self.waiting = True
             if self.server.draining:

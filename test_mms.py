@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import smtplib
@@ -2964,6 +2965,293 @@ class TestReplay(MongoCase):
         self.assertIn("spool directory", done.stderr)
         self.assertIn("missing", done.stderr)
         self.assertNotIn("archive", done.stderr)
+
+
+###############################################################################
+# Fuzzing: generated sessions against every mode ##############################
+###############################################################################
+
+FUZZ_SESSIONS = int(os.environ.get("MMS_FUZZ_SESSIONS", "2000"))
+FUZZ_SEED = int(os.environ.get("MMS_FUZZ_SEED", "1"))
+FUZZ_REPLAY = os.environ.get("MMS_FUZZ_REPLAY")     # one session's seed, as a failure prints it
+REPLY_LINE_RE = re.compile(rb"([2-5][0-9][0-9])([ -])[^\r\n]*\r\n\Z")
+MARKER_RE = re.compile(rb"fuzz-marker-([0-9]+-[0-9]+)")
+
+
+class SessionGrammar:
+    """Seeded SMTP sessions from a grammar, with mutations: verbs in any case, ESMTP
+    parameters valid and broken, address forms, XFORWARD with xtext, pipelined
+    batches, messages with encoded words, folding, NUL, 8-bit, bare CR and LF and a
+    missing blank line, and disconnects anywhere."""
+
+    GOOD_ADDRESSES = ["a@example.org", "B.C+d@Example.COM", "\u00fcser@ex\u00e4mple.de",
+                      '"a b"@example.com', '"q\\"uote"@example.com', "a@[192.0.2.1]",
+                      "a@[IPv6:2001:db8::1]", "postmaster", "x@sub.domain.example."]
+    BAD_ADDRESSES = ["@@", "a@", "a@b@c", "a@.", "a@[1.2.3.4", "a b@c", "a@b..c", '"open@x',
+                     "\x01@x", "a" * 300 + "@example.com", "a@" + "d." * 200 + "com"]
+    PARAMS = ["SIZE=123", "SIZE=\u00b2", "SIZE=\u0663\u0663", "SIZE=99999999999999", "SIZE=",
+              "BODY=8BITMIME", "BODY=7BIT", "BODY=BINARYMIME", "SMTPUTF8", "RET=HDRS",
+              "ENVID=x+2Bid", "NOTIFY=NEVER", "NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;a@b",
+              "X=", "=", "UNKNOWN=1", "AUTH=<>"]
+    XFORWARD_VALUES = ["mx.example.org", "[UNAVAILABLE]", "[unavailable]", "192.0.2.7",
+                       "IPV6:2001:db8::7", "999.1.1.1", "x+2By+3D", "+4", "ESMTP", "SMTP",
+                       "LOCAL", "n" * 300, "caf\u00e9"]
+    JUNK = ["FOO", "STARTTLS", "BDAT 10", "AUTH PLAIN AAAA", "EXPN list", "TURN", "",
+            "M\u00c4IL FROM:<a@b>", "NOOP \x00", "RSET\rRSET", "HELO", "EHLO", "VRFY",
+            "X" * 2000, "MAIL FROM:<a@b> " + "P=" * 800]
+    SUBJECTS = [b"plain", b"=?utf-8?q?caf=C3=A9?=", b"=?x?q?a" * 200, b"=?utf-8?b?w6k=?=",
+                b"folded\r\n continued\r\n\tagain", b"8-bit \xe9\xff", b"nul \x00 inside",
+                b"bare\rcr", b"x" * 3000, b"=?unknown?q?x?= =?utf-8?B?####?="]
+    DATES = [b"Thu, 26 Nov 2026 02:27:17 +0000", b"Fri, 31 Dec 9999 23:59:59 -1200",
+             b"Mon, 1 Jan 0001 00:00:00 +1400", b"garbage", b"", b"31 Feb 2026 25:61:61 +9999"]
+
+    def __init__(self, seed, marker):
+        self.rng, self.marker = random.Random(seed), marker
+        self.messages = 0
+
+    def pick(self, items, *weights):
+        return self.rng.choices(items, weights or None)[0]
+
+    def case(self, verb):
+        return "".join(ch.lower() if self.rng.random() < 0.3 else ch for ch in verb)
+
+    def path(self):
+        address = self.pick([self.pick(self.GOOD_ADDRESSES), self.pick(self.BAD_ADDRESSES)], 8, 2)
+        form = self.pick(["<{}>", "{}", "<{}", " <{}>", "<@relay.example:{}>", "<{}> "], 10, 2, 1, 1, 1, 1)
+        params = self.rng.sample(self.PARAMS, self.pick([0, 1, 2, 3], 6, 2, 1, 1))
+        return " ".join([form.format(address), *params])
+
+    def command(self):
+        kind = self.pick(["MAIL", "RCPT", "NOOP", "RSET", "VRFY", "HELP", "XFORWARD", "EHLO",
+                          "junk"], 3, 6, 1, 1, 1, 1, 2, 1, 2)
+        if kind == "MAIL":
+            line = f"{self.case('MAIL')} {self.case('FROM')}:{self.path() if self.rng.random() < 0.9 else '<>'}"
+        elif kind == "RCPT":
+            line = f"{self.case('RCPT')} {self.case('TO')}:{self.path()}"
+        elif kind == "XFORWARD":
+            names = self.rng.sample(["NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE",
+                                     "BOGUS"], self.rng.randint(1, 4))
+            line = self.case("XFORWARD") + "".join(
+                f" {self.case(name)}={self.pick(self.XFORWARD_VALUES)}" for name in names)
+        elif kind == "EHLO":
+            line = f"{self.case(self.pick(['EHLO', 'HELO']))} {self.pick(['client.test', '[192.0.2.1]', 'x' * 300])}"
+        elif kind == "junk":
+            line = self.pick(self.JUNK)
+        else:
+            line = self.case(kind) + self.pick(["", " arg", " <a@b>"], 6, 1, 1)
+        return self.mutate(line.encode("utf-8", "surrogateescape"))
+
+    def mutate(self, line):
+        roll = self.rng.random()
+        if roll < 0.04 and line:
+            at = self.rng.randrange(len(line))
+            line = line[:at] + bytes([self.rng.choice(b"\x00\x7f\xff\r\t <>:=@\"\\")]) + line[at:]
+        elif roll < 0.06:
+            line = line[:self.rng.randrange(len(line) + 1)]
+        return line.replace(b"\n", b"") + self.pick([b"\r\n", b"\n"], 19, 1)
+
+    def message(self):
+        """A message, and its text as the server must store it."""
+        self.messages += 1
+        eol = self.pick([b"\r\n", b"\n"], 9, 1)
+        fields = [b"Subject: " + self.pick(self.SUBJECTS), b"Date: " + self.pick(self.DATES),
+                  b"Message-ID: <%d@fuzz.test>" % self.rng.randrange(10**9),
+                  b"X-Envelope-To: <real@example.com>,\r\n <other@example.com>",
+                  b"From: a@example.org", b"X-Raw: \x00\x01\xfe"]
+        head = eol.join(self.rng.sample(fields, self.rng.randint(0, len(fields))))
+        lines = [self.pick([b"text", b".leading dot", b"..two", b".", b"", b"x" * 2000,
+                            bytes(self.rng.randrange(256) for _ in range(20)).replace(b"\n", b""),
+                            b"bare\rcr", b"\tindented"]) for _ in range(self.rng.randint(0, 12))]
+        gap = self.pick([eol, b""], 9, 1)          # sometimes no blank line after the header
+        body = head + eol + gap + eol.join(lines)
+        if b"\r\n.\r\n" in b"\r\n" + body + b"\r\n":
+            body = body.replace(b"\r\n.\r\n", b"\r\n..\r\n")
+        return body + b"\r\nfuzz-marker-%s-%d\r\n" % (self.marker.encode(), self.messages)
+
+    def session(self):
+        """[(kind, payload)]: 'batch' lines pipelined in one write, 'data' a message
+        after DATA, 'cut' a message cut short, 'quit', 'close'."""
+        steps = []
+        if self.rng.random() < 0.9:
+            steps.append(("batch", [self.mutate(f"{self.case(self.pick(['EHLO', 'HELO'], 4, 1))} client.test".encode())]))
+        for _ in range(self.rng.randint(1, 4)):
+            batch = [self.command() for _ in range(self.pick([1, 2, 4, 8], 4, 3, 2, 1))]
+            if self.rng.random() < 0.8:
+                batch.insert(0, f"MAIL FROM:{self.path()}\r\n".encode())
+                batch += [f"RCPT TO:{self.path()}\r\n".encode() for _ in range(self.rng.randint(1, 3))]
+            steps.append(("batch", batch))
+            if self.rng.random() < 0.8:
+                steps.append(("data", self.message()))
+        steps.append(self.pick([("quit", None), ("close", None), ("cut", self.message())], 7, 2, 1))
+        return steps
+
+
+class FuzzDownstream(ScriptedDownstream):
+    """A downstream that misbehaves now and then, by seeded chance: refusals, replies
+    with mixed codes, codes no command may get, garbage, and hang-ups."""
+
+    class Replies(dict):
+        def __init__(self, base, rng):
+            super().__init__(base)
+            self.rng, self.lock = rng, threading.Lock()
+
+        def get(self, verb, default=None):
+            usual = super().get(verb, default)
+            if verb in ("QUIT", "EHLO") and usual:
+                return usual
+            with self.lock:
+                roll = self.rng.random()
+            if roll < 0.85:
+                return usual
+            return [None, "451 4.3.0 try later", "550 5.7.1 refused",
+                    "250-2.1.5 ok\r\n550 5.1.1 no", "354 odd", "999 what", "100 continue",
+                    "hello there", "250-multi\r\n250 line"][int((roll - 0.85) / 0.15 * 9)]
+
+        def __getitem__(self, verb):  # the end-of-data reply: never a hang-up here
+            return self.get(verb) or "421 4.4.2 closing"
+
+    def __init__(self, seed):
+        super().__init__()
+        self.replies = self.Replies(self.replies, random.Random(seed))
+
+
+class TracebackCatcher(logging.Handler):
+    """Every log record that carries a traceback: a bug, never a client's fault."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        if record.exc_info or record.levelno >= logging.CRITICAL:
+            self.records.append(self.format(record))
+
+
+class TestFuzz(ProxyCase):
+    """Generated sessions in debug, quarantine, --real-rcpt and proxy modes. Oracles:
+    the server stays up, logs no traceback, answers every command with a well-formed
+    reply within 5 s, stores every message it answered 250 byte-exact, and keeps
+    its memory bounded. MMS_FUZZ_SESSIONS (2000) and MMS_FUZZ_SEED (1) set the run;
+    a failure prints the session's seed and what was sent, and MMS_FUZZ_REPLAY=SEED
+    runs that one session again."""
+
+    def run_session(self, seed, marker):
+        grammar = SessionGrammar(seed, marker)
+        steps, sent, accepted = grammar.session(), [], {}
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        reader = sock.makefile("rb")
+        try:
+            self.read_reply(reader, sent)
+            for kind, payload in steps:
+                if kind == "batch":
+                    sent.append(b"".join(payload))
+                    sock.sendall(sent[-1])
+                    for _ in payload:
+                        self.read_reply(reader, sent)
+                elif kind in ("data", "cut"):
+                    sent.append(b"DATA\r\n")
+                    sock.sendall(sent[-1])
+                    if self.read_reply(reader, sent)[0] != b"354":
+                        continue
+                    wire = dot_stuff(payload)
+                    if kind == "cut":
+                        sock.sendall(wire[:grammar.rng.randrange(len(wire))])
+                        return accepted
+                    sent.append(wire + b".\r\n")
+                    sock.sendall(sent[-1])
+                    code, text = self.read_reply(reader, sent)
+                    if code == b"250":
+                        accepted[MARKER_RE.search(payload).group(1)] = (payload, text)
+                elif kind == "quit":
+                    sock.sendall(b"QUIT\r\n")
+                    self.read_reply(reader, sent)
+                else:
+                    return accepted
+            return accepted
+        except (AssertionError, OSError) as exc:
+            raise AssertionError(f"session seed {seed} ({self.mode}): {exc}\nsent: "
+                                 + repr(b"".join(sent)[-3000:])) from None
+        finally:
+            reader.close()
+            sock.close()
+
+    @staticmethod
+    def read_reply(reader, sent):
+        lines = []
+        while True:
+            line = reader.readline(4096)
+            match = REPLY_LINE_RE.match(line)
+            if not match:
+                raise AssertionError(f"not a reply line: {line!r}")
+            lines.append(match)
+            if match.group(2) == b" ":
+                break
+        if len({m.group(1) for m in lines}) != 1:
+            raise AssertionError(f"reply mixes codes: {[m.group(0) for m in lines]}")
+        sent.append(b"# " + b"".join(m.group(0) for m in lines).replace(b"\r\n", b" | "))
+        return lines[0].group(1), lines[-1].group(0)
+
+    def stored_by_marker(self):
+        if self.mode == "debug":
+            pairs = [body for _, body in self.messages()]
+        else:
+            from gridfs import GridFS
+            grid = GridFS(self.db)
+            pairs = [zlib.decompress(base64.b64decode(grid.get(doc["message"]).read()))
+                     for doc in self.db["message"].find({}, {"message": 1})]
+        return {MARKER_RE.search(body).group(1): body for body in pairs}
+
+    def fuzz(self, mode_index):
+        catcher = TracebackCatcher()
+        logging.getLogger("mms").addHandler(catcher)
+        self.addCleanup(logging.getLogger("mms").removeHandler, catcher)
+        rss_before = rss()
+        accepted = {}
+        seeds = [FUZZ_SEED * 1_000_000 + mode_index * 100_000 + n
+                 for n in range(max(1, FUZZ_SESSIONS // 4))]
+        if FUZZ_REPLAY:
+            seeds = [int(FUZZ_REPLAY)] if int(FUZZ_REPLAY) // 100_000 % 10 == mode_index else []
+        for seed in seeds:
+            accepted.update(self.run_session(seed, f"{seed}"))
+        self.assertEqual(catcher.records, [], "tracebacks were logged")
+        self.assertReply(self.raw().cmd("NOOP"), "ok")   # still up
+        stored = self.stored_by_marker()
+        for marker, (body, reply) in accepted.items():
+            self.assertIn(marker, stored, f"answered {reply!r} but not stored: {body[:200]!r}")
+            got = stored[marker]
+            prefix = got[:len(got) - len(body)]
+            self.assertTrue(got.endswith(body) and (not prefix or prefix.startswith(b"X-MMS-RCPT: ")),
+                            f"stored {got[:300]!r}, sent {body[:300]!r}")
+        self.assertLess(rss() - rss_before, 150 * 2**20, "RSS grew by more than 150 MB")
+        if len(seeds) >= 100:
+            self.assertGreater(len(accepted), len(seeds) // 10, "the sessions hardly reach DATA")
+
+    def test_debug(self):
+        self.mode = "debug"
+        self.start()
+        self.fuzz(0)
+
+    def test_quarantine(self):
+        self.mode = "mongo-quarantine"
+        self.start_mongo("--data-size-limit", "200000")
+        self.fuzz(1)
+
+    def test_real_rcpt(self):
+        self.mode = "mongo-quarantine"
+        self.start_mongo("--real-rcpt", "--max-recipients", "5")
+        self.fuzz(2)
+
+    def test_proxy_with_a_misbehaving_downstream(self):
+        self.mode = "mongo-proxy"
+        down = FuzzDownstream(FUZZ_SEED)
+        self.addCleanup(down.close)
+        self.start_proxy(down.server_address[1], "--remote-timeout", "1")
+        self.fuzz(3)
+
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 if __name__ == "__main__":
