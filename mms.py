@@ -1761,31 +1761,55 @@ class Spool:
         """Store every spooled message; return (stored, failed).
 
         A message already in the archive (an earlier replay stored it, then died
-        before removing its files) counts as stored: its files go, nothing is written.
+        before removing its files) counts as stored: its files go, nothing is
+        written. A message whose metadata never reached the disk (mms was killed
+        between the two files) is stored with metadata rebuilt from its header:
+        the envelope is lost, the message is not.
         """
-        import bson
         if not os.path.isdir(self.path):
             raise LookupError(f"spool directory {self.path} does not exist")
         stored = failed = 0
-        for name in sorted(os.listdir(self.path)):
-            if not name.endswith(".bson"):
-                continue
-            base = os.path.join(self.path, name[:-5])
-            with open(base + ".bson", "rb") as f:
-                metadata = bson.decode(f.read(), codec_options=bson.CodecOptions(tz_aware=True))
-            metadata.pop("_id", None)
+        for key in sorted({name.rsplit(".", 1)[0] for name in os.listdir(self.path)
+                           if name.endswith((".bson", ".msg"))}):
+            base = os.path.join(self.path, key)
             try:
+                metadata = self.metadata(base)
+                if metadata is None:
+                    continue
                 if store.find(metadata["store_key"]) is None:
                     with contextlib.closing(Message.from_file(base + ".msg")) as message:
                         store.store(metadata, message)
             except Exception as exc:
-                log.error("replay of %s failed: %s", metadata["store_key"], exc)
+                log.error("replay of %s failed: %s", key, exc)
                 failed += 1
                 continue
-            os.unlink(base + ".bson")
-            os.unlink(base + ".msg")
+            for suffix in (".bson", ".tmp", ".msg"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(base + suffix)
             stored += 1
         return stored, failed
+
+    @staticmethod
+    def metadata(base, settled=60):
+        """The spooled metadata; rebuilt for a .msg alone once it is `settled` seconds
+        old (younger, a running server may still be writing it); None to skip."""
+        import bson
+        if os.path.exists(base + ".bson"):
+            with open(base + ".bson", "rb") as f:
+                metadata = bson.decode(f.read(), codec_options=bson.CodecOptions(tz_aware=True))
+            metadata.pop("_id", None)
+            return metadata
+        if time.time() - os.path.getmtime(base + ".msg") < settled:
+            return None
+        log.warning("%s.msg has no metadata: storing it with metadata rebuilt from its "
+                    "header (the envelope is lost)", base)
+        with contextlib.closing(Message.from_file(base + ".msg")) as message:
+            return {"store_key": os.path.basename(base), "sender": "", "rcpt": [],
+                    "rcpt_count": 0, "rcpt_refused": {}, "client_address": "", "xforward": {},
+                    "server": "", "size": message.size, "message": None, "rebuilt": True,
+                    "received": datetime.datetime.fromtimestamp(
+                        os.path.getmtime(base + ".msg"), UTC),
+                    **header_fields(message.head(HEADER_BLOCK_MAX))}
 
 
 ###############################################################################

@@ -2950,6 +2950,23 @@ class TestReplay(MongoCase):
             self.assertEqual(len(list(self.db["fs.files"].find({"filename": key}))), 1)
             self.assertEqual(self.stored(key)[1], SIMPLE)
 
+    def test_a_message_whose_metadata_never_reached_the_disk_is_stored(self):
+        """mms was killed between the two files: the message is kept, the envelope lost."""
+        path = os.path.join(self.spool, "d" * 64)
+        with open(path + ".msg", "wb") as f:
+            f.write(SIMPLE)
+        with open(path + ".tmp", "wb"):
+            pass
+        self.assertIn("replayed 0 message(s)", self.replay().stdout)   # may still be written
+        old = time.time() - 120
+        os.utime(path + ".msg", (old, old))
+        done = self.replay()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("rebuilt", done.stderr)
+        doc, data = self.stored("d" * 64)
+        self.assertEqual((doc["subject"], doc["rebuilt"], data), ("test", True, SIMPLE))
+        self.assertEqual(os.listdir(self.spool), [])
+
     def test_metadata_bson_cannot_hold_is_spooled_without_it(self):
         metadata = self.spooled("c" * 64)
         mms.Spool(self.spool).put(dict(metadata, handle=object()), mms.Message(SIMPLE))
