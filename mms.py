@@ -136,6 +136,8 @@ def _positive(value):
 
 
 def _workers(value):
+    if str(value).strip().lower() == "auto":
+        return os.cpu_count() or 1
     number = _number(value)
     if not 1 <= number <= 256:
         raise argparse.ArgumentTypeError(f"must be 1 to 256: {value!r}")
@@ -228,7 +230,8 @@ OPTIONS = [
     ("--plugin-timeout", "MMS_PLUGIN_TIMEOUT", "10", _positive,
      "seconds a plugin may take; past it the message goes on without its changes"),
     ("--workers", "MMS_WORKERS", "1", _workers,
-     "processes sharing the listening socket, each with its own MongoDB client"),
+     "processes sharing the listening socket, each with its own MongoDB client; "
+     "'auto' for one per CPU"),
     ("--grace", "MMS_GRACE", "8", _positive,
      "seconds that SIGTERM waits for transactions in progress"),
     ("--debug", "MMS_DEBUG", "0", _flag, "log the SMTP dialogue"),
@@ -973,6 +976,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.mode = mode
         self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.sessions = set()
+        self.idle = []              # inboxes of session threads waiting for a connection
         self.per_client = {}
         self.allow, self.allow_source = cfg.allow, "--allow"
         if not cfg.allow and cfg.server in RELAY_MODES:
@@ -988,6 +992,55 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     def start(self):
         """What each serving process does for itself, after any fork."""
         self.mode.start()
+
+    # -- session threads -----------------------------------------------------
+
+    IDLE_THREADS_MAX = 64       # session threads kept waiting for a connection
+    IDLE_THREAD_SECONDS = 60    # and for how long, before one exits
+
+    def process_request(self, request, client_address):
+        """Hand the connection to a session thread that waits for one, or start a
+        thread. Starting a thread per connection cost more than a small message's
+        whole session: the accept loop waited in Thread.start."""
+        with self.lock:
+            inbox = self.idle.pop() if self.idle else None
+        if inbox is not None:
+            inbox.put((request, client_address))
+            return
+        threading.Thread(target=self.session_thread, args=(request, client_address),
+                         name="mms-session", daemon=True).start()
+
+    def session_thread(self, request, client_address):
+        """Serve one connection after another, one at a time; exit once idle too long,
+        or when enough threads already wait."""
+        inbox = queue.SimpleQueue()
+        while request is not None:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            request = None
+            with self.lock:
+                if len(self.idle) >= self.IDLE_THREADS_MAX or self.draining:
+                    return
+                self.idle.append(inbox)
+            try:
+                request, client_address = inbox.get(timeout=self.IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self.lock:
+                    if inbox in self.idle:
+                        self.idle.remove(inbox)
+                        return
+                request, client_address = inbox.get()  # handed one as the wait ran out
+
+    def handle_error(self, request, client_address):
+        """A connection reset before its session began is no error; anything else is
+        a bug, logged, and costs that connection only."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        log.exception("connection from %s failed", client_address[0])
 
     def enter(self, session):
         """None if the session may start, else why not."""

@@ -1035,6 +1035,74 @@ class TestSlowClients(ServerCase):
         self.assertEqual(self.messages()[0][1], body)
 
 
+class ThreadRecorder(mms.DebugMode):
+    """Debug mode that notes which thread served each message, and fails on demand."""
+
+    def __init__(self, cfg, stream):
+        super().__init__(cfg, stream)
+        self.threads = []
+
+    def on_message(self, session, tx, metadata, message):
+        self.threads.append(threading.get_ident())
+        if metadata["subject"] == "crash":
+            raise RuntimeError("a bug in a mode")
+        return super().on_message(session, tx, metadata, message)
+
+
+class TestSessionThreads(ServerCase):
+    """A session thread serves one connection after another instead of exiting."""
+
+    def setUp(self):
+        cfg = config("--server", "debug")
+        self.start(mode=ThreadRecorder(cfg, io.BytesIO()))
+
+    def session_threads(self):
+        return [t for t in threading.enumerate() if t.name == "mms-session"]
+
+    def wait_idle(self, count):
+        deadline = time.monotonic() + 5
+        while len(self.server.idle) != count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(self.server.idle), count)
+
+    def test_connections_one_after_another_share_a_thread(self):
+        for _ in range(5):
+            client = self.raw()
+            self.assertReply(self.send_message(client, SIMPLE), "queued")
+            client.cmd("QUIT")
+            self.wait_idle(1)
+        self.assertEqual(len(set(self.server.mode.threads)), 1)
+
+    def test_a_session_that_raises_does_not_kill_the_next(self):
+        crash = b"Subject: crash\r\n\r\nbody\r\n"
+        with self.assertLogs("mms", "ERROR") as logs:
+            client = self.raw()
+            client.cmd("MAIL FROM:<a@example.org>")
+            client.cmd("RCPT TO:<b@example.com>")
+            client.cmd("DATA")
+            client.send(crash + b".\r\n")
+            self.assertTrue(client.closed())
+            self.wait_idle(1)
+        self.assertIn("RuntimeError: a bug in a mode", "\n".join(logs.output))
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        self.assertEqual(len(set(self.server.mode.threads)), 1)
+
+    def test_idle_threads_are_bounded_and_exit(self):
+        self.server.IDLE_THREADS_MAX, self.server.IDLE_THREAD_SECONDS = 2, 0.3
+        others = set(self.session_threads())           # other tests' servers
+        clients = [self.raw() for _ in range(5)]
+        self.assertEqual(len(set(self.session_threads()) - others), 5)
+        for client in clients:
+            client.cmd("QUIT")
+            client.closed()
+        self.wait_idle(2)
+        deadline = time.monotonic() + 5
+        while set(self.session_threads()) - others and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(set(self.session_threads()) - others, set())
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+
+
 class TestAllowList(ServerCase):
 
     def test_client_outside_the_list_is_refused(self):
