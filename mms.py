@@ -219,7 +219,8 @@ OPTIONS = [
     ("--max-connections", "MMS_MAX_CONNECTIONS", "256", _count,
      "connections in service at once; one more gets 421 4.7.0"),
     ("--max-connections-per-client", "MMS_MAX_CONNECTIONS_PER_CLIENT", "32", _count,
-     "connections in service at once from one IP address; one more gets 421 4.7.0"),
+     "connections in service at once from one IP address, but for --xforward-hosts "
+     "(a front Postfix opens one per client); one more gets 421 4.7.0"),
     ("--allow", "MMS_ALLOW", "", _networks,
      "clients allowed to connect, IPs or CIDRs (repeatable; default: everyone, but in "
      "proxy and filter modes only --xforward-hosts)"),
@@ -1049,7 +1050,8 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             if cfg.max_connections and len(self.sessions) >= cfg.max_connections:
                 return "too many connections"
             count = self.per_client.get(peer, 0)
-            if cfg.max_connections_per_client and count >= cfg.max_connections_per_client:
+            if (cfg.max_connections_per_client and count >= cfg.max_connections_per_client
+                    and not session.trusted):
                 return f"too many connections from {peer}"
             self.per_client[peer] = count + 1
             self.sessions.add(session)

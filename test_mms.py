@@ -982,7 +982,7 @@ class TestSlowClients(ServerCase):
             time.sleep(every)
 
     def test_connections_per_client_are_limited(self):
-        self.start("--max-connections-per-client", "2")
+        self.start("--max-connections-per-client", "2", "--xforward-hosts", "192.0.2.1")
         first, second = self.raw(), self.raw()
         with self.assertLogs("mms", "WARNING") as logs:
             third = Raw(self.port)
@@ -996,6 +996,13 @@ class TestSlowClients(ServerCase):
         time.sleep(0.1)
         self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
         self.assertReply(second.cmd("NOOP"), "ok")
+
+    def test_the_front_postfix_is_not_limited_per_client(self):
+        """All of a front Postfix's sessions come from its one address."""
+        self.start("--max-connections-per-client", "2", "--xforward-hosts", "127.0.0.1")
+        clients = [self.raw() for _ in range(4)]
+        for client in clients:
+            self.assertReply(self.send_message(client, SIMPLE), "queued")
 
     def test_a_command_line_has_a_deadline(self):
         self.start("--timeout", "1")
