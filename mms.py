@@ -29,6 +29,7 @@ import binascii
 import contextlib
 import copy
 import datetime
+import difflib
 import email.utils
 import importlib
 import itertools
@@ -240,7 +241,8 @@ OPTIONS = [
      "append the log to this file instead of stderr; SIGHUP reopens it (for logrotate)"),
     ("--mongo-host", "MMS_MONGODB_URI", "mongodb://localhost/message", str,
      "MongoDB connection string"),
-    ("--mongo-database", "MMS_MONGODB_DATABASE", "message", str, "database name"),
+    ("--mongo-database", "MMS_MONGODB_DATABASE", "message", str,
+     "database name (default: the one the URI names, else message)"),
     ("--mongo-collection", "MMS_MONGODB_COLLECTION", "message", str,
      "collection of metadata documents"),
     ("--mongo-timeout", "MMS_MONGODB_TIMEOUT", "5", _positive,
@@ -320,8 +322,11 @@ def parse_config(argv=None):
     """Flags first, then MMS_* variables, then defaults: all checked the same way."""
     parser = build_parser()
     cfg = parser.parse_args(argv)
+    cfg.given = set()
     for flag, variable, default, kind, _ in OPTIONS:
         dest = flag[2:].replace("-", "_")
+        if hasattr(cfg, dest) or variable in os.environ:
+            cfg.given.add(dest)
         if hasattr(cfg, dest):
             value = getattr(cfg, dest)
             if kind in (_networks, _names):
@@ -341,7 +346,32 @@ def parse_config(argv=None):
     if cfg.server != "debug" or cfg.command != "start":
         check_mongo_options(cfg)
     cfg.hostname = cfg.hostname or socket.getfqdn()
+    cfg.warnings = unknown_variables(os.environ)
     return cfg
+
+
+def closest_variable(name, known):
+    """A known name whose words all stand in this one (MMS_LISTEN_PORT: MMS_PORT),
+    else the most alike (MMS_MONGO_URI: MMS_MONGODB_URI)."""
+    words = name.split("_")
+    inside = [k for k in known if all(word in words for word in k.split("_"))]
+    if inside:
+        return max(inside, key=len)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_variables(environ):
+    """MMS_PLUGIN for MMS_PLUGINS is silently nothing: say so, and name the real one."""
+    known = [variable for _, variable, *_ in OPTIONS]
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("MMS_") and name not in known and not name.startswith(
+                ("MMS_TEST_", "MMS_FUZZ_")):
+            close = closest_variable(name, known)
+            hint = f"; did you mean {close}?" if close else ""
+            warnings.append(f"unknown variable {name} is ignored{hint}")
+    return warnings
 
 
 def check_mongo_options(cfg):
@@ -352,10 +382,12 @@ def check_mongo_options(cfg):
     except ImportError:
         fail("this mode needs pymongo: pip install -r requirements.txt")
     try:
-        pymongo.uri_parser.parse_uri(cfg.mongo_host, connect_timeout=1)
+        parsed = pymongo.uri_parser.parse_uri(cfg.mongo_host, connect_timeout=1)
         WriteConcern(w=cfg.mongo_write_concern, j=cfg.mongo_journal or None)
     except Exception as exc:
         fail(f"--mongo-host {redact(cfg.mongo_host)}: {exc}")
+    if "mongo_database" not in cfg.given and parsed.get("database"):
+        cfg.mongo_database = parsed["database"]
 
 
 def fail(message):
@@ -547,7 +579,8 @@ class SMTPSession(socketserver.BaseRequestHandler):
         no whole command is left to answer: one write, and no reply held back by
         Nagle's algorithm until the client's delayed ACK."""
         if self.cfg.debug:
-            log.debug("%s > %s", self.peer, text)
+            for line in text.split("\r\n"):
+                log.debug("%s > %s", self.peer, line)
         self.out += text.encode() + b"\r\n"
         if b"\n" not in self.buf:
             self.flush()
@@ -1616,9 +1649,14 @@ class MongoStore:
         return self
 
     def start(self):
-        """A MongoDB that is down at start-up is not fatal: messages get 451 until it is back."""
+        """Serve from the first second: MongoDB is first asked in the background, and
+        one that is down is not fatal: messages get 451 until it is back."""
         self.connect()
         self.start_writer()
+        self.first_contact = threading.Thread(target=self.greet, name="mms-mongo", daemon=True)
+        self.first_contact.start()
+
+    def greet(self):
         try:
             self.ensure_indexes()
             version = self.client.server_info().get("version") or "unknown"
@@ -1784,6 +1822,11 @@ class Spool:
         self.path = path
 
     def check(self):
+        """Writable by the user mms runs as. Made by root, it would be root's, and the
+        same mms started later as its own user could not write there."""
+        if not os.path.isdir(self.path) and os.geteuid() == 0:
+            fail(f"--spool-dir {self.path} does not exist: make it for the user mms runs as "
+                 f"(install -d -o mms -g mms {self.path})")
         try:
             os.makedirs(self.path, exist_ok=True)
             probe = os.path.join(self.path, ".probe")
@@ -2120,7 +2163,7 @@ def is_loopback(host):
 
 
 def run_process(server):
-    server.start()
+    """Signals first: a SIGTERM a second after start is a clean stop too."""
 
     def stop(signum, frame):
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -2129,6 +2172,7 @@ def run_process(server):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reopen_log)
+    server.start()
     server.serve_forever(poll_interval=0.5)
     server.drain(server.cfg.grace)
     server.mode.close()
@@ -2321,6 +2365,8 @@ def reopen_log(signum=None, frame=None):
 def main(argv=None):
     cfg = parse_config(argv)
     setup_logging(cfg)
+    for warning in cfg.warnings:
+        log.warning(warning)
     if cfg.command == "start":
         return serve(cfg)
     return read_archive(cfg)

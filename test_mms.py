@@ -536,6 +536,28 @@ class TestConfiguration(unittest.TestCase):
                 self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
                 self.assertNotIn("_port", done.stderr)
 
+    def test_the_database_named_in_the_uri_is_used(self):
+        with mock.patch.dict(os.environ, {}, clear=True):
+            self.assertEqual(mms.parse_config(["--mongo-host", "mongodb://db/wctest"]).mongo_database,
+                             "wctest")
+            self.assertEqual(mms.parse_config(["--mongo-host", "mongodb://db/"]).mongo_database,
+                             "message")
+            self.assertEqual(mms.parse_config(["--mongo-host", "mongodb://db/wctest",
+                                               "--mongo-database", "x"]).mongo_database, "x")
+        cfg = self.parse(["--mongo-host", "mongodb://db/wctest"], {"MMS_MONGODB_DATABASE": "y"})
+        self.assertEqual(cfg.mongo_database, "y")
+
+    def test_unknown_variables_are_warned_with_the_closest_real_one(self):
+        done = subprocess.run([sys.executable, MMS, "--server", "debug", "--port", "99999"],
+                              capture_output=True, text=True, timeout=30)  # exits before serving
+        self.assertNotIn("unknown variable", done.stderr)
+        warnings = mms.unknown_variables({"MMS_PLUGIN": "x", "MMS_MONGO_URI": "x",
+                                          "MMS_LISTEN_PORT": "1", "MMS_PORT": "1", "PATH": "/"})
+        self.assertEqual(warnings, [
+            "unknown variable MMS_LISTEN_PORT is ignored; did you mean MMS_PORT?",
+            "unknown variable MMS_MONGO_URI is ignored; did you mean MMS_MONGODB_URI?",
+            "unknown variable MMS_PLUGIN is ignored; did you mean MMS_PLUGINS?"])
+
     def test_scanners_can_be_turned_off_by_flag_or_variable(self):
         for args, env in [(["--clamd", "none", "--spamd", "none"], {}),
                           ([], {"MMS_CLAMD": "none", "MMS_SPAMD": "off"})]:
@@ -564,6 +586,7 @@ class TestConfiguration(unittest.TestCase):
                                     "--mongo-timeout", "0.2"])
             store = mms.MongoStore(cfg)
             store.start()
+            store.first_contact.join()
             store.close()
         self.assertNotIn("s3cret", "\n".join(logs.output))
         self.assertIn("archiver:***@", "\n".join(logs.output))
@@ -1470,6 +1493,18 @@ class TestLogging(unittest.TestCase):
         self.assertIn("from=<evil\\x9b31m", err)
         self.assertNotIn("\u009b", err)
 
+    def test_debug_logs_mms_dialogue_not_the_driver(self):
+        server = MmsProcess("--server", "mongo-quarantine", "--debug", "--mongo-host",
+                            MongoServer.get_uri(), "--mongo-database", "mms_test_debug_log")
+        self.addCleanup(server.stop)
+        self.send(server)
+        err = self.finish(server)
+        self.assertIn("FROM:<a@example.org>", err)
+        self.assertIn("> 250-PIPELINING\n", err)
+        self.assertIn("queued as", err)
+        self.assertNotIn("pymongo", err.lower())
+        self.assertNotIn('"message":', err)        # the driver's JSON event lines
+
     def test_listening_beyond_loopback_without_allow_is_warned(self):
         err = self.finish(self.serve("--host", "0.0.0.0"))
         self.assertIn("listening on 0.0.0.0 with no --allow: any client that reaches it "
@@ -1534,6 +1569,22 @@ class TestShutdown(ServerCase):
         out, err = server.proc.communicate()
         self.assertEqual(len(parse_debug_output(out)), 11)
         self.assertIn(b"all workers stopped", err)
+
+    def test_serves_at_once_and_stops_cleanly_while_mongodb_is_down(self):
+        started = time.monotonic()
+        server = MmsProcess("--server", "mongo-quarantine", "--mongo-timeout", "5",
+                            "--mongo-host", f"mongodb://127.0.0.1:{free_port()}/")
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                self.assertTrue(sock.recv(100).startswith(b"220 "))
+            self.assertLess(time.monotonic() - started, 3)
+            server.proc.send_signal(signal.SIGTERM)
+            _, err = server.proc.communicate(timeout=20)
+        finally:
+            server.stop()
+        self.assertEqual(server.proc.returncode, 0, err)
+        self.assertIn(b"received SIGTERM, stopping", err)
+        self.assertIn(b"stopped", err)
 
     def test_sigint_stops_too(self):
         server = MmsProcess("--server", "debug")
@@ -1884,6 +1935,7 @@ class TestMongoOutage(MongoCase):
         with self.assertLogs("mms", "WARNING") as logs:
             self.start("--mongo-host", f"mongodb://127.0.0.1:{free_port()}/",
                        "--mongo-timeout", "0.5")
+            self.server.mode.store.first_contact.join()
         self.assertIn("unreachable", "\n".join(logs.output))
         with self.assertLogs("mms", "ERROR"):
             self.assertReply(self.send_message(self.raw(), SIMPLE), "not_stored")
@@ -2316,6 +2368,19 @@ class TestProxyRelay(ProxyCase):
         [doc] = self.records()
         self.assertEqual((doc["subject"], self.stored(doc["store_key"])[1]), ("far", body))
         self.assertNotIn("sent", doc)
+
+    def test_root_does_not_make_the_spool_directory(self):
+        """Made by root it would be root's, and mms started as its own user could not write."""
+        if os.geteuid() != 0:
+            self.skipTest("only root is refused")
+        missing = os.path.join(tempfile.mkdtemp(), "spool")
+        self.addCleanup(shutil.rmtree, os.path.dirname(missing))
+        done = subprocess.run([sys.executable, MMS, "--server", "mongo-proxy", "--port",
+                               str(free_port()), "--spool-dir", missing], capture_output=True,
+                              text=True, timeout=30)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(f"install -d -o mms -g mms {missing}", done.stderr)
+        self.assertFalse(os.path.exists(missing))
 
     def test_downstream_down_or_stalled_is_451(self):
         self.down.close()
