@@ -392,7 +392,7 @@ def parse_debug_output(raw):
         metadata = json.loads(raw[at + len(start):head_end])
         body_start = head_end + 1
         body = raw[body_start:body_start + metadata["size"]]
-        assert raw[body_start + metadata["size"]:].startswith(end)
+        assert raw.startswith(end, body_start + metadata["size"])
         messages.append((metadata, body))
         at = body_start + metadata["size"] + len(end)
     return messages
