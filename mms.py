@@ -25,12 +25,15 @@ and the command line.
 
 import argparse
 import base64
+import bisect
 import binascii
+import collections
 import contextlib
 import copy
 import datetime
 import difflib
 import email.utils
+import http.server
 import importlib
 import itertools
 import ipaddress
@@ -175,6 +178,17 @@ def _scanner(value):
     return host.strip("[]"), _port(port)
 
 
+def _address(value):
+    """HOST:PORT to listen on, or empty for none."""
+    if not value.strip():
+        return ""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {value!r}")
+    _port(port)
+    return value.strip()
+
+
 def _choice(*choices):
     def check(value):
         if value not in choices:
@@ -237,6 +251,10 @@ OPTIONS = [
     ("--grace", "MMS_GRACE", "8", _positive,
      "seconds that SIGTERM waits for transactions in progress"),
     ("--debug", "MMS_DEBUG", "0", _flag, "log the SMTP dialogue"),
+    ("--metrics", "MMS_METRICS", "", _address,
+     "serve Prometheus /metrics and /healthz on this HOST:PORT (e.g. 127.0.0.1:9425)"),
+    ("--statsd", "MMS_STATSD", "", _scanner,
+     "send counters and timings to this statsd HOST:PORT by UDP"),
     ("--log-file", "MMS_LOG_FILE", "", str,
      "append the log to this file instead of stderr; SIGHUP reopens it (for logrotate)"),
     ("--mongo-host", "MMS_MONGODB_URI", "mongodb://localhost/message", str,
@@ -565,13 +583,18 @@ class SMTPSession(socketserver.BaseRequestHandler):
 
     def refusal(self):
         """The 5xx or 4xx for a client that is not to be served, logged; None to serve it."""
+        metrics = self.server.metrics
         if self.server.allow and not in_networks(self.peer, self.server.allow):
             log.warning("reject connection from %s: not in %s", self.peer, self.server.allow_source)
+            metrics.count("mms_connections_total", "refused_allow")
             return R_ACCESS_DENIED.format(self.peer)
         refused = self.server.enter(self)
         if refused:
-            log.warning("reject connection from %s: %s", self.peer, refused)
+            log.warning("reject connection from %s: too many connections%s", self.peer,
+                        f" from {self.peer}" if refused == "refused_client_limit" else "")
+            metrics.count("mms_connections_total", refused)
             return R_TOO_MANY_CONN.format(self.cfg.hostname)
+        metrics.count("mms_connections_total", "served")
         return None
 
     def reply(self, text):
@@ -774,6 +797,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         tx, self.tx, xforward, self.xforward = self.tx, None, self.xforward, {}
         if problem:
             self.server.mode.on_reset(self, tx)
+            self.server.metrics.count("mms_messages_total", "too_big")
             return self.reply(problem)
         try:
             answer = receive_message(self, tx, xforward, message)
@@ -1005,9 +1029,10 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, cfg, mode):
+    def __init__(self, cfg, mode, metrics):
         self.cfg = cfg
         self.mode = mode
+        self.metrics = mode.metrics = metrics
         self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.sessions = set()
         self.idle = []              # inboxes of session threads waiting for a connection
@@ -1023,8 +1048,9 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         # and the others must find nothing rather than block in accept().
         self.socket.setblocking(False)
 
-    def start(self):
+    def start(self, row=0):
         """What each serving process does for itself, after any fork."""
+        self.metrics.start(row)
         self.mode.start()
 
     # -- session threads -----------------------------------------------------
@@ -1081,13 +1107,14 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         cfg, peer = self.cfg, session.peer
         with self.lock:
             if cfg.max_connections and len(self.sessions) >= cfg.max_connections:
-                return "too many connections"
+                return "refused_limit"
             count = self.per_client.get(peer, 0)
             if (cfg.max_connections_per_client and count >= cfg.max_connections_per_client
                     and not session.trusted):
-                return f"too many connections from {peer}"
+                return "refused_client_limit"
             self.per_client[peer] = count + 1
             self.sessions.add(session)
+            self.metrics.set("sessions", len(self.sessions))
             return None
 
     def leave(self, session):
@@ -1097,6 +1124,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
                 count = self.per_client.pop(session.peer) - 1
                 if count:
                     self.per_client[session.peer] = count
+                self.metrics.set("sessions", len(self.sessions))
             self.emptied.notify_all()
 
     def drain(self, grace):
@@ -1127,8 +1155,11 @@ def receive_message(session, tx, xforward, message):
     metadata = make_metadata(session, tx, xforward, message)
     if session.cfg.real_rcpt:
         apply_real_rcpt(metadata, message)
-    run_plugins(session.server.plugins, metadata, message, session.cfg.plugin_timeout)
-    answer = session.server.mode.on_message(session, tx, metadata, message)
+    metrics, mode = session.server.metrics, session.server.mode
+    run_plugins(session.server.plugins, metadata, message, session.cfg.plugin_timeout, metrics)
+    answer = mode.on_message(session, tx, metadata, message)
+    metrics.count("mms_received_bytes_total", amount=message.size)
+    metrics.count("mms_messages_total", mode.outcome(tx, answer))
     queued = answer.startswith("250")
     log.log(logging.INFO if queued else logging.WARNING, "%s from=<%s> to=<%s> size=%d client=%s",
             f"queued as {metadata['store_key']}" if queued else f"not queued ({answer})",
@@ -1292,7 +1323,7 @@ def load_plugins(names):
     return plugins
 
 
-def run_plugins(plugins, metadata, message, timeout):
+def run_plugins(plugins, metadata, message, timeout, metrics):
     """Each plugin edits a copy of the metadata, in a thread of its own. The copy is
     kept only if the plugin returned within --plugin-timeout and left metadata that
     mms can still store and log; otherwise the message goes on as if the plugin had
@@ -1311,15 +1342,17 @@ def run_plugins(plugins, metadata, message, timeout):
         worker = threading.Thread(target=apply, name=f"plugin-{plugin.__name__}", daemon=True)
         worker.start()
         worker.join(timeout)
+        if outcome and outcome[0] is None:
+            metadata.clear()
+            metadata.update(edited)
+            continue
+        metrics.count("mms_plugin_errors_total", plugin.__name__)
         if not outcome:
             log.warning("plugin %s took more than %gs on %s; the message goes on without it",
                         plugin.__name__, timeout, metadata["store_key"])
-        elif outcome[0] is not None:
+        else:
             log.error("plugin %s failed on %s; its changes are undone, the message goes on",
                       plugin.__name__, metadata["store_key"], exc_info=outcome[0])
-        else:
-            metadata.clear()
-            metadata.update(edited)
 
 
 def check_storable(edited, before):
@@ -1401,7 +1434,7 @@ def spamd_scan(address, message, timeout):
             "symbols": [s for s in body.strip().split(",") if s], "raw": match.group(0).strip()}
 
 
-def scan(cfg, message):
+def scan(cfg, message, metrics):
     """Ask clamd and spamd at the same time, so the wait is the slower of the two.
 
     Returns the metadata fields mongo-mail-web knows, plus 'scan' with each
@@ -1415,10 +1448,12 @@ def scan(cfg, message):
     results = {}
 
     def run(name, scanner, address):
+        started = time.monotonic()
         try:
             results[name] = scanner(address, message, cfg.scan_timeout)
         except ScanError as exc:
             results[name] = exc
+        metrics.observe("mms_scan_seconds", time.monotonic() - started, name)
 
     jobs = [("clamd", clamd_scan, cfg.clamd), ("spamd", spamd_scan, cfg.spamd)]
     threads = [threading.Thread(target=run, args=job, daemon=True) for job in jobs if job[2]]
@@ -1635,6 +1670,7 @@ class MongoStore:
         self.client = None
         self.indexed = False
         self.queue = None
+        self.metrics = NO_METRICS
 
     def connect(self):
         import pymongo  # imported here so that debug mode runs without pymongo
@@ -1660,12 +1696,26 @@ class MongoStore:
         try:
             self.ensure_indexes()
             version = self.client.server_info().get("version") or "unknown"
+            self.metrics.set("mongo_ok_at", time.time())
             log.info("connected to MongoDB %s (version %s), database %s, collection %s",
                      redact(self.cfg.mongo_host), version,
                      self.cfg.mongo_database, self.cfg.mongo_collection)
         except Exception as exc:
+            self.metrics.set("mongo_failed_at", time.time())
             log.warning("MongoDB at %s is unreachable (%s): messages will be answered 451 "
-                        "until it is back", redact(self.cfg.mongo_host), exc)
+                        "until it is back", redact(self.cfg.mongo_host), mongo_error(exc))
+        while self.cfg.metrics:
+            time.sleep(self.PING_SECONDS)
+            self.ping()
+
+    PING_SECONDS = 5  # with --metrics: how often an idle server asks MongoDB, for /healthz
+
+    def ping(self):
+        try:
+            self.client.admin.command("ping")
+            self.metrics.set("mongo_ok_at", time.time())
+        except Exception:
+            self.metrics.set("mongo_failed_at", time.time())
 
     def ensure_indexes(self):
         self.collection.create_index("store_key", unique=True)
@@ -1686,14 +1736,22 @@ class MongoStore:
         for that batch to be acknowledged; without it (replay), it is written alone.
         A large message writes its own chunks first, a few at a time.
         """
-        job = self.prepare(metadata, message)
-        if self.queue is None:
-            self.write([job])
-        else:
-            self.queue.put(job)
-            job.done.wait()
-        if job.error is not None:
-            raise job.error
+        started = time.monotonic()
+        try:
+            job = self.prepare(metadata, message)
+            if self.queue is None:
+                self.write([job])
+            else:
+                self.queue.put(job)
+                job.done.wait()
+            if job.error is not None:
+                raise job.error
+        except Exception:
+            self.metrics.count("mms_store_errors_total")
+            self.metrics.set("mongo_failed_at", time.time())
+            raise
+        self.metrics.set("mongo_ok_at", time.time())
+        self.metrics.observe("mms_store_seconds", time.monotonic() - started)
 
     def prepare(self, metadata, message):
         """The documents to write. The metadata is checked before anything is written,
@@ -1770,6 +1828,11 @@ class MongoStore:
         import gridfs
         content = gridfs.GridFS(self.db).get(metadata["message"]).read()
         return zlib.decompress(base64.b64decode(content))
+
+
+def mongo_error(exc):
+    """pymongo's message without the topology description it appends (a screenful)."""
+    return str(exc).split(", Timeout: ", 1)[0].split(" (configured timeouts", 1)[0]
 
 
 def index_watch(store):
@@ -1917,6 +1980,14 @@ class Spool:
 class Mode:
     """What a mode does at each step; None means 'carry on with the usual reply'."""
 
+    ACCEPTED = "stored"         # what a 2xx after the final dot means, for the metrics
+    metrics = None              # the server's, set when the server is made
+
+    def outcome(self, tx, answer):
+        if answer[0] == "2":
+            return getattr(tx, "outcome", None) or self.ACCEPTED
+        return "tempfail" if answer[0] == "4" else "rejected"
+
     def start(self):
         pass
 
@@ -1964,6 +2035,7 @@ class QuarantineMode(Mode):
         self.store = MongoStore(cfg)
 
     def start(self):
+        self.store.metrics = self.metrics
         self.store.start()
 
     def close(self):
@@ -1979,7 +2051,7 @@ def stored_reply(store, metadata, message):
     try:
         store.store(metadata, message)
     except Exception as exc:
-        log.error("storing %s failed: %s", metadata["store_key"], exc)
+        log.error("storing %s failed: %s", metadata["store_key"], mongo_error(exc))
         return R_STORE_FAILED
     return R_QUEUED.format(metadata["store_key"])
 
@@ -1988,6 +2060,8 @@ class ProxyMode(Mode):
     """Postfix's before-queue filter: relay in step with the client, pass the replies
     through, and archive what the downstream accepted (the seed's rule)."""
 
+    ACCEPTED = "delivered"
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.store = MongoStore(cfg)
@@ -1995,6 +2069,7 @@ class ProxyMode(Mode):
 
     def start(self):
         self.spool.check()
+        self.store.metrics = self.metrics
         self.store.start()
 
     def close(self):
@@ -2006,6 +2081,7 @@ class ProxyMode(Mode):
         try:
             return step()
         except DownstreamError as exc:
+            self.metrics.count("mms_relay_errors_total")
             log.error("downstream %s:%d failed: %s", self.cfg.remote_host,
                       self.cfg.remote_port, exc)
             self.on_reset(None, tx)
@@ -2054,7 +2130,9 @@ class ProxyMode(Mode):
 
     def deliver(self, session, tx, metadata, message, send):
         """Send the message downstream, end the session, archive what was accepted."""
+        started = time.monotonic()
         answer = self.relayed(tx, send)
+        self.metrics.observe("mms_relay_seconds", time.monotonic() - started)
         self.on_reset(session, tx)
         if answer.startswith("2"):
             self.archive(metadata, message)
@@ -2067,7 +2145,7 @@ class ProxyMode(Mode):
             self.store.store(metadata, message)
         except Exception as exc:
             log.error("storing %s failed (%s): spooled to %s for `mms.py replay`",
-                      metadata["store_key"], exc, self.spool.path)
+                      metadata["store_key"], mongo_error(exc), self.spool.path)
             try:
                 self.spool.put(metadata, message)
             except Exception as exc:
@@ -2087,7 +2165,8 @@ class FilterMode(ProxyMode):
         return None
 
     def on_message(self, session, tx, metadata, message):
-        metadata.update(scan(self.cfg, message))
+        metadata.update(scan(self.cfg, message, self.metrics))
+        self.metrics.count("mms_scan_verdicts_total", self.verdict(metadata))
         action = self.action(metadata)
         if action == "deliver":
             return self.deliver(session, tx, metadata, message,
@@ -2099,7 +2178,15 @@ class FilterMode(ProxyMode):
         if action == "reject":
             self.archive(metadata, message)
             return R_VIRUS.format(", ".join(metadata["virus"])) if metadata["is_virus"] else R_SPAM
+        tx.outcome = "quarantined"
         return stored_reply(self.store, metadata, message)
+
+    @staticmethod
+    def verdict(metadata):
+        for name in ("virus", "spam", "unchecked"):
+            if metadata[f"is_{name}"]:
+                return name
+        return "clean"
 
     def action(self, metadata):
         if metadata["is_virus"]:
@@ -2122,6 +2209,274 @@ def make_mode(cfg):
 
 
 ###############################################################################
+# Observability: metrics, statsd, health ######################################
+###############################################################################
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """Counters, gauges and histograms in shared memory: each process (each worker)
+    adds to its own row, with no lock between processes, and a scrape sums the rows.
+    The parent maps the memory before it forks, so that it sees every worker's row.
+
+    Counting is always on and costs a lock and an addition; --metrics serves the
+    numbers over HTTP, --statsd also sends each one by UDP.
+    """
+
+    COUNTERS = {
+        "mms_connections_total": ("result", ("served", "refused_allow", "refused_limit",
+                                             "refused_client_limit")),
+        "mms_messages_total": ("result", ("stored", "delivered", "quarantined", "rejected",
+                                          "tempfail", "too_big")),
+        "mms_received_bytes_total": None, "mms_store_errors_total": None,
+        "mms_relay_errors_total": None,
+        "mms_scan_verdicts_total": ("verdict", ("clean", "virus", "spam", "unchecked")),
+    }
+    HISTOGRAMS = {"mms_store_seconds": None, "mms_relay_seconds": None,
+                  "mms_scan_seconds": ("scanner", ("clamd", "spamd"))}
+    HELP = {
+        "mms_connections_total": "connections, by what became of them",
+        "mms_sessions_active": "SMTP sessions in progress",
+        "mms_messages_total": "messages after their final dot, by the answer they got",
+        "mms_received_bytes_total": "bytes of messages received",
+        "mms_store_seconds": "seconds to store a message in MongoDB",
+        "mms_store_errors_total": "messages MongoDB did not take",
+        "mms_relay_seconds": "seconds for the downstream server to take a message",
+        "mms_relay_errors_total": "downstream sessions lost or broken",
+        "mms_scan_seconds": "seconds each scanner took",
+        "mms_scan_verdicts_total": "scanned messages, by verdict",
+        "mms_plugin_errors_total": "plugin runs that raised, hung or broke mms's fields",
+        "mms_spooled_messages": "messages in --spool-dir waiting for `mms.py replay`",
+        "mms_build_info": "the running version and mode",
+        "mms_mongodb_up": "1 if the last MongoDB contact worked",
+    }
+
+    def __init__(self, cfg, rows=1, plugins=()):
+        self.cfg, self.lock, self.row = cfg, threading.Lock(), 0
+        self.index = {}
+        for name, labels in self.COUNTERS.items():
+            self.add_series(name, labels)
+        self.add_series("mms_plugin_errors_total", ("plugin", tuple(plugins)))
+        for name, labels in self.HISTOGRAMS.items():
+            for value in (labels[1] if labels else (None,)):
+                key = (name, value)
+                self.index[key + ("buckets",)] = self.take(len(BUCKETS) + 2)  # +Inf, sum
+        for gauge in ("sessions", "mongo_ok_at", "mongo_failed_at"):
+            self.index[(gauge,)] = self.take(1)
+        self.width = self.size
+        self.memory = mmap.mmap(-1, 8 * self.width * max(rows, 1))
+        self.values = memoryview(self.memory).cast("d")
+        self.statsd = Statsd(cfg.statsd) if cfg.statsd else None
+
+    size = 0
+
+    def take(self, count):
+        start, self.size = self.size, self.size + count
+        return start
+
+    def add_series(self, name, labels):
+        for value in (labels[1] if labels else (None,)):
+            self.index[(name, value)] = self.take(1)
+
+    def start(self, row=0):
+        """In the serving process (a forked worker writes to a row of its own)."""
+        self.row = row
+        self.set("sessions", 0)
+        if self.statsd:
+            self.statsd.start()
+
+    def count(self, name, label=None, amount=1):
+        """Add to a counter; a label unknown at start (a plugin added since) is not kept."""
+        at = self.index.get((name, label))
+        if at is None:
+            return
+        at += self.row * self.width
+        with self.lock:
+            self.values[at] += amount
+        if self.statsd:
+            self.statsd.send(statsd_name(name, label), amount, "c")
+
+    def observe(self, name, seconds, label=None):
+        at = self.row * self.width + self.index[(name, label, "buckets")]
+        slot = bisect.bisect_left(BUCKETS, seconds)
+        with self.lock:
+            self.values[at + slot] += 1
+            self.values[at + len(BUCKETS) + 1] += seconds
+        if self.statsd:
+            self.statsd.send(statsd_name(name, label), round(seconds * 1000, 3), "ms")
+
+    def set(self, gauge, value):
+        self.values[self.row * self.width + self.index[(gauge,)]] = value
+        if self.statsd and gauge == "sessions":
+            self.statsd.send("mms.sessions_active", value, "g")
+
+    def total(self, key, offset=0):
+        at = self.index[key] + offset
+        return sum(self.values[row * self.width + at] for row in range(self.rows))
+
+    @property
+    def rows(self):
+        return len(self.values) // self.width
+
+    def mongo_up(self):
+        ok = max(self.values[r * self.width + self.index[("mongo_ok_at",)]] for r in range(self.rows))
+        bad = max(self.values[r * self.width + self.index[("mongo_failed_at",)]]
+                  for r in range(self.rows))
+        return ok > bad
+
+    def exposition(self, spooled=None):
+        """The Prometheus text format."""
+        out = []
+
+        def head(name, kind):
+            out.append(f"# HELP {name} {self.HELP[name]}\n# TYPE {name} {kind}")
+
+        for name, labels in [*self.COUNTERS.items(),
+                             ("mms_plugin_errors_total", None)]:
+            head(name, "counter")
+            for (series, value), _ in [(k, v) for k, v in self.index.items()
+                                       if len(k) == 2 and k[0] == name]:
+                label = f'{{{self.label_name(name)}="{value}"}}' if value is not None else ""
+                out.append(f"{name}{label} {self.total((series, value)):g}")
+        for name, labels in self.HISTOGRAMS.items():
+            head(name, "histogram")
+            for value in (labels[1] if labels else (None,)):
+                key = (name, value, "buckets")
+                extra = f'{labels[0]}="{value}",' if labels else ""
+                running = 0
+                for n, bound in enumerate((*BUCKETS, "+Inf")):
+                    running += self.total(key, n)
+                    out.append(f'{name}_bucket{{{extra}le="{bound}"}} {running:g}')
+                braces = f"{{{extra[:-1]}}}" if extra else ""
+                out.append(f"{name}_sum{braces} {self.total(key, len(BUCKETS) + 1):g}")
+                out.append(f"{name}_count{braces} {running:g}")
+        head("mms_sessions_active", "gauge")
+        out.append(f"mms_sessions_active {self.total(('sessions',)):g}")
+        if self.cfg.server != "debug":
+            head("mms_mongodb_up", "gauge")
+            out.append(f"mms_mongodb_up {int(self.mongo_up())}")
+        if spooled is not None:
+            head("mms_spooled_messages", "gauge")
+            out.append(f"mms_spooled_messages {spooled}")
+        head("mms_build_info", "gauge")
+        out.append(f'mms_build_info{{version="{__version__}",mode="{self.cfg.server}"}} 1')
+        return "\n".join(out) + "\n"
+
+    def label_name(self, name):
+        return (self.COUNTERS.get(name) or ("plugin",))[0]
+
+
+def statsd_name(name, label):
+    base = "mms." + name[4:].removesuffix("_total").removesuffix("_seconds")
+    return f"{base}.{label}" if label else base
+
+
+class NoMetrics:
+    """Where nothing is counted: the archive commands, and stores made by tests."""
+
+    def count(self, *args, **kwargs):
+        pass
+
+    observe = set = count
+
+
+NO_METRICS = NoMetrics()
+
+
+class Statsd:
+    """statsd lines, batched into UDP packets by a thread of their own: a session
+    only appends to a bounded queue, and a statsd that is down costs nothing."""
+
+    PACKET = 1400
+
+    def __init__(self, address):
+        self.address, self.lines = address, collections.deque(maxlen=100_000)
+        self.thread = None
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="mms-statsd", daemon=True)
+        self.thread.start()
+
+    def send(self, name, value, kind):
+        self.lines.append(f"{name}:{value:g}|{kind}")
+
+    def run(self):
+        sock = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET,
+                             socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        while True:
+            time.sleep(0.2)
+            packet = ""
+            while self.lines:
+                line = self.lines.popleft()
+                if packet and len(packet) + 1 + len(line) > self.PACKET:
+                    self.flush(sock, packet)
+                    packet = ""
+                packet = f"{packet}\n{line}" if packet else line
+            if packet:
+                self.flush(sock, packet)
+
+    def flush(self, sock, packet):
+        with contextlib.suppress(OSError):
+            sock.sendto(packet.encode(), self.address)
+
+
+class MetricsServer(http.server.ThreadingHTTPServer):
+    """GET /metrics and GET /healthz, on --metrics, in a thread of their own."""
+
+    daemon_threads = True
+
+    def __init__(self, cfg, metrics, smtp):
+        self.cfg, self.metrics, self.smtp = cfg, metrics, smtp
+        host, _, port = cfg.metrics.rpartition(":")
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            super().__init__((host.strip("[]"), int(port)), MetricsHandler)
+        except OSError as exc:
+            fail(f"--metrics {cfg.metrics}: {exc}")
+        threading.Thread(target=self.serve_forever, name="mms-metrics", daemon=True).start()
+
+    def health(self):
+        """(200 or 503, why)."""
+        if self.smtp.draining or self.smtp.socket.fileno() < 0:
+            return 503, "not accepting connections: stopping"
+        if self.cfg.server != "debug" and not self.metrics.mongo_up():
+            return 503, "MongoDB: the last contact failed"
+        return 200, "ok"
+
+    def spooled(self):
+        if self.cfg.server not in RELAY_MODES:
+            return None
+        with contextlib.suppress(OSError):
+            return sum(name.endswith(".bson") for name in os.listdir(self.cfg.spool_dir))
+        return 0
+
+
+class MetricsHandler(http.server.BaseHTTPRequestHandler):
+
+    def do_GET(self):
+        server = self.server
+        if self.path == "/metrics":
+            code, body = 200, server.metrics.exposition(server.spooled())
+            kind = "text/plain; version=0.0.4; charset=utf-8"
+        elif self.path == "/healthz":
+            code, body = server.health()
+            body, kind = body + "\n", "text/plain; charset=utf-8"
+        else:
+            code, body, kind = 404, "not found: try /metrics or /healthz\n", "text/plain"
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        pass  # a scrape every 15 s is not news
+
+
+###############################################################################
 # The command line ############################################################
 ###############################################################################
 
@@ -2129,8 +2484,9 @@ def open_server(cfg, mode=None, start=True):
     """Everything that can fail at start-up fails here, before the first client."""
     mode = mode or make_mode(cfg)
     plugins = load_plugins(cfg.plugin)
+    metrics = Metrics(cfg, rows=cfg.workers, plugins=[p.__name__ for p in plugins])
     try:
-        server = SMTPServer(cfg, mode)
+        server = SMTPServer(cfg, mode, metrics)
     except OSError as exc:
         fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
     server.plugins = plugins
@@ -2150,6 +2506,8 @@ def serve(cfg):
         who = ("only --xforward-hosts may connect" if cfg.server in RELAY_MODES
                else "any client that reaches it may send mail")
         log.warning("listening on %s with no --allow: %s", cfg.host, who)
+    if cfg.metrics:
+        MetricsServer(cfg, server.metrics, server)
     if cfg.workers > 1:
         return run_workers(server, cfg.workers)
     return run_process(server)
@@ -2162,7 +2520,7 @@ def is_loopback(host):
         return host == "localhost"
 
 
-def run_process(server):
+def run_process(server, row=0):
     """Signals first: a SIGTERM a second after start is a clean stop too."""
 
     def stop(signum, frame):
@@ -2172,7 +2530,7 @@ def run_process(server):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reopen_log)
-    server.start()
+    server.start(row)
     server.serve_forever(poll_interval=0.5)
     server.drain(server.cfg.grace)
     server.mode.close()
@@ -2182,19 +2540,20 @@ def run_process(server):
 
 def run_workers(server, count):
     """Fork workers that share the listening socket; the GIL then caps one worker, not
-    the host. A worker that dies is replaced; SIGTERM is passed on to all of them."""
-    workers, stopping = set(), False
+    the host. A worker that dies is replaced, and writes its metrics where the dead
+    one did; SIGTERM is passed on to all of them."""
+    workers, stopping = {}, False
 
-    def spawn():
+    def spawn(row):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             code = 1
             try:
-                code = run_process(server)
+                code = run_process(server, row)
             finally:
                 os._exit(code)
-        workers.add(pid)
+        workers[pid] = row
 
     def stop(signum, frame):
         nonlocal stopping
@@ -2210,14 +2569,14 @@ def run_workers(server, count):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, hangup)
-    for _ in range(count):
-        spawn()
+    for row in range(count):
+        spawn(row)
     while workers:
         pid, status = os.wait()
-        workers.discard(pid)
+        row = workers.pop(pid)
         if not stopping:
             log.error("worker %d ended (status %d), starting another", pid, status)
-            spawn()
+            spawn(row)
     server.server_close()
     log.info("all workers stopped")
     return 0

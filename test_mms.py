@@ -1709,6 +1709,7 @@ class TestQuarantineStorage(MongoCase):
         self.assertEqual((doc["client_address"], doc["xforward"]), ("127.0.0.1", {}))
 
     def test_indexes_are_created(self):
+        self.server.mode.store.first_contact.join()
         names = {tuple(spec["key"].keys()): spec for spec in self.db["message"].list_indexes()}
         self.assertTrue(names[("store_key",)].get("unique"))
         for field in ("received", "sender", "rcpt", "message_id"):
@@ -2750,7 +2751,7 @@ class FakeScanner(socketserver.ThreadingTCPServer):
             with contextlib.suppress(OSError):
                 self.request.recv(65536)
                 if self.server.barrier is not None:
-                    self.server.barrier.wait(2)
+                    self.server.barrier.wait(10)
                 if self.server.answer is not None:
                     self.request.sendall(self.server.answer)
                     return
