@@ -1750,8 +1750,10 @@ class MongoStore:
             self.metrics.count("mms_store_errors_total")
             self.metrics.set("mongo_failed_at", time.time())
             raise
-        self.metrics.set("mongo_ok_at", time.time())
-        self.metrics.observe("mms_store_seconds", time.monotonic() - started)
+        else:
+            self.metrics.set("mongo_ok_at", time.time())
+        finally:
+            self.metrics.observe("mms_store_seconds", time.monotonic() - started)
 
     def prepare(self, metadata, message):
         """The documents to write. The metadata is checked before anything is written,

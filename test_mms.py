@@ -32,6 +32,8 @@ import time
 import tracemalloc
 import types
 import unittest
+import urllib.error
+import urllib.request
 import uuid
 import zlib
 from unittest import mock
@@ -2908,6 +2910,19 @@ class TestFilterScanErrors(FilterCase):
         self.assertEqual(clamd.connections + spamd.connections, 0)
         self.assertEqual(len(self.down.messages), 1)
 
+    def test_verdicts_and_timings_are_counted(self):
+        clamd = self.fake(answer=b"stream: Test.Fake FOUND\0")
+        spamd = self.fake(answer=b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 0.1 / 5.0\r\n\r\n")
+        self.start_filter(clamd=clamd.address, spamd=spamd.address)
+        self.assertEqual(self.deliver(CLEAN)[0][0], 250)
+        text = self.server.metrics.exposition()
+        self.assertIn('mms_scan_verdicts_total{verdict="virus"} 1', text)
+        self.assertIn('mms_scan_verdicts_total{verdict="clean"} 0', text)
+        self.assertIn('mms_scan_seconds_count{scanner="clamd"} 1', text)
+        self.assertIn('mms_scan_seconds_count{scanner="spamd"} 1', text)
+        self.assertIn('mms_messages_total{result="quarantined"} 1', text)
+        self.assertIn("mms_relay_seconds_count 0", text)
+
     def test_scanners_are_asked_at_the_same_time(self):
         # Each fake answers only once both have been asked (a barrier of two):
         # asked one after the other, the first would give up and fail the scan.
@@ -2981,6 +2996,128 @@ class TestFilterLoad(FilterCase):
             self.assertEqual(doc["is_unchecked"], 0)
         delivered = sorted(self.down.messages)
         self.assertEqual(delivered, sorted(b + b".\r\n" for k, b in sent if k == "clean"))
+
+
+###############################################################################
+# Observability: metrics, statsd, health ######################################
+###############################################################################
+
+def scrape(port, path="/metrics"):
+    """A real HTTP client: (status, text), and for /metrics {series: value}."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            status, text = answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    if path != "/metrics":
+        return status, text, {}
+    series = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                  if line and not line.startswith("#"))
+    return status, text, {name: float(value) for name, value in series.items()}
+
+
+class TestMetrics(MongoCase):
+    """--metrics: what a Prometheus scrape sees matches what the test sent."""
+
+    def start_metrics(self, *args, uri=None):
+        self.start_mongo(*args, uri=uri)
+        self.server.mode.store.first_contact.join()
+        self.metrics_port = free_port()
+        self.server.cfg.metrics = f"127.0.0.1:{self.metrics_port}"
+        http = mms.MetricsServer(self.server.cfg, self.server.metrics, self.server)
+        self.addCleanup(http.server_close)
+        self.addCleanup(http.shutdown)
+
+    def test_counters_match_what_was_sent(self):
+        cable = Cable(self.uri)
+        self.addCleanup(cable.close)
+        self.start_metrics("--data-size-limit", "1000", "--allow", "127.0.0.1",
+                           uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+        client = self.raw()
+        for _ in range(3):
+            self.assertReply(self.send_message(client, SIMPLE), "queued")
+        self.assertReply(self.send_message(client, b"Subject: big\r\n\r\n" + b"x" * 2000 + b"\r\n"),
+                         "too_big")
+        with self.assertLogs("mms", "WARNING"):
+            stranger = Raw(self.port, source="127.0.0.2")
+            self.addCleanup(stranger.close)
+            self.assertReply(stranger.reply(), "access_denied")
+        self.assertEqual(scrape(self.metrics_port, "/healthz")[:2], (200, "ok\n"))
+        cable.cut()
+        with self.assertLogs("mms", "ERROR"):
+            self.assertReply(self.send_message(client, SIMPLE), "not_stored")
+        status, text, values = scrape(self.metrics_port)
+        self.assertEqual(status, 200)
+        self.assertEqual(values['mms_connections_total{result="served"}'], 1)
+        self.assertEqual(values['mms_connections_total{result="refused_allow"}'], 1)
+        self.assertEqual(values['mms_messages_total{result="stored"}'], 3)
+        self.assertEqual(values['mms_messages_total{result="too_big"}'], 1)
+        self.assertEqual(values['mms_messages_total{result="tempfail"}'], 1)
+        self.assertEqual(values["mms_received_bytes_total"], 4 * len(SIMPLE))
+        self.assertEqual(values["mms_store_seconds_count"], 4)
+        self.assertEqual(values['mms_store_seconds_bucket{le="+Inf"}'], 4)
+        self.assertEqual(values["mms_store_errors_total"], 1)
+        self.assertEqual(values["mms_sessions_active"], 1)
+        self.assertEqual(values["mms_mongodb_up"], 0)
+        self.assertIn(f'mms_build_info{{version="{mms.__version__}",mode="mongo-quarantine"}} 1',
+                      text)
+        self.assertIn("# TYPE mms_store_seconds histogram", text)
+        status, text, _ = scrape(self.metrics_port, "/healthz")
+        self.assertEqual((status, text), (503, "MongoDB: the last contact failed\n"))
+        cable.mend()
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        self.assertEqual(scrape(self.metrics_port, "/healthz")[0], 200)
+
+    def test_plugin_errors_by_plugin(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        name = "p" + uuid.uuid4().hex[:8] + "_failing"
+        with open(os.path.join(folder, name + ".py"), "w") as f:
+            f.write("def apply(metadata=None, data=None):\n    raise ValueError('no')\n")
+        sys.path.insert(0, folder)
+        self.addCleanup(sys.path.remove, folder)
+        self.start_metrics("--plugin", name, "--plugin", "plugins.mark_bounces")
+        with self.assertLogs("mms", "ERROR"):
+            for _ in range(2):
+                self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        values = scrape(self.metrics_port)[2]
+        self.assertEqual(values[f'mms_plugin_errors_total{{plugin="{name}"}}'], 2)
+        self.assertEqual(values['mms_plugin_errors_total{plugin="plugins.mark_bounces"}'], 0)
+        self.assertEqual(values['mms_messages_total{result="stored"}'], 2)
+
+
+class TestMetricsProcess(unittest.TestCase):
+    """mms.py as supervisord runs it, with --metrics, --statsd and --workers."""
+
+    def test_workers_are_summed_and_statsd_gets_the_same(self):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(5)
+        self.addCleanup(udp.close)
+        metrics_port = free_port()
+        server = MmsProcess("--server", "debug", "--workers", "2", "--plugin", "plugins.mark_bounces",
+                            "--metrics", f"127.0.0.1:{metrics_port}",
+                            "--statsd", f"127.0.0.1:{udp.getsockname()[1]}")
+        self.addCleanup(server.stop)
+        wait_port(metrics_port)
+        for _ in range(10):
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.sendmail("a@example.org", ["b@example.com"], SIMPLE)
+        _, text, values = scrape(metrics_port)
+        self.assertEqual(values['mms_messages_total{result="stored"}'], 10)
+        self.assertEqual(values["mms_received_bytes_total"], 10 * len(SIMPLE))
+        self.assertGreaterEqual(values['mms_connections_total{result="served"}'], 10)
+        self.assertEqual(values['mms_plugin_errors_total{plugin="plugins.mark_bounces"}'], 0)
+        self.assertNotIn("mms_mongodb_up", text)                # debug mode has no MongoDB
+        self.assertEqual(scrape(metrics_port, "/healthz")[:2], (200, "ok\n"))
+        lines = []
+        deadline = time.monotonic() + 5
+        while lines.count("mms.messages.stored:1|c") < 10 and time.monotonic() < deadline:
+            lines += udp.recv(65536).decode().split("\n")
+        self.assertEqual(lines.count("mms.messages.stored:1|c"), 10)
+        self.assertIn(f"mms.received_bytes:{len(SIMPLE)}|c", lines)
+        self.assertTrue(any(line.startswith("mms.sessions_active:") and line.endswith("|g")
+                            for line in lines))
 
 
 ###############################################################################
