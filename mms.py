@@ -549,12 +549,10 @@ class SMTPSession(socketserver.BaseRequestHandler):
         self.tx = None
         self.trusted = in_networks(self.peer, self.cfg.xforward_hosts)
         self.waiting = False
-        # The kernel times reads and writes out, so no call waits on a poll first.
-        self.request.settimeout(None)
-        self.read_timeout = None
-        self.set_read_timeout(self.cfg.timeout)
-        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                kernel_time(self.cfg.timeout))
+        # The kernel times reads and writes out (SO_RCVTIMEO and SO_SNDTIMEO, set on
+        # the listening socket and inherited by this one): no poll before each call,
+        # and no system call here.
+        self.read_timeout = self.cfg.timeout
 
     # -- the connection ------------------------------------------------------
 
@@ -1047,6 +1045,8 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         # Workers share this socket: all wake for one connection, one accepts it,
         # and the others must find nothing rather than block in accept().
         self.socket.setblocking(False)
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.socket.setsockopt(socket.SOL_SOCKET, option, kernel_time(cfg.timeout))
 
     def start(self, row=0):
         """What each serving process does for itself, after any fork."""

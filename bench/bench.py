@@ -13,7 +13,8 @@ Servers, each started fresh for the run on a loopback port:
 - peer: bench/peer.py, aiosmtpd with pymongo's GridFS.put, storing in the same nx-27017.
 
 `--only PART` runs one part: matrix, halves, idle, large (5 and 50 MB, time and
-peak RSS), concurrent_large (4 x 100 MB at once, peak RSS) or workers.
+peak RSS), concurrent_large (4 x 100 MB at once, peak RSS), workers, or metrics (msg/s
+with --metrics and --statsd on and off).
 
 For each cell it prints msg/s, the server's CPU in ms per message, its peak RSS,
 and MongoDB commands per message (counted by a pymongo CommandListener that this
@@ -304,6 +305,29 @@ class Bench:
               f"{time.monotonic() - started:.1f} s, peak RSS {store.status('VmHWM') / 2**20:.0f} MB "
               f"({before / 2**20:.0f} MB before)")
 
+    def metrics(self):
+        """Counting costs no measurable speed: the same server with --metrics and
+        --statsd on and off, alternated, 1 KB, 20 sessions, new connections."""
+        count = self.args.count
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        on = ("--metrics", f"127.0.0.1:{free_port()}", "--statsd", f"127.0.0.1:{udp.getsockname()[1]}")
+        rates = {"off": [], "on": []}
+        try:
+            for _ in range(2):
+                for name, args in (("off", ()), ("on", on)):
+                    server = self.mms("debug", *args)
+                    try:
+                        rates[name].append(measure(server, 20, count, 1024, False)["rate"])
+                    finally:
+                        server.stop()
+        finally:
+            udp.close()
+        off, with_metrics = max(rates["off"]), max(rates["on"])
+        print(f"mms-debug, 1 KB, 20 sessions: {off:.0f} msg/s without metrics, "
+              f"{with_metrics:.0f} msg/s with --metrics and --statsd ({with_metrics / off:.0%}; "
+              f"best of 2 each)")
+
     def workers(self):
         count = self.args.count
         for workers in (1, 2):
@@ -316,7 +340,7 @@ class Bench:
                   f"{r['rate']:.0f} msg/s, {r['cpu_ms']:.2f} ms CPU/msg")
 
 
-PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers")
+PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics")
 
 
 def main():
