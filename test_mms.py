@@ -1511,8 +1511,10 @@ class TestLogging(unittest.TestCase):
         err = self.finish(self.serve("--host", "0.0.0.0"))
         self.assertIn("listening on 0.0.0.0 with no --allow: any client that reaches it "
                       "may send mail", err)
-        err = self.finish(self.serve("--host", "0.0.0.0", "--allow", "127.0.0.1"))
+        err = self.finish(self.serve("--host", "0.0.0.0", "--allow", "127.0.0.1",
+                                     "--plugin", "plugins.mark_bounces"))
         self.assertNotIn("no --allow", err)
+        self.assertIn("clients allowed: 127.0.0.1/32, plugins: plugins.mark_bounces", err)
 
 
 class TestShutdown(ServerCase):
