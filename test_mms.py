@@ -447,6 +447,14 @@ class ServerCase(unittest.TestCase):
         if enhanced:
             self.assertTrue(reply[1].startswith(enhanced + " "), reply)
 
+    def assert_a_slot_comes_back(self, first, second):
+        """Once `first` quits, a new client is served, and `second` all along."""
+        first.cmd("QUIT")
+        first.closed()
+        time.sleep(0.1)
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        self.assertReply(second.cmd("NOOP"), "ok")
+
     def send_message(self, client, data, sender="a@example.org", rcpts=("b@example.com",)):
         """MAIL, RCPT, DATA and the message, on a raw client; the end-of-data reply."""
         self.assertReply(client.cmd(f"MAIL FROM:<{sender}>"), "mail_ok")
@@ -964,11 +972,7 @@ class TestLimits(ServerCase):
         self.addCleanup(third.close)
         self.assertReply(third.reply(), "too_many_conn")
         self.assertTrue(third.closed())
-        first.cmd("QUIT")
-        first.closed()
-        time.sleep(0.1)
-        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
-        self.assertReply(second.cmd("NOOP"), "ok")
+        self.assert_a_slot_comes_back(first, second)
 
     def test_memory_stays_bounded_while_draining(self):
         self.start("--data-size-limit", "1000000")
@@ -1016,11 +1020,7 @@ class TestSlowClients(ServerCase):
         self.assertIn("too many connections from 127.0.0.1", "\n".join(logs.output))
         other = self.raw(source="127.0.0.2")
         self.assertReply(self.send_message(other, SIMPLE), "queued")
-        first.cmd("QUIT")
-        first.closed()
-        time.sleep(0.1)
-        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
-        self.assertReply(second.cmd("NOOP"), "ok")
+        self.assert_a_slot_comes_back(first, second)
 
     def test_the_front_postfix_is_not_limited_per_client(self):
         """All of a front Postfix's sessions come from its one address."""
