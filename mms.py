@@ -7,8 +7,10 @@ The promise, to the mail administrator who puts it behind Postfix or amavisd-new
   (or, in proxy mode, accepted by the downstream server); any storage or
   downstream failure answers 4xx, so the sending MTA keeps it and retries;
 * the bytes stored are the bytes received, after un-dot-stuffing, and nothing else;
-* every input is bounded (command lines, data lines, message size, recipients,
-  connections, idle time), and a misbehaving client never hurts other sessions.
+* every input is bounded (command lines, message size, recipients, connections,
+  connections per client, time per read, per command line and per message, and
+  the memory a message costs), and a misbehaving client never hurts other sessions;
+* in proxy and filter modes only the front Postfix may connect: no open relay.
 
 Modes: mongo-quarantine (amavisd-new's quarantine and archive target),
 mongo-proxy (a Postfix before-queue filter that records what the after-filter
@@ -20,7 +22,7 @@ One file, one runtime dependency (pymongo). Copy it to a mail host and run::
 
 The sections below follow the data: configuration, the SMTP session, the
 message pipeline (metadata and plugins, scanners, relay, store), the modes,
-and the command line.
+observability (metrics, statsd, health), and the command line.
 """
 
 import argparse
