@@ -2257,31 +2257,25 @@ class Metrics:
     }
 
     def __init__(self, cfg, rows=1, plugins=()):
-        self.cfg, self.lock, self.row = cfg, threading.Lock(), 0
-        self.index = {}
-        for name, labels in self.COUNTERS.items():
-            self.add_series(name, labels)
-        self.add_series("mms_plugin_errors_total", ("plugin", tuple(plugins)))
+        self.cfg, self.lock, self.row, self.width = cfg, threading.Lock(), 0, 0
+        self.index, self.counters = {}, {**self.COUNTERS,
+                                         "mms_plugin_errors_total": ("plugin", tuple(plugins))}
+        for name, labels in self.counters.items():
+            for value in values_of(labels):
+                self.index[(name, value)] = self.take(1)
         for name, labels in self.HISTOGRAMS.items():
-            for value in (labels[1] if labels else (None,)):
-                key = (name, value)
-                self.index[key + ("buckets",)] = self.take(len(BUCKETS) + 2)  # +Inf, sum
+            for value in values_of(labels):
+                self.index[(name, value, "buckets")] = self.take(len(BUCKETS) + 2)  # +Inf, sum
         for gauge in ("sessions", "mongo_ok_at", "mongo_failed_at"):
             self.index[(gauge,)] = self.take(1)
-        self.width = self.size
-        self.memory = mmap.mmap(-1, 8 * self.width * max(rows, 1))
+        self.rows = max(rows, 1)
+        self.memory = mmap.mmap(-1, 8 * self.width * self.rows)
         self.values = memoryview(self.memory).cast("d")
         self.statsd = Statsd(cfg.statsd) if cfg.statsd else None
 
-    size = 0
-
     def take(self, count):
-        start, self.size = self.size, self.size + count
+        start, self.width = self.width, self.width + count
         return start
-
-    def add_series(self, name, labels):
-        for value in (labels[1] if labels else (None,)):
-            self.index[(name, value)] = self.take(1)
 
     def start(self, row=0):
         """In the serving process (a forked worker writes to a row of its own)."""
@@ -2315,19 +2309,16 @@ class Metrics:
         if self.statsd and gauge == "sessions":
             self.statsd.send("mms.sessions_active", value, "g")
 
-    def total(self, key, offset=0):
+    def column(self, key, offset=0):
+        """One value of every process."""
         at = self.index[key] + offset
-        return sum(self.values[row * self.width + at] for row in range(self.rows))
+        return [self.values[row * self.width + at] for row in range(self.rows)]
 
-    @property
-    def rows(self):
-        return len(self.values) // self.width
+    def total(self, key, offset=0):
+        return sum(self.column(key, offset))
 
     def mongo_up(self):
-        ok = max(self.values[r * self.width + self.index[("mongo_ok_at",)]] for r in range(self.rows))
-        bad = max(self.values[r * self.width + self.index[("mongo_failed_at",)]]
-                  for r in range(self.rows))
-        return ok > bad
+        return max(self.column(("mongo_ok_at",))) > max(self.column(("mongo_failed_at",)))
 
     def exposition(self, spooled=None):
         """The Prometheus text format."""
@@ -2336,16 +2327,14 @@ class Metrics:
         def head(name, kind):
             out.append(f"# HELP {name} {self.HELP[name]}\n# TYPE {name} {kind}")
 
-        for name, labels in [*self.COUNTERS.items(),
-                             ("mms_plugin_errors_total", None)]:
+        for name, labels in self.counters.items():
             head(name, "counter")
-            for (series, value), _ in [(k, v) for k, v in self.index.items()
-                                       if len(k) == 2 and k[0] == name]:
-                label = f'{{{self.label_name(name)}="{value}"}}' if value is not None else ""
-                out.append(f"{name}{label} {self.total((series, value)):g}")
+            for value in values_of(labels):
+                label = f'{{{labels[0]}="{value}"}}' if labels else ""
+                out.append(f"{name}{label} {self.total((name, value)):g}")
         for name, labels in self.HISTOGRAMS.items():
             head(name, "histogram")
-            for value in (labels[1] if labels else (None,)):
+            for value in values_of(labels):
                 key = (name, value, "buckets")
                 extra = f'{labels[0]}="{value}",' if labels else ""
                 running = 0
@@ -2367,8 +2356,10 @@ class Metrics:
         out.append(f'mms_build_info{{version="{__version__}",mode="{self.cfg.server}"}} 1')
         return "\n".join(out) + "\n"
 
-    def label_name(self, name):
-        return (self.COUNTERS.get(name) or ("plugin",))[0]
+
+def values_of(labels):
+    """A series' label values, or (None,) for a series without labels."""
+    return labels[1] if labels else (None,)
 
 
 def statsd_name(name, label):
