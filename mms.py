@@ -1081,13 +1081,16 @@ class SMTPServer(socketserver.ThreadingTCPServer):
                 self.finish_request(request, client_address)
             except Exception:
                 self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-            request = None
+            # Waiting again before the socket is closed: the client, told 221, may
+            # already be connecting again, and should find this thread free.
             with self.lock:
-                if len(self.idle) >= self.IDLE_THREADS_MAX or self.draining:
-                    return
-                self.idle.append(inbox)
+                keep = len(self.idle) < self.IDLE_THREADS_MAX and not self.draining
+                if keep:
+                    self.idle.append(inbox)
+            self.shutdown_request(request)
+            if not keep:
+                return
+            request = None
             try:
                 request, client_address = inbox.get(timeout=self.IDLE_THREAD_SECONDS)
             except queue.Empty:
@@ -2023,11 +2026,15 @@ class DebugMode(Mode):
 
     def on_message(self, session, tx, metadata, message):
         head = json.dumps(metadata, default=str, ensure_ascii=False, sort_keys=True)
+        pieces = [b"---------- MESSAGE FOLLOWS ----------\n" + head.encode() + b"\n",
+                  *(() if message.file else (message.data,)),
+                  b"\n------------ END MESSAGE ------------\n"]
         with self.lock:
-            self.stream.write(b"---------- MESSAGE FOLLOWS ----------\n" + head.encode() + b"\n")
-            for piece in message.pieces():
-                self.stream.write(piece)
-            self.stream.write(b"\n------------ END MESSAGE ------------\n")
+            if message.file:  # large: piece by piece, not whole in memory
+                self.stream.write(pieces.pop(0))
+                for piece in message.pieces():
+                    self.stream.write(piece)
+            self.stream.write(b"".join(pieces))  # small: one write
             self.stream.flush()
         return R_QUEUED.format(metadata["store_key"])
 
