@@ -2365,6 +2365,11 @@ class TestProxyRelay(ProxyCase):
             self.assertEqual(self.send_message(self.raw(), body)[0], 250)
         self.assertEqual(sorted(name.rsplit(".", 1)[1] for name in os.listdir(self.spool)),
                          ["bson", "msg"])
+        self.server.cfg.metrics = f"127.0.0.1:{free_port()}"
+        http = mms.MetricsServer(self.server.cfg, self.server.metrics, self.server)
+        self.addCleanup(http.server_close)
+        self.addCleanup(http.shutdown)
+        self.assertEqual(scrape(http.server_address[1])[2]["mms_spooled_messages"], 1)
         cable.mend()
         done = subprocess.run([sys.executable, MMS, "replay", "--spool-dir", self.spool,
                                "--mongo-host", self.uri, "--mongo-database", self.dbname],
