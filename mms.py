@@ -2474,6 +2474,8 @@ class MetricsServer(http.server.ThreadingHTTPServer):
 
 class MetricsHandler(http.server.BaseHTTPRequestHandler):
 
+    server_version, sys_version = f"mms/{__version__}", ""
+
     def do_GET(self):
         server = self.server
         if self.path == "/metrics":
