@@ -35,6 +35,7 @@ import copy
 import datetime
 import difflib
 import email.utils
+import hashlib
 import http.server
 import importlib
 import itertools
@@ -74,7 +75,9 @@ END_OF_DATA = b"\r\n.\r\n"
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
-COMMANDS = ("start", "count", "list", "show", "headers", "replay")
+COMMANDS = ("start", "count", "list", "show", "headers", "delete", "hold", "unhold", "purge",
+            "replay")
+KEYED_COMMANDS = ("show", "headers", "delete", "hold", "unhold")
 
 # Every reply the session sends that is not built from a downstream answer.
 R_MAIL_OK = "250 2.1.0 Ok"
@@ -189,6 +192,20 @@ def _address(value):
         raise argparse.ArgumentTypeError(f"not HOST:PORT: {value!r}")
     _port(port)
     return value.strip()
+
+
+def _when(value):
+    """An ISO date (UTC unless it says otherwise), or a time ago: 24h, 7d."""
+    text = value.strip()
+    match = re.fullmatch(r"([0-9]+)\s*([hd])", text)
+    if match:
+        hours = int(match.group(1)) * (24 if match.group(2) == "d" else 1)
+        return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=hours)
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date, nor 24h or 7d: {value!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
 
 def _choice(*choices):
@@ -325,16 +342,26 @@ def build_parser():
                             help=f"{text} [{variable}, default: {shown}]", **extra)
     parser.add_argument("command", nargs="?", default="start", choices=COMMANDS,
                         help="start the server (default), or read the archive")
-    parser.add_argument("key", nargs="?", help="store_key, for show and headers")
-    reader = parser.add_argument_group("reader options (list)")
-    reader.add_argument("--limit", type=_count, default=20, help="messages to list (default 20)")
-    reader.add_argument("--sender", help="only this sender")
-    reader.add_argument("--rcpt", help="only this recipient")
-    reader.add_argument("--since", type=datetime.datetime.fromisoformat,
-                        help="only messages received since this ISO date")
-    reader.add_argument("--virus", action="store_true", help="only messages with a virus")
-    reader.add_argument("--spam", action="store_true", help="only spam")
-    reader.add_argument("--json", action="store_true", help="one JSON document per line")
+    parser.add_argument("key", nargs="?",
+                        help="store_key or a unique prefix of 8 or more, for "
+                             + ", ".join(KEYED_COMMANDS))
+    archive = parser.add_argument_group("archive options (list, count, purge)")
+    archive.add_argument("--limit", type=_count, default=20, help="messages to list (default 20)")
+    archive.add_argument("--sender", help="this sender, @domain for a domain, <> for none")
+    archive.add_argument("--rcpt", help="this recipient, or @domain for a domain")
+    archive.add_argument("--since", type=_when, help="received since: an ISO date, or 24h, 7d")
+    archive.add_argument("--until", type=_when, help="received before: an ISO date, or 24h, 7d")
+    archive.add_argument("--subject", help="Subject contains this, in any case")
+    archive.add_argument("--message-id", help="this Message-ID")
+    archive.add_argument("--client", help="client address: an IP or a CIDR")
+    archive.add_argument("--quarantine", help="quarantine type: virus, banned, spam, ...")
+    archive.add_argument("--virus", action="store_true", help="only messages with a virus")
+    archive.add_argument("--spam", action="store_true", help="only spam")
+    archive.add_argument("--held", action="store_true", help="only messages on hold")
+    archive.add_argument("--released", action="store_true", help="only released messages")
+    archive.add_argument("--older-than", type=_when, help="purge: received before, e.g. 90d")
+    archive.add_argument("--dry-run", action="store_true", help="purge: count, delete nothing")
+    archive.add_argument("--json", action="store_true", help="one JSON document per line")
     return parser
 
 
@@ -359,8 +386,13 @@ def parse_config(argv=None):
         setattr(cfg, dest, value)
     if cfg.server not in MODES:
         fail(f"unknown mode {cfg.server!r}: choose one of {', '.join(MODES)}")
-    if cfg.command in ("show", "headers") and not cfg.key:
+    if cfg.command in KEYED_COMMANDS and not cfg.key:
         fail(f"{cfg.command} needs a store_key")
+    if cfg.client:
+        try:
+            ipaddress.ip_network(cfg.client, strict=False)
+        except ValueError:
+            fail(f"--client: not an IP address or CIDR: {cfg.client!r}")
     if cfg.real_rcpt and cfg.server not in ("mongo-quarantine", "debug"):
         fail("--real-rcpt rewrites the message: it is for mongo-quarantine mode only")
     if cfg.server != "debug" or cfg.command != "start":
@@ -942,6 +974,13 @@ class Message:
             at += len(piece)
             yield piece
 
+    def sha256(self):
+        """Of the bytes stored, so that `verify` can prove the archive unchanged."""
+        digest = hashlib.sha256()
+        for piece in self.pieces():
+            digest.update(piece)
+        return digest.hexdigest()
+
     def head(self, limit):
         if self.file is None:
             return self.data[:limit]
@@ -1177,6 +1216,7 @@ def receive_message(session, tx, xforward, message):
     metadata = make_metadata(session, tx, xforward, message)
     if session.cfg.real_rcpt:
         apply_real_rcpt(metadata, message)
+    metadata["sha256"] = message.sha256()
     metrics, mode = session.server.metrics, session.server.mode
     run_plugins(session.server.plugins, metadata, message, session.cfg.plugin_timeout, metrics)
     answer = mode.on_message(session, tx, metadata, message)
@@ -1848,9 +1888,22 @@ class MongoStore:
     def find(self, store_key):
         return self.collection.find_one({"store_key": store_key})
 
+    def delete(self, doc):
+        """The metadata first: stopped half-way, this leaves an orphan file, never a
+        document that points at nothing. Files and chunks by id, one at a time
+        (nx-27017 refuses $in on fs.files)."""
+        self.collection.delete_one({"store_key": doc["store_key"]})
+        if doc.get("message") is not None:
+            self.db.fs.files.delete_one({"_id": doc["message"]})
+            self.db.fs.chunks.delete_many({"files_id": doc["message"]})
+
     def read(self, metadata):
-        import gridfs
-        content = gridfs.GridFS(self.db).get(metadata["message"]).read()
+        """The raw message, from its chunks by files_id: what GridFS.get does, without
+        its look-up in fs.files (which nx-27017 answers by reading every file)."""
+        chunks = self.db.fs.chunks.find({"files_id": metadata["message"]}).sort("n", 1)
+        content = b"".join(chunk["data"] for chunk in chunks)
+        if not content:
+            raise LookupError(f"the GridFS file of {metadata['store_key']} is missing")
         return zlib.decompress(base64.b64decode(content))
 
 
@@ -1879,7 +1932,7 @@ def index_watch(store):
 
 
 CORE_FIELDS = ("store_key", "sender", "rcpt", "rcpt_count", "rcpt_refused", "client_address",
-               "xforward", "server", "received", "message", "size")
+               "xforward", "server", "received", "message", "size", "sha256")
 
 
 def storable(metadata):
@@ -1992,6 +2045,7 @@ class Spool:
             return {"store_key": os.path.basename(base), "sender": "", "rcpt": [],
                     "rcpt_count": 0, "rcpt_refused": {}, "client_address": "", "xforward": {},
                     "server": "", "size": message.size, "message": None, "rebuilt": True,
+                    "sha256": message.sha256(),
                     "received": datetime.datetime.fromtimestamp(
                         os.path.getmtime(base + ".msg"), UTC),
                     **header_fields(message.head(HEADER_BLOCK_MAX))}
@@ -2207,6 +2261,7 @@ class FilterMode(ProxyMode):
             self.archive(metadata, message)
             return R_VIRUS.format(", ".join(metadata["virus"])) if metadata["is_virus"] else R_SPAM
         tx.outcome = "quarantined"
+        metadata["quarantine"] = "virus" if metadata["is_virus"] else "spam"
         return stored_reply(self.store, metadata, message)
 
     @staticmethod
@@ -2498,6 +2553,217 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
 
 
 ###############################################################################
+# The archive commands ########################################################
+###############################################################################
+
+def run_archive_command(cfg):
+    """count, list, show, headers, delete, purge, hold, unhold and replay: the archive
+    from the shell, as postqueue and postsuper run Postfix's queue."""
+    store = MongoStore(cfg).connect()
+    try:
+        return ARCHIVE_COMMANDS[cfg.command](cfg, store)
+    except LookupError as exc:
+        print(f"mms.py: error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"mms.py: error: cannot read the archive at {redact(cfg.mongo_host)}: "
+              f"{mongo_error(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def archive_filter(cfg):
+    """The MongoDB filter that list, count and purge share, and a test for what
+    MongoDB cannot ask (a CIDR of client addresses). nx-27017 needs `$in` for an
+    element of an indexed array, and `$elemMatch` for a regular expression on one;
+    both forms are right on MongoDB too."""
+    query, where = {}, []
+    received = {}
+    if cfg.sender is not None:
+        query["sender"] = address_filter(cfg.sender)
+    if cfg.rcpt is not None:
+        rcpt = address_filter(cfg.rcpt)
+        query["rcpt"] = {"$elemMatch": rcpt} if isinstance(rcpt, dict) else {"$in": [rcpt]}
+    if cfg.since:
+        received["$gte"] = cfg.since
+    if cfg.until:
+        received["$lt"] = cfg.until
+    if cfg.older_than:
+        received["$lt"] = min(received.get("$lt", cfg.older_than), cfg.older_than)
+    if received:
+        query["received"] = received
+    if cfg.subject:
+        query["subject"] = {"$regex": re.escape(cfg.subject), "$options": "i"}
+    if cfg.message_id:
+        query["message_id"] = cfg.message_id.strip("<>")
+    if cfg.quarantine:
+        query["quarantine"] = cfg.quarantine
+    for flag, field in (("virus", "is_virus"), ("spam", "is_spam")):
+        if getattr(cfg, flag):
+            query[field] = 1
+    if cfg.held:
+        query["held"] = True
+    if cfg.released:
+        query["released"] = {"$exists": True}
+    if cfg.client:
+        network = ipaddress.ip_network(cfg.client, strict=False)
+        if network.num_addresses == 1:
+            query["client_address"] = str(network.network_address)
+        else:
+            where.append(lambda doc: in_networks(str(doc.get("client_address", "")), [network]))
+    return query, (lambda doc: all(test(doc) for test in where))
+
+
+def address_filter(address):
+    """'<>' the null sender, '@example.org' a whole domain, else one address."""
+    address = address.strip().lower()
+    if address == "<>":
+        return ""
+    if address.startswith("@"):
+        return {"$regex": re.escape(address) + "$"}
+    return address.strip("<>")
+
+
+def matching(cfg, store, projection=None):
+    query, wanted = archive_filter(cfg)
+    for doc in store.collection.find(query, projection).sort("received", -1):
+        if wanted(doc):
+            yield doc
+
+
+def archive_count(cfg, store):
+    query, wanted = archive_filter(cfg)
+    if cfg.client and "client_address" not in query:
+        print(sum(1 for _ in matching(cfg, store, {"client_address": 1})))
+    else:
+        print(store.collection.count_documents(query))
+    return 0
+
+
+def archive_list(cfg, store):
+    out = sys.stdout
+    for doc in itertools.islice(matching(cfg, store), cfg.limit):
+        doc.pop("_id", None)
+        if cfg.json:
+            out.write(json.dumps(doc, default=str, ensure_ascii=False) + "\n")
+        else:
+            marks = "".join(f" [{name}]" for name in ("virus", "spam") if doc.get(f"is_{name}"))
+            marks += " [held]" if doc.get("held") else ""
+            out.write(list_line(doc) + marks + "\n")
+    return 0
+
+
+def list_line(doc):
+    """One line per message, whatever wrote the document: another tool's documents
+    may lack any of mms's fields, or hold other types in them."""
+    received = doc.get("received")
+    when = (f"{received:%Y-%m-%d %H:%M:%S}" if isinstance(received, datetime.datetime)
+            else str(received or "-")[:19].ljust(19))
+    rcpt = doc.get("rcpt")
+    rcpt = ",".join(map(str, rcpt)) if isinstance(rcpt, list) else str(rcpt or "")
+    size = doc.get("size")
+    return (f"{when} {doc.get('store_key', '-')} {size if isinstance(size, int) else '-':>8} "
+            f"<{doc.get('sender', '')}> -> {rcpt} {str(doc.get('subject', ''))!r}")
+
+
+KEY_PREFIX_MIN = 8
+
+
+def resolve(store, key):
+    """The one message a store_key or a unique prefix of it names, as git takes a
+    commit; an ambiguous prefix lists what it matches."""
+    key = (key or "").strip().lower()
+    if len(key) < KEY_PREFIX_MIN or not re.fullmatch(r"[0-9a-f]+", key):
+        raise LookupError(f"a store_key is 8 to 64 hex characters: {key!r}")
+    if len(key) == 64:
+        docs = [doc for doc in [store.find(key)] if doc]
+    else:
+        docs = list(store.collection.find({"store_key": {"$regex": "^" + key}}).limit(11))
+    if not docs:
+        raise LookupError(f"no message with store_key {key}")
+    if len(docs) > 1:
+        keys = ", ".join(doc["store_key"] for doc in docs[:10])
+        raise LookupError(f"store_key {key} is ambiguous: {keys}")
+    return docs[0]
+
+
+def archive_show(cfg, store):
+    sys.stdout.buffer.write(store.read(resolve(store, cfg.key)))
+    sys.stdout.flush()
+    return 0
+
+
+def archive_headers(cfg, store):
+    sys.stdout.buffer.write(header_block(store.read(resolve(store, cfg.key))))
+    sys.stdout.flush()
+    return 0
+
+
+def archive_delete(cfg, store):
+    doc = resolve(store, cfg.key)
+    if doc.get("held"):
+        raise LookupError(f"{doc['store_key']} is on hold: `mms.py unhold` it first")
+    store.delete(doc)
+    print(f"deleted {doc['store_key']}")
+    return 0
+
+
+def archive_hold(cfg, store, held=True):
+    """A legal hold: purge and delete leave the message alone until unhold."""
+    doc = resolve(store, cfg.key)
+    change = {"$set": {"held": True}} if held else {"$unset": {"held": ""}}
+    store.collection.update_one({"store_key": doc["store_key"]}, change)
+    print(f"{'held' if held else 'released from hold'} {doc['store_key']}")
+    return 0
+
+
+def archive_unhold(cfg, store):
+    return archive_hold(cfg, store, held=False)
+
+
+def archive_purge(cfg, store):
+    """Delete what is older than --older-than, in batches, never what is held. The
+    metadata goes first, so that an interrupted purge leaves at worst an orphan
+    file (which `verify --repair` sweeps), never a document that points at nothing."""
+    if not cfg.older_than:
+        raise LookupError("purge needs --older-than, e.g. --older-than 90d")
+    cfg.held, count = False, 0
+    query, wanted = archive_filter(cfg)
+    # held is True or absent (unhold unsets it). {"$ne": True} would say the same,
+    # but nx-27017's find answers it wrongly beside a date range; $exists does not.
+    query["held"] = {"$exists": False}
+    while True:
+        docs = [doc for doc in store.collection.find(query, {"store_key": 1, "message": 1,
+                                                             "client_address": 1}).limit(500)
+                if wanted(doc)]
+        if cfg.dry_run:
+            count = store.collection.count_documents(query) if not cfg.client else len(docs)
+            break
+        for doc in docs:
+            store.delete(doc)
+        count += len(docs)
+        if len(docs) < 500:
+            break
+    print(f"{'would purge' if cfg.dry_run else 'purged'} {count} message(s) received before "
+          f"{cfg.older_than:%Y-%m-%d %H:%M:%S} UTC")
+    return 0
+
+
+def archive_replay(cfg, store):
+    stored, failed = Spool(cfg.spool_dir).replay(store)
+    print(f"replayed {stored} message(s) from {cfg.spool_dir}, {failed} failed")
+    return 1 if failed else 0
+
+
+ARCHIVE_COMMANDS = {
+    "count": archive_count, "list": archive_list, "show": archive_show,
+    "headers": archive_headers, "delete": archive_delete, "hold": archive_hold,
+    "unhold": archive_unhold, "purge": archive_purge, "replay": archive_replay,
+}
+
+
+###############################################################################
 # The command line ############################################################
 ###############################################################################
 
@@ -2603,96 +2869,6 @@ def run_workers(server, count):
     return 0
 
 
-def read_archive(cfg):
-    """count, list, show and headers: the archive from the shell, without mongo tools."""
-    store = MongoStore(cfg).connect()
-    try:
-        return READERS[cfg.command](cfg, store)
-    except LookupError as exc:
-        print(f"mms.py: error: {exc.args[0]}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        print(f"mms.py: error: cannot read the archive at {redact(cfg.mongo_host)}: {exc}",
-              file=sys.stderr)
-        return 1
-    finally:
-        store.close()
-
-
-def read_replay(cfg, store):
-    stored, failed = Spool(cfg.spool_dir).replay(store)
-    print(f"replayed {stored} message(s) from {cfg.spool_dir}, {failed} failed")
-    return 1 if failed else 0
-
-
-def read_count(cfg, store):
-    print(store.collection.count_documents({}))
-    return 0
-
-
-def read_list(cfg, store):
-    query = {}
-    if cfg.sender:
-        query["sender"] = cfg.sender.lower()
-    if cfg.rcpt:
-        # $in, not equality: the same on MongoDB, and nx-27017 misses array
-        # elements of an indexed field on plain equality.
-        query["rcpt"] = {"$in": [cfg.rcpt.lower()]}
-    if cfg.virus:
-        query["is_virus"] = 1
-    if cfg.spam:
-        query["is_spam"] = 1
-    if cfg.since:
-        since = cfg.since
-        query["received"] = {"$gte": since if since.tzinfo else
-                             since.replace(tzinfo=datetime.timezone.utc)}
-    out = sys.stdout
-    for doc in store.collection.find(query).sort("received", -1).limit(cfg.limit):
-        doc.pop("_id", None)
-        if cfg.json:
-            out.write(json.dumps(doc, default=str, ensure_ascii=False) + "\n")
-        else:
-            verdict = "".join(f" [{name}]" for name in ("virus", "spam")
-                              if doc.get(f"is_{name}"))
-            out.write(list_line(doc) + verdict + "\n")
-    return 0
-
-
-def list_line(doc):
-    """One line per message, whatever wrote the document: another tool's documents
-    may lack any of mms's fields, or hold other types in them."""
-    received = doc.get("received")
-    when = (f"{received:%Y-%m-%d %H:%M:%S}" if isinstance(received, datetime.datetime)
-            else str(received or "-")[:19].ljust(19))
-    rcpt = doc.get("rcpt")
-    rcpt = ",".join(map(str, rcpt)) if isinstance(rcpt, list) else str(rcpt or "")
-    size = doc.get("size")
-    return (f"{when} {doc.get('store_key', '-')} {size if isinstance(size, int) else '-':>8} "
-            f"<{doc.get('sender', '')}> -> {rcpt} {str(doc.get('subject', ''))!r}")
-
-
-def found(store, key):
-    metadata = store.find(key)
-    if metadata is None:
-        raise LookupError(f"no message with store_key {key}")
-    return store.read(metadata)
-
-
-def read_show(cfg, store):
-    sys.stdout.buffer.write(found(store, cfg.key))
-    sys.stdout.flush()
-    return 0
-
-
-def read_headers(cfg, store):
-    sys.stdout.buffer.write(header_block(found(store, cfg.key)))
-    sys.stdout.flush()
-    return 0
-
-
-READERS = {"replay": read_replay, "count": read_count, "list": read_list, "show": read_show, "headers": read_headers}
-
-
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -2749,7 +2925,7 @@ def main(argv=None):
         log.warning(warning)
     if cfg.command == "start":
         return serve(cfg)
-    return read_archive(cfg)
+    return run_archive_command(cfg)
 
 
 if __name__ == "__main__":

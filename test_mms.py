@@ -2821,6 +2821,7 @@ class TestFilterVerdicts(FilterCase):
                 self.assertEqual(code, 250)
                 self.assertEqual(text, f"2.0.0 Ok: queued as {doc['store_key']}")
                 self.assertEqual((doc["is_virus"], doc["virus"]), (1, [EICAR_NAME]))
+                self.assertEqual(doc["quarantine"], "virus")
                 self.assertEqual(self.stored(doc["store_key"])[1], body)
         self.assertEqual(self.down.messages, [])
         self.assertNotIn("DATA", self.down.commands)
@@ -3196,6 +3197,100 @@ class TestReader(MongoCase):
         lines = done.stdout.decode().splitlines()
         self.assertEqual(len(lines), 5, lines)
         self.assertTrue(any(line.startswith("yesterday") and "k" * 64 in line for line in lines))
+
+
+class TestArchiveCommands(MongoCase):
+    """Search, keys by prefix, delete, hold and purge, as an administrator runs them."""
+
+    def setUp(self):
+        super().setUp()
+        self.start_mongo()
+        client = self.raw()
+        self.keys = []
+        for n, (sender, rcpt) in enumerate([("a@x.org", "b@y.com"), ("c@x.org", "d@y.com"),
+                                            ("a@x.org", "e@z.com"), ("", "f@y.com")]):
+            body = f"Subject: Msg {n}\r\nMessage-ID: <m{n}@x.org>\r\n\r\nbody {n}\r\n".encode()
+            self.keys.append(self.key(self.send_message(client, body, sender, (rcpt,))))
+
+    def mms(self, *args):
+        """The command in this process (as `mms.py` runs it after parsing): many
+        commands a test, without starting Python each time."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cfg = mms.parse_config([*args, "--mongo-host", self.uri,
+                                        "--mongo-database", self.dbname])
+                code = mms.run_archive_command(cfg)
+            except SystemExit as exit:
+                code = exit.code
+        return code, out.getvalue().strip(), err.getvalue().strip()
+
+    def command_line(self, *args):
+        done = subprocess.run([sys.executable, MMS, *args, "--mongo-host", self.uri,
+                               "--mongo-database", self.dbname], capture_output=True, text=True,
+                              timeout=60)
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    def test_count_and_list_take_the_same_filters(self):
+        for args, expected in [((), 4), (("--sender", "a@x.org"), 2), (("--sender", "@X.org"), 3),
+                               (("--sender", "<>"), 1), (("--rcpt", "@y.com"), 3),
+                               (("--rcpt", "d@y.com"), 1), (("--subject", "MSG 2"), 1),
+                               (("--message-id", "<m3@x.org>"), 1), (("--since", "1h"), 4),
+                               (("--until", "1h"), 0), (("--since", "2000-01-01"), 4),
+                               (("--client", "127.0.0.0/8"), 4), (("--client", "127.0.0.1"), 4),
+                               (("--client", "192.0.2.0/24"), 0), (("--held",), 0),
+                               (("--released",), 0), (("--virus",), 0)]:
+            with self.subTest(args=args):
+                self.assertEqual(self.mms("count", *args), (0, str(expected), ""))
+                code, out, _ = self.mms("list", "--limit", "100", *args)
+                self.assertEqual(len(out.splitlines()) if out else 0, expected, out)
+        self.assertIn(self.keys[2], self.command_line("list", "--rcpt", "e@z.com")[1])
+        self.assertEqual(self.command_line("count", "--sender", "@x.org"), (0, "3", ""))
+        self.assertEqual(self.command_line("count", "--client", "not-an-ip")[0], 2)
+
+    def test_keys_by_unique_prefix(self):
+        code, out, _ = self.command_line("show", self.keys[1][:8])
+        self.assertEqual((code, out), (0, "Subject: Msg 1\nMessage-ID: <m1@x.org>\n\nbody 1"))
+        self.assertEqual(self.command_line("show", self.keys[1][:7])[0], 1)
+        twins = ["abcdef01" + "0" * 56, "abcdef01" + "1" * 56]
+        self.db["message"].insert_many([{"store_key": key} for key in twins])
+        code, _, err = self.command_line("headers", "abcdef01")
+        self.assertEqual(code, 1)
+        self.assertIn("ambiguous", err)
+        self.assertTrue(all(key in err for key in twins), err)
+        self.assertIn("no message with store_key", self.command_line("show", "fedcba98")[2])
+
+    def test_delete_and_hold(self):
+        doc = self.db["message"].find_one({"store_key": self.keys[0]})
+        self.assertEqual(self.mms("hold", self.keys[0][:10])[0], 0)
+        code, _, err = self.mms("delete", self.keys[0])
+        self.assertEqual(code, 1)
+        self.assertIn("on hold", err)
+        self.assertEqual(self.mms("count", "--held"), (0, "1", ""))
+        self.assertEqual(self.mms("unhold", self.keys[0])[0], 0)
+        self.assertEqual(self.mms("delete", self.keys[0])[:2], (0, f"deleted {self.keys[0]}"))
+        self.assertIsNone(self.db["message"].find_one({"store_key": self.keys[0]}))
+        self.assertEqual(list(self.db["fs.files"].find({"_id": doc["message"]})), [])
+        self.assertEqual(list(self.db["fs.chunks"].find({"files_id": doc["message"]})), [])
+        self.assertEqual(self.mms("count"), (0, "3", ""))
+
+    def test_purge_leaves_what_is_new_or_held(self):
+        old = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+        for key in self.keys[:3]:  # replace_one: nx-27017 stores a $set datetime as a string
+            doc = self.db["message"].find_one({"store_key": key})
+            self.db["message"].replace_one({"_id": doc["_id"]}, {**doc, "received": old})
+        self.mms("hold", self.keys[2])
+        code, out, _ = self.mms("purge", "--older-than", "90d", "--dry-run")
+        self.assertTrue(out.startswith("would purge 2 message(s)"), out)
+        self.assertEqual(self.mms("count"), (0, "4", ""))
+        code, out, _ = self.mms("purge", "--older-than", "90d")
+        self.assertTrue(out.startswith("purged 2 message(s)"), out)
+        self.assertEqual(sorted(d["store_key"] for d in self.db["message"].find()),
+                         sorted(self.keys[2:]))
+        files = {f["filename"] for f in self.db["fs.files"].find({}, {"filename": 1})}
+        self.assertEqual(files, set(self.keys[2:]))
+        self.assertTrue(self.mms("purge", "--older-than", "90d")[1].startswith("purged 0"))
+        self.assertEqual(self.mms("purge")[0], 1)
 
 
 class TestReplay(MongoCase):
