@@ -76,7 +76,7 @@ END_OF_DATA = b"\r\n.\r\n"
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
 COMMANDS = ("start", "count", "list", "show", "headers", "delete", "hold", "unhold", "purge",
-            "replay")
+            "verify", "replay")
 KEYED_COMMANDS = ("show", "headers", "delete", "hold", "unhold")
 
 # Every reply the session sends that is not built from a downstream answer.
@@ -361,6 +361,8 @@ def build_parser():
     archive.add_argument("--released", action="store_true", help="only released messages")
     archive.add_argument("--older-than", type=_when, help="purge: received before, e.g. 90d")
     archive.add_argument("--dry-run", action="store_true", help="purge: count, delete nothing")
+    archive.add_argument("--repair", action="store_true",
+                         help="verify: remove orphan files and chunks older than an hour")
     archive.add_argument("--json", action="store_true", help="one JSON document per line")
     return parser
 
@@ -2750,6 +2752,67 @@ def archive_purge(cfg, store):
     return 0
 
 
+ORPHAN_AGE = datetime.timedelta(hours=1)  # younger, a write may still be under way
+
+
+def uploaded(file, now):
+    """A file's uploadDate; nx-27017 gives back fs.files dates as ISO strings."""
+    when = file.get("uploadDate")
+    if isinstance(when, str):
+        with contextlib.suppress(ValueError):
+            when = datetime.datetime.fromisoformat(when)
+    if not isinstance(when, datetime.datetime):
+        return now
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def archive_verify(cfg, store):
+    """An fsck for the archive: each metadata document's file exists and decodes,
+    with the recorded size and sha256; files and chunks that no document points at
+    are orphans, which --repair removes once they are an hour old. One line per
+    problem; exit 1 if there is any."""
+    problems = 0
+
+    def problem(text):
+        nonlocal problems
+        problems += 1
+        print(text)
+
+    for doc in matching(cfg, store):
+        key = doc.get("store_key", doc["_id"])
+        try:
+            data = store.read(doc)
+        except LookupError as exc:
+            problem(f"{key}: {exc.args[0]}")
+            continue
+        except (zlib.error, binascii.Error, ValueError) as exc:
+            problem(f"{key}: the stored file does not decode: {exc}")
+            continue
+        if doc.get("size") not in (None, len(data)):
+            problem(f"{key}: {len(data)} bytes stored, {doc['size']} recorded")
+        if doc.get("sha256") and hashlib.sha256(data).hexdigest() != doc["sha256"]:
+            problem(f"{key}: sha256 differs from the one recorded at receipt")
+    referenced = {doc.get("message") for doc in store.collection.find({}, {"message": 1})}
+    files = {f["_id"]: f for f in store.db.fs.files.find({}, {"filename": 1, "uploadDate": 1})}
+    now = datetime.datetime.now(UTC)
+    orphans = [(fid, uploaded(f, now), f"file {f.get('filename')}")
+               for fid, f in files.items() if fid not in referenced]
+    # fs.chunks by files_id with no file (nx-27017 lists none: it answers no query on
+    # fs.chunks but one that names a files_id).
+    orphans += [(fid, fid.generation_time if hasattr(fid, "generation_time") else now,
+                 f"chunks of {fid}")
+                for fid in store.db.fs.chunks.distinct("files_id") if fid not in files]
+    for fid, made, what in orphans:
+        if cfg.repair and now - made > ORPHAN_AGE:
+            store.db.fs.files.delete_one({"_id": fid})
+            store.db.fs.chunks.delete_many({"files_id": fid})
+            print(f"removed orphan {what}")
+        else:
+            problem(f"orphan {what}, no message points at it")
+    print(f"verify: {problems} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def archive_replay(cfg, store):
     stored, failed = Spool(cfg.spool_dir).replay(store)
     print(f"replayed {stored} message(s) from {cfg.spool_dir}, {failed} failed")
@@ -2759,7 +2822,8 @@ def archive_replay(cfg, store):
 ARCHIVE_COMMANDS = {
     "count": archive_count, "list": archive_list, "show": archive_show,
     "headers": archive_headers, "delete": archive_delete, "hold": archive_hold,
-    "unhold": archive_unhold, "purge": archive_purge, "replay": archive_replay,
+    "unhold": archive_unhold, "purge": archive_purge, "verify": archive_verify,
+    "replay": archive_replay,
 }
 
 

@@ -3199,8 +3199,8 @@ class TestReader(MongoCase):
         self.assertTrue(any(line.startswith("yesterday") and "k" * 64 in line for line in lines))
 
 
-class TestArchiveCommands(MongoCase):
-    """Search, keys by prefix, delete, hold and purge, as an administrator runs them."""
+class ArchiveCase(MongoCase):
+    """Four stored messages, and the archive commands to run on them."""
 
     def setUp(self):
         super().setUp()
@@ -3230,6 +3230,10 @@ class TestArchiveCommands(MongoCase):
                                "--mongo-database", self.dbname], capture_output=True, text=True,
                               timeout=60)
         return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+
+class TestArchiveCommands(ArchiveCase):
+    """Search, keys by prefix, delete, hold and purge, as an administrator runs them."""
 
     def test_count_and_list_take_the_same_filters(self):
         for args, expected in [((), 4), (("--sender", "a@x.org"), 2), (("--sender", "@X.org"), 3),
@@ -3291,6 +3295,52 @@ class TestArchiveCommands(MongoCase):
         self.assertEqual(files, set(self.keys[2:]))
         self.assertTrue(self.mms("purge", "--older-than", "90d")[1].startswith("purged 0"))
         self.assertEqual(self.mms("purge")[0], 1)
+
+
+class TestVerify(ArchiveCase):
+    """`mms.py verify`: every damage it names is one made here on purpose."""
+
+    def test_a_sound_archive(self):
+        self.assertEqual(self.mms("verify"), (0, "", "verify: 0 problem(s)"))
+
+    def test_every_kind_of_damage_is_named(self):
+        docs = {d["store_key"]: d for d in self.db["message"].find()}
+        garbled, short, altered, lost, dropped = self.keys[:3] + [self.keys[3], None]
+        fid = docs[garbled]["message"]
+        self.db["fs.chunks"].delete_many({"files_id": fid})
+        self.db["fs.chunks"].insert_one({"files_id": fid, "n": 0, "data": bson.Binary(b"!!")})
+        self.db["message"].replace_one({"store_key": short}, {**docs[short], "size": 1})
+        self.db["message"].replace_one({"store_key": altered}, {**docs[altered], "sha256": "0" * 64})
+        self.db["fs.files"].delete_one({"_id": docs[lost]["message"]})
+        self.db["fs.chunks"].delete_many({"files_id": docs[lost]["message"]})
+        extra = self.key(self.send_message(self.raw(), SIMPLE))
+        self.db["message"].delete_one({"store_key": extra})   # its file is now an orphan
+        code, out, err = self.mms("verify")
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "verify: 5 problem(s)")
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 5, out)
+        self.assertTrue(any(line.startswith(f"{garbled}: the stored file does not decode")
+                            for line in lines), out)
+        self.assertIn(f"{short}: {len(docs[short]['size'] * b'x')} bytes stored, 1 recorded", lines)
+        self.assertIn(f"{altered}: sha256 differs from the one recorded at receipt", lines)
+        self.assertIn(f"{lost}: the GridFS file of {lost} is missing", lines)
+        self.assertIn(f"orphan file {extra}, no message points at it", lines)
+
+    def test_repair_removes_only_old_orphans(self):
+        old = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+        fid = bson.ObjectId()
+        self.db["fs.files"].insert_one({"_id": fid, "filename": "f" * 64, "length": 4,
+                                        "chunkSize": 261120, "uploadDate": old})
+        self.db["fs.chunks"].insert_one({"files_id": fid, "n": 0, "data": bson.Binary(b"eJwD")})
+        young = self.key(self.send_message(self.raw(), SIMPLE))
+        self.db["message"].delete_one({"store_key": young})
+        code, out, err = self.mms("verify", "--repair")
+        self.assertEqual(code, 1, err)   # the young orphan stays: a write may be under way
+        self.assertEqual(out.splitlines(), [f"removed orphan file {'f' * 64}",
+                                            f"orphan file {young}, no message points at it"])
+        self.assertEqual(list(self.db["fs.files"].find({"_id": fid})), [])
+        self.assertEqual(list(self.db["fs.chunks"].find({"files_id": fid})), [])
 
 
 class TestReplay(MongoCase):
