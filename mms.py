@@ -310,6 +310,8 @@ OPTIONS = [
      "filter mode: what spam gets"),
     ("--on-scan-error", "MMS_ON_SCAN_ERROR", "tempfail", _choice("tempfail", "deliver"),
      "filter mode: what a message gets when a scanner is down or too slow"),
+    ("--retention", "MMS_RETENTION", "0", _count,
+     "days a message is kept: once an hour, older ones not on hold are purged (0: forever)"),
     ("--real-rcpt", "MMS_REAL_RCPT", "0", _flag,
      "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
 ]
@@ -1755,6 +1757,23 @@ class MongoStore:
         self.start_writer()
         self.first_contact = threading.Thread(target=self.greet, name="mms-mongo", daemon=True)
         self.first_contact.start()
+        if self.cfg.retention and getattr(self.metrics, "row", 0) == 0:  # one worker purges
+            threading.Thread(target=self.keep_retention, name="mms-retention", daemon=True).start()
+
+    RETENTION_SECONDS = 3600  # how often --retention purges
+
+    def keep_retention(self):
+        while True:
+            time.sleep(self.RETENTION_SECONDS)
+            cut = datetime.datetime.now(UTC) - datetime.timedelta(days=self.cfg.retention)
+            try:
+                count = purge(self, {"received": {"$lt": cut}})
+            except Exception as exc:
+                log.error("--retention purge failed: %s", mongo_error(exc))
+                continue
+            if count:
+                log.info("--retention: purged %d message(s) received before %s", count,
+                         f"{cut:%Y-%m-%d %H:%M:%S} UTC")
 
     def greet(self):
         try:
@@ -2725,31 +2744,31 @@ def archive_unhold(cfg, store):
 
 
 def archive_purge(cfg, store):
-    """Delete what is older than --older-than, in batches, never what is held. The
+    """Delete what is older than --older-than, never what is held. The
     metadata goes first, so that an interrupted purge leaves at worst an orphan
     file (which `verify --repair` sweeps), never a document that points at nothing."""
     if not cfg.older_than:
         raise LookupError("purge needs --older-than, e.g. --older-than 90d")
-    cfg.held, count = False, 0
+    cfg.held = False
     query, wanted = archive_filter(cfg)
-    # held is True or absent (unhold unsets it). {"$ne": True} would say the same,
-    # but nx-27017's find answers it wrongly beside a date range; $exists does not.
-    query["held"] = {"$exists": False}
-    while True:
-        docs = [doc for doc in store.collection.find(query, {"store_key": 1, "message": 1,
-                                                             "client_address": 1}).limit(500)
-                if wanted(doc)]
-        if cfg.dry_run:
-            count = store.collection.count_documents(query) if not cfg.client else len(docs)
-            break
-        for doc in docs:
-            store.delete(doc)
-        count += len(docs)
-        if len(docs) < 500:
-            break
+    count = purge(store, query, wanted, cfg.dry_run)
     print(f"{'would purge' if cfg.dry_run else 'purged'} {count} message(s) received before "
           f"{cfg.older_than:%Y-%m-%d %H:%M:%S} UTC")
     return 0
+
+
+def purge(store, query, wanted=lambda doc: True, dry_run=False):
+    """Delete what the query finds, but what is on hold; the count. The keys are read
+    first, then each message deleted: no cursor is kept open over what it deletes."""
+    # held is True or absent (unhold unsets it). {"$ne": True} would say the same,
+    # but nx-27017's find answers it wrongly beside a date range; $exists does not.
+    query = {**query, "held": {"$exists": False}}
+    fields = {"store_key": 1, "message": 1, "client_address": 1}
+    docs = [doc for doc in store.collection.find(query, fields) if wanted(doc)]
+    if not dry_run:
+        for doc in docs:
+            store.delete(doc)
+    return len(docs)
 
 
 ORPHAN_AGE = datetime.timedelta(hours=1)  # younger, a write may still be under way

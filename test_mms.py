@@ -3297,6 +3297,27 @@ class TestArchiveCommands(ArchiveCase):
         self.assertEqual(self.mms("purge")[0], 1)
 
 
+class TestRetention(ArchiveCase):
+
+    def test_the_server_purges_what_is_older_than_retention(self):
+        """--retention runs purge once an hour; here, every 0.2 s."""
+        old = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+        for key in self.keys[:2]:
+            doc = self.db["message"].find_one({"store_key": key})
+            self.db["message"].replace_one({"_id": doc["_id"]}, {**doc, "received": old})
+        self.mms("hold", self.keys[1])
+        with mock.patch.object(mms.MongoStore, "RETENTION_SECONDS", 0.2):
+            with self.assertLogs("mms", "INFO") as logs:
+                self.start_mongo("--retention", "30")
+                deadline = time.monotonic() + 10
+                while (self.db["message"].find_one({"store_key": self.keys[0]})
+                       and time.monotonic() < deadline):
+                    time.sleep(0.1)
+        self.assertIsNone(self.db["message"].find_one({"store_key": self.keys[0]}))
+        self.assertEqual(self.mms("count"), (0, "3", ""))
+        self.assertIn("--retention: purged 1 message(s)", "\n".join(logs.output))
+
+
 class TestVerify(ArchiveCase):
     """`mms.py verify`: every damage it names is one made here on purpose."""
 
