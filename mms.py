@@ -48,6 +48,7 @@ import queue
 import re
 import secrets
 import signal
+import smtplib
 import socket
 import socketserver
 import struct
@@ -75,9 +76,9 @@ END_OF_DATA = b"\r\n.\r\n"
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
-COMMANDS = ("start", "count", "list", "show", "headers", "delete", "hold", "unhold", "purge",
-            "verify", "replay")
-KEYED_COMMANDS = ("show", "headers", "delete", "hold", "unhold")
+COMMANDS = ("start", "count", "list", "show", "headers", "release", "delete", "hold", "unhold",
+            "purge", "verify", "replay")
+KEYED_COMMANDS = ("show", "headers", "release", "delete", "hold", "unhold")
 
 # Every reply the session sends that is not built from a downstream answer.
 R_MAIL_OK = "250 2.1.0 Ok"
@@ -366,6 +367,12 @@ def build_parser():
     archive.add_argument("--repair", action="store_true",
                          help="verify: remove orphan files and chunks older than an hour")
     archive.add_argument("--json", action="store_true", help="one JSON document per line")
+    archive.add_argument("--to", action="append", default=[],
+                         help="release: to this address instead (repeatable)")
+    archive.add_argument("--via", type=_scanner, default=None,
+                         help="release: the SMTP server to send through (default 127.0.0.1:25; "
+                              "in filter mode --remote-host and --remote-port)")
+    archive.add_argument("--force", action="store_true", help="release: again")
     return parser
 
 
@@ -2721,6 +2728,56 @@ def archive_headers(cfg, store):
     return 0
 
 
+def archive_release(cfg, store):
+    """Send a kept message on, as amavisd-release does for its own quarantines: with
+    its stored sender, to its recipients (or --to), without the X-MMS-RCPT header
+    that mms added, through the local Postfix; then note it on the document."""
+    doc = resolve(store, cfg.key)
+    if doc.get("released") and not cfg.force:
+        raise LookupError(f"{doc['store_key']} was released already ({len(doc['released'])} "
+                          f"time(s)): --force to send it again")
+    data = store.read(doc)
+    if data.startswith(b"X-MMS-RCPT:"):
+        data = data[data.index(b"\n") + 1:]
+    via = cfg.via or ((cfg.remote_host, cfg.remote_port) if cfg.server == "mongo-filter"
+                      else ("127.0.0.1", 25))
+    rcpts = cfg.to or list(doc.get("rcpt") or [])
+    refused, reply = send_message(via, doc.get("sender", ""), rcpts, data, cfg.hostname)
+    for rcpt, answer in refused.items():
+        print(f"{rcpt}: {answer}")
+    if reply is not None:
+        record = {"at": datetime.datetime.now(UTC), "via": f"{via[0]}:{via[1]}",
+                  "to": [r for r in rcpts if r not in refused], "reply": reply}
+        # replace_one: nx-27017 turns a datetime inside a $push into a string.
+        store.collection.replace_one({"_id": doc["_id"]},
+                                     {**doc, "released": [*doc.get("released", []), record]})
+        print(f"released {doc['store_key']} to {', '.join(record['to'])} via "
+              f"{record['via']}: {reply}")
+    return 0 if reply is not None and reply.startswith("2") and not refused else 1
+
+
+def send_message(via, sender, rcpts, data, hostname):
+    """({refused rcpt: reply}, the end-of-data reply or None): every recipient is asked,
+    and the message goes to those accepted."""
+    try:
+        with smtplib.SMTP(via[0], via[1], local_hostname=hostname, timeout=60) as client:
+            client.ehlo_or_helo_if_needed()
+            code, text = client.mail(sender)
+            if code != 250:
+                return {rcpt: f"{code} {text.decode(errors='replace')}" for rcpt in rcpts}, None
+            refused = {}
+            for rcpt in rcpts:
+                code, text = client.rcpt(rcpt)
+                if code not in (250, 251):
+                    refused[rcpt] = f"{code} {text.decode(errors='replace')}"
+            if len(refused) == len(rcpts):
+                return refused, None
+            code, text = client.data(data)
+            return refused, f"{code} {text.decode(errors='replace')}"
+    except (OSError, smtplib.SMTPException) as exc:
+        raise LookupError(f"release via {via[0]}:{via[1]} failed: {exc}") from None
+
+
 def archive_delete(cfg, store):
     doc = resolve(store, cfg.key)
     if doc.get("held"):
@@ -2840,7 +2897,8 @@ def archive_replay(cfg, store):
 
 ARCHIVE_COMMANDS = {
     "count": archive_count, "list": archive_list, "show": archive_show,
-    "headers": archive_headers, "delete": archive_delete, "hold": archive_hold,
+    "headers": archive_headers, "release": archive_release, "delete": archive_delete,
+    "hold": archive_hold,
     "unhold": archive_unhold, "purge": archive_purge, "verify": archive_verify,
     "replay": archive_replay,
 }

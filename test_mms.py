@@ -3297,6 +3297,56 @@ class TestArchiveCommands(ArchiveCase):
         self.assertEqual(self.mms("purge")[0], 1)
 
 
+class TestRelease(MongoCase):
+    """`mms.py release`: a kept message sent on through a real Postfix smtpd."""
+
+    def setUp(self):
+        super().setUp()
+        self.postfix = Postfix.get()
+        self.postfix.capture.seek(0)
+        self.postfix.capture.truncate()
+        self.start_mongo("--real-rcpt")
+
+    def release(self, *args):
+        done = subprocess.run([sys.executable, MMS, "release", *args, "--via",
+                               f"127.0.0.1:{self.postfix.after}", "--mongo-host", self.uri,
+                               "--mongo-database", self.dbname], capture_output=True, text=True,
+                              timeout=120)
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    def test_release_to_the_real_recipients_once(self):
+        key = self.key(self.send_message(self.raw(), TestRealRcpt.AMAVIS, sender="sender@example.org",
+                                         rcpts=("virus-quarantine@example.net",)))
+        code, out, err = self.release(key[:12])
+        self.assertEqual(code, 0, err)
+        self.assertIn("to alice@example.com, bob@example.com, carol@example.com via 127.0.0.1:", out)
+        [(metadata, delivered)] = self.postfix.delivered(1)
+        self.assertEqual((metadata["sender"], metadata["rcpt"]),
+                         ("sender@example.org",
+                          ["alice@example.com", "bob@example.com", "carol@example.com"]))
+        head, body = TestRealRcpt.AMAVIS.split(b"\r\n\r\n")
+        self.assertIn(head, delivered)  # Postfix adds Received:, and Date: and Message-ID:
+        self.assertTrue(delivered.endswith(b"\r\n\r\n" + body), delivered[-200:])
+        self.assertNotIn(b"X-MMS-RCPT", delivered)
+        [record] = self.db["message"].find_one({"store_key": key})["released"]
+        self.assertEqual((record["via"], record["reply"][:3]),
+                         (f"127.0.0.1:{self.postfix.after}", "250"))
+        self.assertIsInstance(record["at"], datetime.datetime)
+        code, _, err = self.release(key)
+        self.assertEqual(code, 1)
+        self.assertIn("released already", err)
+        self.assertEqual(self.release(key, "--force", "--to", "dave@example.com")[0], 0)
+        self.assertEqual(self.postfix.delivered(2)[1][0]["rcpt"], ["dave@example.com"])
+        self.assertEqual(len(self.db["message"].find_one({"store_key": key})["released"]), 2)
+
+    def test_a_refused_recipient_is_printed_and_exits_1(self):
+        key = self.key(self.send_message(self.raw(), SIMPLE))
+        code, out, _ = self.release(key, "--to", "refused@example.com", "--to", "ok@example.com")
+        self.assertEqual(code, 1)
+        self.assertIn("refused@example.com: 550 5.1.1", out)
+        self.assertEqual(self.postfix.delivered(1)[0][0]["rcpt"], ["ok@example.com"])
+
+
 class TestRetention(ArchiveCase):
 
     def test_the_server_purges_what_is_older_than_retention(self):
