@@ -77,7 +77,7 @@ END_OF_DATA = b"\r\n.\r\n"
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
 COMMANDS = ("start", "count", "list", "show", "headers", "release", "delete", "hold", "unhold",
-            "purge", "verify", "replay")
+            "purge", "stats", "verify", "replay")
 KEYED_COMMANDS = ("show", "headers", "release", "delete", "hold", "unhold")
 
 # Every reply the session sends that is not built from a downstream answer.
@@ -367,6 +367,8 @@ def build_parser():
     archive.add_argument("--repair", action="store_true",
                          help="verify: remove orphan files and chunks older than an hour")
     archive.add_argument("--json", action="store_true", help="one JSON document per line")
+    archive.add_argument("--by", choices=list(STATS_GROUPS), help="stats: count by this")
+    archive.add_argument("--top", type=_count, default=10, help="stats: the N largest groups")
     archive.add_argument("--to", action="append", default=[],
                          help="release: to this address instead (repeatable)")
     archive.add_argument("--via", type=_scanner, default=None,
@@ -2889,6 +2891,72 @@ def archive_verify(cfg, store):
     return 1 if problems else 0
 
 
+def domain_of(address):
+    return {"$arrayElemAt": [{"$split": [address, "@"]}, 1]}
+
+
+def day_format(text):
+    return lambda: {"$dateToString": {"format": text, "date": "$received"}}
+
+
+# --by: what each group is, and whether it counts recipients rather than messages.
+STATS_GROUPS = {
+    "day": (day_format("%Y-%m-%d"), False), "hour": (day_format("%Y-%m-%d %H:00"), False),
+    "sender": (lambda: "$sender", False), "sender-domain": (lambda: domain_of("$sender"), False),
+    "rcpt": (lambda: "$rcpt", True), "rcpt-domain": (lambda: domain_of("$rcpt"), True),
+    "client": (lambda: "$client_address", False), "quarantine": (lambda: "$quarantine", False),
+    "verdict": (lambda: verdict_of(VERDICT_FIELDS), False),
+}
+VERDICT_FIELDS = ("virus", "spam", "unchecked")
+
+
+def verdict_of(names):
+    """The first of is_virus, is_spam, is_unchecked that is set, else clean: as a
+    string (nx-27017 cannot group by a sub-document)."""
+    if not names:
+        return "clean"
+    return {"$cond": [{"$eq": [{"$ifNull": [f"$is_{names[0]}", 0]}, 1]}, names[0],
+                      verdict_of(names[1:])]}
+
+
+def archive_stats(cfg, store):
+    """Counts and bytes, in all and per group, computed by MongoDB. The time range is
+    matched on the received date written as an ISO string: nx-27017 ignores a $match
+    on a date inside aggregate, and a string of UTC time sorts as the time does."""
+    window = {}
+    if cfg.since:
+        window["$gte"] = f"{cfg.since.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
+    if cfg.until:
+        window["$lt"] = f"{cfg.until.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
+    head = [{"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")()}}]
+    if window:
+        head.append({"$match": {"mms_at": window}})
+    sums = {"messages": {"$sum": 1}, "bytes": {"$sum": "$size"}}
+    totals = {"messages": 0, "bytes": 0, **dict.fromkeys(VERDICT_FIELDS, 0)}
+    for row in store.collection.aggregate(head + [{"$group": {"_id": None, **sums, **{
+            name: {"$sum": {"$ifNull": [f"$is_{name}", 0]}} for name in VERDICT_FIELDS}}}]):
+        totals.update({key: row[key] for key in totals})
+    groups = []
+    if cfg.by:
+        key, per_rcpt = STATS_GROUPS[cfg.by]
+        order = {"_id": 1} if cfg.by in ("day", "hour") else {"messages": -1, "_id": 1}
+        pipeline = head + ([{"$unwind": "$rcpt"}] if per_rcpt else []) + [
+            {"$group": {"_id": key(), **sums}}, {"$sort": order}, {"$limit": cfg.top}]
+        groups = [{"group": group_name(row["_id"]), "messages": row["messages"],
+                   "bytes": row["bytes"]} for row in store.collection.aggregate(pipeline)]
+    if cfg.json:
+        print(json.dumps({"totals": totals, "by": cfg.by, "groups": groups}))
+        return 0
+    print(", ".join(f"{name} {value}" for name, value in totals.items()))
+    for group in groups:
+        print(f"{group['messages']:>10} {group['bytes']:>14} {group['group']}")
+    return 0
+
+
+def group_name(value):
+    return "<>" if value == "" else str(value if value is not None else "-")
+
+
 def archive_replay(cfg, store):
     stored, failed = Spool(cfg.spool_dir).replay(store)
     print(f"replayed {stored} message(s) from {cfg.spool_dir}, {failed} failed")
@@ -2899,7 +2967,8 @@ ARCHIVE_COMMANDS = {
     "count": archive_count, "list": archive_list, "show": archive_show,
     "headers": archive_headers, "release": archive_release, "delete": archive_delete,
     "hold": archive_hold,
-    "unhold": archive_unhold, "purge": archive_purge, "verify": archive_verify,
+    "unhold": archive_unhold, "purge": archive_purge, "stats": archive_stats,
+    "verify": archive_verify,
     "replay": archive_replay,
 }
 

@@ -3347,6 +3347,52 @@ class TestRelease(MongoCase):
         self.assertEqual(self.postfix.delivered(1)[0][0]["rcpt"], ["ok@example.com"])
 
 
+class TestStats(ArchiveCase):
+    """`mms.py stats`: every number checked against the stored documents."""
+
+    def stats(self, *args):
+        code, out, err = self.mms("stats", "--json", *args)
+        self.assertEqual(code, 0, err)
+        return json.loads(out)
+
+    def test_totals_and_groups_match_the_documents(self):
+        self.db["message"].insert_one({"store_key": "v" * 64, "sender": "a@x.org",
+                                       "rcpt": ["b@y.com"], "size": 7, "is_virus": 1,
+                                       "received": datetime.datetime.now(datetime.timezone.utc)})
+        docs = self.records()
+        result = self.stats("--by", "sender")
+        self.assertEqual(result["totals"], {"messages": 5, "bytes": sum(d["size"] for d in docs),
+                                            "virus": 1, "spam": 0, "unchecked": 0})
+        self.assertEqual({g["group"]: g["messages"] for g in result["groups"]},
+                         {"a@x.org": 3, "c@x.org": 1, "<>": 1})
+        self.assertEqual(result["groups"][0]["bytes"],
+                         sum(d["size"] for d in docs if d["sender"] == "a@x.org"))
+        self.assertEqual({g["group"]: g["messages"] for g in self.stats("--by", "rcpt-domain")["groups"]},
+                         {"y.com": 4, "z.com": 1})
+        self.assertEqual({g["group"]: g["messages"] for g in self.stats("--by", "sender-domain")["groups"]},
+                         {"x.org": 4, "-": 1})
+        self.assertEqual({g["group"]: g["messages"] for g in self.stats("--by", "verdict")["groups"]},
+                         {"clean": 4, "virus": 1})
+        today = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
+        self.assertEqual(self.stats("--by", "day")["groups"],
+                         [{"group": today, "messages": 5, "bytes": result["totals"]["bytes"]}])
+        self.assertEqual(len(self.stats("--by", "rcpt", "--top", "2")["groups"]), 2)
+
+    def test_a_time_range(self):
+        old = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+        doc = self.db["message"].find_one({"store_key": self.keys[0]})
+        self.db["message"].replace_one({"_id": doc["_id"]}, {**doc, "received": old})
+        self.assertEqual(self.stats("--since", "7d")["totals"]["messages"], 3)
+        self.assertEqual(self.stats("--until", "7d")["totals"]["messages"], 1)
+        self.assertEqual(self.stats("--since", "2019-12-31", "--until", "2020-01-02")["totals"]
+                         ["bytes"], doc["size"])
+        code, out, _ = self.command_line("stats", "--by", "client")
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines()[0], "messages 4, bytes "
+                         f"{sum(d['size'] for d in self.records())}, virus 0, spam 0, unchecked 0")
+        self.assertTrue(out.splitlines()[1].split()[-1] == "127.0.0.1", out)
+
+
 class TestRetention(ArchiveCase):
 
     def test_the_server_purges_what_is_older_than_retention(self):
