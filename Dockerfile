@@ -10,7 +10,6 @@ USER mms
 WORKDIR /opt/mms
 ENV MMS_HOST=0.0.0.0 MMS_PORT=14001 MMS_METRICS=0.0.0.0:9425
 EXPOSE 14001 9425
-HEALTHCHECK --interval=30s --timeout=10s \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9425/healthz', timeout=5)"]
+HEALTHCHECK --interval=60s --timeout=30s CMD ["python", "/opt/mms/mms.py", "check"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "/opt/mms/mms.py"]

@@ -77,7 +77,7 @@ END_OF_DATA = b"\r\n.\r\n"
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
 COMMANDS = ("start", "count", "list", "show", "headers", "release", "delete", "hold", "unhold",
-            "purge", "stats", "verify", "replay")
+            "purge", "stats", "verify", "check", "replay")
 KEYED_COMMANDS = ("show", "headers", "release", "delete", "hold", "unhold")
 
 # Every reply the session sends that is not built from a downstream answer.
@@ -2957,6 +2957,76 @@ def group_name(value):
     return "<>" if value == "" else str(value if value is not None else "-")
 
 
+def archive_check(cfg, store):
+    """A probe for Nagios, monit or a container HEALTHCHECK: one line, exit 0 (OK) or
+    2 (CRITICAL). It talks to the running server as a client would: in quarantine
+    mode a probe message goes in, is found in MongoDB and deleted; in proxy and
+    filter modes nothing is relayed, but MongoDB, the downstream server and the
+    scanners are each asked."""
+    try:
+        done = CHECKS[cfg.server](cfg, store)
+    except Exception as exc:
+        print(f"CRITICAL: {mongo_error(exc)}")
+        return 2
+    print(f"OK: {done}")
+    return 0
+
+
+def check_smtp(cfg, message=None):
+    """The server's greeting and EHLO, and a message if given: its reply."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(cfg.host, cfg.host)
+    try:
+        with smtplib.SMTP(host, cfg.port, local_hostname="mms-check", timeout=cfg.mongo_timeout
+                          + 10) as client:
+            client.ehlo()
+            if message is None:
+                return client.noop()
+            client.mail("mms-check@" + cfg.hostname)
+            client.rcpt("mms-check@" + cfg.hostname)
+            return client.data(message)
+    except (OSError, smtplib.SMTPException) as exc:
+        raise RuntimeError(f"mms at {host}:{cfg.port}: {exc}") from None
+
+
+def check_quarantine(cfg, store):
+    store.client.admin.command("ping")  # first: CRITICAL within --mongo-timeout
+    probe = f"Subject: mms check\r\nFrom: mms-check@{cfg.hostname}\r\n\r\nprobe\r\n".encode()
+    code, text = check_smtp(cfg, probe)
+    if code != 250:
+        raise RuntimeError(f"mms answered the probe {code} {text.decode(errors='replace')}")
+    key = text.decode().rsplit(" ", 1)[-1]
+    doc = store.find(key)
+    if doc is None:
+        raise RuntimeError(f"the probe {key} was answered 250 but is not in MongoDB")
+    store.delete(doc)
+    return f"probe {key[:12]} stored in MongoDB and deleted"
+
+
+def check_debug(cfg, store):
+    code, _ = check_smtp(cfg)
+    return f"mms at port {cfg.port} answers ({code})"
+
+
+def check_relay(cfg, store):
+    check_smtp(cfg)
+    store.client.admin.command("ping")
+    Downstream(cfg).close()
+    asked = ["mms", "MongoDB", f"downstream {cfg.remote_host}:{cfg.remote_port}"]
+    if cfg.server == "mongo-filter":
+        for name, address, request, answer in (
+                ("clamd", cfg.clamd, [b"zPING\0"], b"PONG"),
+                ("spamd", cfg.spamd, [b"PING SPAMC/1.5\r\n\r\n"], b"PONG")):
+            if address and answer not in ask(address, request, cfg.scan_timeout):
+                raise RuntimeError(f"{name} at {address[0]}:{address[1]} did not answer PONG")
+            if address:
+                asked.append(name)
+    return ", ".join(asked) + " answer"
+
+
+CHECKS = {"mongo-quarantine": check_quarantine, "debug": check_debug,
+          "mongo-proxy": check_relay, "mongo-filter": check_relay}
+
+
 def archive_replay(cfg, store):
     stored, failed = Spool(cfg.spool_dir).replay(store)
     print(f"replayed {stored} message(s) from {cfg.spool_dir}, {failed} failed")
@@ -2968,7 +3038,7 @@ ARCHIVE_COMMANDS = {
     "headers": archive_headers, "release": archive_release, "delete": archive_delete,
     "hold": archive_hold,
     "unhold": archive_unhold, "purge": archive_purge, "stats": archive_stats,
-    "verify": archive_verify,
+    "verify": archive_verify, "check": archive_check,
     "replay": archive_replay,
 }
 

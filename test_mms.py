@@ -3393,6 +3393,69 @@ class TestStats(ArchiveCase):
         self.assertTrue(out.splitlines()[1].split()[-1] == "127.0.0.1", out)
 
 
+class TestCheck(MongoCase):
+    """`mms.py check`, as Nagios or a HEALTHCHECK runs it: one line, exit 0 or 2."""
+
+    def check(self, *args, uri=None):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, MMS, "check", "--port", str(self.port),
+                               "--mongo-host", uri or self.uri, "--mongo-database", self.dbname,
+                               "--mongo-timeout", "2", *args], capture_output=True, text=True,
+                              timeout=60)
+        self.assertEqual(len(done.stdout.splitlines()), 1, done.stdout + done.stderr)
+        return done.returncode, done.stdout.strip(), time.monotonic() - started
+
+    def test_quarantine_probe_goes_in_and_is_deleted(self):
+        self.start_mongo()
+        code, out, _ = self.check("--server", "mongo-quarantine")
+        self.assertEqual(code, 0, out)
+        self.assertRegex(out, r"^OK: probe [0-9a-f]{12} stored in MongoDB and deleted$")
+        self.assertEqual(self.records(), [])
+        self.assertEqual(list(self.db["fs.files"].find()), [])
+
+    def test_critical_when_mongodb_or_mms_is_down(self):
+        self.start_mongo()
+        code, out, took = self.check("--server", "mongo-quarantine",
+                                     uri=f"mongodb://127.0.0.1:{free_port()}/")
+        self.assertEqual(code, 2)
+        self.assertTrue(out.startswith("CRITICAL: "), out)
+        self.assertLess(took, 2 + 3)   # --mongo-timeout, and Python's start
+        self.server.shutdown()
+        self.server.server_close()
+        code, out, _ = self.check("--server", "mongo-quarantine")
+        self.assertEqual(code, 2)
+        self.assertIn(f"mms at 127.0.0.1:{self.port}", out)
+
+    def test_debug_mode(self):
+        self.mode = "debug"
+        self.start()
+        self.assertEqual(self.check("--server", "debug")[:2],
+                         (0, f"OK: mms at port {self.port} answers (250)"))
+
+    def test_filter_mode_asks_every_peer_and_relays_nothing(self):
+        down = ScriptedDownstream()
+        self.addCleanup(down.close)
+        clamd, spamd = FakeScanner(answer=b"PONG\0"), FakeScanner(answer=b"SPAMD/1.5 0 PONG\r\n")
+        for fake in (clamd, spamd):
+            self.addCleanup(fake.close)
+        self.mode = "mongo-filter"
+        spool = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, spool)
+        peers = ("--server", "mongo-filter", "--remote-port", str(down.server_address[1]),
+                 "--spool-dir", spool, "--clamd", clamd.address, "--spamd", spamd.address)
+        self.start_mongo(*peers[2:])
+        code, out, _ = self.check(*peers)
+        self.assertEqual((code, out), (0, f"OK: mms, MongoDB, downstream 127.0.0.1:"
+                                          f"{down.server_address[1]}, clamd, spamd answer"))
+        self.assertNotIn("MAIL", " ".join(down.commands))
+        clamd.answer = b"stream: OK\0"
+        code, out, _ = self.check(*peers)
+        self.assertEqual(code, 2)
+        self.assertIn("clamd", out)
+        down.close()
+        self.assertEqual(self.check(*peers)[0], 2)
+
+
 class TestRetention(ArchiveCase):
 
     def test_the_server_purges_what_is_older_than_retention(self):
