@@ -1270,8 +1270,14 @@ UTC = datetime.timezone.utc
 
 
 def header_values(head, names):
-    """{name: value} for the first field of each name, unfolded and cut at
-    HEADER_VALUE_MAX, in time linear in the header's size.
+    """{name: value} for the first field of each name."""
+    return {name: values[0] for name, values in header_lists(head, names).items()}
+
+
+def header_lists(head, names, stop=None):
+    """{name: [value, ...]} for the fields of these names, unfolded and cut at
+    HEADER_VALUE_MAX, in time linear in the header's size; up to a field named
+    `stop`, if given.
 
     Lines end at LF or CRLF only, for every field alike: a bare CR inside a
     Subject never starts an X-Envelope-To. The header ends at the first empty
@@ -1288,10 +1294,14 @@ def header_values(head, names):
         if not colon or not name or b" " in name.rstrip(b" \t"):
             break
         name = name.rstrip(b" \t").lower()
+        if name == stop:
+            break
         current = None
-        if name in names and name not in found:
-            found[name] = current = bytearray(value)
-    return {name: bytes(value[:HEADER_VALUE_MAX]).strip() for name, value in found.items()}
+        if name in names:
+            current = bytearray(value)
+            found.setdefault(name, []).append(current)
+    return {name: [bytes(value[:HEADER_VALUE_MAX]).strip() for value in values]
+            for name, values in found.items()}
 
 
 def header_block(data):
@@ -1378,7 +1388,47 @@ def apply_real_rcpt(metadata, message):
     eol = b"\r\n" if b"\r\n" in head[:4096] or not head else b"\n"
     line = "X-MMS-RCPT: " + ", ".join(f"<{r}>" for r in metadata["rcpt"])
     message.prepend(line.encode() + eol)
-    metadata.update(rcpt=[r.lower() for r in real], rcpt_count=len(real), size=message.size)
+    metadata.update(rcpt=[r.lower() for r in real], rcpt_count=len(real), size=message.size,
+                    quarantine_to=metadata["rcpt"])
+
+
+AMAVIS_FIELDS = (b"x-quarantine-id", b"x-amavis-alert", b"x-envelope-from",
+                 b"x-envelope-to-blocked", b"x-spam-flag", b"x-spam-score")
+# An alert's first words, and the quarantine it means, in amavisd-new's own order.
+AMAVIS_ALERTS = (("INFECTED", "virus"), ("BANNED", "banned"), ("SPAM", "spam"),
+                 ("BAD HEADER", "bad-header"))
+
+
+def amavis_fields(head):
+    """What amavisd-new 2.13 says of a quarantine or archive copy, in the fields it
+    prepends above its own Received: (the ones below are the sender's to write).
+    Seen from it: a virus copy carries 'X-Amavis-Alert: INFECTED, message contains
+    virus: NAME', a banned one 'BANNED, message contains TYPE,NAME', a spam one
+    'X-Spam-Flag: YES' and no alert, and any of them 'BAD HEADER SECTION, ...'; one
+    copy goes to the type's quarantine and the archive address at once."""
+    found = {name: [value.decode("utf-8", "replace") for value in values]
+             for name, values in header_lists(head, AMAVIS_FIELDS, stop=b"received").items()}
+    if b"x-quarantine-id" not in found and b"x-envelope-from" not in found:
+        return {}
+    alerts = found.get(b"x-amavis-alert", [])
+    spam = found.get(b"x-spam-flag", [""])[0].strip().upper() == "YES"
+    kinds = {kind for alert in alerts for word, kind in AMAVIS_ALERTS
+             if alert.upper().startswith(word)} | ({"spam"} if spam else set())
+    fields = {"quarantine": next((kind for _, kind in AMAVIS_ALERTS if kind in kinds), "archive"),
+              "is_virus": int("virus" in kinds), "is_banned": int("banned" in kinds),
+              "is_spam": int(spam),
+              "virus": [name.strip() for alert in alerts if alert.upper().startswith("INFECTED")
+                        for name in alert.partition("virus:")[2].split(",") if name.strip()]}
+    if b"x-quarantine-id" in found:
+        fields["quarantine_id"] = found[b"x-quarantine-id"][0].strip("<> ")
+    for name, field in ((b"x-envelope-from", "envelope_from"),
+                        (b"x-envelope-to-blocked", "rcpt_blocked")):
+        if name in found:
+            addresses = [a.lower() for a in ADDRESS_IN_ANGLES_RE.findall(" ".join(found[name]))]
+            fields[field] = addresses[0] if field == "envelope_from" and addresses else addresses
+    with contextlib.suppress(KeyError, ValueError):
+        fields["spam_score"] = float(found[b"x-spam-score"][0])
+    return fields
 
 
 def load_plugins(names):
@@ -2141,7 +2191,8 @@ class DebugMode(Mode):
 
 
 class QuarantineMode(Mode):
-    """amavisd-new's quarantine and archive target: store every message, answer 250."""
+    """amavisd-new's quarantine and archive target: store every message, with what
+    amavisd-new says of it, and answer 250."""
 
     def __init__(self, cfg):
         self.store = MongoStore(cfg)
@@ -2154,6 +2205,7 @@ class QuarantineMode(Mode):
         self.store.close()
 
     def on_message(self, session, tx, metadata, message):
+        metadata.update(amavis_fields(message.head(HEADER_BLOCK_MAX)))
         return stored_reply(self.store, metadata, message)
 
 
@@ -2612,9 +2664,10 @@ def archive_filter(cfg):
     received = {}
     if cfg.sender is not None:
         query["sender"] = address_filter(cfg.sender)
-    if cfg.rcpt is not None:
+    if cfg.rcpt is not None:  # a recipient, or a quarantine address --real-rcpt replaced
         rcpt = address_filter(cfg.rcpt)
-        query["rcpt"] = {"$elemMatch": rcpt} if isinstance(rcpt, dict) else {"$in": [rcpt]}
+        rcpt = {"$elemMatch": rcpt} if isinstance(rcpt, dict) else {"$in": [rcpt]}
+        query["$or"] = [{"rcpt": rcpt}, {"quarantine_to": rcpt}]
     if cfg.since:
         received["$gte"] = cfg.since
     if cfg.until:

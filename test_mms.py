@@ -12,6 +12,7 @@ the modes, the command line.
 import base64
 import contextlib
 import datetime
+import hashlib
 import io
 import json
 import logging
@@ -1702,14 +1703,15 @@ class TestQuarantineStorage(MongoCase):
             "xforward": {"NAME": "mx.example.org", "ADDR": "139.129.236.68",
                          "HELO": "mx.example.org", "PORT": "4000", "PROTO": "ESMTP"},
             "server": "127.0.0.1", "size": len(body), "subject": "Provident tempora",
-            "message_id": "20150408131934.10264.63423@admin"})
+            "message_id": "20150408131934.10264.63423@admin",
+            "sha256": hashlib.sha256(body).hexdigest()})
 
     def test_every_metadata_field_without_xforward(self):
         reply = self.send_message(self.raw(), b"no headers at all\r\n")
         doc, _ = self.stored(self.key(reply))
         self.assertEqual(set(doc), {"_id", "store_key", "sender", "rcpt", "rcpt_count",
                                     "rcpt_refused", "client_address", "xforward", "server",
-                                    "received", "message", "size"})
+                                    "received", "message", "size", "sha256"})
         self.assertEqual((doc["client_address"], doc["xforward"]), ("127.0.0.1", {}))
 
     def test_indexes_are_created(self):
@@ -2062,10 +2064,25 @@ $do_syslog = 0;
 $LOGFILE = "$MYHOME/amavis.log";
 $enable_db = 0;
 $enable_dkim_verification = 0;
-@bypass_virus_checks_maps = (1);
-@bypass_spam_checks_maps = (1);
-@av_scanners = ();
+@local_domains_maps = (['.example.com']);
+@av_scanners = (['ClamAV-clamd', \\&ask_daemon, ["CONTSCAN {{}}\\n", "127.0.0.1:{clamd}"],
+  qr/\\bOK$/m, qr/\\bFOUND$/m, qr/^.*?: (?!Infected Archive)(.*) FOUND$/m ]);
 @av_scanners_backup = ();
+$sa_local_tests_only = 1;
+$sa_tag_level_deflt = -999;
+$sa_tag2_level_deflt = 5;
+$sa_kill_level_deflt = 6.9;
+$banned_filename_re = new_RE(qr'.\\.(exe|com)$'i);
+$final_virus_destiny = D_DISCARD;
+$final_spam_destiny = D_DISCARD;
+$final_banned_destiny = D_DISCARD;
+# The README's quarantine settings: each kind is sent to mms, with its own address.
+$virus_quarantine_method = 'smtp:[127.0.0.1]:{mms}';
+$virus_quarantine_to = 'virus-quarantine@localhost.net';
+$spam_quarantine_method = 'smtp:[127.0.0.1]:{mms}';
+$spam_quarantine_to = 'spam-quarantine@localhost.net';
+$banned_files_quarantine_method = 'smtp:[127.0.0.1]:{mms}';
+$banned_quarantine_to = 'banned-quarantine@localhost.net';
 $QUARANTINEDIR = undef;
 $forward_method = 'smtp:[127.0.0.1]:{final}';
 $notify_method = $forward_method;
@@ -2077,7 +2094,8 @@ $archive_quarantine_to = 'archive-quarantine@localhost.net';
 
 
 class Amavis(Daemon):
-    """amavisd-new with no scanners, forwarding to a capture server and archiving to mms."""
+    """amavisd-new with clamd and SpamAssassin, forwarding clean mail to a capture
+    server, and sending its quarantines and an archive copy of everything to mms."""
 
     program, package = "amavisd", "apt-get install amavisd-new"
 
@@ -2096,8 +2114,21 @@ class Amavis(Daemon):
         os.makedirs(conf)  # owned by root: amavisd refuses a config it could rewrite
         with open(os.path.join(conf, "amavisd.conf"), "w") as f:
             f.write(AMAVISD_CONF.format(home=home, port=self.port, mms=self.mms,
-                                        final=self.final.server_address[1]))
+                                        final=self.final.server_address[1],
+                                        clamd=Clamd.get().port))
         return ["amavisd", "-c", os.path.join(conf, "amavisd.conf"), "foreground"]
+
+    def send(self, sender, rcpts, body):
+        """As an MTA sends: again after a 4xx. Each of amavisd-new's two children keeps
+        its connection to mms open between messages; when the previous test's mms has
+        gone, the first use of each fails, and amavisd-new tempfails its client."""
+        for attempt in (1, 2, 3):
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=120) as client:
+                    return client.sendmail(sender, rcpts, body)
+            except smtplib.SMTPDataError as error:
+                if attempt == 3 or not 400 <= error.smtp_code < 500:
+                    raise
 
     def log(self):
         with contextlib.suppress(OSError), open(os.path.join(self.dir, "home", "amavis.log")) as f:
@@ -2116,15 +2147,55 @@ class Amavis(Daemon):
         self.final.server_close()
 
 
+class TestAmavisQuarantine(MongoCase):
+    """What amavisd-new 2.13 really sends for virus, banned and spam quarantine, with
+    real clamd and SpamAssassin, recorded by mms under --real-rcpt and searched."""
+
+    BANNED = (b"Subject: banned\r\nMIME-Version: 1.0\r\nMessage-ID: <banned@example.org>\r\n"
+              b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\nContent-Type: text/plain"
+              b"\r\n\r\nhi\r\n--XX\r\nContent-Type: application/octet-stream; name=run.exe\r\n"
+              b"Content-Disposition: attachment; filename=run.exe\r\n\r\nTVqQAAMAAAAEAAAA\r\n"
+              b"--XX--\r\n")
+
+    def test_each_kind_of_quarantine(self):
+        amavis = Amavis.get()
+        self.start_mongo("--real-rcpt", "--port", str(amavis.mms))
+        for body in (VIRUS_INLINE, mail(b"spam", GTUBE + b"\r\n"), self.BANNED):
+            self.assertEqual(amavis.send("sender@example.org", ["alice@example.com"], body), {})
+        docs = {d["quarantine"]: d for d in self.records()}
+        self.assertEqual(sorted(docs), ["banned", "spam", "virus"])
+        for kind, doc in docs.items():
+            self.assertEqual(doc["quarantine_to"], [f"{kind}-quarantine@localhost.net",
+                                                    "archive-quarantine@localhost.net"])
+            self.assertEqual((doc["rcpt"], doc["rcpt_blocked"], doc["envelope_from"]),
+                             (["alice@example.com"], ["alice@example.com"], "sender@example.org"))
+            self.assertRegex(doc["quarantine_id"], r"^[A-Za-z0-9_+-]{12}$")
+        self.assertEqual((docs["virus"]["is_virus"], docs["virus"]["virus"]), (1, [EICAR_NAME]))
+        self.assertEqual((docs["spam"]["is_spam"], docs["virus"]["is_spam"]), (1, 0))
+        self.assertGreater(docs["spam"]["spam_score"], 900)     # GTUBE is 1000
+        self.assertEqual((docs["banned"]["is_banned"], docs["banned"]["is_virus"]), (1, 0))
+        for args, kind in [(("--quarantine", "virus"), "virus"), (("--virus",), "virus"),
+                           (("--spam",), "spam"), (("--quarantine", "banned"), "banned"),
+                           (("--rcpt", "spam-quarantine@localhost.net"), "spam")]:
+            with self.subTest(args=args):
+                done = subprocess.run([sys.executable, MMS, "list", *args, "--mongo-host",
+                                       self.uri, "--mongo-database", self.dbname],
+                                      capture_output=True, text=True, timeout=60)
+                self.assertEqual(done.stdout.split()[2:3], [docs[kind]["store_key"]], done.stdout)
+        self.assertEqual(len(subprocess.run(
+            [sys.executable, MMS, "list", "--rcpt", "archive-quarantine@localhost.net",
+             "--mongo-host", self.uri, "--mongo-database", self.dbname],
+            capture_output=True, text=True, timeout=60).stdout.splitlines()), 3)
+
+
 class TestAmavisArchive(MongoCase):
     """amavisd-new, as Debian ships it, archiving every message into mms (--real-rcpt)."""
 
     def test_archive_copy_keeps_the_real_recipients(self):
         amavis = Amavis.get()
         self.start_mongo("--real-rcpt", "--port", str(amavis.mms))
-        with smtplib.SMTP("127.0.0.1", amavis.port, timeout=60) as client:
-            self.assertEqual(client.sendmail("sender@example.org",
-                                             ["alice@example.com", "bob@example.com"], SIMPLE), {})
+        self.assertEqual(amavis.send("sender@example.org", ["alice@example.com", "bob@example.com"],
+                                     SIMPLE), {})
         [doc] = self.records()
         self.assertEqual(doc["rcpt"], ["alice@example.com", "bob@example.com"])
         self.assertEqual((doc["rcpt_count"], doc["sender"]), (2, "sender@example.org"))
@@ -3469,7 +3540,7 @@ class TestRetention(ArchiveCase):
             with self.assertLogs("mms", "INFO") as logs:
                 self.start_mongo("--retention", "30")
                 deadline = time.monotonic() + 10
-                while (self.db["message"].find_one({"store_key": self.keys[0]})
+                while (not any("--retention: purged" in line for line in logs.output)
                        and time.monotonic() < deadline):
                     time.sleep(0.1)
         self.assertIsNone(self.db["message"].find_one({"store_key": self.keys[0]}))
