@@ -2746,7 +2746,7 @@ def list_line(doc):
     rcpt = doc.get("rcpt")
     rcpt = ",".join(map(str, rcpt)) if isinstance(rcpt, list) else str(rcpt or "")
     size = doc.get("size")
-    return (f"{when} {doc.get('store_key', '-')} {size if isinstance(size, int) else '-':>8} "
+    return (f"{doc.get('store_key', '-')} {when} {size if isinstance(size, int) else '-':>8} "
             f"<{doc.get('sender', '')}> -> {rcpt} {str(doc.get('subject', ''))!r}")
 
 
