@@ -2847,7 +2847,7 @@ def archive_hold(cfg, store, held=True):
     doc = resolve(store, cfg.key)
     change = {"$set": {"held": True}} if held else {"$unset": {"held": ""}}
     store.collection.update_one({"store_key": doc["store_key"]}, change)
-    print(f"{'held' if held else 'released from hold'} {doc['store_key']}")
+    print(f"{'held' if held else 'hold lifted from'} {doc['store_key']}")
     return 0
 
 
