@@ -3203,75 +3203,8 @@ class TestMetricsProcess(unittest.TestCase):
 
 
 ###############################################################################
-# The command line: the reader ################################################
+# The archive commands ########################################################
 ###############################################################################
-
-class TestReader(MongoCase):
-
-    def setUp(self):
-        super().setUp()
-        self.start_mongo()
-        client = self.raw()
-        self.keys = []
-        for n, (sender, rcpt) in enumerate([("a@x.org", "b@y.com"), ("c@x.org", "d@y.com"),
-                                            ("a@x.org", "e@y.com")]):
-            body = f"Subject: msg {n}\r\nFrom: {sender}\r\n\r\nbody {n}\r\n".encode()
-            self.keys.append(self.key(self.send_message(client, body, sender, (rcpt,))))
-            time.sleep(0.01)
-
-    def reader(self, *args):
-        return subprocess.run([sys.executable, MMS, *args, "--mongo-host", self.uri,
-                               "--mongo-database", self.dbname], capture_output=True, timeout=60)
-
-    def test_count(self):
-        done = self.reader("count")
-        self.assertEqual((done.returncode, done.stdout.strip()), (0, b"3"))
-
-    def test_list_newest_first_with_filters(self):
-        done = self.reader("list")
-        lines = done.stdout.decode().splitlines()
-        self.assertEqual([line.split()[0] for line in lines], self.keys[::-1])  # key first
-        self.assertIn("'msg 2'", lines[0])
-        done = self.reader("list", "--sender", "A@x.org", "--json")
-        docs = [json.loads(line) for line in done.stdout.decode().splitlines()]
-        self.assertEqual([d["store_key"] for d in docs], [self.keys[2], self.keys[0]])
-        done = self.reader("list", "--rcpt", "d@y.com", "--limit", "5")
-        self.assertEqual(len(done.stdout.splitlines()), 1)
-        self.assertIn(self.keys[1], done.stdout.decode())
-        done = self.reader("list", "--since", "2999-01-01")
-        self.assertEqual(done.stdout, b"")
-        done = self.reader("list", "--limit", "1")
-        self.assertEqual(len(done.stdout.splitlines()), 1)
-
-    def test_show_and_headers(self):
-        done = self.reader("show", self.keys[1])
-        self.assertEqual(done.stdout, b"Subject: msg 1\r\nFrom: c@x.org\r\n\r\nbody 1\r\n")
-        done = self.reader("headers", self.keys[1])
-        self.assertEqual(done.stdout, b"Subject: msg 1\r\nFrom: c@x.org\r\n")
-
-    def test_unknown_key(self):
-        done = self.reader("show", "0" * 64)
-        self.assertEqual(done.returncode, 1)
-        self.assertIn(b"no message with store_key", done.stderr)
-
-    def test_unreachable_mongodb(self):
-        done = subprocess.run([sys.executable, MMS, "count", "--mongo-host",
-                               f"mongodb://127.0.0.1:{free_port()}/", "--mongo-timeout", "0.5"],
-                              capture_output=True, timeout=60)
-        self.assertEqual(done.returncode, 1)
-        self.assertIn(b"cannot read the archive", done.stderr)
-        self.assertNotIn(b"Traceback", done.stderr)
-
-    def test_documents_written_by_another_tool(self):
-        self.db["message"].insert_many([{"note": "no mms fields at all"},
-                                        {"store_key": "k" * 64, "received": "yesterday",
-                                         "rcpt": "not-a-list", "size": "big"}])
-        done = self.reader("list")
-        self.assertEqual(done.returncode, 0, done.stderr)
-        lines = done.stdout.decode().splitlines()
-        self.assertEqual(len(lines), 5, lines)
-        self.assertTrue(any(line.startswith("k" * 64 + " yesterday") for line in lines), lines)
-
 
 class ArchiveCase(MongoCase):
     """Four stored messages, and the archive commands to run on them."""
@@ -3285,6 +3218,7 @@ class ArchiveCase(MongoCase):
                                             ("a@x.org", "e@z.com"), ("", "f@y.com")]):
             body = f"Subject: Msg {n}\r\nMessage-ID: <m{n}@x.org>\r\n\r\nbody {n}\r\n".encode()
             self.keys.append(self.key(self.send_message(client, body, sender, (rcpt,))))
+            time.sleep(0.01)  # newest first, by received
 
     def mms(self, *args):
         """The command in this process (as `mms.py` runs it after parsing): many
@@ -3326,9 +3260,37 @@ class TestArchiveCommands(ArchiveCase):
         self.assertEqual(self.command_line("count", "--sender", "@x.org"), (0, "3", ""))
         self.assertEqual(self.command_line("count", "--client", "not-an-ip")[0], 2)
 
+    def test_list_newest_first(self):
+        lines = self.command_line("list")[1].splitlines()
+        self.assertEqual([line.split()[0] for line in lines], self.keys[::-1])   # key first
+        self.assertIn("'Msg 3'", lines[0])
+        docs = [json.loads(line) for line in
+                self.command_line("list", "--sender", "A@x.org", "--json")[1].splitlines()]
+        self.assertEqual([d["store_key"] for d in docs], [self.keys[2], self.keys[0]])
+        self.assertEqual(len(self.command_line("list", "--limit", "1")[1].splitlines()), 1)
+
+    def test_documents_written_by_another_tool(self):
+        self.db["message"].insert_many([{"note": "no mms fields at all"},
+                                        {"store_key": "k" * 64, "received": "yesterday",
+                                         "rcpt": "not-a-list", "size": "big"}])
+        code, out, err = self.command_line("list")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(out.splitlines()), 6, out)
+        self.assertTrue(any(line.startswith("k" * 64 + " yesterday") for line in out.splitlines()))
+
+    def test_unreachable_mongodb(self):
+        done = subprocess.run([sys.executable, MMS, "count", "--mongo-host",
+                               f"mongodb://127.0.0.1:{free_port()}/", "--mongo-timeout", "0.5"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        self.assertIn("cannot read the archive", done.stderr)
+
     def test_keys_by_unique_prefix(self):
         code, out, _ = self.command_line("show", self.keys[1][:8])
         self.assertEqual((code, out), (0, "Subject: Msg 1\nMessage-ID: <m1@x.org>\n\nbody 1"))
+        self.assertEqual(self.command_line("headers", self.keys[1]),
+                         (0, "Subject: Msg 1\nMessage-ID: <m1@x.org>", ""))
         self.assertEqual(self.command_line("show", self.keys[1][:7])[0], 1)
         twins = ["abcdef01" + "0" * 56, "abcdef01" + "1" * 56]
         self.db["message"].insert_many([{"store_key": key} for key in twins])
