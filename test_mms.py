@@ -2572,6 +2572,12 @@ class Postfix:
                 lines.append(line)
         return "".join(lines)
 
+    def emptied(self):
+        """This Postfix, with nothing yet delivered: for the next test."""
+        self.capture.seek(0)
+        self.capture.truncate()
+        return self
+
     def postfix(self, command):
         done = subprocess.run(["postfix", "-c", self.dir, command], capture_output=True,
                               text=True, timeout=60)
@@ -2609,9 +2615,7 @@ class TestProxyWithPostfix(ProxyCase):
 
     def setUp(self):
         super().setUp()
-        self.postfix = Postfix.get()
-        self.postfix.capture.seek(0)
-        self.postfix.capture.truncate()
+        self.postfix = Postfix.get().emptied()
 
     def start_filter(self, *args, remote=None, uri=None):
         self.start_proxy(remote or self.postfix.after, "--port", str(self.postfix.mms), *args,
@@ -3338,9 +3342,7 @@ class TestRelease(MongoCase):
 
     def setUp(self):
         super().setUp()
-        self.postfix = Postfix.get()
-        self.postfix.capture.seek(0)
-        self.postfix.capture.truncate()
+        self.postfix = Postfix.get().emptied()
         self.start_mongo("--real-rcpt")
 
     def release(self, *args):
