@@ -182,8 +182,11 @@ class Cable:
                 continue
             upstream = socket.create_connection(self.target)
             self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+            self.join(client, upstream)
+
+    def join(self, client, upstream):
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
 
     @staticmethod
     def pump(src, dst):
@@ -226,18 +229,11 @@ class WireTap(Cable):
         self.collection, self.marked = collection, set()
         super().__init__(uri)
 
-    def accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.conns += [client, upstream]
-            threading.Thread(target=self.relay, args=(client, upstream, self.mark),
-                             daemon=True).start()
-            threading.Thread(target=self.relay, args=(upstream, client, self.doctor),
-                             daemon=True).start()
+    def join(self, client, upstream):
+        threading.Thread(target=self.relay, args=(client, upstream, self.mark),
+                         daemon=True).start()
+        threading.Thread(target=self.relay, args=(upstream, client, self.doctor),
+                         daemon=True).start()
 
     @staticmethod
     def read(sock, count):
