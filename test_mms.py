@@ -452,6 +452,12 @@ class ServerCase(unittest.TestCase):
         self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
         self.assertReply(second.cmd("NOOP"), "ok")
 
+    def open_data(self, client):
+        """MAIL, RCPT and DATA: the client may send message text next."""
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org>"), "mail_ok")
+        self.assertReply(client.cmd("RCPT TO:<b@example.com>"), "rcpt_ok")
+        self.assertReply(client.cmd("DATA"), "data_go")
+
     def send_message(self, client, data, sender="a@example.org", rcpts=("b@example.com",)):
         """MAIL, RCPT, DATA and the message, on a raw client; the end-of-data reply."""
         self.assertReply(client.cmd(f"MAIL FROM:<{sender}>"), "mail_ok")
@@ -1038,9 +1044,7 @@ class TestSlowClients(ServerCase):
     def test_data_has_a_deadline_and_nothing_is_stored(self):
         self.start("--timeout", "1", "--data-timeout", "2")
         client = self.raw()
-        client.cmd("MAIL FROM:<a@example.org>")
-        client.cmd("RCPT TO:<b@example.com>")
-        client.cmd("DATA")
+        self.open_data(client)
         started = time.monotonic()
         with self.assertRaises(OSError):
             self.trickle(client, b"Subject: slow\r\n\r\n" + b"x\r\n" * 100 + b".\r\n", 0.2)
@@ -1052,9 +1056,7 @@ class TestSlowClients(ServerCase):
         """Every read comes within --timeout, and the whole within --data-timeout."""
         self.start("--timeout", "1", "--data-timeout", "10")
         client = self.raw()
-        client.cmd("MAIL FROM:<a@example.org>")
-        client.cmd("RCPT TO:<b@example.com>")
-        client.cmd("DATA")
+        self.open_data(client)
         body = b"Subject: steady\r\n\r\n" + b"line\r\n" * 30
         for at in range(0, len(body), 10):
             client.send(body[at:at + 10])
@@ -1964,9 +1966,7 @@ class TestMemory(MongoCase):
         body = b"Subject: tiny\r\n\r\n" + b"ab\r\n" * 250_000          # 1 MB of short lines
         client = self.raw()
         client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.cmd("MAIL FROM:<a@example.org>")
-        client.cmd("RCPT TO:<b@example.com>")
-        client.cmd("DATA")
+        self.open_data(client)
 
         def send():
             for at in range(0, len(body), 8):
@@ -1983,9 +1983,7 @@ class TestMemory(MongoCase):
         line = base64.b64encode(os.urandom(57)) + b"\r\n"             # 78 bytes, like MIME
         body = b"Subject: large\r\n\r\n" + line * (30 * 2**20 // len(line))
         client = self.raw()
-        client.cmd("MAIL FROM:<a@example.org>")
-        client.cmd("RCPT TO:<b@example.com>")
-        client.cmd("DATA")
+        self.open_data(client)
         reply, peak = self.peak(lambda: (client.send(body), client.send(b".\r\n"),
                                          client.reply())[2])
         self.assertReply(reply, "queued")
