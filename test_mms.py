@@ -6,7 +6,8 @@ the command line are under test.
     python -m unittest -v
 
 Sections follow mms.py: configuration, the SMTP session, the message pipeline,
-the modes, the command line.
+the modes, observability, the archive commands; then the fuzzer
+(MMS_FUZZ_SESSIONS, MMS_FUZZ_SEED, MMS_FUZZ_REPLAY).
 """
 
 import base64
