@@ -540,7 +540,10 @@ def parse_path(arg, keyword):
 
 
 QUOTED_LOCAL_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
-DOMAIN_SPECIALS = set('()<>[]@,;:\\" ')
+CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f]")
+BARE_LOCAL_BAD_RE = re.compile(r'[\s"]')               # outside quotes
+LITERAL_RE = re.compile(r"\[[^\[\]\\\s]+\]\Z")           # [192.0.2.1], [IPv6:...]
+DOMAIN_RE = re.compile(r'[^()<>\[\]@,;:\\"\s.]+(?:\.[^()<>\[\]@,;:\\"\s.]+)*\.?\Z')
 
 
 def valid_address(address):
@@ -549,25 +552,17 @@ def valid_address(address):
     literal. An address with no domain (postmaster) is accepted, as Postfix does.
     Refused: an empty local part or domain, a second '@' outside quotes, an
     unclosed literal, control characters, and white space outside quotes."""
-    if len(address.encode()) > PATH_MAX or any(ord(ch) < 32 or ch == "\x7f" for ch in address):
+    if len(address.encode()) > PATH_MAX or CONTROL_CHAR_RE.search(address):
         return False
     quoted = QUOTED_LOCAL_RE.match(address)
     local = quoted.group(0) if quoted else address.partition("@")[0]
     rest = address[len(local):]
-    if not local or (not quoted and any(ch.isspace() or ch == '"' for ch in local)):
+    if not local or (not quoted and BARE_LOCAL_BAD_RE.search(local)):
         return False
     if not rest:
         return True
-    domain = rest[1:] if rest[0] == "@" else None
-    if not domain:
-        return False
-    if domain[0] == "[":
-        inside = domain[1:-1]
-        return (len(domain) > 2 and domain[-1] == "]"
-                and not any(ch in "[]\\" or ch.isspace() for ch in inside))
-    labels = (domain[:-1] if domain.endswith(".") else domain).split(".")
-    return all(labels) and not any(DOMAIN_SPECIALS & set(label) or any(ch.isspace() for ch in label)
-                                   for label in labels)
+    domain = rest[1:] if rest[0] == "@" else ""
+    return bool((LITERAL_RE if domain[:1] == "[" else DOMAIN_RE).match(domain))
 
 
 def xtext_decode(value):
