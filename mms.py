@@ -121,7 +121,7 @@ def _flag(value):
 
 
 def _number(value, kind=int):
-    """ASCII digits only: int() would also take '٣٣' and '²'-free Unicode digits."""
+    """ASCII only: int() and float() also take other scripts' digits, such as '٣٣'."""
     text = str(value).strip()
     if not text.isascii():
         raise argparse.ArgumentTypeError(f"not a number: {value!r}")
@@ -589,7 +589,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         self.helo = self.proto = None
         self.xforward = {}
         self.tx = None
-        self.trusted = self.server.is_trusted(self.peer)
+        self.trusted = self.server.member(self.peer, self.cfg.xforward_hosts)
         self.waiting = False
         # The kernel times reads and writes out (SO_RCVTIMEO and SO_SNDTIMEO, set on
         # the listening socket and inherited by this one): no poll before each call,
@@ -624,7 +624,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
     def refusal(self):
         """The 5xx or 4xx for a client that is not to be served, logged; None to serve it."""
         metrics = self.server.metrics
-        if self.server.allow and not in_networks(self.peer, self.server.allow):
+        if self.server.allow and not self.server.member(self.peer, self.server.allow):
             log.warning("reject connection from %s: not in %s", self.peer, self.server.allow_source)
             metrics.count("mms_connections_total", "refused_allow")
             return R_ACCESS_DENIED.format(self.peer)
@@ -1095,7 +1095,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         # and the others must find nothing rather than block in accept().
         self.socket.setblocking(False)
         self.socket_family, self.socket_kind = int(self.socket.family), int(self.socket.type)
-        self.trusted_cache = {}
+        self.member_cache = {}
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
             self.socket.setsockopt(socket.SOL_SOCKET, option, kernel_time(cfg.timeout))
 
@@ -1111,8 +1111,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address):
         """Hand the connection to a session thread that waits for one, or start a
-        thread. Starting a thread per connection cost more than a small message's
-        whole session: the accept loop waited in Thread.start."""
+        thread: a reused thread spares the accept loop a Thread.start."""
         with self.lock:
             inbox = self.idle.pop() if self.idle else None
         if inbox is not None:
@@ -1155,14 +1154,16 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         fd, address = self.socket._accept()
         return socket.socket(self.socket_family, self.socket_kind, 0, fileno=fd), address
 
-    def is_trusted(self, peer):
-        """In --xforward-hosts: asked once per connection, answered from a cache."""
-        trusted = self.trusted_cache.get(peer)
-        if trusted is None:
-            trusted = in_networks(peer, self.cfg.xforward_hosts)
-            if len(self.trusted_cache) < 10_000:
-                self.trusted_cache[peer] = trusted
-        return trusted
+    def member(self, peer, networks):
+        """Whether peer is in --allow or --xforward-hosts (lists that live as long as
+        the server): asked on every connection, so answered from a cache."""
+        key = (peer, id(networks))
+        found = self.member_cache.get(key)
+        if found is None:
+            found = in_networks(peer, networks)
+            if len(self.member_cache) < 10_000:
+                self.member_cache[key] = found
+        return found
 
     def handle_error(self, request, client_address):
         """A connection reset before its session began is no error; anything else is
@@ -1659,9 +1660,10 @@ class Downstream:
             raise DownstreamError(f"{code} is no reply to {step}: {reply!r}")
         return reply
 
-    def command(self, line, step=None):
+    def command(self, line):
+        """Send a command; its reply, checked against what its verb may get."""
         self.send(line.encode() + b"\r\n")
-        return self.reply(step or line.split(" ", 1)[0].upper())
+        return self.reply(line.split(" ", 1)[0].upper())
 
     def send(self, data):
         try:
@@ -1811,7 +1813,7 @@ class MongoStore:
         self.start_writer()
         self.first_contact = threading.Thread(target=self.greet, name="mms-mongo", daemon=True)
         self.first_contact.start()
-        if self.cfg.retention and getattr(self.metrics, "row", 0) == 0:  # one worker purges
+        if self.cfg.retention and self.metrics.row == 0:  # one worker purges
             threading.Thread(target=self.keep_retention, name="mms-retention", daemon=True).start()
 
     RETENTION_SECONDS = 3600  # how often --retention purges
@@ -2172,15 +2174,16 @@ class DebugMode(Mode):
 
     def on_message(self, session, tx, metadata, message):
         head = json.dumps(metadata, default=str, ensure_ascii=False, sort_keys=True)
-        pieces = [b"---------- MESSAGE FOLLOWS ----------\n" + head.encode() + b"\n",
-                  *(() if message.file else (message.data,)),
-                  b"\n------------ END MESSAGE ------------\n"]
+        start = b"---------- MESSAGE FOLLOWS ----------\n" + head.encode() + b"\n"
+        end = b"\n------------ END MESSAGE ------------\n"
         with self.lock:
-            if message.file:  # large: piece by piece, not whole in memory
-                self.stream.write(pieces.pop(0))
+            if message.file is None:  # small: one write
+                self.stream.write(b"".join([start, message.data, end]))
+            else:  # large: piece by piece, never whole in memory
+                self.stream.write(start)
                 for piece in message.pieces():
                     self.stream.write(piece)
-            self.stream.write(b"".join(pieces))  # small: one write
+                self.stream.write(end)
             self.stream.flush()
         return R_QUEUED.format(metadata["store_key"])
 
@@ -2525,6 +2528,8 @@ def statsd_name(name, label):
 
 class NoMetrics:
     """Where nothing is counted: the archive commands, and stores made by tests."""
+
+    row = 0
 
     def count(self, *args, **kwargs):
         pass
@@ -2944,17 +2949,9 @@ def domain_of(address):
 
 
 def day_format(text):
-    return lambda: {"$dateToString": {"format": text, "date": "$received"}}
+    return {"$dateToString": {"format": text, "date": "$received"}}
 
 
-# --by: what each group is, and whether it counts recipients rather than messages.
-STATS_GROUPS = {
-    "day": (day_format("%Y-%m-%d"), False), "hour": (day_format("%Y-%m-%d %H:00"), False),
-    "sender": (lambda: "$sender", False), "sender-domain": (lambda: domain_of("$sender"), False),
-    "rcpt": (lambda: "$rcpt", True), "rcpt-domain": (lambda: domain_of("$rcpt"), True),
-    "client": (lambda: "$client_address", False), "quarantine": (lambda: "$quarantine", False),
-    "verdict": (lambda: verdict_of(VERDICT_FIELDS), False),
-}
 VERDICT_FIELDS = ("virus", "spam", "unchecked")
 
 
@@ -2967,6 +2964,16 @@ def verdict_of(names):
                       verdict_of(names[1:])]}
 
 
+# --by: what each group is, and whether it counts recipients rather than messages.
+STATS_GROUPS = {
+    "day": (day_format("%Y-%m-%d"), False), "hour": (day_format("%Y-%m-%d %H:00"), False),
+    "sender": ("$sender", False), "sender-domain": (domain_of("$sender"), False),
+    "rcpt": ("$rcpt", True), "rcpt-domain": (domain_of("$rcpt"), True),
+    "client": ("$client_address", False), "quarantine": ("$quarantine", False),
+    "verdict": (verdict_of(VERDICT_FIELDS), False),
+}
+
+
 def archive_stats(cfg, store):
     """Counts and bytes, in all and per group, computed by MongoDB. The time range is
     matched on the received date written as an ISO string: nx-27017 ignores a $match
@@ -2976,7 +2983,7 @@ def archive_stats(cfg, store):
         window["$gte"] = f"{cfg.since.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
     if cfg.until:
         window["$lt"] = f"{cfg.until.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
-    head = [{"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")()}}]
+    head = [{"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")}}]
     if window:
         head.append({"$match": {"mms_at": window}})
     sums = {"messages": {"$sum": 1}, "bytes": {"$sum": "$size"}}
@@ -2989,7 +2996,7 @@ def archive_stats(cfg, store):
         key, per_rcpt = STATS_GROUPS[cfg.by]
         order = {"_id": 1} if cfg.by in ("day", "hour") else {"messages": -1, "_id": 1}
         pipeline = head + ([{"$unwind": "$rcpt"}] if per_rcpt else []) + [
-            {"$group": {"_id": key(), **sums}}, {"$sort": order}, {"$limit": cfg.top}]
+            {"$group": {"_id": key, **sums}}, {"$sort": order}, {"$limit": cfg.top}]
         groups = [{"group": group_name(row["_id"]), "messages": row["messages"],
                    "bytes": row["bytes"]} for row in store.collection.aggregate(pipeline)]
     if cfg.json:
