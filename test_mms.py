@@ -1633,6 +1633,12 @@ class MongoCase(ServerCase):
     def records(self):
         return list(self.db["message"].find())
 
+    def archive_command(self, *args, uri=None, timeout=60):
+        """`mms.py ARGS` on this test's database, as an administrator runs it."""
+        return subprocess.run([sys.executable, MMS, *args, "--mongo-host", uri or self.uri,
+                               "--mongo-database", self.dbname], capture_output=True, text=True,
+                              timeout=timeout)
+
 
 class TestQuarantineStorage(MongoCase):
 
@@ -2173,14 +2179,10 @@ class TestAmavisQuarantine(MongoCase):
                            (("--spam",), "spam"), (("--quarantine", "banned"), "banned"),
                            (("--rcpt", "spam-quarantine@localhost.net"), "spam")]:
             with self.subTest(args=args):
-                done = subprocess.run([sys.executable, MMS, "list", *args, "--mongo-host",
-                                       self.uri, "--mongo-database", self.dbname],
-                                      capture_output=True, text=True, timeout=60)
+                done = self.archive_command("list", *args)
                 self.assertEqual(done.stdout.split()[:1], [docs[kind]["store_key"]], done.stdout)
-        self.assertEqual(len(subprocess.run(
-            [sys.executable, MMS, "list", "--rcpt", "archive-quarantine@localhost.net",
-             "--mongo-host", self.uri, "--mongo-database", self.dbname],
-            capture_output=True, text=True, timeout=60).stdout.splitlines()), 3)
+        self.assertEqual(len(self.archive_command(
+            "list", "--rcpt", "archive-quarantine@localhost.net").stdout.splitlines()), 3)
 
 
 class TestAmavisArchive(MongoCase):
@@ -2440,9 +2442,7 @@ class TestProxyRelay(ProxyCase):
         self.addCleanup(http.shutdown)
         self.assertEqual(scrape(http.server_address[1])[2]["mms_spooled_messages"], 1)
         cable.mend()
-        done = subprocess.run([sys.executable, MMS, "replay", "--spool-dir", self.spool,
-                               "--mongo-host", self.uri, "--mongo-database", self.dbname],
-                              capture_output=True, text=True, timeout=60)
+        done = self.archive_command("replay", "--spool-dir", self.spool)
         self.assertEqual(done.returncode, 0, done.stderr)
         [doc] = self.records()
         self.assertEqual((doc["subject"], self.stored(doc["store_key"])[1]), ("far", body))
@@ -2717,9 +2717,7 @@ class TestProxyWithPostfix(ProxyCase):
         self.assertEqual(len(os.listdir(self.spool)), 2)
         self.assertEqual(self.records(), [])
         cable.mend()
-        done = subprocess.run([sys.executable, MMS, "replay", "--spool-dir", self.spool,
-                               "--mongo-host", self.uri, "--mongo-database", self.dbname],
-                              capture_output=True, text=True, timeout=60)
+        done = self.archive_command("replay", "--spool-dir", self.spool)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn("replayed 1 message", done.stdout)
         [doc] = self.records()
@@ -2936,9 +2934,7 @@ class TestFilterVerdicts(FilterCase):
         for body in (CLEAN, VIRUS_INLINE, SPAM):
             self.deliver(body)
         def listed(flag):
-            done = subprocess.run([sys.executable, MMS, "list", flag, "--json", "--mongo-host",
-                                   self.uri, "--mongo-database", self.dbname],
-                                  capture_output=True, timeout=60)
+            done = self.archive_command("list", flag, "--json")
             return [json.loads(line)["subject"] for line in done.stdout.splitlines()]
         self.assertEqual(listed("--virus"), ["inline"])
         self.assertEqual(listed("--spam"), ["offer"])
@@ -3233,9 +3229,7 @@ class ArchiveCase(MongoCase):
         return code, out.getvalue().strip(), err.getvalue().strip()
 
     def command_line(self, *args):
-        done = subprocess.run([sys.executable, MMS, *args, "--mongo-host", self.uri,
-                               "--mongo-database", self.dbname], capture_output=True, text=True,
-                              timeout=60)
+        done = self.archive_command(*args)
         return done.returncode, done.stdout.strip(), done.stderr.strip()
 
 
@@ -3341,10 +3335,8 @@ class TestRelease(MongoCase):
         self.start_mongo("--real-rcpt")
 
     def release(self, *args):
-        done = subprocess.run([sys.executable, MMS, "release", *args, "--via",
-                               f"127.0.0.1:{self.postfix.after}", "--mongo-host", self.uri,
-                               "--mongo-database", self.dbname], capture_output=True, text=True,
-                              timeout=120)
+        done = self.archive_command("release", *args, "--via", f"127.0.0.1:{self.postfix.after}",
+                                    timeout=120)
         return done.returncode, done.stdout.strip(), done.stderr.strip()
 
     def test_release_to_the_real_recipients_once(self):
@@ -3431,10 +3423,8 @@ class TestCheck(MongoCase):
 
     def check(self, *args, uri=None):
         started = time.monotonic()
-        done = subprocess.run([sys.executable, MMS, "check", "--port", str(self.port),
-                               "--mongo-host", uri or self.uri, "--mongo-database", self.dbname,
-                               "--mongo-timeout", "2", *args], capture_output=True, text=True,
-                              timeout=60)
+        done = self.archive_command("check", "--port", str(self.port), "--mongo-timeout", "2",
+                                    *args, uri=uri)
         self.assertEqual(len(done.stdout.splitlines()), 1, done.stdout + done.stderr)
         return done.returncode, done.stdout.strip(), time.monotonic() - started
 
@@ -3568,9 +3558,7 @@ class TestReplay(MongoCase):
         self.addCleanup(self.store.close)
 
     def replay(self, spool=None):
-        return subprocess.run([sys.executable, MMS, "replay", "--spool-dir", spool or self.spool,
-                               "--mongo-host", self.uri, "--mongo-database", self.dbname],
-                              capture_output=True, text=True, timeout=60)
+        return self.archive_command("replay", "--spool-dir", spool or self.spool)
 
     def spooled(self, key):
         metadata = {"store_key": key, "sender": "a@example.org", "rcpt": ["b@example.com"],
