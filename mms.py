@@ -34,6 +34,7 @@ import contextlib
 import copy
 import datetime
 import difflib
+import errno
 import email.utils
 import hashlib
 import http.server
@@ -46,11 +47,11 @@ import mmap
 import os
 import queue
 import re
-import secrets
 import signal
 import smtplib
 import socket
 import socketserver
+import stat
 import struct
 import sys
 import tempfile
@@ -71,6 +72,7 @@ PARAMS_ROOM = 1024              # extra room on MAIL/RCPT for ESMTP parameters
 PATH_MAX = 256                  # RFC 5321 4.5.3.1.3
 XFORWARD_VALUE_MAX = 255        # Postfix XFORWARD_README
 RECV_SIZE = 64 * 1024
+ACCEPT_TICK = 1.0               # how often a thread waiting for a connection looks up
 SPOOL_THRESHOLD = 4 * 2**20     # larger messages wait in a temporary file while they arrive
 END_OF_DATA = b"\r\n.\r\n"
 
@@ -591,10 +593,10 @@ class SMTPSession(socketserver.BaseRequestHandler):
         self.tx = None
         self.trusted = self.server.member(self.peer, self.cfg.xforward_hosts)
         self.waiting = False
-        # The kernel times reads and writes out (SO_RCVTIMEO and SO_SNDTIMEO, set on
-        # the listening socket and inherited by this one): no poll before each call,
-        # and no system call here.
-        self.read_timeout = self.cfg.timeout
+        # The kernel times reads and writes out (SO_RCVTIMEO and SO_SNDTIMEO): no
+        # poll before each call. The send timeout and ACCEPT_TICK come from the
+        # listening socket; the first read sets --timeout.
+        self.read_timeout = ACCEPT_TICK
 
     # -- the connection ------------------------------------------------------
 
@@ -624,6 +626,8 @@ class SMTPSession(socketserver.BaseRequestHandler):
     def refusal(self):
         """The 5xx or 4xx for a client that is not to be served, logged; None to serve it."""
         metrics = self.server.metrics
+        if self.server.draining:  # accepted as the listening socket was being closed
+            return R_SHUTDOWN.format(self.cfg.hostname)
         if self.server.allow and not self.server.member(self.peer, self.server.allow):
             log.warning("reject connection from %s: not in %s", self.peer, self.server.allow_source)
             metrics.count("mms_connections_total", "refused_allow")
@@ -1060,6 +1064,9 @@ def parse_xforward(arg):
 
 
 RELAY_MODES = ("mongo-proxy", "mongo-filter")
+PASSING_ACCEPT_ERRORS = (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                         errno.ENOMEM)
+CLOSED = "closed"   # what accept() returns once the listening socket is shut down
 
 
 class SMTPServer(socketserver.ThreadingTCPServer):
@@ -1082,22 +1089,23 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.metrics = mode.metrics = metrics
         self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.sessions = set()
-        self.idle = []              # inboxes of session threads waiting for a connection
+        self.accepting = 0          # session threads waiting in accept()
         self.per_client = {}
         self.allow, self.allow_source = cfg.allow, "--allow"
         if not cfg.allow and cfg.server in RELAY_MODES:
             self.allow, self.allow_source = cfg.xforward_hosts, "--xforward-hosts"
         self.lock = threading.Lock()
         self.emptied = threading.Condition(self.lock)
+        self.stopped = threading.Event()
         self.draining = False
         super().__init__((cfg.host, cfg.port), SMTPSession)
-        # Workers share this socket: all wake for one connection, one accepts it,
-        # and the others must find nothing rather than block in accept().
-        self.socket.setblocking(False)
         self.socket_family, self.socket_kind = int(self.socket.family), int(self.socket.type)
         self.member_cache = {}
-        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            self.socket.setsockopt(socket.SOL_SOCKET, option, kernel_time(cfg.timeout))
+        # accept() gives up after ACCEPT_TICK, so that a waiting thread sees a stop or
+        # its idle time; a connection inherits the send timeout, and its session sets
+        # its own read timeout once.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, kernel_time(ACCEPT_TICK))
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, kernel_time(cfg.timeout))
 
     def start(self, row=0):
         """What each serving process does for itself, after any fork."""
@@ -1109,50 +1117,86 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     IDLE_THREADS_MAX = 64       # session threads kept waiting for a connection
     IDLE_THREAD_SECONDS = 60    # and for how long, before one exits
 
-    def process_request(self, request, client_address):
-        """Hand the connection to a session thread that waits for one, or start a
-        thread: a reused thread spares the accept loop a Thread.start."""
+    def serve_forever(self, poll_interval=0.5):
+        """Session threads accept connections themselves (leader/follower): the
+        kernel wakes one waiting thread, which serves the connection it accepted.
+        Handing each connection from an accept loop to another thread cost two
+        wake-ups and the GIL twice, and halved the rate at 20 sessions. The
+        caller's thread only waits, looking up every poll_interval, since a wait
+        without a timeout would hold back the signal handlers."""
         with self.lock:
-            inbox = self.idle.pop() if self.idle else None
-        if inbox is not None:
-            inbox.put((request, client_address))
-            return
-        threading.Thread(target=self.session_thread, args=(request, client_address),
-                         name="mms-session", daemon=True).start()
+            self.accepting += 1
+        self.start_session_thread()
+        while not self.stopped.wait(poll_interval):
+            pass
 
-    def session_thread(self, request, client_address):
-        """Serve one connection after another, one at a time; exit once idle too long,
-        or when enough threads already wait."""
-        inbox = queue.SimpleQueue()
-        while request is not None:
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            # Waiting again before the socket is closed: the client, told 221, may
-            # already be connecting again, and should find this thread free.
-            with self.lock:
-                keep = len(self.idle) < self.IDLE_THREADS_MAX and not self.draining
-                if keep:
-                    self.idle.append(inbox)
-            self.shutdown_request(request)
-            if not keep:
-                return
-            request = None
-            try:
-                request, client_address = inbox.get(timeout=self.IDLE_THREAD_SECONDS)
-            except queue.Empty:
+    def shutdown(self):
+        """Stop accepting; the sessions go on until drain()."""
+        self.stopped.set()
+
+    def start_session_thread(self):
+        threading.Thread(target=self.session_thread, name="mms-session", daemon=True).start()
+
+    def session_thread(self):
+        """Accept and serve one connection after another. One thread always waits in
+        accept(); at most IDLE_THREADS_MAX do, and one that has waited
+        IDLE_THREAD_SECONDS for nothing exits, unless it is the last."""
+        waiting_since = time.monotonic()
+        while True:
+            accepted = self.accept()
+            if accepted is CLOSED:
                 with self.lock:
-                    if inbox in self.idle:
-                        self.idle.remove(inbox)
+                    self.accepting -= 1
+                return
+            if accepted is None:
+                with self.lock:
+                    if (self.stopped.is_set() or self.accepting > 1 and
+                            time.monotonic() - waiting_since > self.IDLE_THREAD_SECONDS):
+                        self.accepting -= 1
                         return
-                request, client_address = inbox.get()  # handed one as the wait ran out
+                continue
+            with self.lock:
+                spare = self.accepting == 1 and not self.stopped.is_set()
+                self.accepting -= not spare  # the last one counts for its successor
+            if spare:
+                self.start_session_thread()
+            self.serve(*accepted)
+            with self.lock:
+                if self.accepting >= self.IDLE_THREADS_MAX or self.stopped.is_set():
+                    return
+                self.accepting += 1
+            waiting_since = time.monotonic()
 
-    def get_request(self):
-        """accept() without the socket module's enum conversions of family and type,
-        which cost more than the system call."""
-        fd, address = self.socket._accept()
+    def accept(self):
+        """(connection, address); None after ACCEPT_TICK or a passing error; CLOSED
+        once the listening socket is shut down. The socket module's accept()
+        converts the family and type to enums, which costs more than the system
+        call."""
+        try:
+            fd, address = self.socket._accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in PASSING_ACCEPT_ERRORS:
+                return CLOSED
+            if exc.errno != errno.ECONNABORTED:
+                log.warning("cannot accept a connection: %s", exc.strerror)
+                time.sleep(0.1)
+            return None
         return socket.socket(self.socket_family, self.socket_kind, 0, fileno=fd), address
+
+    def shutdown_request(self, request):
+        """close() alone: nothing else holds the socket, and the shutdown(SHUT_WR)
+        that socketserver adds was one more system call for each connection."""
+        request.close()
+
+    def serve(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
 
     def member(self, peer, networks):
         """Whether peer is in --allow or --xforward-hosts (lists that live as long as
@@ -1197,14 +1241,28 @@ class SMTPServer(socketserver.ThreadingTCPServer):
                 self.metrics.set("sessions", len(self.sessions))
             self.emptied.notify_all()
 
+    def server_close(self):
+        """Closing the descriptor would leave the threads waiting in accept() with
+        the socket still listening. A worker shares it, and leaves that to the
+        master; its threads see the stop within ACCEPT_TICK."""
+        if self.cfg.workers == 1:
+            self.stop_listening()
+        super().server_close()
+
+    def stop_listening(self):
+        """Wakes the threads waiting in accept(), and frees the port at once."""
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+
     def drain(self, grace):
         """Stop listening, close idle sessions with 421, give the others `grace` seconds.
 
         An idle session is blocked in recv(); shutting down its reading side wakes
         it, and it answers 421. Sessions in a transaction are left to finish.
         """
-        self.server_close()
         self.draining = True
+        self.shutdown()
+        self.server_close()
         with self.lock:
             for session in self.sessions:
                 if session.waiting:
@@ -1239,11 +1297,31 @@ def receive_message(session, tx, xforward, message):
     return answer
 
 
+class StoreKeys:
+    """Store keys nobody can guess, without a system call each: BLAKE2b of a counter,
+    keyed with 32 random bytes that each process draws for itself. os.urandom per
+    message was a getrandom call, and every system call hands the GIL over."""
+
+    def __init__(self):
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self):
+        self.key, self.counter = os.urandom(32), itertools.count()
+
+    def __call__(self):
+        return hashlib.blake2b(next(self.counter).to_bytes(8, "big"), key=self.key,
+                               digest_size=32).hexdigest()
+
+
+new_store_key = StoreKeys()
+
+
 def make_metadata(session, tx, xforward, message):
     """The seed's metadata document, plus fields that are cheap to search on."""
     addr = plain_address(without_ipv6_prefix(xforward.get("ADDR", "")))
     metadata = {
-        "store_key": secrets.token_hex(32),
+        "store_key": new_store_key(),
         "sender": tx.sender.strip().lower(),
         "rcpt": [r.strip().lower() for r in tx.rcpts],
         "rcpt_count": len(tx.rcpts),
@@ -1263,6 +1341,7 @@ HEADER_BLOCK_MAX = 256 * 1024   # header fields mms reads must begin within this
 HEADER_VALUE_MAX = 16 * 1024    # and no more of one field than this is decoded
 SENT_MAX = 256                  # a Date: longer than this is no date
 UTC = datetime.timezone.utc
+DAY = datetime.timedelta(days=1)
 
 
 def header_values(head, names):
@@ -1323,12 +1402,33 @@ def header_fields(head):
     return fields
 
 
+DATE_RE = re.compile(r"(?:[A-Za-z]{3}, ?)?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d\d):(\d\d):(\d\d) "
+                     r"([+-])(\d\d)(\d\d)(?: \(.*\))?")
+MONTHS = {name: number for number, name in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+
+
 def parse_date(raw):
-    """The Date: in UTC, or None; a date that UTC cannot hold (31 Dec 9999 -1200) is none."""
-    with contextlib.suppress(Exception):
-        sent = email.utils.parsedate_to_datetime(raw[:SENT_MAX].decode("ascii", "replace"))
+    """The Date: in UTC, or None; a date that UTC cannot hold (31 Dec 9999 -1200) is none.
+    The form that MTAs write is read by one regular expression, in a third of the
+    time the email package takes; that package reads all the others, and two-digit
+    years."""
+    text = raw[:SENT_MAX].decode("ascii", "replace")
+    try:
+        match = DATE_RE.fullmatch(text)
+        month = match and MONTHS.get(match.group(2).lower())
+        if month and match.group(3) >= "0100":
+            day, _, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
+            offset = datetime.timedelta(hours=int(zone_h), minutes=int(zone_m))
+            if offset >= DAY:
+                return None
+            sent = datetime.datetime(int(year), month, int(day), int(hour), int(minute),
+                                     int(second), tzinfo=UTC)
+            return sent - offset if sign == "+" else sent + offset
+        sent = email.utils.parsedate_to_datetime(text)
         return (sent if sent.tzinfo else sent.replace(tzinfo=UTC)).astimezone(UTC)
-    return None
+    except Exception:
+        return None
 
 
 ENCODED_WORD_RE = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
@@ -2166,26 +2266,58 @@ class Mode:
 
 
 class DebugMode(Mode):
-    """Prints each message to stdout: its metadata as JSON, then the raw bytes."""
+    """Prints each message to stdout: its metadata as JSON, then the raw bytes.
+
+    A message in memory is one write(2). The kernel keeps a write to a file or a
+    device whole, and there no lock is taken: a lock held while the write has let
+    go of the GIL made the other sessions queue behind it in a futex. Into a pipe,
+    where a write over PIPE_BUF can be split, and for a message in a temporary
+    file, which is written piece by piece, records take turns."""
+
+    JSON = json.JSONEncoder(default=str, ensure_ascii=False, sort_keys=True)
 
     def __init__(self, cfg, stream=None):
         self.stream = stream or sys.stdout.buffer
         self.lock = threading.Lock()
+        self.fd = whole_writes(self.stream)
 
     def on_message(self, session, tx, metadata, message):
-        head = json.dumps(metadata, default=str, ensure_ascii=False, sort_keys=True)
-        start = b"---------- MESSAGE FOLLOWS ----------\n" + head.encode() + b"\n"
+        start = (b"---------- MESSAGE FOLLOWS ----------\n"
+                 + self.JSON.encode(metadata).encode() + b"\n")
         end = b"\n------------ END MESSAGE ------------\n"
-        with self.lock:
-            if message.file is None:  # small: one write
-                self.stream.write(b"".join([start, message.data, end]))
-            else:  # large: piece by piece, never whole in memory
+        if message.file is None:
+            record = b"".join([start, message.data, end])
+            if self.fd is not None:
+                write_all(self.fd, record)
+            else:
+                with self.lock:
+                    self.stream.write(record)
+                    self.stream.flush()
+        else:  # large: piece by piece, never whole in memory
+            with self.lock:
                 self.stream.write(start)
                 for piece in message.pieces():
                     self.stream.write(piece)
                 self.stream.write(end)
-            self.stream.flush()
+                self.stream.flush()
         return R_QUEUED.format(metadata["store_key"])
+
+
+def whole_writes(stream):
+    """The stream's descriptor if it is a file or a device, where the kernel keeps
+    each write(2) whole; else None."""
+    try:
+        fd = stream.fileno()
+        kind = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if stat.S_ISREG(kind) or stat.S_ISCHR(kind) else None
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class QuarantineMode(Mode):
@@ -3180,6 +3312,7 @@ def run_workers(server, count):
     def stop(signum, frame):
         nonlocal stopping
         stopping = True
+        server.stop_listening()
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
 
@@ -3215,9 +3348,29 @@ class EscapeControls(logging.Filter):
     def filter(self, record):
         text = record.getMessage()
         if CONTROL_RE.search(text):
-            record.msg = CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-            record.args = None
+            text = CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+        record.msg, record.args = text, None  # formatted once, not again by the handler
         return True
+
+
+class LogLines(logging.StreamHandler):
+    """One write(2) per record, and no lock held across it. The stdlib handler holds
+    its lock while the write has let go of the GIL, and at 20 sessions every other
+    session that logged queued behind it in a futex. The kernel keeps a write to a
+    file whole; into supervisord's pipe, a record up to PIPE_BUF (4 KiB) bytes, so
+    that only a longer one, a traceback, can be split by another line, as lines of
+    two --workers always could be."""
+
+    def emit(self, record):
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return super().emit(record)
+        try:
+            write_all(fd, (self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+        except Exception:
+            self.handleError(record)
+
 
 
 def setup_logging(cfg):
@@ -3226,7 +3379,11 @@ def setup_logging(cfg):
         stream = open(cfg.log_file, "a", encoding="utf-8") if cfg.log_file else sys.stderr
     except OSError as exc:
         fail(f"--log-file {cfg.log_file}: {exc}")
-    handler = logging.StreamHandler(stream)
+    # No caller, thread or process name looked up for each record: the format uses
+    # none of them (the logging HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = logging.logMultiprocessing = False
+    handler = LogLines(stream)
     handler.setFormatter(logging.Formatter(
         "%(asctime)s mms[%(process)d]: %(levelname)s %(message)s"))
     handler.addFilter(EscapeControls())
@@ -3248,8 +3405,11 @@ def reopen_log(signum=None, frame=None):
     except OSError as exc:
         log.error("received SIGHUP: cannot reopen %s: %s", path, exc)
         return
-    if old is not None:
-        old.close()
+    # A session may be writing to the old file at this instant: it is closed at the
+    # next SIGHUP, so that its descriptor cannot be reused under that write.
+    retired, setup_logging.retired = getattr(setup_logging, "retired", None), old
+    if retired is not None:
+        retired.close()
     log.info("received SIGHUP: reopened %s", path)
 
 
