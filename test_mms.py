@@ -1142,6 +1142,18 @@ class TestSessionThreads(ServerCase):
         self.assertEqual(self.server.accepting, 1)
         self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
 
+    def test_out_of_threads_the_session_goes_on(self):
+        # Thread.start fails as it does when the host is out of threads; really
+        # exhausting them would take the test machine down with it.
+        failing = mock.patch.object(threading.Thread, "start",
+                                    side_effect=RuntimeError("can't start new thread"))
+        with failing, self.assertLogs("mms", "ERROR") as logs:
+            client = self.raw()
+        self.assertIn("cannot start a session thread", "\n".join(logs.output))
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        client.cmd("QUIT")
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+
     def test_a_stopped_server_accepts_nothing_more(self):
         self.server.shutdown()
         self.server.drain(1)
