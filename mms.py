@@ -2532,7 +2532,7 @@ class Metrics:
     The parent maps the memory before it forks, so that it sees every worker's row.
 
     Counting is always on and costs a lock and an addition; --metrics serves the
-    numbers over HTTP, --statsd also sends each one by UDP.
+    numbers over HTTP, --statsd also sends them by UDP.
     """
 
     COUNTERS = {
@@ -2600,7 +2600,7 @@ class Metrics:
         with self.lock:
             self.values[at] += amount
         if self.statsd:
-            self.statsd.send(statsd_name(name, label), amount, "c")
+            self.statsd.count(name, label, amount)
 
     def observe(self, name, seconds, label=None):
         at = self.row * self.width + self.index[(name, label, "buckets")]
@@ -2609,12 +2609,12 @@ class Metrics:
             self.values[at + slot] += 1
             self.values[at + len(BUCKETS) + 1] += seconds
         if self.statsd:
-            self.statsd.send(statsd_name(name, label), round(seconds * 1000, 3), "ms")
+            self.statsd.timing(name, label, seconds)
 
     def set(self, gauge, value):
         self.values[self.row * self.width + self.index[(gauge,)]] = value
         if self.statsd and gauge == "sessions":
-            self.statsd.send("mms.sessions_active", value, "g")
+            self.statsd.gauges["mms.sessions_active"] = value
 
     def column(self, key, offset=0):
         """One value of every process."""
@@ -2669,11 +2669,6 @@ def values_of(labels):
     return labels[1] if labels else (None,)
 
 
-def statsd_name(name, label):
-    base = "mms." + name[4:].removesuffix("_total").removesuffix("_seconds")
-    return f"{base}.{label}" if label else base
-
-
 class NoMetrics:
     """Where nothing is counted: the archive commands, and stores made by tests."""
 
@@ -2689,31 +2684,58 @@ NO_METRICS = NoMetrics()
 
 
 class Statsd:
-    """statsd lines, batched into UDP packets by a thread of their own: a session
-    only appends to a bounded queue, and a statsd that is down costs nothing."""
+    """statsd lines, sent in UDP packets by a thread of their own every FLUSH
+    seconds: counters summed and gauges at their last value in between, as statsd
+    clients do, and timings a line each. A session only adds to a dict, and a
+    statsd that is down costs nothing. (A line for every count cost 15% of the
+    rate with 20 sessions: formatting it, and the thread that packed them.)"""
 
     PACKET = 1400
+    FLUSH = 0.2
 
     def __init__(self, address):
-        self.address, self.lines = address, collections.deque(maxlen=100_000)
+        self.address, self.lock, self.names = address, threading.Lock(), {}
+        self.counts, self.gauges = {}, {}
+        self.timings = collections.deque(maxlen=100_000)
         self.thread = None
 
     def start(self):
         self.thread = threading.Thread(target=self.run, name="mms-statsd", daemon=True)
         self.thread.start()
 
-    def send(self, name, value, kind):
-        self.lines.append(f"{name}:{value:g}|{kind}")
+    def name(self, name, label):
+        key = (name, label)
+        if key not in self.names:
+            base = "mms." + name[4:].removesuffix("_total").removesuffix("_seconds")
+            self.names[key] = f"{base}.{label}" if label else base
+        return self.names[key]
+
+    def count(self, name, label, amount):
+        name = self.name(name, label)
+        with self.lock:
+            self.counts[name] = self.counts.get(name, 0) + amount
+
+    def timing(self, name, label, seconds):
+        self.timings.append(f"{self.name(name, label)}:{seconds * 1000:.3f}|ms")
+
+    def lines(self):
+        with self.lock:
+            counts, self.counts = self.counts, {}
+        gauges, self.gauges = self.gauges, {}
+        lines = [f"{name}:{value:g}|c" for name, value in counts.items()]
+        lines += [f"{name}:{value:g}|g" for name, value in gauges.items()]
+        while self.timings:
+            lines.append(self.timings.popleft())
+        return lines
 
     def run(self):
         sock = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET,
                              socket.SOCK_DGRAM)
         sock.setblocking(False)
         while True:
-            time.sleep(0.2)
+            time.sleep(self.FLUSH)
             packet = ""
-            while self.lines:
-                line = self.lines.popleft()
+            for line in self.lines():
                 if packet and len(packet) + 1 + len(line) > self.PACKET:
                     self.flush(sock, packet)
                     packet = ""

@@ -13,8 +13,9 @@ Servers, each started fresh for the run on a loopback port:
 - peer: bench/peer.py, aiosmtpd with pymongo's GridFS.put, storing in the same nx-27017.
 
 `--only PART` runs one part: matrix, halves, idle, large (5 and 50 MB, time and
-peak RSS), concurrent_large (4 x 100 MB at once, peak RSS), workers, or metrics (msg/s
-with --metrics and --statsd on and off).
+peak RSS), concurrent_large (4 x 100 MB at once, peak RSS), workers, metrics (msg/s
+with --metrics and --statsd on and off), or floor (bench/bare.py, a bare responder
+with mms's thread model, with and without added Python work, beside mms-debug).
 
 For each cell it prints msg/s, the server's CPU in ms per message, its peak RSS,
 and MongoDB commands per message (counted by a pymongo CommandListener that this
@@ -40,6 +41,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 MMS = os.path.join(os.path.dirname(HERE), "mms.py")
 PEER = os.path.join(HERE, "peer.py")
+BARE = os.path.join(HERE, "bare.py")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -339,8 +341,35 @@ class Bench:
             print(f"mms-debug --workers {workers}, 1 KB, 100 sessions, new connections: "
                   f"{r['rate']:.0f} msg/s, {r['cpu_ms']:.2f} ms CPU/msg")
 
+    def floor(self):
+        """What Python work costs against the GIL at 20 sessions: bench/bare.py, with
+        mms's thread model and nothing else, then with pure Python work added to
+        each message, beside mms-debug; rounds alternate, and the median is shown."""
+        count, rounds = self.args.count, 3
+        servers = {"mms-debug": self.servers["mms-debug"]}
+        for work in (0, 40, 100, 200):
+            port = free_port()
+            servers[f"bare + {work} us"] = Server(f"bare-{work}", [BARE, "--port", str(port),
+                                                                   "--work-us", str(work)], port)
+        results = {name: [] for name in servers}
+        try:
+            for _ in range(rounds):
+                sink = measure(self.servers["sink"], 20, count, 1024, False)["rate"]
+                for name, server in servers.items():
+                    r = measure(server, 20, count, 1024, False)
+                    results[name].append((r["rate"] / sink, r["cpu_ms"]))
+        finally:
+            for name, server in servers.items():
+                if name.startswith("bare"):
+                    server.stop()
+        print("| 1 KB, 20 sessions, new connections | vs sink (median of 3) | CPU ms/msg |")
+        print("|---|---|---|")
+        for name, rows in results.items():
+            ratio, cpu = sorted(rows)[len(rows) // 2]
+            print(f"| {name} | {ratio:.0%} | {cpu:.2f} |")
 
-PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics")
+
+PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics", "floor")
 
 
 def main():
