@@ -1418,8 +1418,8 @@ MONTHS = {name: number for number, name in enumerate(
 
 def parse_date(raw):
     """The Date: in UTC, or None; a date that UTC cannot hold (31 Dec 9999 -1200) is none.
-    The form that MTAs write is read by one regular expression, in a third of the
-    time the email package takes; that package reads all the others, and two-digit
+    The form that MTAs write is read by one regular expression, in 6 us where the
+    email package takes 10; that package reads all the others, and two-digit
     years."""
     text = raw[:SENT_MAX].decode("ascii", "replace")
     try:

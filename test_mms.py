@@ -1460,12 +1460,12 @@ class TestPlugins(ServerCase):
 class MmsProcess:
     """mms.py as a supervisord would run it: a subprocess on a free port."""
 
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, stdout=subprocess.PIPE):
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, MMS, "--host", "127.0.0.1", "--port", str(self.port),
              "--hostname", "mx.test", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+            stdout=stdout, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
             start_new_session=True)
         wait_port(self.port)
 
@@ -1493,6 +1493,57 @@ class TestDebugMode(unittest.TestCase):
             self.assertIn(field, metadata)
         self.assertRegex(err.decode(), rf"queued as {metadata['store_key']} from=<a@example.org> "
                                        rf"to=<b@example.com> size={len(SIMPLE)} client=127.0.0.1")
+
+    def test_concurrent_records_stay_whole_in_a_file_and_in_a_pipe(self):
+        """Into a file each record is one write with no lock; into a pipe, where a
+        write over PIPE_BUF can be split, records take turns. Either way, and for
+        the log lines, 8 sessions at once never mix their output."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        for target in ("file", "pipe"):
+            with self.subTest(target=target):
+                out_path, log_path = (os.path.join(folder, f"{target}.{kind}") for kind in ("out", "log"))
+                with open(out_path, "wb") as out_file:
+                    server = MmsProcess("--server", "debug", "--log-file", log_path,
+                                        stdout=out_file if target == "file" else subprocess.PIPE)
+                    self.addCleanup(server.stop)
+                    bodies, piped = {}, []
+                    if target == "pipe":   # read as supervisord does, or mms would block
+                        reader = threading.Thread(target=lambda: piped.append(server.proc.stdout.read()))
+                        reader.start()
+
+                    def send(worker):
+                        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+                            for n in range(15):
+                                body = (f"Subject: {worker}.{n}\r\n\r\n".encode() +
+                                        (f"{worker}{n}" * (500 * (1 + n % 4))).encode() + b"\r\n")
+                                bodies[f"{worker}.{n}"] = body
+                                client.sendmail("a@example.org", [f"r{worker}@example.com"], body)
+
+                    threads = [threading.Thread(target=send, args=(w,)) for w in range(8)]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+                    server.proc.send_signal(signal.SIGTERM)
+                    self.assertEqual(server.proc.wait(20), 0)
+                if target == "file":
+                    with open(out_path, "rb") as f:
+                        out = f.read()
+                else:
+                    reader.join(10)
+                    out = piped[0]
+                records = parse_debug_output(out)
+                self.assertEqual(len(records), 120)
+                for metadata, data in records:
+                    self.assertEqual(data, bodies[metadata["subject"]])
+                with open(log_path) as f:
+                    queued = [line for line in f if "queued as" in line]
+                self.assertEqual(len(queued), 120)
+                for line in queued:
+                    self.assertRegex(line, r"^\S+ \S+ mms\[\d+\]: INFO queued as [0-9a-f]{64} "
+                                           r"from=<a@example.org> to=<r\d@example.com> size=\d+ "
+                                           r"client=127.0.0.1\n$")
 
     def test_debug_flag_logs_the_dialogue(self):
         server = MmsProcess("--server", "debug", "--debug")

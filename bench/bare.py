@@ -10,7 +10,6 @@ Python work of mms's size costs against the GIL when 20 sessions compete.
 """
 
 import argparse
-import socket
 import socketserver
 import threading
 import time
