@@ -3288,7 +3288,14 @@ def open_server(cfg, mode=None, start=True):
 
 
 def serve(cfg):
-    """Run until SIGTERM or SIGINT, then drain: this is what supervisord expects."""
+    """Run until SIGTERM or SIGINT, then drain: this is what supervisord expects.
+
+    The port listens (and a monitor may see it) before the session threads run:
+    a signal in between must not kill mms with the default action. SIGHUP
+    reopens the log from the start, and a stop before serving ends cleanly."""
+    signal.signal(signal.SIGHUP, reopen_log)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_starting)
     server = open_server(cfg, start=False)
     host, port = server.server_address[:2]
     log.info("starting mms %s in %s mode on %s:%d (pid %d, %d worker(s)), clients allowed: "
@@ -3303,6 +3310,11 @@ def serve(cfg):
     if cfg.workers > 1:
         return run_workers(server, cfg.workers)
     return run_process(server)
+
+
+def stop_starting(signum, frame):
+    log.info("received %s while starting, stopped", signal.Signals(signum).name)
+    raise SystemExit(0)
 
 
 def is_loopback(host):

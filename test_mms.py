@@ -1720,6 +1720,28 @@ class TestShutdown(ServerCase):
         self.assertIn(b"received SIGTERM, stopping", err)
         self.assertIn(b"stopped", err)
 
+    def test_signals_while_starting_do_not_kill_mms(self):
+        """A plugin that takes 3 s to import holds mms in its start-up: SIGHUP is
+        handled there, and SIGTERM stops it with 0, as supervisord expects."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(folder, "slow_start.py"), "w") as f:
+            f.write("import time\ntime.sleep(3)\n\n\ndef apply(metadata=None, data=None):\n"
+                    "    return metadata\n")
+        proc = subprocess.Popen([sys.executable, MMS, "--server", "debug", "--host", "127.0.0.1",
+                                 "--port", str(free_port()), "--plugin", "slow_start"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": folder})
+        self.addCleanup(proc.kill)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn(b"SIGHUP: no --log-file to reopen, ignored", err)
+        self.assertIn(b"received SIGTERM while starting, stopped", err)
+
     def test_sigint_stops_too(self):
         server = MmsProcess("--server", "debug")
         self.addCleanup(server.stop)
