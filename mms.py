@@ -1152,13 +1152,9 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         waiting_since = time.monotonic()
         while True:
             accepted = self.accept()
-            if accepted is CLOSED:
+            if accepted is None or accepted is CLOSED:
                 with self.lock:
-                    self.accepting -= 1
-                return
-            if accepted is None:
-                with self.lock:
-                    if (self.stopped.is_set() or self.accepting > 1 and
+                    if (accepted is CLOSED or self.stopped.is_set() or self.accepting > 1 and
                             time.monotonic() - waiting_since > self.IDLE_THREAD_SECONDS):
                         self.accepting -= 1
                         return
@@ -2285,38 +2281,47 @@ class DebugMode(Mode):
     """Prints each message to stdout: its metadata as JSON, then the raw bytes.
 
     A message in memory is one write(2). The kernel keeps a write to a file or a
-    device whole, and there no lock is taken: a lock held while the write has let
-    go of the GIL made the other sessions queue behind it in a futex. Into a pipe,
-    where a write over PIPE_BUF can be split, and for a message in a temporary
-    file, which is written piece by piece, records take turns."""
+    device whole, so there no lock is held across it: a lock held while the write
+    has let go of the GIL made the other sessions queue behind it in a futex. A
+    message in a temporary file is written piece by piece, so it waits for the
+    writes in flight and holds back new ones. Into a pipe, where a write over
+    PIPE_BUF can be split, every record takes its turn."""
 
     JSON = json.JSONEncoder(default=str, ensure_ascii=False, sort_keys=True)
 
     def __init__(self, cfg, stream=None):
         self.stream = stream or sys.stdout.buffer
         self.lock = threading.Lock()
+        self.quiet = threading.Condition(self.lock)  # no whole write in flight
+        self.in_flight = 0
         self.fd = whole_writes(self.stream)
 
     def on_message(self, session, tx, metadata, message):
         start = (b"---------- MESSAGE FOLLOWS ----------\n"
                  + self.JSON.encode(metadata).encode() + b"\n")
         end = b"\n------------ END MESSAGE ------------\n"
-        if message.file is None:
-            record = b"".join([start, message.data, end])
-            if self.fd is not None:
-                write_all(self.fd, record)
-            else:
-                with self.lock:
-                    self.stream.write(record)
-                    self.stream.flush()
-        else:  # large: piece by piece, never whole in memory
+        if message.file is None and self.fd is not None:
+            self.write_whole(b"".join([start, message.data, end]))
+        else:
             with self.lock:
+                self.quiet.wait_for(lambda: not self.in_flight)
                 self.stream.write(start)
-                for piece in message.pieces():
+                for piece in message.pieces():  # a large one never whole in memory
                     self.stream.write(piece)
                 self.stream.write(end)
                 self.stream.flush()
         return R_QUEUED.format(metadata["store_key"])
+
+    def write_whole(self, record):
+        with self.lock:
+            self.in_flight += 1
+        try:
+            write_all(self.fd, record)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+                if not self.in_flight:
+                    self.quiet.notify_all()
 
 
 def whole_writes(stream):
@@ -2614,7 +2619,7 @@ class Metrics:
     def set(self, gauge, value):
         self.values[self.row * self.width + self.index[(gauge,)]] = value
         if self.statsd and gauge == "sessions":
-            self.statsd.gauges["mms.sessions_active"] = value
+            self.statsd.gauge("mms.sessions_active", value)
 
     def column(self, key, offset=0):
         """One value of every process."""
@@ -2714,6 +2719,9 @@ class Statsd:
         name = self.name(name, label)
         with self.lock:
             self.counts[name] = self.counts.get(name, 0) + amount
+
+    def gauge(self, name, value):
+        self.gauges[name] = value
 
     def timing(self, name, label, seconds):
         self.timings.append(f"{self.name(name, label)}:{seconds * 1000:.3f}|ms")
@@ -3428,7 +3436,6 @@ class LogLines(logging.StreamHandler):
             write_all(fd, (self.format(record) + "\n").encode("utf-8", "backslashreplace"))
         except Exception:
             self.handleError(record)
-
 
 
 def setup_logging(cfg):

@@ -1496,8 +1496,9 @@ class TestDebugMode(unittest.TestCase):
 
     def test_concurrent_records_stay_whole_in_a_file_and_in_a_pipe(self):
         """Into a file each record is one write with no lock; into a pipe, where a
-        write over PIPE_BUF can be split, records take turns. Either way, and for
-        the log lines, 8 sessions at once never mix their output."""
+        write over PIPE_BUF can be split, records take turns. A message over 4 MiB,
+        written piece by piece, always has its turn. Either way, and for the log
+        lines, 8 sessions at once never mix their output."""
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         for target in ("file", "pipe"):
@@ -1515,8 +1516,10 @@ class TestDebugMode(unittest.TestCase):
                     def send(worker):
                         with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
                             for n in range(15):
-                                body = (f"Subject: {worker}.{n}\r\n\r\n".encode() +
-                                        (f"{worker}{n}" * (500 * (1 + n % 4))).encode() + b"\r\n")
+                                text = (f"{worker}{n}" * (500 * (1 + n % 4))).encode() + b"\r\n"
+                                if (worker, n) == (0, 3):       # kept in a temporary file
+                                    text = (b"0" * 998 + b"\r\n") * 5300
+                                body = f"Subject: {worker}.{n}\r\n\r\n".encode() + text
                                 bodies[f"{worker}.{n}"] = body
                                 client.sendmail("a@example.org", [f"r{worker}@example.com"], body)
 
