@@ -14,8 +14,10 @@ Servers, each started fresh for the run on a loopback port:
 
 `--only PART` runs one part: matrix, halves, idle, large (5 and 50 MB, time and
 peak RSS), concurrent_large (4 x 100 MB at once, peak RSS), workers, metrics (msg/s
-with --metrics and --statsd on and off), or floor (bench/bare.py, a bare responder
-with mms's thread model, with and without added Python work, beside mms-debug).
+with --metrics and --statsd on and off), floor (bench/bare.py, a bare responder
+with mms's thread model, with and without added Python work, beside mms-debug),
+or archive (count, verify and purge on 60,000 stored messages, time and peak RSS;
+`--baseline REV` runs the mms.py of a git revision beside it).
 
 For each cell it prints msg/s, the server's CPU in ms per message, its peak RSS,
 and MongoDB commands per message (counted by a pymongo CommandListener that this
@@ -369,7 +371,64 @@ class Bench:
             print(f"| {name} | {ratio:.0%} | {cpu:.2f} |")
 
 
-PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics", "floor")
+    def archive(self):
+        """purge and verify on an archive of --archive-count messages, written straight
+        into nx-27017 as mms writes them: time and peak RSS, each beside a `count`
+        of the same archive (and beside mms.py of --baseline REV, if given)."""
+        count = self.args.archive_count
+        versions = {"mms": MMS}
+        if self.args.baseline:
+            versions["baseline"] = os.path.join(tempfile.mkdtemp(prefix="bench-base-"), "mms.py")
+            with open(versions["baseline"], "wb") as f:
+                f.write(subprocess.run(["git", "show", f"{self.args.baseline}:mms.py"],
+                                       cwd=os.path.dirname(MMS), check=True,
+                                       capture_output=True).stdout)
+        print(f"## archive: {count} messages; seconds and peak RSS of each command")
+        print(f"{'version':<10} {'command':<34} {'time':>10} {'peak RSS':>11}")
+        for name, version in versions.items():  # purge empties the archive: one each
+            self.fill_archive(count)
+            for command in (["count"], ["verify"], ["purge", "--older-than", "1d", "--dry-run"],
+                            ["purge", "--older-than", "1d"]):
+                seconds, rss = self.run_command(version, command)
+                print(f"{name:<10} {' '.join(command):<34} {seconds:8.1f} s {rss / 1024:8.0f} MB")
+
+    def fill_archive(self, count, batch=1000):
+        sys.path.insert(0, os.path.dirname(MMS))
+        import datetime
+        import hashlib
+        import mms
+        cfg = mms.parse_config(["--mongo-host", self.uri, "--mongo-database", "bench_archive"])
+        archive = mms.Archive(cfg).connect()
+        archive.collection.drop()
+        archive.ensure_indexes()
+        keys, when = mms.StoreKeys(), datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+        rng = random.Random(17)
+        for start in range(0, count, batch):
+            jobs = []
+            for n in range(start, min(count, start + batch)):
+                data = (f"Subject: archived {n}\r\nFrom: a{n % 97}@example.org\r\n\r\n".encode()
+                        + base64.b64encode(rng.randbytes(rng.randrange(200, 3000))) + b"\r\n")
+                metadata = {"store_key": keys(), "sender": f"a{n % 97}@example.org",
+                            "rcpt": ["b@example.com"], "client_address": "192.0.2.1",
+                            "received": when, "size": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()}
+                jobs.append(archive.prepare(metadata, mms.Message(data)))
+            archive.insert(jobs)
+            if any(job.error for job in jobs):
+                raise SystemExit(f"bench: writing the archive failed: {jobs[0].error}")
+        archive.close()
+
+    def run_command(self, version, command):
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, version, *command, "--mongo-host", self.uri,
+                                 "--mongo-database", "bench_archive"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        return time.monotonic() - started, usage.ru_maxrss
+
+
+PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics", "floor",
+         "archive")
 
 
 def main():
@@ -380,11 +439,16 @@ def main():
     parser.add_argument("--count", type=int, default=5000, help="messages a cell (5000)")
     parser.add_argument("--peer-count", type=int, default=1000,
                         help="messages a cell for the peer, which takes 20-50 ms each (1000)")
+    parser.add_argument("--archive-count", type=int, default=60000,
+                        help="messages in the archive part (60000)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="archive part: also run the mms.py of this git revision")
     parser.add_argument("--only", action="append", choices=PARTS,
                         help="run only this part (repeatable; default: all)")
     args = parser.parse_args()
     if args.quick:
         args.count = args.peer_count = 500
+        args.archive_count = 6000
     for tool in ("smtp-source", "smtp-sink", "nx-27017"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (see the docstring for what to install)")
