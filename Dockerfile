@@ -8,7 +8,10 @@ COPY mms.py /opt/mms/
 COPY plugins /opt/mms/plugins
 USER mms
 WORKDIR /opt/mms
-ENV MMS_HOST=0.0.0.0 MMS_PORT=14001 MMS_METRICS=0.0.0.0:9425
+# Scrapes reach a container from its engine's bridge (a private address): narrow
+# MMS_METRICS_ALLOW to your Prometheus with -e.
+ENV MMS_HOST=0.0.0.0 MMS_PORT=14001 MMS_METRICS=0.0.0.0:9425 \
+    MMS_METRICS_ALLOW=127.0.0.0/8,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16
 EXPOSE 14001 9425
 HEALTHCHECK --interval=60s --timeout=30s CMD ["python", "/opt/mms/mms.py", "check"]
 STOPSIGNAL SIGTERM

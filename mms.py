@@ -39,6 +39,7 @@ import email.utils
 import hashlib
 import http.server
 import importlib
+import io
 import itertools
 import ipaddress
 import json
@@ -277,6 +278,8 @@ OPTIONS = [
     ("--debug", "MMS_DEBUG", "0", _flag, "log the SMTP dialogue"),
     ("--metrics", "MMS_METRICS", "", _address,
      "serve Prometheus /metrics and /healthz on this HOST:PORT (e.g. 127.0.0.1:9425)"),
+    ("--metrics-allow", "MMS_METRICS_ALLOW", "127.0.0.0/8,::1", _networks,
+     "clients allowed to scrape --metrics, IPs or CIDRs; others are disconnected"),
     ("--statsd", "MMS_STATSD", "", _scanner,
      "send counters and timings to this statsd HOST:PORT by UDP"),
     ("--log-file", "MMS_LOG_FILE", "", str,
@@ -1304,7 +1307,7 @@ def receive_message(session, tx, xforward, message):
     """From the final dot to the reply: metadata, then plugins, then the mode."""
     metadata = make_metadata(session, tx, xforward, message)
     if session.cfg.real_rcpt:
-        apply_real_rcpt(metadata, message)
+        apply_real_rcpt(metadata, message, session.cfg.max_recipients)
     metadata["sha256"] = message.sha256()
     metrics, mode = session.server.metrics, session.server.mode
     run_plugins(session.server.plugins, metadata, message, session.cfg.plugin_timeout, metrics)
@@ -1490,17 +1493,27 @@ def decode_word(charset, encoding, payload):
 ADDRESS_IN_ANGLES_RE = re.compile(r"<([^<>\s]+)>")
 
 
-def apply_real_rcpt(metadata, message):
+def apply_real_rcpt(metadata, message, max_recipients):
     """amavisd-new quarantine copies: the real recipients are in the X-Envelope-To
-    that amavisd-new prepends, the first one (a sender's own further down is not).
+    that amavisd-new prepends above its own Received:, the first one. Below it,
+    the header is the sender's: an X-Envelope-To there would let a sender choose
+    where `release` sends. Each address passes RCPT TO's check and counts toward
+    --max-recipients; the rest are left out, and said so in the log.
 
     The envelope recipients (the quarantine addresses) are kept in a prepended
     X-MMS-RCPT header: the one change mms ever makes to a message.
     """
     head = message.head(HEADER_BLOCK_MAX)
-    text = header_values(head, (b"x-envelope-to",)).get(b"x-envelope-to", b"")
-    text = text.decode("utf-8", "replace")
-    real = ADDRESS_IN_ANGLES_RE.findall(text) or [a for a in re.split(r"[\s,]+", text) if a]
+    found = header_lists(head, (b"x-envelope-to",), stop=b"received").get(b"x-envelope-to")
+    text = found[0].decode("utf-8", "replace") if found else ""
+    named = ADDRESS_IN_ANGLES_RE.findall(text) or [a for a in re.split(r"[\s,]+", text) if a]
+    real = [address for address in named if valid_address(address)]
+    if max_recipients:
+        real = real[:max_recipients]
+    if len(real) < len(named):
+        log.warning("%s: %d of the %d X-Envelope-To recipients left out (not an address, or "
+                    "over --max-recipients)", metadata["store_key"], len(named) - len(real),
+                    len(named))
     if not real:
         return
     eol = b"\r\n" if b"\r\n" in head[:4096] or not head else b"\n"
@@ -2700,19 +2713,48 @@ class Statsd:
 
 
 class MetricsServer(http.server.ThreadingHTTPServer):
-    """GET /metrics and GET /healthz, on --metrics, in a thread of their own."""
+    """GET /metrics and GET /healthz, on --metrics, in a thread of their own.
+
+    Scrapers share the process's file descriptors with SMTP: only --metrics-allow
+    may connect, at most METRICS_CONNECTIONS at once (one more is closed at
+    once), each with METRICS_TIMEOUT seconds to send a request of at most
+    METRICS_REQUEST_MAX bytes, and one request per connection."""
 
     daemon_threads = True
+    METRICS_CONNECTIONS = 8
 
     def __init__(self, cfg, metrics, smtp):
         self.cfg, self.metrics, self.smtp = cfg, metrics, smtp
+        self.slots = threading.BoundedSemaphore(self.METRICS_CONNECTIONS)
         host, _, port = cfg.metrics.rpartition(":")
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             super().__init__((host.strip("[]"), int(port)), MetricsHandler)
         except OSError as exc:
             fail(f"--metrics {cfg.metrics}: {exc}")
+        if not is_loopback(host.strip("[]")) and "metrics_allow" not in cfg.given:
+            log.warning("--metrics listens on %s, and only loopback may scrape it: name your "
+                        "Prometheus with --metrics-allow", cfg.metrics)
         threading.Thread(target=self.serve_forever, name="mms-metrics", daemon=True).start()
+
+    def verify_request(self, request, client_address):
+        return in_networks(client_address[0], self.cfg.metrics_allow)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def health(self):
         """(200 or 503, why)."""
@@ -2733,6 +2775,27 @@ class MetricsServer(http.server.ThreadingHTTPServer):
 class MetricsHandler(http.server.BaseHTTPRequestHandler):
 
     server_version, sys_version = f"mms/{__version__}", ""
+    timeout = 5                   # METRICS_TIMEOUT: seconds for the whole request
+    REQUEST_MAX = 8192            # METRICS_REQUEST_MAX: request line and header block
+
+    def handle(self):
+        """Read the request head within REQUEST_MAX bytes (414 for a longer request
+        line, 431 for a longer header), then let the stdlib parse it."""
+        head = bytearray()
+        while not head.endswith((b"\n\n", b"\r\n\r\n")):
+            try:
+                line = self.rfile.readline(self.REQUEST_MAX + 1 - len(head))
+            except OSError:  # too slow (METRICS_TIMEOUT), or gone
+                return
+            if not line:
+                return
+            head += line
+            if len(head) > self.REQUEST_MAX:
+                self.command, self.requestline, self.request_version = None, "", "HTTP/1.0"
+                self.send_error(431 if b"\n" in head else 414)
+                return
+        self.rfile = io.BytesIO(bytes(head))
+        self.handle_one_request()
 
     def do_GET(self):
         server = self.server
@@ -2793,6 +2856,36 @@ def as_date(field):
 
 def as_number(field):
     return {"$convert": {"input": field, "to": "long", "onError": 0, "onNull": 0}}
+
+
+def domain_of(address):
+    return {"$arrayElemAt": [{"$split": [address, "@"]}, 1]}
+
+
+def day_format(text):
+    return {"$dateToString": {"format": text, "date": as_date("$received")}}
+
+
+VERDICT_FIELDS = ("virus", "spam", "unchecked")
+
+
+def verdict_of(names):
+    """The first of is_virus, is_spam, is_unchecked that is set, else clean: as a
+    string (nx-27017 cannot group by a sub-document)."""
+    if not names:
+        return "clean"
+    return {"$cond": [{"$eq": [{"$ifNull": [f"$is_{names[0]}", 0]}, 1]}, names[0],
+                      verdict_of(names[1:])]}
+
+
+# --by: what each group is, and whether it counts recipients rather than messages.
+STATS_GROUPS = {
+    "day": (day_format("%Y-%m-%d"), False), "hour": (day_format("%Y-%m-%d %H:00"), False),
+    "sender": ("$sender", False), "sender-domain": (domain_of("$sender"), False),
+    "rcpt": ("$rcpt", True), "rcpt-domain": (domain_of("$rcpt"), True),
+    "client": ("$client_address", False), "quarantine": ("$quarantine", False),
+    "verdict": (verdict_of(VERDICT_FIELDS), False),
+}
 
 
 class Damaged(LookupError):
@@ -3159,12 +3252,46 @@ def batched(iterable, size):
 # The archive commands ########################################################
 ###############################################################################
 
+class Escaped:
+    """A text stream that writes control characters as \\xNN, but for line ends:
+    what an archive command prints of a stored field (written by a sender) never
+    acts on the terminal, as in the log. `buffer` is the raw stream, for `show`."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        return self.stream.write(TERMINAL_CONTROL_RE.sub(hexed, text))
+
+    def flush(self):
+        self.stream.flush()
+
+    @property
+    def buffer(self):
+        return self.stream.buffer
+
+
+TERMINAL_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def hexed(match):
+    return f"\\x{ord(match.group()):02x}"
+
+
+def json_line(doc):
+    """JSON, with C1 controls and DEL escaped too (json escapes C0 only)."""
+    text = json.dumps(doc, default=str, ensure_ascii=False)
+    return re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+
+
 def run_archive_command(cfg):
     """count, list, show, headers, delete, purge, hold, unhold and replay: the archive
     from the shell, as postqueue and postsuper run Postfix's queue."""
     archive = Archive(cfg, server=cfg.command == "check").connect()
     try:
-        return ARCHIVE_COMMANDS[cfg.command](cfg, archive)
+        with contextlib.redirect_stdout(Escaped(sys.stdout)), \
+                contextlib.redirect_stderr(Escaped(sys.stderr)):
+            return ARCHIVE_COMMANDS[cfg.command](cfg, archive)
     except LookupError as exc:
         print(f"mms.py: error: {exc.args[0]}", file=sys.stderr)
         return 1
@@ -3240,7 +3367,7 @@ def archive_list(cfg, archive):
     for doc in archive.search(*archive_filter(cfg), limit=cfg.limit):
         doc.pop("_id", None)
         if cfg.json:
-            out.write(json.dumps(doc, default=str, ensure_ascii=False) + "\n")
+            out.write(json_line(doc))
         else:
             marks = "".join(f" [{name}]" for name in ("virus", "spam") if doc.get(f"is_{name}"))
             marks += " [held]" if doc.get("held") is True else ""
@@ -3265,11 +3392,18 @@ KEY_PREFIX_MIN = 8
 
 
 def write_out(pieces):
-    """Each piece as it is decoded: a 30 MB message is never whole in memory."""
+    """Each piece as it is decoded: a 30 MB message is never whole in memory. The
+    bytes as stored into a pipe or a file; to a terminal, control characters but
+    line ends and tabs as \\xNN, as `less` shows them."""
     out = sys.stdout.buffer
+    tty = out.isatty()
     for piece in pieces:
-        out.write(piece)
+        out.write(TERMINAL_BYTES_RE.sub(lambda m: b"\\x%02x" % m.group()[0], piece)
+                  if tty else piece)
     out.flush()
+
+
+TERMINAL_BYTES_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def archive_show(cfg, archive):
@@ -3432,41 +3566,11 @@ def verify_message(archive, doc, file):
     return None
 
 
-def domain_of(address):
-    return {"$arrayElemAt": [{"$split": [address, "@"]}, 1]}
-
-
-def day_format(text):
-    return {"$dateToString": {"format": text, "date": as_date("$received")}}
-
-
-VERDICT_FIELDS = ("virus", "spam", "unchecked")
-
-
-def verdict_of(names):
-    """The first of is_virus, is_spam, is_unchecked that is set, else clean: as a
-    string (nx-27017 cannot group by a sub-document)."""
-    if not names:
-        return "clean"
-    return {"$cond": [{"$eq": [{"$ifNull": [f"$is_{names[0]}", 0]}, 1]}, names[0],
-                      verdict_of(names[1:])]}
-
-
-# --by: what each group is, and whether it counts recipients rather than messages.
-STATS_GROUPS = {
-    "day": (day_format("%Y-%m-%d"), False), "hour": (day_format("%Y-%m-%d %H:00"), False),
-    "sender": ("$sender", False), "sender-domain": (domain_of("$sender"), False),
-    "rcpt": ("$rcpt", True), "rcpt-domain": (domain_of("$rcpt"), True),
-    "client": ("$client_address", False), "quarantine": ("$quarantine", False),
-    "verdict": (verdict_of(VERDICT_FIELDS), False),
-}
-
-
 def archive_stats(cfg, archive):
     """Counts and bytes, in all and per group, computed by MongoDB."""
     totals, groups = archive.stats(cfg.since, cfg.until, cfg.by, cfg.top)
     if cfg.json:
-        print(json.dumps({"totals": totals, "by": cfg.by, "groups": groups}))
+        sys.stdout.write(json_line({"totals": totals, "by": cfg.by, "groups": groups}))
         return 0
     print(", ".join(f"{name} {value}" for name, value in totals.items()))
     for group in groups:
@@ -3658,6 +3762,7 @@ def run_workers(server, count):
     def stop(signum, frame):
         nonlocal stopping
         stopping = True
+        server.draining = True  # /healthz: 503 from now on, as one process answers
         server.stop_listening()
         for pid in workers:
             os.kill(pid, signal.SIGTERM)

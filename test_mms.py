@@ -2376,6 +2376,29 @@ class TestRealRcpt(MongoCase):
                                                         rcpts=("archive@example.net",))))
         self.assertEqual(doc["rcpt"], ["real@example.com"])
 
+    def test_a_senders_own_x_envelope_to_below_received_is_ignored(self):
+        """amavisd-new prepends its X-Envelope-To above its Received:; below, the
+        header is the sender's, who would otherwise choose where release sends."""
+        self.start_mongo("--real-rcpt")
+        forged = (b"X-Quarantine-ID: <q1>\r\nReceived: from amavis by mx\r\n"
+                  b"X-Envelope-To: <boss@example.com>, <everyone@example.com>\r\n"
+                  b"Subject: hi\r\n\r\nbody\r\n")
+        doc, data = self.stored(self.key(self.send_message(
+            self.raw(), forged, rcpts=("spam-quarantine@example.net",))))
+        self.assertEqual((doc["rcpt"], data), (["spam-quarantine@example.net"], forged))
+
+    def test_header_recipients_pass_rcpts_checks(self):
+        self.start_mongo("--real-rcpt", "--max-recipients", "5")
+        hostile = "<a@b\x1b]0;owned\x07\x1b[2J\x1b[31mFAKE>"
+        addresses = ", ".join([hostile, "<two@at@example.com>"] + [f"<r{n}@example.com>" for n in range(9)])
+        body = f"X-Envelope-To: {addresses}\r\nSubject: many\r\n\r\nbody\r\n".encode()
+        with self.assertLogs("mms", "WARNING") as logs:
+            doc, _ = self.stored(self.key(self.send_message(self.raw(), body,
+                                                            rcpts=("archive@example.net",))))
+        self.assertEqual(doc["rcpt"], [f"r{n}@example.com" for n in range(5)])
+        self.assertEqual(doc["rcpt_count"], 5)
+        self.assertIn("6 of the 11 X-Envelope-To recipients left out", "\n".join(logs.output))
+
     def test_without_the_header_envelope_recipients_stay(self):
         self.start_mongo("--real-rcpt")
         reply = self.send_message(self.raw(), SIMPLE, rcpts=("archive@example.net",))
@@ -3519,6 +3542,73 @@ class TestMetrics(MongoCase):
         self.assertEqual(values['mms_messages_total{result="stored"}'], 2)
 
 
+class TestMetricsHardening(ServerCase):
+    """Scrapers share the process's file descriptors with SMTP: strangers, idle
+    connections and endless headers never take them."""
+
+    def start_metrics(self, *args):
+        self.start(*args)
+        self.metrics_port = free_port()
+        self.server.cfg.metrics = f"127.0.0.1:{self.metrics_port}"
+        http = mms.MetricsServer(self.server.cfg, self.server.metrics, self.server)
+        self.addCleanup(http.server_close)
+        self.addCleanup(http.shutdown)
+
+    def raw_http(self, data, source="127.0.0.1"):
+        sock = socket.create_connection(("127.0.0.1", self.metrics_port), timeout=10,
+                                        source_address=(source, 0))
+        self.addCleanup(sock.close)
+        if data:
+            sock.sendall(data)
+        return sock
+
+    @staticmethod
+    def answer(sock):
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data
+
+    def test_idle_connections_cannot_take_smtps_descriptors(self):
+        self.start_metrics()
+        idle = [self.raw_http(b"") for _ in range(mms.MetricsServer.METRICS_CONNECTIONS + 20)]
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")   # SMTP serves
+        self.assertEqual(self.answer(idle[-1]), b"")     # over the cap: closed at once
+        started = time.monotonic()
+        self.assertEqual(self.answer(idle[0]), b"")      # the read timeout frees the rest
+        self.assertLess(time.monotonic() - started, mms.MetricsHandler.timeout + 3)
+        self.assertEqual(scrape(self.metrics_port, "/healthz")[:2], (200, "ok\n"))
+
+    def test_a_long_request_line_or_header_is_refused(self):
+        self.start_metrics()
+        long_line = self.answer(self.raw_http(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"))
+        self.assertTrue(long_line.startswith(b"HTTP/1.0 414"), long_line[:80])
+        headers = b"".join(b"X-%d: %s\r\n" % (n, b"v" * 1000) for n in range(99))
+        long_head = self.answer(self.raw_http(b"GET /metrics HTTP/1.1\r\n" + headers + b"\r\n"))
+        self.assertTrue(long_head.startswith(b"HTTP/1.0 431"), long_head[:80])
+        self.assertEqual(scrape(self.metrics_port)[0], 200)
+
+    def test_only_metrics_allow_may_scrape(self):
+        self.start_metrics("--metrics-allow", "127.0.0.2")
+        with self.assertRaises(OSError):  # refused: the connection is closed unanswered
+            scrape(self.metrics_port)
+        stranger = self.answer(self.raw_http(b"GET /metrics HTTP/1.0\r\n\r\n"))
+        self.assertEqual(stranger, b"")
+        allowed = self.answer(self.raw_http(b"GET /healthz HTTP/1.0\r\n\r\n", "127.0.0.2"))
+        self.assertTrue(allowed.startswith(b"HTTP/1.0 200"), allowed[:80])
+
+    def test_beyond_loopback_without_an_allow_list_is_warned(self):
+        self.start()
+        cfg = self.server.cfg
+        cfg.metrics = f"0.0.0.0:{free_port()}"
+        with self.assertLogs("mms", "WARNING") as logs:
+            http = mms.MetricsServer(cfg, self.server.metrics, self.server)
+        self.addCleanup(http.server_close)
+        self.addCleanup(http.shutdown)
+        self.assertIn("--metrics-allow", logs.output[0])
+
+
 class TestMetricsProcess(unittest.TestCase):
     """mms.py as supervisord runs it, with --metrics, --statsd and --workers."""
 
@@ -3557,6 +3647,27 @@ class TestMetricsProcess(unittest.TestCase):
         self.assertTrue(any(line.startswith("mms.sessions_active:") and line.endswith("|g")
                             for line in lines))
 
+
+    def test_healthz_says_503_while_workers_drain(self):
+        metrics_port = free_port()
+        server = MmsProcess("--server", "debug", "--workers", "2", "--grace", "5",
+                            "--metrics", f"127.0.0.1:{metrics_port}")
+        self.addCleanup(server.stop)
+        wait_port(metrics_port)
+        self.assertEqual(scrape(metrics_port, "/healthz")[0], 200)
+        client = Raw(server.port)
+        self.addCleanup(client.close)
+        client.reply()
+        client.cmd("EHLO c.test")
+        client.cmd("MAIL FROM:<a@example.org>")
+        client.cmd("RCPT TO:<b@example.com>")
+        self.assertEqual(client.cmd("DATA")[0], 354)   # a transaction keeps the drain going
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        self.assertEqual(scrape(metrics_port, "/healthz")[:2],
+                         (503, "not accepting connections: stopping\n"))
+        client.send(SIMPLE + b".\r\n")
+        self.assertEqual(client.reply()[0], 250)
 
 ###############################################################################
 # The archive commands ########################################################
@@ -3622,6 +3733,25 @@ class TestArchiveCommands(ArchiveCase):
                 self.command_line("list", "--sender", "A@x.org", "--json")[1].splitlines()]
         self.assertEqual([d["store_key"] for d in docs], [self.keys[2], self.keys[0]])
         self.assertEqual(len(self.command_line("list", "--limit", "1")[1].splitlines()), 1)
+
+    def test_no_control_character_reaches_the_terminal(self):
+        """A sender's escape sequences in a stored field are printed as \\xNN; --json
+        stays JSON, with them escaped as JSON does."""
+        evil = "\x1b]0;owned\x07\x1b[2J\x9b31m"
+        self.db["message"].insert_one({"store_key": "c" * 64, "sender": f"x{evil}@y.org",
+                                       "rcpt": [f"r{evil}@y.org"], "subject": f"s{evil}",
+                                       "received": datetime.datetime.now(datetime.timezone.utc)})
+        for args in (("list",), ("stats", "--by", "sender"), ("stats", "--by", "rcpt"),
+                     ("list", "--json"), ("stats", "--json", "--by", "rcpt")):
+            with self.subTest(args=args):
+                code, out, err = self.command_line(*args)
+                self.assertEqual(code, 0, err)
+                self.assertIsNone(re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", out), repr(out))
+                if "--json" in args:
+                    text = json.dumps([json.loads(line) for line in out.splitlines()])
+                    self.assertIn(json.dumps(evil)[1:-1], text)
+                else:
+                    self.assertIn("\\x1b]0;owned\\x07\\x1b[2J\\x9b31m", out)
 
     def test_documents_written_by_another_tool(self):
         self.db["message"].insert_many([{"note": "no mms fields at all"},
