@@ -252,8 +252,9 @@ OPTIONS = [
      "seconds a client may take for each read, and for each whole command line"),
     ("--data-timeout", "MMS_DATA_TIMEOUT", "1800", _positive,
      "seconds a client may take for a whole message, from DATA to the final dot"),
-    ("--data-size-limit", "MMS_DATA_SIZE_LIMIT", "0", _count,
-     "largest message in bytes, 0 for no limit"),
+    ("--data-size-limit", "MMS_DATA_SIZE_LIMIT", str(50 * 2**20), _count,
+     "largest message in bytes, announced in EHLO SIZE; 0 for no limit (default: 50 MiB, "
+     "five times Postfix's message_size_limit)"),
     ("--max-recipients", "MMS_MAX_RECIPIENTS", "1000", _count,
      "recipients per message; more answer 452 4.5.3"),
     ("--max-connections", "MMS_MAX_CONNECTIONS", "256", _count,
@@ -974,7 +975,7 @@ class Message:
     @classmethod
     def from_file(cls, path):
         message = cls()
-        message.file = open(path, "rb")
+        message.file = open_regular(path)
         message.size = os.fstat(message.file.fileno()).st_size
         return message
 
@@ -1580,35 +1581,40 @@ def load_plugins(names):
 
 
 def run_plugins(plugins, metadata, message, timeout, metrics):
-    """Each plugin edits a copy of the metadata, in a thread of its own. The copy is
-    kept only if the plugin returned within --plugin-timeout and left metadata that
-    mms can still store and log; otherwise the message goes on as if the plugin had
-    not run. A plugin that hangs keeps its thread, never the session."""
+    """Each plugin edits a copy of the metadata, in a thread of its own. What it left
+    is copied again the moment it returns (a thread of its own may go on changing
+    its copy), and kept only if the plugin returned within --plugin-timeout and
+    left metadata that mms can still store and log; otherwise the message goes on
+    as if the plugin had not run. A plugin that hangs keeps its thread, never the
+    session; one that raises SystemExit has failed, like any other."""
     for plugin in plugins:
         edited, outcome = copy.deepcopy(metadata), []
 
         def apply(plugin=plugin, edited=edited, outcome=outcome):
             try:
                 plugin.apply(metadata=edited, data=message.view())
-                check_storable(edited, metadata)
-                outcome.append(None)
-            except Exception as exc:
-                outcome.append(exc)
+                taken = copy.deepcopy(edited)
+                check_storable(taken, metadata)
+                outcome.append((taken, None))
+            except BaseException as exc:
+                outcome.append((None, exc))
 
         worker = threading.Thread(target=apply, name=f"plugin-{plugin.__name__}", daemon=True)
         worker.start()
         worker.join(timeout)
-        if outcome and outcome[0] is None:
+        if outcome and outcome[0][1] is None:
             metadata.clear()
-            metadata.update(edited)
+            metadata.update(outcome[0][0])
             continue
         metrics.count("mms_plugin_errors_total", plugin.__name__)
         if not outcome:
             log.warning("plugin %s took more than %gs on %s; the message goes on without it",
                         plugin.__name__, timeout, metadata["store_key"])
         else:
-            log.error("plugin %s failed on %s; its changes are undone, the message goes on",
-                      plugin.__name__, metadata["store_key"], exc_info=outcome[0])
+            error = outcome[0][1]
+            log.error("plugin %s failed on %s (%s: %s); its changes are undone, the message "
+                      "goes on", plugin.__name__, metadata["store_key"], type(error).__name__,
+                      error, exc_info=error)
 
 
 def check_storable(edited, before):
@@ -2095,6 +2101,34 @@ def storable(metadata, max_size=16 * 2**20):
     return metadata
 
 
+class Refused(Exception):
+    """A spooled pair that replay will not store as it is: why, in a few words."""
+
+
+STORE_KEY_RE = re.compile(r"[0-9a-f]{64}")
+SPOOLED_METADATA_MAX = 17 * 2**20   # a BSON document is at most 16 MiB
+
+
+def open_regular(path):
+    """A regular file, opened without following a link (O_NOFOLLOW), for reading."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Refused("a symbolic link, not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused("not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def private(path):
+    """A new file of mode 0600, never one that a link put there."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                             0o600), "wb")
+
+
 class Spool:
     """Messages that were delivered but could not be stored wait here for `replay`.
 
@@ -2122,15 +2156,16 @@ class Spool:
             fail(f"--spool-dir {self.path} is not writable: {exc}")
 
     def put(self, metadata, message):
-        """Both files, or neither (a full disk leaves no half pair behind)."""
+        """Both files, or neither (a full disk leaves no half pair behind); readable
+        by the user mms runs as only, as Postfix keeps its queue."""
         import bson
         base = os.path.join(self.path, metadata["store_key"])
         try:
-            with open(base + ".msg", "wb") as f:
+            with private(base + ".msg") as f:
                 for piece in message.pieces():
                     f.write(piece)
                 os.fsync(f.fileno())
-            with open(base + ".tmp", "wb") as f:
+            with private(base + ".tmp") as f:
                 f.write(bson.encode(storable(metadata)))
                 os.fsync(f.fileno())
             os.replace(base + ".tmp", base + ".bson")
@@ -2141,48 +2176,65 @@ class Spool:
             raise
 
     def replay(self, archive):
-        """Store every spooled message; return (stored, failed).
+        """Store every spooled message; return (stored, {why: count} of what was left).
 
-        A message already in the archive (an earlier replay stored it, then died
-        before removing its files) counts as stored: its files go, nothing is
-        written. A message whose metadata never reached the disk (mms was killed
+        The file name is the store key, and must be one. A message already in the
+        archive (an earlier replay stored it, then died before removing its files)
+        counts as stored, and its files go, only if the archived one has the same
+        sha256. A message whose metadata never reached the disk (mms was killed
         between the two files) is stored with metadata rebuilt from its header:
-        the envelope is lost, the message is not.
+        the envelope is lost, the message is not. replay is often run as root: a
+        link or anything but a regular file is refused, never followed.
         """
         if not os.path.isdir(self.path):
             raise LookupError(f"spool directory {self.path} does not exist")
-        stored = failed = 0
+        stored, left = 0, collections.Counter()
         for key in sorted({name.rsplit(".", 1)[0] for name in os.listdir(self.path)
                            if name.endswith((".bson", ".msg"))}):
-            base = os.path.join(self.path, key)
             try:
-                metadata = self.metadata(base)
-                if metadata is None:
-                    continue
-                if archive.find(metadata["store_key"]) is None:
-                    with contextlib.closing(Message.from_file(base + ".msg")) as message:
-                        archive.store(metadata, message)
+                if self.replay_one(archive, key):
+                    stored += 1
             except Exception as exc:
-                log.error("replay of %s failed: %s", key, exc)
-                failed += 1
-                continue
-            for suffix in (".bson", ".tmp", ".msg"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(base + suffix)
-            stored += 1
-        return stored, failed
+                why = exc.args[0] if isinstance(exc, Refused) else "could not be stored"
+                log.error("replay of %s: %s (%s); its files are left in %s", key, why, exc,
+                          self.path)
+                left[why] += 1
+        return stored, left
+
+    def replay_one(self, archive, key):
+        """True once stored (or found archived already); False to wait (a .msg alone
+        that a running server may still be writing)."""
+        if not STORE_KEY_RE.fullmatch(key):
+            raise Refused("not named by a store key")
+        base = os.path.join(self.path, key)
+        metadata = self.metadata(base)
+        if metadata is None:
+            return False
+        if metadata.get("store_key") != key:
+            raise Refused("its .bson names another store key")
+        with contextlib.closing(Message.from_file(base + ".msg")) as message:
+            archived = archive.find(key)
+            if archived is None:
+                archive.store(metadata, message)
+            elif archive.sha256(archived) != message.sha256():
+                raise Refused("another message is archived under its store key")
+        for suffix in (".bson", ".tmp", ".msg"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(base + suffix)
+        return True
 
     @staticmethod
     def metadata(base, settled=60):
         """The spooled metadata; rebuilt for a .msg alone once it is `settled` seconds
         old (younger, a running server may still be writing it); None to skip."""
         import bson
-        if os.path.exists(base + ".bson"):
-            with open(base + ".bson", "rb") as f:
-                metadata = bson.decode(f.read(), codec_options=bson.CodecOptions(tz_aware=True))
+        if os.path.lexists(base + ".bson"):
+            with open_regular(base + ".bson") as f:
+                metadata = bson.decode(f.read(SPOOLED_METADATA_MAX),
+                                       codec_options=bson.CodecOptions(tz_aware=True))
             metadata.pop("_id", None)
             return metadata
-        if time.time() - os.path.getmtime(base + ".msg") < settled:
+        if time.time() - os.lstat(base + ".msg").st_mtime < settled:
             return None
         log.warning("%s.msg has no metadata: storing it with metadata rebuilt from its "
                     "header (the envelope is lost)", base)
@@ -3052,10 +3104,11 @@ class Archive:
         """Newest first. The limit goes to MongoDB unless a test is left for Python
         (a CIDR), so the first line comes from the index, not from a sort of every match."""
         cursor = self.collection.find(query, projection).sort("received", -1)
+        cursor.batch_size(self.BATCH)   # not 16 MB of documents at a time
         if wanted is None:
             yield from cursor.limit(limit)
             return
-        found = (doc for doc in cursor.batch_size(self.BATCH) if wanted(doc))
+        found = (doc for doc in cursor if wanted(doc))
         yield from itertools.islice(found, limit or None)
 
     def count(self, query, wanted=None):
@@ -3102,6 +3155,15 @@ class Archive:
 
     def read(self, doc):
         return b"".join(self.pieces(doc))
+
+    def sha256(self, doc):
+        """The recorded one, else that of the stored bytes."""
+        if doc.get("sha256"):
+            return doc["sha256"]
+        digest = hashlib.sha256()
+        for piece in self.pieces(doc):
+            digest.update(piece)
+        return digest.hexdigest()
 
     def files_of(self, docs):
         """The GridFS files of these documents, by id: one query for the lot."""
@@ -3186,8 +3248,11 @@ class Archive:
 
     def purge(self, query, wanted=None, dry_run=False):
         """Delete what the query finds, but what is on hold; the count. A batch of
-        ids at a time, each deleted by one write that asks again that it matches and
-        is not held, so a hold placed meanwhile wins; then the files of those gone."""
+        ids at a time, each deleted by one write that asks again that it is not
+        held, so a hold placed meanwhile wins; then the files of those gone. The
+        rest of the query is not asked again: `received` is written once, at
+        receipt (and nx-27017 reads every document for a date range beside an $in
+        on _id, 2.4 s a batch of 1,000 on 20,000 documents, against 0.02 s)."""
         query = all_of(query, NOT_HELD)
         if dry_run:
             return self.count(query, wanted)
@@ -3198,7 +3263,7 @@ class Archive:
             ids = [doc["_id"] for doc in docs]
             if not ids:
                 continue
-            deleted = self.collection.delete_many(all_of(query, {"_id": {"$in": ids}}))
+            deleted = self.collection.delete_many({"_id": {"$in": ids}, **NOT_HELD})
             if deleted.deleted_count < len(ids):  # some were held meanwhile: keep their files
                 kept = {doc["_id"] for doc in self.collection.find(
                     {"_id": {"$in": ids}}, {"_id": 1})}
@@ -3653,9 +3718,10 @@ CHECKS = {"mongo-quarantine": check_quarantine, "debug": check_debug,
 
 
 def archive_replay(cfg, archive):
-    stored, failed = Spool(cfg.spool_dir).replay(archive)
-    print(f"replayed {stored} message(s) from {cfg.spool_dir}, {failed} failed")
-    return 1 if failed else 0
+    stored, left = Spool(cfg.spool_dir).replay(archive)
+    why = "".join(f", {count} {reason}" for reason, count in sorted(left.items()))
+    print(f"replayed {stored} message(s) from {cfg.spool_dir}, {sum(left.values())} left{why}")
+    return 1 if left else 0
 
 
 ARCHIVE_COMMANDS = {

@@ -205,6 +205,7 @@ class Bench:
         return Server(f"mms-{mode}", [MMS, "--server", mode, "--host", "127.0.0.1",
                                       "--port", str(port), "--hostname", "bench.test",
                                       "--max-connections", "5000", "--workers", str(workers),
+                                      "--data-size-limit", "0",
                                       *args], port)
 
     def stop(self):
