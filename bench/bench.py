@@ -419,13 +419,18 @@ class Bench:
                 raise SystemExit(f"bench: writing the archive failed: {jobs[0].error}")
         archive.close()
 
+    # The command's own peak (VmHWM) as it ends: ru_maxrss would count this process,
+    # which it was forked from, before its exec.
+    PEAK = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\nfinally:\n"
+            "    sys.stderr.write([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+
     def run_command(self, version, command):
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, version, *command, "--mongo-host", self.uri,
-                                 "--mongo-database", "bench_archive"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        return time.monotonic() - started, usage.ru_maxrss
+        done = subprocess.run([sys.executable, "-c", self.PEAK, version, *command,
+                               "--mongo-host", self.uri, "--mongo-database", "bench_archive"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return time.monotonic() - started, int(done.stderr.split("VmHWM:")[1].split()[0])
 
 
 PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics", "floor",
