@@ -199,16 +199,17 @@ def _address(value):
 
 
 def _when(value):
-    """An ISO date (UTC unless it says otherwise), or a time ago: 24h, 7d."""
+    """An ISO date (UTC unless it says otherwise), or a time ago: 30m, 24h, 7d, 2w."""
     text = value.strip()
-    match = re.fullmatch(r"([0-9]+)\s*([hd])", text)
+    match = re.fullmatch(r"([0-9]+)\s*([mhdw])", text)
     if match:
-        hours = int(match.group(1)) * (24 if match.group(2) == "d" else 1)
-        return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=hours)
+        minutes = int(match.group(1)) * {"m": 1, "h": 60, "d": 1440, "w": 10080}[match.group(2)]
+        return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=minutes)
     try:
         when = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO date, nor 24h or 7d: {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not an ISO date, nor a time ago (30m, 24h, 7d, 2w): {value!r}") from None
     return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
 
@@ -342,6 +343,9 @@ def build_parser():
         epilog="Every option can be set by the MMS_* variable shown; the flag wins.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="a file of MMS_NAME=value lines, as for systemd's EnvironmentFile= "
+                             "[MMS_CONFIG]; flags and variables win over it")
     for flag, variable, default, kind, text in OPTIONS:
         shown = default or "none"
         extra = {"action": "append"} if kind in (_networks, _names) else {}
@@ -358,57 +362,74 @@ def build_parser():
     parser.add_argument("key", nargs="?",
                         help="store_key or a unique prefix of 8 or more, for "
                              + ", ".join(KEYED_COMMANDS))
-    archive = parser.add_argument_group("archive options (list, count, purge)")
-    archive.add_argument("--limit", type=_count, default=20, help="messages to list (default 20)")
-    archive.add_argument("--sender", help="this sender, @domain for a domain, <> for none")
-    archive.add_argument("--rcpt", help="this recipient, or @domain for a domain")
-    archive.add_argument("--since", type=_when, help="received since: an ISO date, or 24h, 7d")
-    archive.add_argument("--until", type=_when, help="received before: an ISO date, or 24h, 7d")
-    archive.add_argument("--subject", help="Subject contains this, in any case")
-    archive.add_argument("--message-id", help="this Message-ID")
-    archive.add_argument("--client", help="client address: an IP or a CIDR")
-    archive.add_argument("--quarantine", help="quarantine type: virus, banned, spam, ...")
-    archive.add_argument("--virus", action="store_true", help="only messages with a virus")
-    archive.add_argument("--spam", action="store_true", help="only spam")
-    archive.add_argument("--held", action="store_true", help="only messages on hold")
-    archive.add_argument("--released", action="store_true", help="only released messages")
-    archive.add_argument("--older-than", type=_when, help="purge: received before, e.g. 90d")
-    archive.add_argument("--dry-run", action="store_true", help="purge: count, delete nothing")
-    archive.add_argument("--repair", action="store_true",
+    group = parser.add_argument_group("archive options (list, count, purge)")
+    parser.archive_actions = []
+
+    def archive(*args, **kwargs):
+        parser.archive_actions.append(group.add_argument(*args, **kwargs))
+
+    archive("--limit", type=_count, default=20, help="messages to list (default 20)")
+    archive("--sender", help="this sender, @domain for a domain, <> for none")
+    archive("--rcpt", help="this recipient, or @domain for a domain")
+    archive("--since", type=_when, help="received since: an ISO date, or 24h, 7d")
+    archive("--until", type=_when, help="received before: an ISO date, or 24h, 7d")
+    archive("--subject", help="Subject contains this, in any case")
+    archive("--message-id", help="this Message-ID")
+    archive("--quarantine-id", help="this amavisd-new quarantine id (X-Quarantine-ID)")
+    archive("--client", help="client address: an IP or a CIDR")
+    archive("--quarantine", help="quarantine type: virus, banned, spam, ...")
+    archive("--virus", action="store_true", help="only messages with a virus")
+    archive("--spam", action="store_true", help="only spam")
+    archive("--held", action="store_true", help="only messages on hold")
+    archive("--released", action="store_true", help="only released messages")
+    archive("--older-than", type=_when, help="purge: received before, e.g. 90d")
+    archive("--dry-run", action="store_true", help="purge: count, delete nothing")
+    archive("--repair", action="store_true",
                          help="verify: remove orphan files and chunks older than an hour")
-    archive.add_argument("--json", action="store_true", help="one JSON document per line")
-    archive.add_argument("--by", choices=list(STATS_GROUPS), help="stats: count by this")
-    archive.add_argument("--top", type=_count, default=10, help="stats: the N largest groups")
-    archive.add_argument("--to", action="append", default=[],
+    archive("--json", action="store_true", help="one JSON document per line")
+    archive("--by", choices=list(STATS_GROUPS), help="stats: count by this")
+    archive("--top", type=_count, default=10, help="stats: the N largest groups")
+    archive("--to", action="append", default=[],
                          help="release: to this address instead (repeatable)")
-    archive.add_argument("--via", type=_scanner, default=None,
+    archive("--via", type=_scanner, default=None,
                          help="release: the SMTP server to send through (default 127.0.0.1:25; "
                               "in filter mode --remote-host and --remote-port)")
-    archive.add_argument("--force", action="store_true", help="release: again")
+    archive("--force", action="store_true", help="release: again")
     return parser
 
 
 def parse_config(argv=None):
-    """Flags first, then MMS_* variables, then defaults: all checked the same way."""
+    """Flags first, then MMS_* variables, then the --config file, then defaults: all
+    checked the same way. cfg.given names the options set, cfg.source where."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    check_flags(parser, argv)
     cfg = parser.parse_args(argv)
-    cfg.given = set()
+    config = getattr(cfg, "config", None) or os.environ.get("MMS_CONFIG", "")
+    settings = read_config(config) if config else {}
+    cfg.given, cfg.source = set(), {}
     for flag, variable, default, kind, _ in OPTIONS:
         dest = flag[2:].replace("-", "_")
-        if hasattr(cfg, dest) or variable in os.environ:
-            cfg.given.add(dest)
+        for source, values in (("flag", None), (variable, os.environ),
+                               (f"{variable} in {config}", settings)):
+            if (hasattr(cfg, dest) if values is None else variable in values):
+                cfg.given.add(dest)
+                cfg.source[dest] = flag if values is None else source
+                break
         if hasattr(cfg, dest):
             value = getattr(cfg, dest)
             if kind in (_networks, _names):
                 value = [item for part in value for item in part]
         else:
             try:
-                value = kind(os.environ.get(variable, default))
+                value = kind(os.environ.get(variable, settings.get(variable, default)))
             except (ValueError, argparse.ArgumentTypeError) as exc:
-                fail(f"{variable}: {exc}")
+                fail(f"{cfg.source.get(dest, variable)}: {exc}")
         setattr(cfg, dest, value)
     if cfg.server not in MODES:
         fail(f"unknown mode {cfg.server!r}: choose one of {', '.join(MODES)}")
+    if cfg.command == "start":
+        check_server_options(cfg, parser)
     if cfg.command in KEYED_COMMANDS and not cfg.key:
         fail(f"{cfg.command} needs a store_key")
     if cfg.client:
@@ -416,13 +437,119 @@ def parse_config(argv=None):
             ipaddress.ip_network(cfg.client, strict=False)
         except ValueError:
             fail(f"--client: not an IP address or CIDR: {cfg.client!r}")
-    if cfg.real_rcpt and cfg.server not in ("mongo-quarantine", "debug"):
-        fail("--real-rcpt rewrites the message: it is for mongo-quarantine mode only")
     if cfg.server != "debug" or cfg.command != "start":
         check_mongo_options(cfg)
     cfg.hostname = cfg.hostname or socket.getfqdn()
-    cfg.warnings = unknown_variables(os.environ)
+    cfg.warnings = unknown_variables(os.environ) + [
+        f"{warning} (in {config})" for warning in unknown_variables(settings)]
     return cfg
+
+
+def check_flags(parser, argv):
+    """An unknown --flag is named, with the closest real one (argparse would first
+    say "invalid choice" of the word after it), and `COMMAND --help` is that
+    command's own help."""
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    for arg in argv:
+        if arg == "--":
+            break
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+            fail(f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else "")
+                 + " (see mms.py --help)")
+    words = [arg for arg in argv if arg in COMMAND_HELP]
+    if words and ("-h" in argv or "--help" in argv):
+        print(command_help(parser, words[0]))
+        raise SystemExit(0)
+
+
+FILTERS = ("sender", "rcpt", "since", "until", "subject", "message_id", "quarantine_id",
+           "client", "quarantine", "virus", "spam", "held", "released")
+MONGO = ("config", "mongo_host", "mongo_database", "mongo_collection", "mongo_timeout")
+COMMAND_HELP = {  # what each archive command does, and the options it reads
+    "count": ("how many messages the filters find", FILTERS + MONGO),
+    "list": ("one line per message, newest first", FILTERS + ("limit", "json") + MONGO),
+    "show": ("the raw message of KEY", MONGO),
+    "headers": ("the header of KEY", MONGO),
+    "release": ("send KEY on to its recipients (or --to), as amavisd-release does",
+                ("to", "via", "force", "hostname", "server", "remote_host", "remote_port")
+                + MONGO),
+    "delete": ("delete KEY, unless it is on hold", MONGO),
+    "hold": ("put KEY on hold: purge and delete leave it alone", MONGO),
+    "unhold": ("lift the hold from KEY", MONGO),
+    "purge": ("delete what is older than --older-than and not on hold",
+              FILTERS + ("older_than", "dry_run") + MONGO),
+    "stats": ("counts and bytes, in all and by group", ("since", "until", "by", "top", "json")
+              + MONGO),
+    "verify": ("an fsck of the archive", FILTERS + ("repair",) + MONGO),
+    "check": ("one line and exit 0 or 2, for Nagios, monit or a HEALTHCHECK",
+              ("server", "host", "port", "hostname", "remote_host", "remote_port", "clamd",
+               "spamd", "scan_timeout") + MONGO),
+    "replay": ("store what proxy and filter modes spooled while MongoDB was down",
+               ("spool_dir",) + MONGO),
+}
+
+
+def command_help(parser, command):
+    what, dests = COMMAND_HELP[command]
+    key = " KEY" if command in KEYED_COMMANDS else ""
+    lines = [f"usage: mms.py {command}{key} [options]", "", f"{command}: {what}.", "",
+             "options:"]
+    for action in parser._actions:
+        if action.dest in dests and action.option_strings:
+            flag = ", ".join(action.option_strings)
+            meta = f" {action.metavar or action.dest.upper()}" if action.nargs != 0 else ""
+            lines.append(f"  {flag}{meta}")
+            lines.append(f"      {action.help}" if action.help else "")
+    return "\n".join(lines)
+
+
+def read_config(path):
+    """MMS_NAME=value lines, # comments: the file systemd's EnvironmentFile= and
+    Docker's --env-file read too (quotes around a value are taken off, as systemd does)."""
+    settings = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"--config {path}: {exc}")
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        name, equals, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not equals or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
+            fail(f"--config {path}, line {number}: not NAME=value: {line[:60]!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        settings[name] = value
+    return settings
+
+
+# What only some modes use: set for another mode, it is a mistake (a forgotten
+# --server), and the server does not start. Archive commands take them all.
+MODE_OPTIONS = {
+    **dict.fromkeys(("remote_host", "remote_port", "remote_timeout", "spool_dir"),
+                    ("mongo-proxy", "mongo-filter")),
+    **dict.fromkeys(("clamd", "spamd", "scan_timeout", "scan_max_size", "virus_action",
+                     "spam_action", "on_scan_error"), ("mongo-filter",)),
+    "real_rcpt": ("mongo-quarantine", "debug"),
+    "retention": ("mongo-quarantine", "mongo-proxy", "mongo-filter"),
+}
+
+
+def check_server_options(cfg, parser):
+    """One line and exit 2 for an option the server would silently ignore."""
+    for dest, modes in MODE_OPTIONS.items():
+        if dest in cfg.given and cfg.server not in modes and getattr(cfg, dest) is not False:
+            fail(f"{cfg.source[dest]} is for {' and '.join(modes)} mode, not {cfg.server}: "
+                 f"set --server, or leave it out")
+    for action in parser.archive_actions:
+        if getattr(cfg, action.dest) != action.default:
+            fail(f"{action.option_strings[0]} is for the archive commands, not the server "
+                 f"(mms.py list, purge, ... {action.option_strings[0]})")
 
 
 def closest_variable(name, known):
@@ -438,7 +565,7 @@ def closest_variable(name, known):
 
 def unknown_variables(environ):
     """MMS_PLUGIN for MMS_PLUGINS is silently nothing: say so, and name the real one."""
-    known = [variable for _, variable, *_ in OPTIONS]
+    known = [variable for _, variable, *_ in OPTIONS] + ["MMS_CONFIG"]
     warnings = []
     for name in sorted(environ):
         if name.startswith("MMS_") and name not in known and not name.startswith(
@@ -948,6 +1075,11 @@ class SMTPSession(socketserver.BaseRequestHandler):
                     self.buf += pending[end + len(END_OF_DATA):]
                     return (None, problem) if problem else (message.finish(), None)
                 pending = pending[cut:] + self.fill(deadline=deadline)
+        except ClientGone:
+            log.warning("lost connection after DATA (%d bytes) from %s", message.size,
+                        self.xforward.get("ADDR") or self.peer)
+            message.close()
+            raise
         except BaseException:
             message.close()
             raise
@@ -1313,14 +1445,24 @@ def receive_message(session, tx, xforward, message):
     metrics, mode = session.server.metrics, session.server.mode
     run_plugins(session.server.plugins, metadata, message, session.cfg.plugin_timeout, metrics)
     answer = mode.on_message(session, tx, metadata, message)
+    outcome = mode.outcome(tx, answer)
     metrics.count("mms_received_bytes_total", amount=message.size)
-    metrics.count("mms_messages_total", mode.outcome(tx, answer))
+    metrics.count("mms_messages_total", outcome)
     queued = answer.startswith("250")
-    log.log(logging.INFO if queued else logging.WARNING, "%s from=<%s> to=<%s> size=%d client=%s",
+    log.log(logging.INFO if queued else logging.WARNING,
+            "%s from=<%s> to=<%s> size=%d client=%s result=%s",
             f"queued as {metadata['store_key']}" if queued else f"not queued ({answer})",
-            metadata["sender"], ",".join(metadata["rcpt"]), message.size,
-            metadata["client_address"])
+            metadata["sender"], logged_rcpts(metadata["rcpt"]), message.size,
+            metadata["client_address"], outcome)
     return answer
+
+
+LOGGED_RCPTS = 5   # a line stays under rsyslog's 8 KB with 1,000 recipients
+
+
+def logged_rcpts(rcpts):
+    more = f",... and {len(rcpts) - LOGGED_RCPTS} more" if len(rcpts) > LOGGED_RCPTS else ""
+    return ",".join(rcpts[:LOGGED_RCPTS]) + more
 
 
 class StoreKeys:
@@ -2154,6 +2296,10 @@ class Spool:
             os.unlink(probe)
         except OSError as exc:
             fail(f"--spool-dir {self.path} is not writable: {exc}")
+        if os.stat(self.path).st_mode & 0o007:
+            log.warning("--spool-dir %s is open to other users (mode %o): spooled mail is "
+                        "private, chmod o-rwx it", self.path,
+                        stat.S_IMODE(os.stat(self.path).st_mode))
 
     def put(self, metadata, message):
         """Both files, or neither (a full disk leaves no half pair behind); readable
@@ -2890,6 +3036,8 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
 #   served by the index), nx-27017 ignores it and needs the second (the same range
 #   on the date written as an ISO string, which sorts as the time does).
 # - fs.chunks cannot be listed on nx-27017: orphan chunks are found on MongoDB only.
+#   A find on fs.files gets every file at once, whatever its batchSize (and no range
+#   or regular expression on it works): verify's memory grows with the files there.
 NOT_HELD = {"held": {"$nin": [True]}}
 
 
@@ -3393,6 +3541,8 @@ def archive_filter(cfg):
         clauses.append({"subject": {"$regex": re.escape(cfg.subject), "$options": "i"}})
     if cfg.message_id:
         clauses.append({"message_id": cfg.message_id.strip("<>")})
+    if cfg.quarantine_id:
+        clauses.append({"quarantine_id": cfg.quarantine_id.strip("<> ")})
     if cfg.quarantine:
         clauses.append({"quarantine": cfg.quarantine})
     for flag, field in (("virus", "is_virus"), ("spam", "is_spam")):
@@ -3503,6 +3653,11 @@ def archive_release(cfg, archive):
                           else ("127.0.0.1", 25))
         rcpts = cfg.to or list(doc.get("rcpt") or [])
         refused, reply = send_message(via, doc.get("sender", ""), rcpts, data, cfg.hostname)
+        if reply is not None and MMS_QUEUED_RE.search(reply):
+            raise LookupError(f"{via[0]}:{via[1]} answered {reply!r}: that is an mms store "
+                              f"key, so the message went back into an archive, not on to its "
+                              f"recipients; not recorded as released (--via the Postfix that "
+                              f"delivers)")
         if reply is not None:
             record = {"at": datetime.datetime.now(UTC), "via": f"{via[0]}:{via[1]}",
                       "to": [r for r in rcpts if r not in refused], "reply": reply}
@@ -3514,6 +3669,9 @@ def archive_release(cfg, archive):
         print(f"released {doc['store_key']} to {', '.join(record['to'])} via "
               f"{record['via']}: {reply}")
     return 0 if reply is not None and reply.startswith("2") and not refused else 1
+
+
+MMS_QUEUED_RE = re.compile(r"queued as [0-9a-f]{64}\b")
 
 
 def send_message(via, sender, rcpts, data, hostname):
@@ -3773,9 +3931,39 @@ def serve(cfg):
         log.warning("listening on %s with no --allow: %s", cfg.host, who)
     if cfg.metrics:
         MetricsServer(cfg, server.metrics, server)
+    keep_watchdog()
     if cfg.workers > 1:
         return run_workers(server, cfg.workers)
     return run_process(server)
+
+
+def systemd_notify(state):
+    """sd_notify(3) for Type=notify: one datagram to $NOTIFY_SOCKET, if systemd set it
+    (an abstract socket when it begins with '@'). Nothing to do elsewhere."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot tell systemd %s at %s: %s", state, address, exc)
+
+
+def keep_watchdog():
+    """WATCHDOG=1 at half of $WATCHDOG_USEC, from a thread, while the process lives."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return
+
+    def beat():
+        while True:
+            systemd_notify("WATCHDOG=1")
+            time.sleep(int(usec) / 2e6)
+    threading.Thread(target=beat, name="mms-watchdog", daemon=True).start()
 
 
 def stop_starting(signum, frame):
@@ -3801,7 +3989,11 @@ def run_process(server, row=0):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reopen_log)
     server.start(row)
+    if server.cfg.workers == 1:
+        systemd_notify("READY=1")
     server.serve_forever(poll_interval=0.5)
+    if server.cfg.workers == 1:
+        systemd_notify("STOPPING=1")
     server.drain(server.cfg.grace)
     server.mode.close()
     log.info("stopped")
@@ -3828,6 +4020,7 @@ def run_workers(server, count):
     def stop(signum, frame):
         nonlocal stopping
         stopping = True
+        systemd_notify("STOPPING=1")
         server.draining = True  # /healthz: 503 from now on, as one process answers
         server.stop_listening()
         for pid in workers:
@@ -3843,6 +4036,7 @@ def run_workers(server, count):
     signal.signal(signal.SIGHUP, hangup)
     for row in range(count):
         spawn(row)
+    systemd_notify("READY=1")
     while workers:
         pid, status = os.wait()
         row = workers.pop(pid)

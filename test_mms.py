@@ -125,7 +125,9 @@ class MongoServer:
         cls.uri = os.environ.get("MMS_TEST_MONGODB_URI")
         if cls.uri:
             return cls.uri
-        exe = shutil.which("nx-27017")
+        # Beside this Python first: `venv/bin/python -m unittest` in a venv not activated.
+        exe = (shutil.which("nx-27017", path=os.path.dirname(sys.executable))
+               or shutil.which("nx-27017"))
         if exe is None:
             raise unittest.SkipTest("nx-27017 is not installed (pip install nx-27017)")
         port = free_port()
@@ -576,7 +578,7 @@ class TestConfiguration(unittest.TestCase):
 
     def test_start_up_errors_are_one_line_and_exit_2(self):
         for args, words in [
-            (["--nonsense"], "unrecognized arguments: --nonsense"),
+            (["--nonsense"], "unknown option --nonsense (see mms.py --help)"),
             (["--port", "14OO1"], "--port: not a number: '14OO1'"),
             (["--port", "0"], "not a TCP port"),
             (["--mongo-host", "mongodb://db:notaport/"], "--mongo-host"),
@@ -590,6 +592,88 @@ class TestConfiguration(unittest.TestCase):
                 self.assertIn(words, done.stderr)
                 self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
                 self.assertNotIn("_port", done.stderr)
+
+    def config_file(self, text):
+        fd, path = tempfile.mkstemp(prefix="mms-", suffix=".conf")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        self.addCleanup(os.unlink, path)
+        return path
+
+    def test_one_configuration_file_for_the_server_and_its_commands(self):
+        path = self.config_file("# /etc/mms.conf\nMMS_SERVER=mongo-proxy\nMMS_PORT=14025\n"
+                                "MMS_REMOTE_PORT='10026'\n\nMMS_SPOOL_DIR=\"/srv/spool\"\n"
+                                "MMS_GRACE=3\n")
+        for args, env, port, grace in [
+                (["--config", path], {}, 14025, 3),                      # the file
+                ([], {"MMS_CONFIG": path}, 14025, 3),                    # named by a variable
+                (["--config", path], {"MMS_PORT": "14026"}, 14026, 3),   # a variable wins
+                (["--config", path, "--port", "14027"], {"MMS_PORT": "14026"}, 14027, 3),
+                (["list", "--config", path], {"MMS_GRACE": "9"}, 14025, 9)]:
+            with self.subTest(args=args, env=env):
+                cfg = self.parse(args, env)
+                self.assertEqual((cfg.server, cfg.port, cfg.remote_port, cfg.spool_dir, cfg.grace),
+                                 ("mongo-proxy", port, 10026, "/srv/spool", grace))
+
+    def test_a_bad_configuration_file_is_one_line(self):
+        for text, words in [("MMS_PORT=99999\n", "MMS_PORT in "), ("just words\n", "line 1"),
+                            ("MMS_SERVER=debug\nMMS_SPOOL_DIR=/x\n", "MMS_SPOOL_DIR in ")]:
+            with self.subTest(text=text):
+                done = self.run_mms("--config", self.config_file(text))
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn(words, done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+        done = self.run_mms("--config", "/nonexistent/mms.conf")
+        self.assertIn("/nonexistent/mms.conf", done.stderr)
+        cfg = self.parse(["--config", self.config_file("MMS_PLUGIN=x\n"), "--server", "debug"])
+        self.assertEqual(len(cfg.warnings), 1)
+        self.assertRegex(cfg.warnings[0], "unknown variable MMS_PLUGIN is ignored; did you mean "
+                                          "MMS_PLUGINS\\? \\(in .*mms-.*\\.conf\\)")
+
+    def test_an_option_the_mode_cannot_use_stops_the_server(self):
+        """A forgotten --server would archive mail meant to be relayed."""
+        for args, env, words in [
+                (["--remote-port", "10026"], {}, "--remote-port is for mongo-proxy and "
+                                                 "mongo-filter mode, not mongo-quarantine"),
+                ([], {"MMS_SPOOL_DIR": "/x"}, "MMS_SPOOL_DIR is for mongo-proxy"),
+                (["--server", "mongo-proxy", "--clamd", "none"], {}, "--clamd is for mongo-filter"),
+                (["--server", "mongo-proxy", "--real-rcpt"], {}, "--real-rcpt is for"),
+                (["--server", "debug", "--retention", "30"], {}, "--retention is for"),
+                (["--dry-run"], {}, "--dry-run is for the archive commands"),
+                (["--since", "24h"], {}, "--since is for the archive commands"),
+                (["start", "--limit", "5"], {}, "--limit is for the archive commands")]:
+            with self.subTest(args=args, env=env):
+                done = self.run_mms(*args, "--port", str(free_port()), env=env)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn(words, done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+        # the archive commands take the server's settings, whatever the mode
+        cfg = self.parse(["check", "--remote-port", "10026", "--spool-dir", "/x"])
+        self.assertEqual((cfg.command, cfg.remote_port), ("check", 10026))
+        self.assertFalse(self.parse(["--server", "mongo-proxy"],
+                                    {"MMS_REAL_RCPT": "0"}).real_rcpt)   # off is no mistake
+
+    def test_each_command_has_its_own_help(self):
+        full = self.run_mms("--help").stdout
+        for command, own, others in [("list", ["--limit", "--sender", "--quarantine-id",
+                                               "--mongo-host"], ["--clamd", "--dry-run"]),
+                                     ("purge", ["--older-than", "--dry-run"], ["--limit"]),
+                                     ("release", ["--via", "--to", "--force"], ["--sender"])]:
+            with self.subTest(command=command):
+                done = self.run_mms(command, "--help")
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertTrue(done.stdout.startswith(f"usage: mms.py {command}"), done.stdout)
+                self.assertLess(len(done.stdout.splitlines()), len(full.splitlines()) / 2)
+                for flag in own:
+                    self.assertRegex(done.stdout, rf"(?m)^  {flag}\b")
+                for flag in others:
+                    self.assertNotRegex(done.stdout, rf"(?m)^  {flag}\b")
+
+    def test_a_misspelt_option_is_named(self):
+        done = self.run_mms("--sever", "debug")
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr.strip(), "mms.py: error: unknown option --sever; did you "
+                                              "mean --server? (see mms.py --help)")
 
     def test_the_database_named_in_the_uri_is_used(self):
         with mock.patch.dict(os.environ, {}, clear=True):
@@ -1626,7 +1710,32 @@ class TestDebugMode(unittest.TestCase):
                 for line in queued:
                     self.assertRegex(line, r"^\S+ \S+ mms\[\d+\]: INFO queued as [0-9a-f]{64} "
                                            r"from=<a@example.org> to=<r\d@example.com> size=\d+ "
-                                           r"client=127.0.0.1\n$")
+                                           r"client=127.0.0.1 result=stored\n$")
+
+    def test_the_lines_an_administrator_greps(self):
+        server = MmsProcess("--server", "debug")
+        try:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.sendmail("a@example.org", [f"r{n}@example.com" for n in range(1000)],
+                                SIMPLE)
+            gone = Raw(server.port)
+            gone.reply()
+            gone.cmd("EHLO gone.test")
+            gone.cmd("MAIL FROM:<a@example.org>")
+            gone.cmd("RCPT TO:<b@example.com>")
+            gone.cmd("DATA")
+            gone.send(b"Subject: cut\r\n\r\n12345")
+            gone.close()
+            time.sleep(0.3)
+        finally:
+            server.proc.send_signal(signal.SIGTERM)
+            err = server.proc.communicate(timeout=10)[1].decode()
+            server.stop()
+        [queued] = [line for line in err.splitlines() if "queued as" in line]
+        self.assertIn("to=<r0@example.com,r1@example.com,r2@example.com,r3@example.com,"
+                      "r4@example.com,... and 995 more>", queued)
+        self.assertLess(len(queued), 400)
+        self.assertIn("WARNING lost connection after DATA (21 bytes) from 127.0.0.1", err)
 
     def test_debug_flag_logs_the_dialogue(self):
         server = MmsProcess("--server", "debug", "--debug")
@@ -1722,6 +1831,41 @@ class TestLogging(unittest.TestCase):
                                      "--plugin", "plugins.mark_bounces"))
         self.assertNotIn("no --allow", err)
         self.assertIn("clients allowed: 127.0.0.1/32, plugins: plugins.mark_bounces", err)
+
+
+class TestSystemdNotify(unittest.TestCase):
+    """Type=notify: what systemd's own socket would receive, read from a datagram
+    socket of the test's (systemd itself cannot run here)."""
+
+    def notifications(self, *args, until):
+        folder = tempfile.mkdtemp(prefix="mms-notify-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(10)
+        self.addCleanup(sock.close)
+        server = MmsProcess("--server", "debug", *args,
+                            env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+        self.addCleanup(server.stop)
+        states = []
+        while until not in states:
+            states.append(sock.recv(4096).decode())
+            if states[-1] == "READY=1":
+                with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                    self.assertEqual(client.noop()[0], 250)   # serving once it says so
+                server.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(server.proc.wait(10), 0)
+        return states
+
+    def test_ready_watchdog_and_stopping(self):
+        for args in ((), ("--workers", "2")):
+            with self.subTest(args=args):
+                states = self.notifications(*args, until="STOPPING=1")
+                self.assertIn("READY=1", states)
+                self.assertIn("WATCHDOG=1", states)
+                self.assertLess(states.index("READY=1"), states.index("STOPPING=1"))
+                self.assertEqual(states.count("READY=1"), 1, states)
 
 
 class TestShutdown(ServerCase):
@@ -2591,6 +2735,9 @@ class TestAmavisQuarantine(MongoCase):
                 self.assertEqual(done.stdout.split()[:1], [docs[kind]["store_key"]], done.stdout)
         self.assertEqual(len(self.archive_command(
             "list", "--rcpt", "archive-quarantine@localhost.net").stdout.splitlines()), 3)
+        for kind, doc in docs.items():   # amavisd-new logs the quarantine id
+            done = self.archive_command("list", "--quarantine-id", doc["quarantine_id"])
+            self.assertEqual(done.stdout.split()[:1], [doc["store_key"]], done.stdout)
 
 
 class TestAmavisArchive(MongoCase):
@@ -3762,6 +3909,7 @@ class TestArchiveCommands(ArchiveCase):
                                (("--sender", "<>"), 1), (("--rcpt", "@y.com"), 3),
                                (("--rcpt", "d@y.com"), 1), (("--subject", "MSG 2"), 1),
                                (("--message-id", "<m3@x.org>"), 1), (("--since", "1h"), 4),
+                               (("--since", "30m"), 4), (("--until", "2w"), 0),
                                (("--until", "1h"), 0), (("--since", "2000-01-01"), 4),
                                (("--client", "127.0.0.0/8"), 4), (("--client", "127.0.0.1"), 4),
                                (("--client", "192.0.2.0/24"), 0), (("--held",), 0),
@@ -4243,6 +4391,15 @@ class TestHoldsThatStick(ArchiveCase):
         self.assertEqual(self.release(key).returncode, 1)   # released already
         self.assertEqual(self.release(key, "--force").returncode, 0)
         self.assertEqual(len(self.doc(key)["released"]), 2)
+
+    def test_a_release_back_into_mms_is_not_a_release(self):
+        """Filter mode's front Postfix re-scans and re-quarantines: the reply is mms's."""
+        done = self.archive_command("release", self.keys[0], "--via", f"127.0.0.1:{self.port}")
+        self.assertEqual(done.returncode, 1, done.stdout)
+        self.assertIn("went back into an archive", done.stderr)
+        doc = self.doc(self.keys[0])
+        self.assertNotIn("released", doc)
+        self.assertNotIn("releasing", doc)
 
     def test_a_failed_release_gives_its_claim_back(self):
         self.down.close()
