@@ -1449,11 +1449,13 @@ def receive_message(session, tx, xforward, message):
     metrics.count("mms_received_bytes_total", amount=message.size)
     metrics.count("mms_messages_total", outcome)
     queued = answer.startswith("250")
+    downstream = metadata.get("downstream_reply")
     log.log(logging.INFO if queued else logging.WARNING,
-            "%s from=<%s> to=<%s> size=%d client=%s result=%s",
+            "%s from=<%s> to=<%s> size=%d client=%s result=%s%s",
             f"queued as {metadata['store_key']}" if queued else f"not queued ({answer})",
             metadata["sender"], logged_rcpts(metadata["rcpt"]), message.size,
-            metadata["client_address"], outcome)
+            metadata["client_address"], outcome,
+            f" downstream=({downstream})" if downstream else "")
     return answer
 
 
@@ -2540,6 +2542,25 @@ class ProxyMode(Mode):
         self.spool.check()
         self.store.metrics = self.metrics
         self.store.start()
+        threading.Thread(target=self.ask_peers, name="mms-peers", daemon=True).start()
+
+    def ask_peers(self):
+        """At start, in the background: a downstream or a scanner that does not answer
+        is said in the log before the first message finds out."""
+        peers = [("downstream", lambda: Downstream(self.cfg).close())]
+        if self.cfg.server == "mongo-filter":
+            peers += [(name, lambda name=name, address=address, request=request:
+                       ask(address, request, self.cfg.scan_timeout))
+                      for name, address, request in (("clamd", self.cfg.clamd, [b"zPING\0"]),
+                                                     ("spamd", self.cfg.spamd,
+                                                      [b"PING SPAMC/1.5\r\n\r\n"]))
+                      if address]
+        for name, probe in peers:
+            try:
+                probe()
+            except Exception as exc:
+                log.warning("%s does not answer at start (%s)",
+                            name, exc)
 
     def close(self):
         self.store.close()
@@ -2604,6 +2625,7 @@ class ProxyMode(Mode):
         self.metrics.observe("mms_relay_seconds", time.monotonic() - started)
         self.on_reset(session, tx)
         if answer.startswith("2"):
+            metadata["downstream_reply"] = answer  # with the after-filter's queue id
             self.archive(metadata, message)
         return answer
 
@@ -2955,9 +2977,13 @@ class MetricsServer(http.server.ThreadingHTTPServer):
             self.slots.release()
 
     def health(self):
-        """(200 or 503, why)."""
+        """(200 or 503, why). Proxy and filter modes go on relaying while MongoDB is
+        down, and spool what they cannot store: healthy, and they say so."""
         if self.smtp.draining or self.smtp.socket.fileno() < 0:
             return 503, "not accepting connections: stopping"
+        if self.cfg.server in RELAY_MODES and not self.metrics.mongo_up():
+            return 200, (f"ok, spooling: MongoDB's last contact failed, {self.spooled()} "
+                         f"message(s) wait in {self.cfg.spool_dir} for `mms.py replay`")
         if self.cfg.server != "debug" and not self.metrics.mongo_up():
             return 503, "MongoDB: the last contact failed"
         return 200, "ok"
@@ -3805,14 +3831,22 @@ def group_name(value):
     return "<>" if value == "" else str(value if value is not None else "-")
 
 
+class Spooling(Exception):
+    """Proxy and filter modes with MongoDB down: mail flows, and waits in the spool."""
+
+
 def archive_check(cfg, archive):
-    """A probe for Nagios, monit or a container HEALTHCHECK: one line, exit 0 (OK) or
-    2 (CRITICAL). It talks to the running server as a client would: in quarantine
-    mode a probe message goes in, is found in MongoDB and deleted; in proxy and
-    filter modes nothing is relayed, but MongoDB, the downstream server and the
-    scanners are each asked."""
+    """A probe for Nagios, monit or a container HEALTHCHECK: one line, exit 0 (OK), 1
+    (WARNING) or 2 (CRITICAL). It talks to the running server as a client would: in
+    quarantine mode a probe message goes in, is found in MongoDB and deleted; in
+    proxy and filter modes nothing is relayed, but MongoDB, the downstream server
+    and the scanners are each asked, and MongoDB down is a WARNING (mail is
+    relayed and spooled)."""
     try:
         done = CHECKS[cfg.server](cfg, archive)
+    except Spooling as exc:
+        print(f"WARNING: {exc}")
+        return 1
     except Exception as exc:
         print(f"CRITICAL: {mongo_error(exc)}")
         return 2
@@ -3857,7 +3891,6 @@ def check_debug(cfg, archive):
 
 def check_relay(cfg, archive):
     check_smtp(cfg)
-    archive.ping()
     Downstream(cfg).close()
     asked = ["mms", "MongoDB", f"downstream {cfg.remote_host}:{cfg.remote_port}"]
     if cfg.server == "mongo-filter":
@@ -3868,6 +3901,13 @@ def check_relay(cfg, archive):
                 raise RuntimeError(f"{name} at {address[0]}:{address[1]} did not answer PONG")
             if address:
                 asked.append(name)
+    try:
+        archive.ping()
+    except Exception as exc:
+        spooled = sum(name.endswith(".bson") for name in os.listdir(cfg.spool_dir)) \
+            if os.path.isdir(cfg.spool_dir) else 0
+        raise Spooling(f"MongoDB: {mongo_error(exc)}; mail is relayed, and {spooled} "
+                       f"message(s) wait in {cfg.spool_dir} for `mms.py replay`") from None
     return ", ".join(asked) + " answer"
 
 

@@ -3160,6 +3160,54 @@ class Postfix:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class TestProxySpooling(ProxyCase):
+    """MongoDB down behind a proxy: mail flows, waits in the spool, and the monitors
+    say so without calling the server down."""
+
+    def test_the_downstream_reply_is_kept_and_spooling_is_a_warning(self):
+        down = ScriptedDownstream(**{".": "250 2.0.0 Ok: queued as 4XyZ1"})
+        self.addCleanup(down.close)
+        cable = Cable(self.uri)
+        self.addCleanup(cable.close)
+        with self.assertLogs("mms", "INFO") as logs:
+            self.start_proxy(down.server_address[1], "--metrics", f"127.0.0.1:{free_port()}",
+                             uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+            self.server.mode.store.contacted.wait()
+            self.assertReply(self.send_message(self.raw(), SIMPLE), "ok")
+        [doc] = self.records()
+        self.assertEqual(doc["downstream_reply"], "250 2.0.0 Ok: queued as 4XyZ1")
+        self.assertIn("result=delivered downstream=(250 2.0.0 Ok: queued as 4XyZ1)",
+                      "\n".join(logs.output))
+        metrics_port = free_port()
+        self.server.cfg.metrics = f"127.0.0.1:{metrics_port}"
+        http = mms.MetricsServer(self.server.cfg, self.server.metrics, self.server)
+        self.addCleanup(http.server_close)
+        self.addCleanup(http.shutdown)
+        cable.cut()
+        with self.assertLogs("mms", "ERROR"):
+            self.assertEqual(self.send_message(self.raw(), SIMPLE)[0], 250)   # delivered
+        status, text, _ = scrape(metrics_port, "/healthz")
+        self.assertEqual(status, 200)
+        self.assertTrue(text.startswith("ok, spooling: MongoDB's last contact failed, 1 "
+                                        f"message(s) wait in {self.spool}"), text)
+        done = self.archive_command("check", "--server", "mongo-proxy", "--port", str(self.port),
+                                    "--remote-port", str(down.server_address[1]),
+                                    "--spool-dir", self.spool, "--mongo-timeout", "1",
+                                    uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+        self.assertEqual(done.returncode, 1, done.stdout)
+        self.assertTrue(done.stdout.startswith("WARNING: MongoDB: "), done.stdout)
+        self.assertIn(f"1 message(s) wait in {self.spool}", done.stdout)
+
+    def test_a_downstream_that_does_not_answer_is_said_at_start(self):
+        with self.assertLogs("mms", "WARNING") as logs:
+            self.start_proxy(free_port())
+            deadline = time.monotonic() + 10
+            while not any("does not answer" in line for line in logs.output):
+                self.assertLess(time.monotonic(), deadline, logs.output)
+                time.sleep(0.05)
+        self.assertIn("downstream does not answer at start", "\n".join(logs.output))
+
+
 class TestProxyWithPostfix(ProxyCase):
     """smtpd_proxy_filter=127.0.0.1:<mms>, with mms relaying to a second smtpd."""
 
