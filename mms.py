@@ -2443,6 +2443,8 @@ class DebugMode(Mode):
     writes in flight and holds back new ones. Into a pipe, where a write over
     PIPE_BUF can be split, every record takes its turn."""
 
+    ACCEPTED = "printed"        # nothing is stored: debug mode counts no "stored"
+
     JSON = json.JSONEncoder(default=str, ensure_ascii=False, sort_keys=True)
 
     def __init__(self, cfg, stream=None):
@@ -2720,7 +2722,7 @@ class Metrics:
         "mms_connections_total": ("result", ("served", "refused_allow", "refused_limit",
                                              "refused_client_limit")),
         "mms_messages_total": ("result", ("stored", "delivered", "quarantined", "rejected",
-                                          "tempfail", "too_big")),
+                                          "tempfail", "too_big", "printed")),
         "mms_received_bytes_total": None, "mms_store_errors_total": None,
         "mms_relay_errors_total": None,
         "mms_scan_verdicts_total": ("verdict", ("clean", "virus", "spam", "unchecked")),
