@@ -4683,6 +4683,15 @@ class TestReplay(MongoCase):
         self.assertEqual((doc["sender"], data), ("a@example.org", SIMPLE))
         self.assertNotIn("handle", doc)
 
+    def test_a_spool_directory_open_to_others_is_warned(self):
+        os.chmod(self.spool, 0o755)
+        with self.assertLogs("mms", "WARNING") as logs:
+            mms.Spool(self.spool).check()
+        self.assertIn("is open to other users (mode 755)", logs.output[0])
+        os.chmod(self.spool, 0o700)
+        with self.assertNoLogs("mms", "WARNING"):
+            mms.Spool(self.spool).check()
+
     def test_spooled_files_are_private(self):
         self.spooled("a" * 64)
         for name in os.listdir(self.spool):
