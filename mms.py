@@ -37,6 +37,7 @@ import difflib
 import errno
 import email.utils
 import hashlib
+import hmac
 import http.server
 import importlib
 import io
@@ -1253,6 +1254,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.emptied = threading.Condition(self.lock)
         self.stopped = threading.Event()
         self.draining = False
+        self.probe_token = None   # set by serve(), which writes it to STATE
         super().__init__((cfg.host, cfg.port), SMTPSession)
         self.socket_family, self.socket_kind = int(self.socket.family), int(self.socket.type)
         self.member_cache = {}
@@ -1444,11 +1446,17 @@ def receive_message(session, tx, xforward, message):
     metadata["sha256"] = message.sha256()
     metrics, mode = session.server.metrics, session.server.mode
     run_plugins(session.server.plugins, metadata, message, session.cfg.plugin_timeout, metrics)
+    if is_probe(session, message):   # `mms.py check`: stored, then deleted by check
+        metadata["probe"] = True
     answer = mode.on_message(session, tx, metadata, message)
     outcome = mode.outcome(tx, answer)
+    queued = answer.startswith("250")
+    if metadata.get("probe"):
+        metrics.count("mms_probes_total")
+        log.debug("probe %s: %s", metadata["store_key"], answer)
+        return answer
     metrics.count("mms_received_bytes_total", amount=message.size)
     metrics.count("mms_messages_total", outcome)
-    queued = answer.startswith("250")
     downstream = metadata.get("downstream_reply")
     log.log(logging.INFO if queued else logging.WARNING,
             "%s from=<%s> to=<%s> size=%d client=%s result=%s%s",
@@ -1457,6 +1465,16 @@ def receive_message(session, tx, xforward, message):
             metadata["client_address"], outcome,
             f" downstream=({downstream})" if downstream else "")
     return answer
+
+
+def is_probe(session, message):
+    """The probe of `mms.py check`: from loopback, with the token this server wrote to
+    its state file (STATE), which only the user mms runs as can read."""
+    token = session.server.probe_token
+    if not token or not ipaddress.ip_address(plain_address(session.peer)).is_loopback:
+        return False
+    given = header_values(message.head(4096), (b"x-mms-probe",)).get(b"x-mms-probe", b"")
+    return hmac.compare_digest(given, token.encode())
 
 
 LOGGED_RCPTS = 5   # a line stays under rsyslog's 8 KB with 1,000 recipients
@@ -2724,7 +2742,7 @@ class Metrics:
         "mms_messages_total": ("result", ("stored", "delivered", "quarantined", "rejected",
                                           "tempfail", "too_big", "printed")),
         "mms_received_bytes_total": None, "mms_store_errors_total": None,
-        "mms_relay_errors_total": None,
+        "mms_relay_errors_total": None, "mms_probes_total": None,
         "mms_scan_verdicts_total": ("verdict", ("clean", "virus", "spam", "unchecked")),
     }
     HISTOGRAMS = {"mms_store_seconds": None, "mms_relay_seconds": None,
@@ -2741,6 +2759,7 @@ class Metrics:
         "mms_scan_seconds": "seconds each scanner took",
         "mms_scan_verdicts_total": "scanned messages, by verdict",
         "mms_plugin_errors_total": "plugin runs that raised, hung or broke mms's fields",
+        "mms_probes_total": "`mms.py check` probes taken (not counted as messages)",
         "mms_spooled_messages": "messages in --spool-dir waiting for `mms.py replay`",
         "mms_build_info": "the running version and mode",
         "mms_mongodb_up": "1 if the last MongoDB contact worked",
@@ -3844,6 +3863,10 @@ def archive_check(cfg, archive):
     proxy and filter modes nothing is relayed, but MongoDB, the downstream server
     and the scanners are each asked, and MongoDB down is a WARNING (mail is
     relayed and spooled)."""
+    state = read_state() if cfg.source.get("port") != "--port" else None
+    if state:  # the server as it runs, whatever flags it was given
+        cfg.host, cfg.port, cfg.probe = state["host"], state["port"], state["probe"]
+        cfg.server = cfg.server if cfg.source.get("server") == "--server" else state["server"]
     try:
         done = CHECKS[cfg.server](cfg, archive)
     except Spooling as exc:
@@ -3874,7 +3897,9 @@ def check_smtp(cfg, message=None):
 
 def check_quarantine(cfg, archive):
     archive.ping()  # first: CRITICAL within --mongo-timeout
-    probe = f"Subject: mms check\r\nFrom: mms-check@{cfg.hostname}\r\n\r\nprobe\r\n".encode()
+    mark = f"X-MMS-Probe: {cfg.probe}\r\n" if getattr(cfg, "probe", None) else ""
+    probe = (f"{mark}Subject: mms check\r\nFrom: mms-check@{cfg.hostname}\r\n\r\n"
+             f"probe\r\n").encode()
     code, text = check_smtp(cfg, probe)
     if code != 250:
         raise RuntimeError(f"mms answered the probe {code} {text.decode(errors='replace')}")
@@ -3973,10 +3998,45 @@ def serve(cfg):
         log.warning("listening on %s with no --allow: %s", cfg.host, who)
     if cfg.metrics:
         MetricsServer(cfg, server.metrics, server)
+    server.probe_token = os.urandom(16).hex()
+    write_state(cfg, host, port, server.probe_token)
     keep_watchdog()
     if cfg.workers > 1:
         return run_workers(server, cfg.workers)
     return run_process(server)
+
+
+# Where a running server says where it listens, for `mms.py check` to find it
+# however it was started (flags after a container's image name, say), with the
+# token that marks check's probe as no mail. One per user: with several servers,
+# give check --port.
+STATE = os.path.join(tempfile.gettempdir(), f"mms-{os.geteuid()}.state")
+
+
+def write_state(cfg, host, port, token):
+    """Written whole (a new file renamed into place), readable by this user only."""
+    state = {"pid": os.getpid(), "server": cfg.server, "host": host, "port": port,
+             "probe": token}
+    path = f"{STATE}.{os.getpid()}"
+    try:
+        with private(path) as f:
+            f.write(json.dumps(state).encode())
+        os.replace(path, STATE)
+    except OSError as exc:
+        log.warning("cannot write %s (%s): `mms.py check` needs --port", STATE, exc)
+
+
+def read_state():
+    """The running server's state, if this user's server wrote it and still runs."""
+    try:
+        with open_regular(STATE) as f:
+            if os.fstat(f.fileno()).st_uid != os.geteuid():
+                return None
+            state = json.loads(f.read(4096))
+        os.kill(state["pid"], 0)
+        return state
+    except (OSError, ValueError, KeyError, TypeError, Refused):
+        return None
 
 
 def systemd_notify(state):

@@ -4739,6 +4739,102 @@ class TestReplay(MongoCase):
 
 
 ###############################################################################
+# Running it: the container ###################################################
+###############################################################################
+
+def podman(*args, check=True, timeout=120):
+    """podman as the README runs it; runc, since crun refuses this machine's cgroups."""
+    return subprocess.run(["podman", "--runtime", "runc", *args], capture_output=True,
+                          text=True, timeout=timeout, check=check)
+
+
+class TestContainer(unittest.TestCase):
+    """The image that .ci/container built from the Dockerfile, unchanged, run as the
+    README shows it, against nx-27017 on the host's end of podman's bridge.
+    MMS_TEST_CONTAINER=1 says the image is there (CI builds it)."""
+
+    ULIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.environ.get("MMS_TEST_CONTAINER"):
+            raise unittest.SkipTest("no image: bash .ci/container, then MMS_TEST_CONTAINER=1")
+        cls.names = []
+
+    def run_mms(self, *args, port=None, env=()):
+        """The README's line: a spool volume, the URI, an allow-list with the bridge's
+        gateway, SMTP and metrics published on loopback. (id, smtp, metrics ports)."""
+        name = "mms-test-" + uuid.uuid4().hex[:8]
+        smtp, metrics = free_port(), free_port()
+        uri = getattr(self, "uri", "mongodb://10.88.0.1:1/message")
+        podman("run", "-d", "--name", name, *self.ULIMITS, "-v", f"{name}:/var/spool/mms",
+               "-e", f"MMS_MONGODB_URI={uri}", "-e", "MMS_ALLOW=127.0.0.1,10.88.0.1,172.17.0.1",
+               *[item for pair in env for item in ("-e", pair)],
+               "-p", f"127.0.0.1:{smtp}:{port or 14001}", "-p", f"127.0.0.1:{metrics}:9425",
+               "mms", *args)
+        self.addCleanup(podman, "volume", "rm", "-f", name, check=False)
+        self.addCleanup(podman, "rm", "-f", "-t", "2", name, check=False)
+        wait_port(smtp, seconds=30)
+        return name, smtp, metrics
+
+    def start_mongo(self, name):
+        """nx-27017 on the gateway of the bridge the first container made."""
+        gateway = podman("inspect", name, "--format",
+                         "{{.NetworkSettings.Gateway}}").stdout.strip()
+        port = free_port()
+        exe = (shutil.which("nx-27017", path=os.path.dirname(sys.executable))
+               or shutil.which("nx-27017"))
+        run = tempfile.mkdtemp(prefix="mms-nx-")
+        self.addCleanup(shutil.rmtree, run, True)
+        nx = subprocess.Popen([exe, "--host", gateway, "-p", str(port), "--data-dir", "memory",
+                               "--pid-file", f"{run}/pid", "--log-file", f"{run}/log"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(nx.wait, 10)
+        self.addCleanup(nx.terminate)
+        wait_port(port, host=gateway)
+        import pymongo
+        client = pymongo.MongoClient(f"mongodb://{gateway}:{port}/", serverSelectionTimeoutMS=5000)
+        self.addCleanup(client.close)
+        return nx, client["message"], f"mongodb://{gateway}:{port}/message"
+
+    def health(self, name):
+        return podman("healthcheck", "run", name, check=False).returncode
+
+    def test_the_image_as_the_readme_runs_it(self):
+        volumes = podman("image", "inspect", "mms", "--format", "{{json .Config.Volumes}}")
+        self.assertIn("/var/spool/mms", volumes.stdout)        # spooled mail outlives it
+        name, smtp, metrics = self.run_mms()
+        nx, db, self.uri = self.start_mongo(name)
+        podman("rm", "-f", "-t", "2", name)
+        name, smtp, metrics = self.run_mms()
+        deadline = time.monotonic() + 30
+        while self.health(name) != 0:                    # MongoDB found, indexes made
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.5)
+        with smtplib.SMTP("127.0.0.1", smtp, timeout=30) as client:  # through the bridge
+            self.assertEqual(client.sendmail("a@example.org", ["b@example.com"], SIMPLE), {})
+        for _ in range(3):
+            self.assertEqual(self.health(name), 0)       # healthy: exit 0
+        self.assertEqual(db["message"].count_documents({}), 1)   # probes leave nothing
+        _, _, values = scrape(metrics)
+        self.assertEqual(values['mms_messages_total{result="stored"}'], 1)
+        self.assertGreaterEqual(values["mms_probes_total"], 4)
+        logs = podman("logs", name).stderr + podman("logs", name).stdout
+        self.assertEqual(logs.count("queued as"), 1, logs)
+        self.assertNotIn("mms-check", logs)
+        nx.terminate()
+        nx.wait(10)
+        self.assertEqual(self.health(name), 1)           # unhealthy is 1, never 2
+        stopped = podman("stop", "-t", "10", name)
+        self.assertEqual(podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip(),
+                         "0", stopped.stderr)
+
+    def test_the_health_check_finds_a_server_started_with_flags(self):
+        name, smtp, metrics = self.run_mms("--server", "debug", "--port", "14025", port=14025)
+        self.assertEqual(self.health(name), 0)
+
+
+###############################################################################
 # Fuzzing: generated sessions against every mode ##############################
 ###############################################################################
 
