@@ -2953,33 +2953,30 @@ class Statsd:
             sock.sendto(packet.encode(), self.address)
 
 
-class MetricsServer(http.server.ThreadingHTTPServer):
-    """GET /metrics and GET /healthz, on --metrics, in a thread of their own.
-
-    Scrapers share the process's file descriptors with SMTP: only --metrics-allow
-    may connect, at most METRICS_CONNECTIONS at once (one more is closed at
-    once), each with METRICS_TIMEOUT seconds to send a request of at most
-    METRICS_REQUEST_MAX bytes, and one request per connection."""
+class BoundedHTTPServer(http.server.ThreadingHTTPServer):
+    """An HTTP server that shares the process's file descriptors with SMTP: only its
+    allow-list may connect (others are disconnected unanswered; an empty list is
+    everyone), at most CONNECTIONS at once (one more is closed at once), each
+    request bounded by its handler (BoundedHandler)."""
 
     daemon_threads = True
-    METRICS_CONNECTIONS = 8
+    CONNECTIONS = 8
 
-    def __init__(self, cfg, metrics, smtp):
-        self.cfg, self.metrics, self.smtp = cfg, metrics, smtp
-        self.slots = threading.BoundedSemaphore(self.METRICS_CONNECTIONS)
-        host, _, port = cfg.metrics.rpartition(":")
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    def __init__(self, option, address, handler, allow):
+        self.allow, self.slots = allow, threading.BoundedSemaphore(self.CONNECTIONS)
+        host, _, port = address.rpartition(":")
+        self.host = host.strip("[]")
+        self.address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
-            super().__init__((host.strip("[]"), int(port)), MetricsHandler)
+            super().__init__((self.host, int(port)), handler)
         except OSError as exc:
-            fail(f"--metrics {cfg.metrics}: {exc}")
-        if not is_loopback(host.strip("[]")) and "metrics_allow" not in cfg.given:
-            log.warning("--metrics listens on %s, and only loopback may scrape it: name your "
-                        "Prometheus with --metrics-allow", cfg.metrics)
-        threading.Thread(target=self.serve_forever, name="mms-metrics", daemon=True).start()
+            fail(f"{option} {address}: {exc}")
+
+    def serve_in_background(self, name):
+        threading.Thread(target=self.serve_forever, name=name, daemon=True).start()
 
     def verify_request(self, request, client_address):
-        return in_networks(client_address[0], self.cfg.metrics_allow)
+        return not self.allow or in_networks(client_address[0], self.allow)
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
@@ -2996,6 +2993,21 @@ class MetricsServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+
+class MetricsServer(BoundedHTTPServer):
+    """GET /metrics and GET /healthz, on --metrics, in a thread of their own, for
+    --metrics-allow only."""
+
+    CONNECTIONS = 8
+
+    def __init__(self, cfg, metrics, smtp):
+        self.cfg, self.metrics, self.smtp = cfg, metrics, smtp
+        super().__init__("--metrics", cfg.metrics, MetricsHandler, cfg.metrics_allow)
+        if not is_loopback(self.host) and "metrics_allow" not in cfg.given:
+            log.warning("--metrics listens on %s, and only loopback may scrape it: name your "
+                        "Prometheus with --metrics-allow", cfg.metrics)
+        self.serve_in_background("mms-metrics")
 
     def health(self):
         """(200 or 503, why). Proxy and filter modes go on relaying while MongoDB is
@@ -3017,11 +3029,13 @@ class MetricsServer(http.server.ThreadingHTTPServer):
         return 0
 
 
-class MetricsHandler(http.server.BaseHTTPRequestHandler):
+class BoundedHandler(http.server.BaseHTTPRequestHandler):
+    """One request per connection, its head within REQUEST_MAX bytes, each read
+    within `timeout` seconds."""
 
     server_version, sys_version = f"mms/{__version__}", ""
-    timeout = 5                   # METRICS_TIMEOUT: seconds for the whole request
-    REQUEST_MAX = 8192            # METRICS_REQUEST_MAX: request line and header block
+    timeout = 5                   # seconds for each read
+    REQUEST_MAX = 8192            # request line and header block
 
     def handle(self):
         """Read the request head within REQUEST_MAX bytes (414 for a longer request
@@ -3030,7 +3044,7 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
         while not head.endswith((b"\n\n", b"\r\n\r\n")):
             try:
                 line = self.rfile.readline(self.REQUEST_MAX + 1 - len(head))
-            except OSError:  # too slow (METRICS_TIMEOUT), or gone
+            except OSError:  # too slow (timeout), or gone
                 return
             if not line:
                 return
@@ -3039,8 +3053,11 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
                 self.command, self.requestline, self.request_version = None, "", "HTTP/1.0"
                 self.send_error(431 if b"\n" in head else 414)
                 return
-        self.rfile = io.BytesIO(bytes(head))
+        self.body_file, self.rfile = self.rfile, io.BytesIO(bytes(head))
         self.handle_one_request()
+
+
+class MetricsHandler(BoundedHandler):
 
     def do_GET(self):
         server = self.server

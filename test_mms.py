@@ -3811,11 +3811,11 @@ class TestMetricsHardening(ServerCase):
 
     def test_idle_connections_cannot_take_smtps_descriptors(self):
         self.start_metrics()
-        idle = [self.raw_http(b"") for _ in range(mms.MetricsServer.METRICS_CONNECTIONS + 20)]
+        idle = [self.raw_http(b"") for _ in range(mms.MetricsServer.CONNECTIONS + 20)]
         self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")   # SMTP serves
         self.assertEqual(self.answer(idle[-1]), b"")     # over the cap: closed at once
         started = time.monotonic()
-        for sock in idle[:mms.MetricsServer.METRICS_CONNECTIONS]:
+        for sock in idle[:mms.MetricsServer.CONNECTIONS]:
             self.assertEqual(self.answer(sock), b"")     # the read timeout frees the rest
         self.assertLess(time.monotonic() - started, mms.MetricsHandler.timeout + 3)
         deadline = time.monotonic() + 5   # each handler gives its slot back as it ends
