@@ -38,6 +38,7 @@ import errno
 import email.utils
 import hashlib
 import hmac
+import html
 import http.server
 import importlib
 import io
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 
 __version__ = "1.0.0"
@@ -81,8 +83,8 @@ END_OF_DATA = b"\r\n.\r\n"
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
 COMMANDS = ("start", "count", "list", "show", "headers", "release", "delete", "hold", "unhold",
-            "purge", "stats", "verify", "check", "replay")
-KEYED_COMMANDS = ("show", "headers", "release", "delete", "hold", "unhold")
+            "purge", "stats", "verify", "check", "replay", "export", "web", "web-user")
+KEYED_COMMANDS = ("show", "headers", "release", "delete", "hold", "unhold", "web-user")
 
 # Every reply the session sends that is not built from a downstream answer.
 R_MAIL_OK = "250 2.1.0 Ok"
@@ -283,6 +285,14 @@ OPTIONS = [
      "serve Prometheus /metrics and /healthz on this HOST:PORT (e.g. 127.0.0.1:9425)"),
     ("--metrics-allow", "MMS_METRICS_ALLOW", "127.0.0.0/8,::1", _networks,
      "clients allowed to scrape --metrics, IPs or CIDRs; others are disconnected"),
+    ("--web", "MMS_WEB", "127.0.0.1:8025", _address,
+     "`mms.py web`: serve the web console on this HOST:PORT"),
+    ("--web-users", "MMS_WEB_USERS", "", str,
+     "`mms.py web`: the users file, lines name:hash[:role] from `mms.py web-user NAME`"),
+    ("--web-cert", "MMS_WEB_CERT", "", str, "`mms.py web`: serve HTTPS with this certificate"),
+    ("--web-key", "MMS_WEB_KEY", "", str, "`mms.py web`: the key of --web-cert, if apart"),
+    ("--web-allow", "MMS_WEB_ALLOW", "", _networks,
+     "`mms.py web`: clients allowed to connect, IPs or CIDRs (default: everyone)"),
     ("--statsd", "MMS_STATSD", "", _scanner,
      "send counters and timings to this statsd HOST:PORT by UDP"),
     ("--log-file", "MMS_LOG_FILE", "", str,
@@ -396,6 +406,11 @@ def build_parser():
                          help="release: the SMTP server to send through (default 127.0.0.1:25; "
                               "in filter mode --remote-host and --remote-port)")
     archive("--force", action="store_true", help="release: again")
+    archive("--role", choices=("admin", "viewer"), default="admin",
+            help="web-user: admin (the default) may hold, release and delete; viewer reads")
+    archive("--format", choices=("mbox", "eml"), default="mbox",
+            help="export: one mbox on stdout (mboxrd), or one .eml per message in --output")
+    archive("--output", help="export --format eml: the directory")
     return parser
 
 
@@ -489,6 +504,11 @@ COMMAND_HELP = {  # what each archive command does, and the options it reads
                "spamd", "scan_timeout") + MONGO),
     "replay": ("store what proxy and filter modes spooled while MongoDB was down",
                ("spool_dir",) + MONGO),
+    "export": ("the matching messages as an mbox on stdout, or .eml files",
+               FILTERS + ("format", "output") + MONGO),
+    "web": ("the web console", ("web", "web_users", "web_cert", "web_key", "web_allow", "via",
+                                "hostname", "server", "remote_host", "remote_port") + MONGO),
+    "web-user": ("the users file's line for NAME, the password read from stdin", ("role",)),
 }
 
 
@@ -547,6 +567,9 @@ def check_server_options(cfg, parser):
         if dest in cfg.given and cfg.server not in modes and getattr(cfg, dest) is not False:
             fail(f"{cfg.source[dest]} is for {' and '.join(modes)} mode, not {cfg.server}: "
                  f"set --server, or leave it out")
+    for dest in ("web", "web_users", "web_cert", "web_key", "web_allow"):
+        if cfg.source.get(dest, "").startswith("--"):
+            fail(f"{cfg.source[dest]} is for `mms.py web`, not the server")
     for action in parser.archive_actions:
         if getattr(cfg, action.dest) != action.default:
             fail(f"{action.option_strings[0]} is for the archive commands, not the server "
@@ -3408,7 +3431,7 @@ class Archive:
                     made = getattr(file_id, "generation_time", None)
                     yield file_id, made, f"chunks of {file_id}"
 
-    def stats(self, since=None, until=None, by=None, top=10):
+    def stats(self, since=None, until=None, by=None, top=10, totals=True):
         """(totals, groups), counted by MongoDB from the received index's range."""
         window, text = {}, {}
         for op, when in (("$gte", since), ("$lt", until)):
@@ -3421,10 +3444,12 @@ class Archive:
                     {"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")}},
                     {"$match": {"mms_at": text}}]
         sums = {"messages": {"$sum": 1}, "bytes": {"$sum": as_number("$size")}}
-        totals = {"messages": 0, "bytes": 0, **dict.fromkeys(VERDICT_FIELDS, 0)}
+        counted = {"messages": 0, "bytes": 0, **dict.fromkeys(VERDICT_FIELDS, 0)}
         for row in self.collection.aggregate(head + [{"$group": {"_id": None, **sums, **{
-                name: {"$sum": as_number(f"$is_{name}")} for name in VERDICT_FIELDS}}}]):
-            totals.update({key: row.get(key) or 0 for key in totals})
+                name: {"$sum": as_number(f"$is_{name}")} for name in VERDICT_FIELDS}}}]) \
+                if totals else ():
+            counted.update({key: row.get(key) or 0 for key in counted})
+        totals = counted
         if not by:
             return totals, []
         key, per_rcpt = STATS_GROUPS[by]
@@ -3435,10 +3460,29 @@ class Archive:
                          "bytes": row.get("bytes") or 0}
                         for row in self.collection.aggregate(pipeline)]
 
+    def daily(self, since):
+        """{day: {verdict: messages}} since then, one group per day and verdict (as
+        one string: nx-27017 cannot group by a sub-document)."""
+        text = f"{since.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
+        key = {"$concat": [{"$ifNull": [day_format("%Y-%m-%d"), "-"]}, " ",
+                           verdict_of(VERDICT_FIELDS)]}
+        days = collections.defaultdict(dict)
+        for row in self.collection.aggregate([
+                {"$match": {"received": {"$gte": since}}},
+                {"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")}},
+                {"$match": {"mms_at": {"$gte": text}}},
+                {"$group": {"_id": key, "messages": {"$sum": 1}}}]):
+            day, _, verdict = str(row["_id"]).partition(" ")
+            days[day][verdict] = row.get("messages") or 0
+        return dict(days)
+
     # Changes ################################################################
 
-    def hold(self, doc, held=True):
+    def hold(self, doc, held=True, by=None):
+        """held: true, or no held; `by` (who, when, how) is noted as held_by or unheld_by."""
         change = {"$set": {"held": True}} if held else {"$unset": {"held": ""}}
+        if by:
+            change.setdefault("$set", {})["held_by" if held else "unheld_by"] = by
         if not self.collection.update_one({"_id": doc["_id"]}, change).matched_count:
             raise LookupError(f"{doc['store_key']} is gone: deleted or purged meanwhile")
 
@@ -3707,7 +3751,20 @@ def archive_release(cfg, archive):
     that mms added, through the local Postfix; then note it on the document. The
     message is claimed first, so two releases at once send it once, and only the
     record is written afterwards, so a hold placed meanwhile stays."""
-    doc, token = archive.claim_release(archive.resolve(cfg.key), cfg.force)
+    doc = archive.resolve(cfg.key)
+    refused, record = release_message(cfg, archive, doc, cfg.to, cfg.force)
+    for rcpt, answer in refused.items():
+        print(f"{rcpt}: {answer}")
+    if record is not None:
+        print(f"released {doc['store_key']} to {', '.join(record['to'])} via "
+              f"{record['via']}: {record['reply']}")
+    return 0 if record is not None and record["reply"].startswith("2") and not refused else 1
+
+
+def release_message(cfg, archive, doc, to=None, force=False, by=None):
+    """({refused rcpt: reply}, the record noted on the document, or None), for the
+    command and the web console alike."""
+    doc, token = archive.claim_release(doc, force)
     record = None
     try:
         data = archive.read(doc)
@@ -3715,7 +3772,7 @@ def archive_release(cfg, archive):
             data = data[data.index(b"\n") + 1:]
         via = cfg.via or ((cfg.remote_host, cfg.remote_port) if cfg.server == "mongo-filter"
                           else ("127.0.0.1", 25))
-        rcpts = cfg.to or list(doc.get("rcpt") or [])
+        rcpts = to or list(doc.get("rcpt") or [])
         refused, reply = send_message(via, doc.get("sender", ""), rcpts, data, cfg.hostname)
         if reply is not None and MMS_QUEUED_RE.search(reply):
             raise LookupError(f"{via[0]}:{via[1]} answered {reply!r}: that is an mms store "
@@ -3724,15 +3781,11 @@ def archive_release(cfg, archive):
                               f"delivers)")
         if reply is not None:
             record = {"at": datetime.datetime.now(UTC), "via": f"{via[0]}:{via[1]}",
-                      "to": [r for r in rcpts if r not in refused], "reply": reply}
+                      "to": [r for r in rcpts if r not in refused], "reply": reply,
+                      **({"by": by} if by else {})}
     finally:
         archive.release_done(doc, token, record)
-    for rcpt, answer in refused.items():
-        print(f"{rcpt}: {answer}")
-    if record is not None:
-        print(f"released {doc['store_key']} to {', '.join(record['to'])} via "
-              f"{record['via']}: {reply}")
-    return 0 if reply is not None and reply.startswith("2") and not refused else 1
+    return refused, record
 
 
 MMS_QUEUED_RE = re.compile(r"queued as [0-9a-f]{64}\b")
@@ -3966,13 +4019,696 @@ def archive_replay(cfg, archive):
     return 1 if left else 0
 
 
+
+
+def mbox_entry(doc, data):
+    """One mboxrd message: a From_ line, LF line ends, '>' added before any line that
+    is '>'s then 'From '."""
+    sender = doc.get("sender") or "MAILER-DAEMON"
+    received = doc.get("received")
+    when = (received if isinstance(received, datetime.datetime)
+            else datetime.datetime.now(UTC)).astimezone(UTC)
+    body = re.sub(rb"(?m)^(>*From )", rb">\1", data.replace(b"\r\n", b"\n"))
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return f"From {sender} {when:%a %b %d %H:%M:%S %Y}\n".encode() + body + b"\n"
+
+
+def archive_export(cfg, archive):
+    """The matching messages as one mbox on stdout, or one .eml each into --output."""
+    query, wanted = archive_filter(cfg)
+    count = 0
+    if cfg.format == "eml":
+        if not cfg.output or not os.path.isdir(cfg.output):
+            raise LookupError("export --format eml needs --output DIR, an existing directory")
+        for doc in archive.search(query, wanted):
+            key = str(doc.get("store_key", ""))
+            if STORE_KEY_RE.fullmatch(key):
+                with private(os.path.join(cfg.output, key + ".eml")) as f:
+                    for piece in archive.pieces(doc):
+                        f.write(piece)
+                count += 1
+        print(f"exported {count} message(s) to {cfg.output}")
+        return 0
+    out = sys.stdout.buffer
+    for doc in archive.search(query, wanted):
+        out.write(mbox_entry(doc, archive.read(doc)))
+    out.flush()
+    return 0
+
+
+###############################################################################
+# The web console #############################################################
+###############################################################################
+
+WEB_HEADERS = {  # on every HTML answer: no script, no framing, nothing guessed
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store"}
+WEB_SESSION_SECONDS = 8 * 3600
+WEB_FAILURES_MAX, WEB_FAILURES_WINDOW = 10, 600   # failed logins from one address
+WEB_PAGE = 50                                       # messages a page
+WEB_BODY_MAX = 64 * 1024                            # a form or an API request
+WEB_VIEW_MAX = 4 * 2**20                            # of a message shown as a page
+WEB_CACHE_SECONDS = 60                              # the dashboard's aggregations
+WEB_FILTERS = ("sender", "rcpt", "since", "until", "subject", "message_id", "client",
+               "quarantine", "quarantine_id", "virus", "spam", "held", "released")
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+VERDICT_COLOURS = {"clean": "#4c9f70", "spam": "#e0a030", "virus": "#c0392b",
+                   "unchecked": "#8e8e8e"}
+
+
+def hash_password(password, salt=None):
+    """scrypt, salted: 'scrypt$N$r$p$salt$hash', hex, no ':' (the users file's separator)."""
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT)
+    return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def password_matches(stored, password):
+    try:
+        kind, n, r, p, salt, digest = stored.split("$")
+        given = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), dklen=32,
+                               n=int(n), r=int(r), p=int(p))
+    except (ValueError, TypeError):
+        return False
+    return kind == "scrypt" and hmac.compare_digest(given.hex(), digest)
+
+
+NOBODY = hash_password("")  # compared for an unknown name, so that it takes as long
+
+
+def read_web_users(path):
+    """{name: (hash, role)} from lines 'name:hash' or 'name:hash:role'."""
+    users = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"--web-users {path}: {exc}")
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, rest = line.strip().partition(":")
+        digest, _, role = rest.partition(":")
+        if not name or not digest.startswith("scrypt$") or role not in ("", "admin", "viewer"):
+            fail(f"--web-users {path}, line {number}: not name:hash or name:hash:role "
+                 f"(see mms.py web-user)")
+        users[name] = (digest, role or "admin")
+    return users
+
+
+def archive_web_user(cfg):
+    """The users file's line for NAME: the password from stdin, never shown."""
+    import getpass
+    password = (getpass.getpass(f"password for {cfg.key}: ") if sys.stdin.isatty()
+                else sys.stdin.readline().rstrip("\r\n"))
+    if not password or not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", cfg.key or ""):
+        fail("web-user NAME, with a name of letters, digits and _.@- and a password on stdin")
+    role = "" if cfg.role == "admin" else ":" + cfg.role
+    print(f"{cfg.key}:{hash_password(password)}{role}")
+    return 0
+
+
+class WebServer(BoundedHTTPServer):
+    """The console: the archive for the people who review it, over HTTP(S)."""
+
+    CONNECTIONS = 32
+
+    def __init__(self, cfg, archive):
+        self.cfg, self.archive = cfg, archive
+        self.users = read_web_users(cfg.web_users)
+        self.sessions, self.failures, self.cache = {}, collections.defaultdict(list), {}
+        self.lock = threading.Lock()
+        super().__init__("--web", cfg.web, WebHandler, cfg.web_allow)
+        self.tls = bool(cfg.web_cert)
+        if self.tls:
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                context.load_cert_chain(cfg.web_cert, cfg.web_key or None)
+            except (OSError, ssl.SSLError) as exc:
+                fail(f"--web-cert {cfg.web_cert}: {exc}")
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+        elif not is_loopback(self.host):
+            log.warning("the web console listens on %s without TLS: passwords and mail "
+                        "cross the network in clear; use --web-cert, or a reverse proxy",
+                        cfg.web)
+
+    def login(self, address, name, password):
+        """The user's (name, role), or None; 429 past WEB_FAILURES_MAX failures."""
+        now = time.monotonic()
+        with self.lock:
+            recent = [t for t in self.failures[address] if now - t < WEB_FAILURES_WINDOW]
+            self.failures[address] = recent
+            if len(recent) >= WEB_FAILURES_MAX:
+                raise WebError(429, "too many failed logins from your address: wait")
+        digest, role = self.users.get(name, (NOBODY, None))
+        if role and password_matches(digest, password):
+            return name, role
+        with self.lock:
+            self.failures[address].append(now)
+        log.warning("web: failed login for %r from %s", name[:64], address)
+        return None
+
+    def open_session(self, user, role):
+        token = os.urandom(24).hex()
+        with self.lock:
+            self.sessions[token] = {"user": user, "role": role, "csrf": os.urandom(16).hex(),
+                                    "expires": time.monotonic() + WEB_SESSION_SECONDS}
+        return token
+
+    def session(self, token):
+        with self.lock:
+            found = self.sessions.get(token or "")
+            if found and found["expires"] < time.monotonic():
+                del self.sessions[token]
+                found = None
+        return found
+
+    def cached(self, key, make):
+        now = time.monotonic()
+        with self.lock:
+            hit = self.cache.get(key)
+        if hit and now - hit[0] < WEB_CACHE_SECONDS:
+            return hit[1]
+        value = make()
+        with self.lock:
+            self.cache[key] = (now, value)
+        return value
+
+
+class WebError(Exception):
+    def __init__(self, code, text):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+def h(value):
+    """Anything shown: escaped, in text and in attributes alike."""
+    return html.escape(str(value), quote=True)
+
+
+STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222}
+header{background:#234;color:#fff;padding:.5em 1em;display:flex;gap:1em;align-items:center}
+header a{color:#fff}header form{margin-left:auto}main{padding:1em}
+table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.25em .5em;
+text-align:left;vertical-align:top}pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;
+word-break:break-all;max-height:30em;overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:2em}
+.error{color:#a00}form.inline{display:inline}input,button{font:inherit}
+.totals td{font-size:1.3em}.muted{color:#777}"""
+
+
+class WebHandler(BoundedHandler):
+    """One route per page: GET and POST dispatched from WEB_ROUTES by path."""
+
+    timeout = 10
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def route(self, method):
+        path, _, query = self.path.partition("?")
+        self.params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+        try:
+            for verb, pattern, name, open_to in WEB_ROUTES:
+                match = re.fullmatch(pattern, path)
+                if verb == method and match:
+                    self.user = None if open_to == "anyone" else self.authenticate(path)
+                    if open_to == "admin" and self.user["role"] != "admin":
+                        raise WebError(403, "this takes an admin")
+                    return getattr(self, name)(*match.groups())
+            raise WebError(404, "no such page")
+        except WebError as exc:
+            self.fail(exc.code, exc.text)
+        except LookupError as exc:
+            self.fail(404 if "no message" in str(exc) else 409, exc.args[0])
+        except Exception as exc:
+            log.error("web: %s %s failed: %s", method, path[:200], mongo_error(exc))
+            self.fail(503, "the archive cannot be read now")
+
+    # Sessions ###############################################################
+
+    def cookie(self):
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == "mms_session":
+                return value
+        return None
+
+    def authenticate(self, path):
+        session = self.server.session(self.cookie())
+        if session:
+            return session
+        if path.startswith("/api/"):
+            basic = self.headers.get("Authorization") or ""
+            if basic.startswith("Basic "):
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    name, _, password = base64.b64decode(basic[6:]).decode().partition(":")
+                    found = self.server.login(self.client_address[0], name, password)
+                    if found:
+                        return {"user": found[0], "role": found[1], "csrf": None}
+            raise WebError(401, "log in, or send HTTP Basic credentials")
+        raise WebRedirect("/login")
+
+    def form(self):
+        """The posted fields, with the session's CSRF token checked."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > WEB_BODY_MAX:
+            raise WebError(413, "too large")
+        fields = {k: v[-1] for k, v in urllib.parse.parse_qs(
+            self.body_file.read(length).decode("utf-8", "replace")).items()}
+        if self.user and not hmac.compare_digest(fields.get("csrf", ""),
+                                                 self.user.get("csrf") or "-"):
+            raise WebError(403, "this form has expired: open the page again")
+        return fields
+
+    def get_login(self):
+        self.page("Log in", LOGIN_FORM.format(error=""), user=None)
+
+    def post_login(self):
+        fields = self.form()
+        found = self.server.login(self.client_address[0], fields.get("user", ""),
+                                  fields.get("password", ""))
+        if not found:
+            return self.page("Log in", LOGIN_FORM.format(
+                error='<p class="error">Wrong name or password.</p>'), user=None, code=401)
+        token = self.server.open_session(*found)
+        secure = "; Secure" if self.server.tls else ""
+        self.redirect("/", cookie=f"mms_session={token}; Path=/; HttpOnly; SameSite=Strict"
+                                  f"; Max-Age={WEB_SESSION_SECONDS}{secure}")
+
+    def post_logout(self):
+        self.form()
+        with self.server.lock:
+            self.server.sessions.pop(self.cookie(), None)
+        self.redirect("/login", cookie="mms_session=; Path=/; Max-Age=0")
+
+    # Pages ##################################################################
+
+    def get_style(self):
+        self.send(200, STYLE.encode(), "text/css; charset=utf-8")
+
+    def get_dashboard(self):
+        data = self.server.cached("dashboard", lambda: dashboard_data(self.server.archive))
+        totals = data["totals"]
+        cells = "".join(f"<td>{h(totals[k])}</td>" for k in DASHBOARD_TOTALS)
+        heads = "".join(f"<th>{h(k)}</th>" for k in DASHBOARD_TOTALS)
+        tops = "".join(f'<div><h3>Top {h(title)}, 7 days</h3>{top_table(data["top"][by], by)}'
+                       f"</div>" for by, title in DASHBOARD_TOPS)
+        self.page("Dashboard", f"""<h2>Last 30 days</h2>
+<table class="totals"><tr>{heads}</tr><tr>{cells}</tr></table>
+<p class="muted">{h(data['archived'])} messages in the archive in all.</p>
+<h3>Messages per day</h3>{day_chart(data['days'])}<div class="grid">{tops}</div>""")
+
+    def get_messages(self):
+        query, wanted, page, after = self.search()
+        docs = list(self.server.archive.search(query, wanted, limit=WEB_PAGE + 1))
+        more, docs = len(docs) > WEB_PAGE, docs[:WEB_PAGE]
+        rows = "".join(message_row(doc) for doc in docs)
+        link = ""
+        if more:
+            link = (f'<p><a href="/messages?{h(urllib.parse.urlencode({**page, **next_page(docs)}))}">'
+                    f"Older messages</a></p>")
+        self.page("Search", f"""{search_form(self.params)}
+<p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
+<table><tr><th>received</th><th>from</th><th>to</th><th>subject</th><th>size</th>
+<th></th></tr>{rows}</table>{link}""")
+
+    def get_mbox(self):
+        query, wanted, _, _ = self.search()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/mbox")
+        self.send_header("Content-Disposition", 'attachment; filename="mms-export.mbox"')
+        self.end_headers()
+        archive = self.server.archive
+        for doc in archive.search(query, wanted):
+            self.wfile.write(mbox_entry(doc, archive.read(doc)))
+
+    def get_message(self, key):
+        doc, archive = self.doc(key), self.server.archive
+        head, parts = message_parts(archive, doc)
+        csrf = self.user["csrf"]
+        actions = "".join(
+            f'<form class="inline" method="post" action="/messages/{h(key)}/{name}">'
+            f'<input type="hidden" name="csrf" value="{h(csrf)}">{extra}'
+            f'<button type="submit" name="do" value="{name}">{name}</button></form> '
+            for name, extra in (("hold", ""), ("unhold", ""), ("delete", ""),
+                                ("release", '<input name="to" placeholder="to (optional)">'
+                                 '<label><input type="checkbox" name="again" value="1"> again'
+                                 '</label>'))
+        ) if self.user["role"] == "admin" else ""
+        self.page(doc.get("subject") or key, f"""<p>{actions}
+<a href="/messages/{h(key)}/raw">Download the message</a></p>
+{field_table(doc)}<h3>Header</h3><pre>{h(head)}</pre>{parts}""")
+
+    def get_raw(self, key):
+        doc = self.doc(key)
+        self.send_response(200)
+        self.send_header("Content-Type", "message/rfc822")
+        self.send_header("Content-Disposition", f'attachment; filename="{key}.eml"')
+        for name, value in WEB_HEADERS.items():
+            self.send_header(name, value)
+        self.end_headers()
+        for piece in self.server.archive.pieces(doc):
+            self.wfile.write(piece)
+
+    def post_action(self, key, action):
+        fields, archive, user = self.form(), self.server.archive, self.user["user"]
+        doc = self.doc(key)
+        by = {"user": user, "at": datetime.datetime.now(UTC), "via": "web"}
+        if action in ("hold", "unhold"):
+            archive.hold(doc, action == "hold", by=by)
+            result = "held" if action == "hold" else "hold lifted"
+        elif action == "delete":
+            archive.delete(doc)
+            result = "deleted"
+        else:
+            to = [a.strip() for a in fields.get("to", "").split(",") if a.strip()]
+            if any(not valid_address(a) for a in to):
+                raise WebError(400, "not an address: " + ", ".join(to))
+            refused, record = release_message(self.server.cfg, archive, doc, to,
+                                              force=bool(fields.get("again")), by=user)
+            result = f"released: {record['reply']}" if record else "not released"
+            if refused:
+                result += "; refused: " + "; ".join(f"{r} {a}" for r, a in refused.items())
+        log.info("web: %s %s %s: %s", user, action, key, result)
+        if action == "delete":
+            return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
+        self.redirect(f"/messages/{key}?done={urllib.parse.quote(result)}")
+
+    # The API ################################################################
+
+    def get_api_messages(self):
+        query, wanted, page, _ = self.search()
+        docs = list(self.server.archive.search(query, wanted, limit=WEB_PAGE + 1))
+        more, docs = len(docs) > WEB_PAGE, docs[:WEB_PAGE]
+        self.json({"messages": docs, "next": next_page(docs) if more else None})
+
+    def get_api_message(self, key):
+        self.json(self.doc(key))
+
+    def get_api_stats(self):
+        since = web_when(self.params.get("since"), "since")
+        by = self.params.get("by") or None
+        if by is not None and by not in STATS_GROUPS:
+            raise WebError(400, f"by: one of {', '.join(STATS_GROUPS)}")
+        top = int(self.params["top"]) if self.params.get("top", "").isdigit() else 10
+        totals, groups = self.server.archive.stats(since, None, by, min(top, 1000))
+        self.json({"totals": totals, "by": by, "groups": groups})
+
+    # Helpers ################################################################
+
+    def doc(self, key):
+        if not STORE_KEY_RE.fullmatch(key):
+            raise WebError(404, "no such message")
+        doc = self.server.archive.find(key)
+        if doc is None:
+            raise WebError(404, f"no message with store_key {key}")
+        return doc
+
+    def search(self):
+        """(query, Python test, the filters as given, the page's start) from the URL."""
+        cfg = argparse.Namespace(**{name: None for name in WEB_FILTERS}, older_than=None)
+        page = {}
+        for name in WEB_FILTERS:
+            value = (self.params.get(name) or "").strip()
+            if not value:
+                continue
+            page[name] = value
+            if name in ("virus", "spam", "held", "released"):
+                setattr(cfg, name, True)
+            elif name in ("since", "until"):
+                setattr(cfg, name, web_when(value, name))
+            elif name == "client":
+                try:
+                    ipaddress.ip_network(value, strict=False)
+                except ValueError:
+                    raise WebError(400, f"client: not an IP address or CIDR: {value}") from None
+                cfg.client = value
+            else:
+                setattr(cfg, name, value[:256])
+        query, wanted = archive_filter(cfg)
+        after = web_when(self.params.get("before"), "before") if self.params.get("before") else None
+        if after:
+            skip = [i for i in (self.params.get("skip") or "").split(",") if re.fullmatch(
+                r"[0-9a-f]{24}", i)]
+            from bson import ObjectId
+            query = all_of(query, {"received": {"$lte": after}},
+                           {"_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
+        return query, wanted, page, after
+
+    def page(self, title, body, user=False, code=200):
+        user = self.user if user is False else user
+        nav = ""
+        if user:
+            nav = (f'<a href="/">Dashboard</a><a href="/messages">Search</a>'
+                   f'<form method="post" action="/logout"><input type="hidden" name="csrf" '
+                   f'value="{h(user["csrf"])}">{h(user["user"])} ({h(user["role"])}) '
+                   f'<button type="submit">Log out</button></form>')
+        done = self.params.get("done")
+        notice = f'<p class="muted">{h(done)}</p>' if done else ""
+        text = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>'
+                f'{h(title)} - mms</title><link rel="stylesheet" href="/style.css"></head>'
+                f'<body><header><strong>mms</strong>{nav}</header><main><h1>{h(title)}</h1>'
+                f'{notice}{body}</main></body></html>')
+        self.send(code, text.encode(), "text/html; charset=utf-8")
+
+    def send(self, code, data, kind, extra=()):
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in [*WEB_HEADERS.items(), *extra]:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def json(self, value, code=200):
+        self.send(code, json_line(value).encode(), "application/json")
+
+    def redirect(self, where, cookie=None):
+        self.send(303, b"", "text/plain", [("Location", where)] +
+                  ([("Set-Cookie", cookie)] if cookie else []))
+
+    def fail(self, code, text):
+        if code == 303:
+            return self.redirect(text)
+        if self.path.startswith("/api/"):
+            extra = [("WWW-Authenticate", 'Basic realm="mms"')] if code == 401 else []
+            return self.send(code, json_line({"error": text}).encode(), "application/json",
+                             extra)
+        self.page("Error", f'<p class="error">{h(text)}</p>', user=getattr(self, "user", None),
+                  code=code)
+
+    def log_message(self, format, *args):
+        pass  # actions are logged as they are taken
+
+
+class WebRedirect(WebError):
+    def __init__(self, where):
+        super().__init__(303, where)
+
+
+LOGIN_FORM = """{error}<form method="post" action="/login">
+<p><label>Name <input name="user" autocomplete="username" required></label></p>
+<p><label>Password <input name="password" type="password" autocomplete="current-password"
+required></label></p><p><button type="submit">Log in</button></p></form>"""
+
+WEB_ROUTES = [  # (method, path, handler, who may)
+    ("GET", r"/login", "get_login", "anyone"),
+    ("POST", r"/login", "post_login", "anyone"),
+    ("GET", r"/style\.css", "get_style", "anyone"),
+    ("POST", r"/logout", "post_logout", "user"),
+    ("GET", r"/", "get_dashboard", "user"),
+    ("GET", r"/messages", "get_messages", "user"),
+    ("GET", r"/messages\.mbox", "get_mbox", "user"),
+    ("GET", r"/messages/([0-9a-f]{64})", "get_message", "user"),
+    ("GET", r"/messages/([0-9a-f]{64})/raw", "get_raw", "user"),
+    ("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete)", "post_action", "admin"),
+    ("GET", r"/api/messages", "get_api_messages", "user"),
+    ("GET", r"/api/messages/([0-9a-f]{64})", "get_api_message", "user"),
+    ("GET", r"/api/stats", "get_api_stats", "user"),
+]
+
+DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released")
+DASHBOARD_TOPS = (("sender", "senders"), ("sender-domain", "sender domains"),
+                  ("rcpt-domain", "recipient domains"), ("client", "clients"))
+
+
+def web_when(value, name):
+    if not value:
+        return None
+    try:
+        return _when(value)
+    except argparse.ArgumentTypeError as exc:
+        raise WebError(400, f"{name}: {exc}") from None
+
+
+def next_page(docs):
+    """The next page starts at the last row's received time, without the rows of that
+    same time shown already: a range on the index, never a skip."""
+    last = docs[-1].get("received")
+    if not isinstance(last, datetime.datetime):
+        return {}
+    same = [str(d["_id"]) for d in docs if d.get("received") == last]
+    return {"before": last.astimezone(UTC).isoformat(), "skip": ",".join(same)}
+
+
+def dashboard_data(archive):
+    now = datetime.datetime.now(UTC)
+    month, week = now - datetime.timedelta(days=30), now - datetime.timedelta(days=7)
+    totals, _ = archive.stats(month)
+    window = {"received": {"$gte": month}}
+    totals.update(banned=archive.count(all_of(window, {"quarantine": "banned"})),
+                  held=archive.count({"held": True}),
+                  released=archive.count({"released": {"$exists": True}}))
+    return {"totals": totals, "archived": archive.count({}), "days": archive.daily(month),
+            "top": {by: archive.stats(week, None, by, 10, totals=False)[1]
+                    for by, _ in DASHBOARD_TOPS}}
+
+
+def day_chart(days, width=720, height=180):
+    """Messages per day, stacked by verdict, as inline SVG: no script, no request."""
+    start = datetime.datetime.now(UTC).date() - datetime.timedelta(days=29)
+    dates = [(start + datetime.timedelta(days=n)).isoformat() for n in range(30)]
+    highest = max([sum(days.get(d, {}).values()) for d in dates] + [1])
+    bar, bars = width / 30, []
+    for n, date in enumerate(dates):
+        y = height
+        for verdict, colour in VERDICT_COLOURS.items():
+            count = days.get(date, {}).get(verdict, 0)
+            if count:
+                tall = count / highest * (height - 20)
+                y -= tall
+                bars.append(f'<rect x="{n * bar + 1:.1f}" y="{y:.1f}" width="{bar - 2:.1f}" '
+                            f'height="{tall:.1f}" fill="{colour}"><title>{h(date)}: {count} '
+                            f'{h(verdict)}</title></rect>')
+    legend = "".join(f'<text x="{10 + i * 110}" y="12" fill="{colour}">{h(v)}</text>'
+                     for i, (v, colour) in enumerate(VERDICT_COLOURS.items()))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" '
+            f'role="img" aria-label="messages per day">{legend}{"".join(bars)}'
+            f'<text x="0" y="{height + 15}">{h(dates[0])}</text><text x="{width - 80}" '
+            f'y="{height + 15}">{h(dates[-1])}</text></svg>')
+
+
+def top_table(groups, by):
+    rows = "".join(f"<tr><td>{h(g['group'])}</td><td>{h(g['messages'])}</td></tr>"
+                   for g in groups)
+    return f"<table><tr><th>{h(by)}</th><th>messages</th></tr>{rows}</table>"
+
+
+def search_form(params):
+    inputs = "".join(
+        f'<label>{h(name)} <input type="checkbox" name="{name}" value="1"'
+        f'{" checked" if params.get(name) else ""}></label> '
+        if name in ("virus", "spam", "held", "released") else
+        f'<label>{h(name)} <input name="{name}" value="{h(params.get(name, ""))}" size="14">'
+        f"</label> " for name in WEB_FILTERS)
+    return f'<form method="get" action="/messages">{inputs}<button type="submit">Search</button></form>'
+
+
+def message_row(doc):
+    key = str(doc.get("store_key", ""))
+    received = doc.get("received")
+    when = f"{received:%Y-%m-%d %H:%M:%S}" if isinstance(received, datetime.datetime) else "-"
+    rcpt = doc.get("rcpt")
+    rcpt = ", ".join(map(str, rcpt[:3])) + (" ..." if len(rcpt) > 3 else "") \
+        if isinstance(rcpt, list) else str(rcpt or "")
+    marks = " ".join(m for m in ("virus", "spam") if doc.get(f"is_{m}"))
+    marks += " held" if doc.get("held") is True else ""
+    link = f'<a href="/messages/{h(key)}">open</a>' if STORE_KEY_RE.fullmatch(key) else ""
+    return (f"<tr><td>{h(when)}</td><td>{h(doc.get('sender', ''))}</td><td>{h(rcpt)}</td>"
+            f"<td>{h(doc.get('subject', ''))}</td><td>{h(doc.get('size', ''))}</td>"
+            f"<td>{h(marks)} {link}</td></tr>")
+
+
+def field_table(doc):
+    """Every stored field, as text: envelope, client, verdicts, quarantine, history."""
+    rows = "".join(f"<tr><th>{h(name)}</th><td>{h(json.dumps(value, default=str, ensure_ascii=False))}"
+                   f"</td></tr>" for name, value in doc.items() if name != "_id")
+    return f"<table>{rows}</table>"
+
+
+def message_parts(archive, doc):
+    """(the header as text, HTML for the text parts and the attachments): text/plain
+    decoded, HTML as escaped source, never rendered; at most WEB_VIEW_MAX read."""
+    import email
+    import email.policy
+    data, cut = bytearray(), False
+    for piece in archive.pieces(doc):
+        data += piece
+        if len(data) > WEB_VIEW_MAX:
+            data, cut = data[:WEB_VIEW_MAX], True
+            break
+    head = header_block(bytes(data))
+    text = "\n".join(f"{name}: {decode_header_value(value)}" for name, value in
+                     header_pairs(head))
+    message = email.message_from_bytes(bytes(data), policy=email.policy.compat32)
+    parts, files = [], []
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        kind = part.get_content_type()
+        name = part.get_filename()
+        payload = part.get_payload(decode=True) or b""
+        if name or kind not in ("text/plain", "text/html"):
+            files.append(f"<tr><td>{h(decode_header_value(str(name or '').encode()))}</td>"
+                         f"<td>{h(kind)}</td><td>{len(payload)}</td></tr>")
+            continue
+        try:
+            body = payload.decode(part.get_content_charset() or "utf-8", "replace")
+        except LookupError:   # a charset Python does not know
+            body = payload.decode("utf-8", "replace")
+        label = "Text" if kind == "text/plain" else "HTML, as source (not rendered)"
+        parts.append(f"<h3>{h(label)}</h3><pre>{h(body)}</pre>")
+    if files:
+        parts.append("<h3>Attachments</h3><table><tr><th>name</th><th>type</th><th>bytes</th>"
+                     "</tr>" + "".join(files) + "</table>")
+    if cut:
+        parts.append(f'<p class="muted">Shown: the first {WEB_VIEW_MAX} bytes; download the '
+                     f"message for the rest.</p>")
+    return text, "".join(parts)
+
+
+def header_pairs(head):
+    """(name, raw value) of each field, unfolded, for display."""
+    pairs = []
+    for line in head.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t") and pairs:
+            pairs[-1][1] += b" " + line.strip()
+        elif b":" in line:
+            name, _, value = line.partition(b":")
+            pairs.append([name.decode("ascii", "replace"), value.strip()])
+    return pairs
+
+
+def archive_web(cfg, archive):
+    """`mms.py web`: the console until SIGTERM or SIGINT."""
+    if not cfg.web_users:
+        raise LookupError("web needs --web-users FILE (lines from `mms.py web-user NAME`)")
+    server = WebServer(cfg, archive)
+    log.info("web console on %s://%s, %d user(s), releases via %s", "https" if server.tls
+             else "http", cfg.web, len(server.users), cfg.via or "the release default")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever(poll_interval=0.5)
+    server.server_close()
+    return 0
+
+
 ARCHIVE_COMMANDS = {
     "count": archive_count, "list": archive_list, "show": archive_show,
     "headers": archive_headers, "release": archive_release, "delete": archive_delete,
     "hold": archive_hold,
     "unhold": archive_unhold, "purge": archive_purge, "stats": archive_stats,
     "verify": archive_verify, "check": archive_check,
-    "replay": archive_replay,
+    "replay": archive_replay, "export": archive_export, "web": archive_web,
 }
 
 
@@ -4257,6 +4993,8 @@ def main(argv=None):
         log.warning(warning)
     if cfg.command == "start":
         return serve(cfg)
+    if cfg.command == "web-user":
+        return archive_web_user(cfg)
     return run_archive_command(cfg)
 
 

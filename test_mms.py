@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import email.utils
 import hashlib
+import html
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ import tracemalloc
 import types
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import zlib
@@ -4736,6 +4738,225 @@ class TestReplay(MongoCase):
         self.assertIn("spool directory", done.stderr)
         self.assertIn("missing", done.stderr)
         self.assertNotIn("archive", done.stderr)
+
+
+###############################################################################
+# The web console #############################################################
+###############################################################################
+
+# Mail is written by attackers: each of these has sent script through a web UI.
+HOSTILE_SUBJECT = "<script>alert('subject')</script>"
+HOSTILE = (b"From: \"<img src=x onerror=alert('name')>\" <evil@example.org>\r\n"
+           b"Subject: <script>alert('subject')</script>\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=b1\r\n\r\n"
+           b"--b1\r\nContent-Type: text/html\r\n\r\n<b>hi</b><script>alert('body')</script>\r\n"
+           b"--b1\r\nContent-Type: text/plain; name=\"x.txt\"\r\n"
+           b"Content-Disposition: attachment; filename=\"\\\"><svg onload=alert('file')>.txt\"\r\n"
+           b"\r\nattached\r\n--b1--\r\n")
+
+
+class WebCase(MongoCase):
+    """A quarantine-mode mms with hostile mail in it, and the console in this process."""
+
+    PASSWORDS = {"admin": "correct horse", "viewer": "battery staple"}
+
+    def setUp(self):
+        super().setUp()
+        self.start_mongo()
+        self.down = ScriptedDownstream()
+        self.addCleanup(self.down.close)
+        self.hostile = self.key(self.send_message(self.raw(), HOSTILE, sender="evil@example.org"))
+        self.plain = self.key(self.send_message(self.raw(), SIMPLE))
+        fd, users = tempfile.mkstemp(prefix="mms-users-")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"admin:{mms.hash_password(self.PASSWORDS['admin'])}\n"
+                    f"viewer:{mms.hash_password(self.PASSWORDS['viewer'])}:viewer\n")
+        self.addCleanup(os.unlink, users)
+        self.web_port = free_port()
+        cfg = mms.parse_config(["web", "--web", f"127.0.0.1:{self.web_port}", "--web-users", users,
+                                "--mongo-host", self.uri, "--mongo-database", self.dbname,
+                                "--via", f"127.0.0.1:{self.down.server_address[1]}"])
+        archive = mms.Archive(cfg).connect()
+        self.addCleanup(archive.close)
+        self.web = mms.WebServer(cfg, archive)
+        threading.Thread(target=self.web.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        self.addCleanup(self.web.server_close)
+        self.addCleanup(self.web.shutdown)
+
+    def http(self, method, path, fields=None, cookie=None, headers=None, source="127.0.0.1"):
+        """(status, headers, body bytes), from http.client."""
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.web_port, timeout=30,
+                                          source_address=(source, 0))
+        self.addCleanup(conn.close)
+        body = urllib.parse.urlencode(fields).encode() if fields is not None else None
+        sent = dict(headers or {})
+        if body is not None:
+            sent["Content-Type"] = "application/x-www-form-urlencoded"
+        if cookie:
+            sent["Cookie"] = cookie
+        conn.request(method, path, body=body, headers=sent)
+        answer = conn.getresponse()
+        return answer.status, dict(answer.getheaders()), answer.read()
+
+    def login(self, user="admin"):
+        status, headers, _ = self.http("POST", "/login", {"user": user,
+                                                          "password": self.PASSWORDS[user]})
+        self.assertEqual(status, 303)
+        return headers["Set-Cookie"].split(";")[0]
+
+    def csrf(self, cookie):
+        body = self.http("GET", "/", cookie=cookie)[2].decode()
+        return re.search(r'name="csrf" value="([0-9a-f]+)"', body).group(1)
+
+
+class TestWebConsole(WebCase):
+    """Over HTTP, with http.client: login, sessions, CSRF, roles, escaping, headers,
+    the raw download, a release, pagination, the API."""
+
+    def test_login_sessions_and_the_rate_limit(self):
+        self.assertEqual(self.http("GET", "/")[:1], (303,))
+        self.assertEqual(self.http("GET", "/")[1]["Location"], "/login")
+        self.assertEqual(self.http("GET", "/api/messages")[0], 401)
+        self.assertEqual(self.http("POST", "/login", {"user": "admin", "password": "no"})[0], 401)
+        status, headers, _ = self.http("POST", "/login", {"user": "admin",
+                                                          "password": self.PASSWORDS["admin"]})
+        self.assertEqual((status, headers["Location"]), (303, "/"))
+        cookie = headers["Set-Cookie"]
+        for flag in ("HttpOnly", "SameSite=Strict", "Path=/"):
+            self.assertIn(flag, cookie)
+        self.assertNotIn("Secure", cookie)            # plain HTTP here; set under TLS
+        session = cookie.split(";")[0]
+        self.assertEqual(self.http("GET", "/", cookie=session)[0], 200)
+        csrf = self.csrf(session)
+        self.assertEqual(self.http("POST", "/logout", {"csrf": csrf}, cookie=session)[0], 303)
+        self.assertEqual(self.http("GET", "/", cookie=session)[0], 303)   # the session is gone
+        for _ in range(10):                            # from another address
+            self.assertEqual(self.http("POST", "/login", {"user": "admin", "password": "x"},
+                                       source="127.0.0.2")[0], 401)
+        self.assertEqual(self.http("POST", "/login", {"user": "admin",
+                                                      "password": self.PASSWORDS["admin"]},
+                                   source="127.0.0.2")[0], 429)
+
+    def test_hostile_mail_is_shown_as_text(self):
+        cookie = self.login()
+        for path in (f"/messages/{self.hostile}", "/messages", "/messages?subject=script", "/"):
+            with self.subTest(path=path):
+                status, headers, body = self.http("GET", path, cookie=cookie)
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["Content-Security-Policy"],
+                                 "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+                                 "form-action 'self'; frame-ancestors 'none'")
+                self.assertEqual((headers["X-Content-Type-Options"], headers["Referrer-Policy"]),
+                                 ("nosniff", "no-referrer"))
+                text = body.decode()
+                self.assertNotIn("<script", text)
+                self.assertNotIn("<img", text)
+                self.assertNotIn("<svg onload", text)
+        page = self.http("GET", f"/messages/{self.hostile}", cookie=cookie)[2].decode()
+        self.assertIn("&lt;script&gt;alert(&#x27;subject&#x27;)&lt;/script&gt;", page)
+        self.assertIn("&lt;script&gt;alert(&#x27;body&#x27;)&lt;/script&gt;", page)  # as source
+        self.assertIn("&lt;svg onload=alert(&#x27;file&#x27;)&gt;.txt", page)        # attachment
+
+    def test_csrf_and_roles(self):
+        admin, viewer = self.login(), self.login("viewer")
+        path = f"/messages/{self.plain}/hold"
+        self.assertEqual(self.http("POST", path, {}, cookie=admin)[0], 403)         # no csrf
+        self.assertEqual(self.http("POST", path, {"csrf": self.csrf(viewer)}, cookie=viewer)[0],
+                         403)                                                        # a viewer
+        self.assertNotIn(b"<button", self.http("GET", f"/messages/{self.plain}",
+                                                cookie=viewer)[2].split(b"</header>")[1])
+        self.assertEqual(self.http("POST", path, {"csrf": self.csrf(admin)}, cookie=admin)[0], 303)
+        doc = self.db["message"].find_one({"store_key": self.plain})
+        self.assertEqual((doc["held"], doc["held_by"]["user"], doc["held_by"]["via"]),
+                         (True, "admin", "web"))
+        self.assertIsInstance(doc["held_by"]["at"], datetime.datetime)
+        self.assertEqual(self.http("POST", f"/messages/{self.plain}/delete",
+                                   {"csrf": self.csrf(admin)}, cookie=admin)[0], 409)  # held
+
+    def test_the_raw_download_is_the_stored_bytes(self):
+        status, headers, body = self.http("GET", f"/messages/{self.hostile}/raw",
+                                          cookie=self.login("viewer"))
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Disposition"], f'attachment; filename="{self.hostile}.eml"')
+        self.assertEqual(body, self.stored(self.hostile)[1])
+
+    def test_a_release_is_delivered_once_and_recorded(self):
+        cookie = self.login()
+        path = f"/messages/{self.plain}/release"
+        self.assertEqual(self.http("POST", path, {"csrf": self.csrf(cookie)}, cookie=cookie)[0], 303)
+        self.assertEqual(len(self.down.messages), 1)
+        [record] = self.db["message"].find_one({"store_key": self.plain})["released"]
+        self.assertEqual((record["by"], record["reply"][:3]), ("admin", "250"))
+        status, _, body = self.http("POST", path, {"csrf": self.csrf(cookie)}, cookie=cookie)
+        self.assertEqual(status, 409)                       # released already: once
+        self.assertIn(b"released already", body)
+        self.assertEqual(len(self.down.messages), 1)
+
+    def test_pages_of_fifty_by_a_range_on_received(self):
+        old_messages(self.uri, self.dbname, 60, datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc))
+        cookie = self.login("viewer")
+        first = self.http("GET", "/messages?sender=old%40x.org", cookie=cookie)[2].decode()
+        keys = re.findall(r'href="/messages/([0-9a-f]{64})"', first)
+        self.assertEqual(len(keys), 50)
+        older = html.unescape(re.search(r'<a href="(/messages\?[^"]+)">Older', first).group(1))
+        self.assertIn("before=", older)
+        second = self.http("GET", older, cookie=cookie)[2].decode()
+        more = re.findall(r'href="/messages/([0-9a-f]{64})"', second)
+        self.assertEqual(len(more), 10)
+        self.assertEqual(set(keys) & set(more), set())
+        self.assertNotIn("Older", second)
+
+    def test_the_api_with_basic_auth(self):
+        basic = {"Authorization": "Basic " + base64.b64encode(
+            f"viewer:{self.PASSWORDS['viewer']}".encode()).decode()}
+        status, headers, _ = self.http("GET", "/api/messages")
+        self.assertEqual((status, headers.get("WWW-Authenticate")), (401, 'Basic realm="mms"'))
+        status, _, body = self.http("GET", "/api/messages?sender=evil%40example.org", headers=basic)
+        self.assertEqual(status, 200)
+        [doc] = json.loads(body)["messages"]
+        self.assertEqual((doc["store_key"], doc["subject"]), (self.hostile, HOSTILE_SUBJECT))
+        self.assertEqual(json.loads(self.http("GET", f"/api/messages/{self.plain}",
+                                              headers=basic)[2])["store_key"], self.plain)
+        stats = json.loads(self.http("GET", "/api/stats?since=1d&by=sender", headers=basic)[2])
+        self.assertEqual(stats["totals"]["messages"], 2)
+        self.assertEqual(sorted(g["group"] for g in stats["groups"]),
+                         ["a@example.org", "evil@example.org"])
+        self.assertEqual(self.http("GET", "/api/stats?by=nonsense", headers=basic)[0], 400)
+
+    def test_export_as_mbox_and_eml(self):
+        import mailbox
+        done = subprocess.run([sys.executable, MMS, "export", "--mongo-host", self.uri,
+                               "--mongo-database", self.dbname], capture_output=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        path = os.path.join(tempfile.mkdtemp(), "out.mbox")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        with open(path, "wb") as f:
+            f.write(done.stdout)
+        box = mailbox.mbox(path)
+        self.addCleanup(box.close)
+        self.assertEqual(sorted(str(m["Subject"]) for m in box), sorted([HOSTILE_SUBJECT, "test"]))
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        done = self.archive_command("export", "--format", "eml", "--output", folder)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        with open(os.path.join(folder, self.hostile + ".eml"), "rb") as f:
+            self.assertEqual(f.read(), self.stored(self.hostile)[1])
+        mbox = self.http("GET", "/messages.mbox?sender=evil%40example.org",
+                         cookie=self.login("viewer"))
+        self.assertEqual(mbox[1]["Content-Type"], "application/mbox")
+        self.assertTrue(mbox[2].startswith(b"From evil@example.org "), mbox[2][:80])
+
+    def test_web_user_prints_a_line_and_never_the_password(self):
+        done = subprocess.run([sys.executable, MMS, "web-user", "carol", "--role", "viewer"],
+                              input="s3cret pass\n", capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        name, digest, role = done.stdout.strip().split(":")
+        self.assertEqual((name, role), ("carol", "viewer"))
+        self.assertTrue(mms.password_matches(digest, "s3cret pass"))
+        self.assertFalse(mms.password_matches(digest, "s3cret pas"))
+        self.assertNotIn("s3cret", done.stdout + done.stderr)
 
 
 ###############################################################################
