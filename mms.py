@@ -4151,7 +4151,10 @@ class WebServer(BoundedHTTPServer):
                 context.load_cert_chain(cfg.web_cert, cfg.web_key or None)
             except (OSError, ssl.SSLError) as exc:
                 fail(f"--web-cert {cfg.web_cert}: {exc}")
-            self.socket = context.wrap_socket(self.socket, server_side=True)
+            # The handshake is the session thread's, within its timeout: never the
+            # accepting thread's, which one slow client would hold up.
+            self.socket = context.wrap_socket(self.socket, server_side=True,
+                                              do_handshake_on_connect=False)
         elif not is_loopback(self.host):
             log.warning("the web console listens on %s without TLS: passwords and mail "
                         "cross the network in clear; use --web-cert, or a reverse proxy",
@@ -4225,6 +4228,14 @@ class WebHandler(BoundedHandler):
     """One route per page: GET and POST dispatched from WEB_ROUTES by path."""
 
     timeout = 10
+
+    def handle(self):
+        if self.server.tls:
+            try:
+                self.request.do_handshake()
+            except OSError:  # ssl.SSLError is one: a bad or a slow client
+                return
+        super().handle()
 
     def do_GET(self):
         self.route("GET")

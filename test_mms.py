@@ -4959,6 +4959,103 @@ class TestWebConsole(WebCase):
         self.assertNotIn("s3cret", done.stdout + done.stderr)
 
 
+class TestWebConsoleTLS(WebCase):
+    """--web-cert and --web-key: HTTPS with the standard library, and a Secure cookie."""
+
+    def test_https_and_a_secure_cookie(self):
+        import http.client
+        import ssl
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", key, "-out", cert],
+                       check=True, capture_output=True, timeout=60)
+        port = free_port()
+        cfg = mms.parse_config(["web", "--web", f"127.0.0.1:{port}", "--web-users",
+                                self.web.cfg.web_users, "--web-cert", cert, "--web-key", key,
+                                "--mongo-host", self.uri, "--mongo-database", self.dbname])
+        archive = mms.Archive(cfg).connect()
+        self.addCleanup(archive.close)
+        web = mms.WebServer(cfg, archive)
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        self.addCleanup(web.server_close)
+        self.addCleanup(web.shutdown)
+        context = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/login", body=urllib.parse.urlencode(
+            {"user": "admin", "password": self.PASSWORDS["admin"]}),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        answer = conn.getresponse()
+        answer.read()
+        self.assertEqual(answer.status, 303)
+        self.assertIn("; Secure", answer.getheader("Set-Cookie"))
+
+
+class TestWebConsoleInBrowser(WebCase):
+    """Debian's Chromium, driven by Playwright: what a helpdesk sees. With
+    MMS_SCREENSHOTS=DIR, the README's screenshots are taken here."""
+
+    def browser(self):
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            if os.environ.get("CI"):
+                raise RuntimeError("playwright is not installed: .ci/run should install it")
+            raise unittest.SkipTest("playwright is not installed (pip install playwright)")
+        if not os.path.exists("/usr/bin/chromium"):
+            if os.environ.get("CI"):
+                raise RuntimeError("chromium is not installed: .ci/run should install it")
+            raise unittest.SkipTest("Debian's chromium is not installed")
+        playwright = sync_playwright().start()
+        self.addCleanup(playwright.stop)
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"])
+        self.addCleanup(browser.close)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        self.dialogs = []
+        page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+        return page
+
+    def shoot(self, page, name):
+        folder = os.environ.get("MMS_SCREENSHOTS")
+        if folder:
+            page.screenshot(path=os.path.join(folder, name), full_page=True)
+
+    def test_a_helpdesk_session(self):
+        page = self.browser()
+        base = f"http://127.0.0.1:{self.web_port}"
+        page.goto(base + "/")
+        self.assertTrue(page.url.endswith("/login"), page.url)
+        page.fill("input[name=user]", "admin")
+        page.fill("input[name=password]", self.PASSWORDS["admin"])
+        page.click("button[type=submit]")
+        page.wait_for_url(base + "/")
+        self.assertEqual(page.locator("svg rect").count() > 0, True)   # the chart
+        self.shoot(page, "dashboard.png")
+        page.click("text=Search")
+        page.fill("input[name=subject]", "script")
+        page.click("form[action='/messages'] button")
+        self.assertEqual(page.locator("a:text('open')").count(), 1)
+        self.shoot(page, "search.png")
+        page.click("a:text('open')")
+        page.wait_for_url(f"{base}/messages/{self.hostile}")
+        self.assertEqual(page.locator("h1").inner_text(), HOSTILE_SUBJECT)   # text, not script
+        self.shoot(page, "message.png")
+        page.click("button[value=hold]")
+        page.wait_for_url(f"{base}/messages/{self.hostile}?done=held")
+        page.click("button[value=release]")
+        page.wait_for_load_state()
+        self.assertIn("released: 250", page.locator("main p.muted").first.inner_text())
+        self.assertEqual(self.dialogs, [])              # no script ran, from any message
+        doc = self.db["message"].find_one({"store_key": self.hostile})
+        self.assertEqual((doc["held"], doc["released"][0]["by"]), (True, "admin"))
+        self.assertEqual(len(self.down.messages), 1)
+
+
 ###############################################################################
 # Running it: the container ###################################################
 ###############################################################################
