@@ -83,7 +83,8 @@ END_OF_DATA = b"\r\n.\r\n"
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
 COMMANDS = ("start", "count", "list", "show", "headers", "release", "delete", "hold", "unhold",
-            "purge", "stats", "verify", "check", "replay", "export", "web", "web-user")
+            "purge", "stats", "verify", "check", "replay", "export", "web", "web-user",
+            "digest")
 KEYED_COMMANDS = ("show", "headers", "release", "delete", "hold", "unhold", "web-user")
 
 # Every reply the session sends that is not built from a downstream answer.
@@ -291,6 +292,8 @@ OPTIONS = [
      "`mms.py web`: the users file, lines name:hash[:role] from `mms.py web-user NAME`"),
     ("--web-cert", "MMS_WEB_CERT", "", str, "`mms.py web`: serve HTTPS with this certificate"),
     ("--web-key", "MMS_WEB_KEY", "", str, "`mms.py web`: the key of --web-cert, if apart"),
+    ("--web-secret", "MMS_WEB_SECRET", "", str,
+     "`mms.py web` and `digest`: the file of the key that signs quarantine report links"),
     ("--web-allow", "MMS_WEB_ALLOW", "", _networks,
      "`mms.py web`: clients allowed to connect, IPs or CIDRs (default: everyone)"),
     ("--statsd", "MMS_STATSD", "", _scanner,
@@ -411,6 +414,15 @@ def build_parser():
     archive("--format", choices=("mbox", "eml"), default="mbox",
             help="export: one mbox on stdout (mboxrd), or one .eml per message in --output")
     archive("--output", help="export --format eml: the directory")
+    archive("--url", help="digest: the web console's address, as recipients reach it")
+    archive("--from", dest="mail_from", help="digest: the reports' sender "
+                                              "(default quarantine@ this host's name)")
+    archive("--expire-days", type=_positive, default=14.0,
+            help="digest: days a report's links work (default 14; decimals allowed)")
+    archive("--include", choices=("virus",), help="digest: list viruses too (never released "
+                                                   "from a link)")
+    archive("--rcpt-domain", help="digest: the local domains, comma-separated, whose "
+                                  "recipients get reports")
     return parser
 
 
@@ -509,6 +521,9 @@ COMMAND_HELP = {  # what each archive command does, and the options it reads
     "web": ("the web console", ("web", "web_users", "web_cert", "web_key", "web_allow", "via",
                                 "hostname", "server", "remote_host", "remote_port") + MONGO),
     "web-user": ("the users file's line for NAME, the password read from stdin", ("role",)),
+    "digest": ("a report to each local recipient of what was quarantined for them",
+               ("since", "url", "web_secret", "mail_from", "expire_days", "include",
+                "rcpt_domain", "dry_run", "via", "hostname") + MONGO),
 }
 
 
@@ -567,7 +582,7 @@ def check_server_options(cfg, parser):
         if dest in cfg.given and cfg.server not in modes and getattr(cfg, dest) is not False:
             fail(f"{cfg.source[dest]} is for {' and '.join(modes)} mode, not {cfg.server}: "
                  f"set --server, or leave it out")
-    for dest in ("web", "web_users", "web_cert", "web_key", "web_allow"):
+    for dest in ("web", "web_users", "web_cert", "web_key", "web_allow", "web_secret"):
         if cfg.source.get(dest, "").startswith("--"):
             fail(f"{cfg.source[dest]} is for `mms.py web`, not the server")
     for action in parser.archive_actions:
@@ -3761,12 +3776,16 @@ def archive_release(cfg, archive):
     return 0 if record is not None and record["reply"].startswith("2") and not refused else 1
 
 
-def release_message(cfg, archive, doc, to=None, force=False, by=None):
+def release_message(cfg, archive, doc, to=None, force=False, by=None, once_for=None):
     """({refused rcpt: reply}, the record noted on the document, or None), for the
-    command and the web console alike."""
+    command and the web console alike. With once_for, a release that reached that
+    address already is refused, under the same claim."""
     doc, token = archive.claim_release(doc, force)
     record = None
     try:
+        if once_for and any(once_for in (r.get("to") or []) for r in doc.get("released") or []
+                            if isinstance(r, dict)):
+            raise LookupError(f"{doc['store_key']} was released to {once_for} already")
         data = archive.read(doc)
         if data.startswith(b"X-MMS-RCPT:"):
             data = data[data.index(b"\n") + 1:]
@@ -4139,6 +4158,7 @@ class WebServer(BoundedHTTPServer):
     def __init__(self, cfg, archive):
         self.cfg, self.archive = cfg, archive
         self.users = read_web_users(cfg.web_users)
+        self.secret = web_secret(cfg.web_secret) if cfg.web_secret else None
         self.sessions, self.failures, self.cache = {}, collections.defaultdict(list), {}
         self.lock = threading.Lock()
         super().__init__("--web", cfg.web, WebHandler, cfg.web_allow)
@@ -4413,6 +4433,47 @@ class WebHandler(BoundedHandler):
             return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
         self.redirect(f"/messages/{key}?done={urllib.parse.quote(result)}")
 
+    # A recipient's link from a quarantine report ###########################
+
+    def linked(self, token):
+        """(message, recipient) of a report's link: signed, not expired, no virus."""
+        if self.server.secret is None:
+            raise WebError(404, "no such page")
+        key, rcpt = open_link(self.server.secret, token)
+        doc = self.doc(key)
+        if rcpt not in [str(r).lower() for r in doc.get("rcpt") or []]:
+            raise WebError(403, "this link is not for this message")
+        if doc.get("is_virus") or doc.get("quarantine") == "virus":
+            raise WebError(403, "a virus is never released from a link: ask your administrator")
+        return doc, rcpt
+
+    def get_link(self, token):
+        """Only the POST from this page releases: link scanners GET every link."""
+        doc, rcpt = self.linked(token)
+        head, _ = message_parts(self.server.archive, doc)
+        done = any(rcpt in (r.get("to") or []) for r in doc.get("released") or []
+                   if isinstance(r, dict))
+        button = (f"<p>It was delivered to {h(rcpt)} already.</p>" if done else
+                  f'<form method="post" action="/q/{h(token)}"><button type="submit">Deliver '
+                  f"this message to {h(rcpt)}</button></form>")
+        rows = "".join(f"<tr><th>{h(k)}</th><td>{h(v)}</td></tr>" for k, v in (
+            ("from", doc.get("sender") or "<>"), ("to", rcpt), ("received", doc.get("received")),
+            ("subject", doc.get("subject", "")), ("spam score", doc.get("spam_score", ""))))
+        self.page("A message held for you", f"<table>{rows}</table>{button}"
+                  f"<h3>Header</h3><pre>{h(head)}</pre>")
+
+    def post_link(self, token):
+        doc, rcpt = self.linked(token)
+        self.form()
+        by = f"{rcpt}, from a quarantine report, at {self.client_address[0]}"
+        refused, record = release_message(self.server.cfg, self.server.archive, doc, [rcpt],
+                                          force=True, by=by, once_for=rcpt)
+        log.info("web: %s released %s from a report: %s", rcpt, doc["store_key"],
+                 record["reply"] if record else refused)
+        if not record or refused:
+            raise WebError(502, "it could not be delivered now: try again later")
+        self.page("Delivered", f"<p>The message is on its way to {h(rcpt)}.</p>")
+
     # The API ################################################################
 
     def get_api_messages(self):
@@ -4544,6 +4605,8 @@ WEB_ROUTES = [  # (method, path, handler, who may)
     ("GET", r"/api/messages", "get_api_messages", "user"),
     ("GET", r"/api/messages/([0-9a-f]{64})", "get_api_message", "user"),
     ("GET", r"/api/stats", "get_api_stats", "user"),
+    ("GET", r"/q/([A-Za-z0-9_.-]{1,2000})", "get_link", "anyone"),
+    ("POST", r"/q/([A-Za-z0-9_.-]{1,2000})", "post_link", "anyone"),
 ]
 
 DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released")
@@ -4713,6 +4776,128 @@ def archive_web(cfg, archive):
     return 0
 
 
+###############################################################################
+# Quarantine reports ##########################################################
+###############################################################################
+
+DIGEST_KINDS = ("spam", "banned")   # and "virus" with --include virus
+
+
+def web_secret(path):
+    """The key that signs the digests' links: a file only its owner may read."""
+    try:
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                fail(f"--web-secret {path} can be read by others: chmod 600 it")
+            secret = f.read(4096).strip()   # bytes
+    except (OSError, Refused) as exc:
+        fail(f"--web-secret {path}: {exc}")
+    if len(secret) < 16:
+        fail(f"--web-secret {path}: too short (head -c 32 /dev/urandom | base64 > {path})")
+    return secret
+
+
+def sign_link(secret, store_key, rcpt, expires):
+    """A token that names the message, the recipient and an expiry, signed with
+    HMAC-SHA256: base64url(key NL rcpt NL expires) '.' base64url(mac)."""
+    payload = f"{store_key}\n{rcpt}\n{int(expires)}".encode()
+    mac = hmac.new(secret, payload, hashlib.sha256).digest()
+    return (base64.urlsafe_b64encode(payload).rstrip(b"=") + b"." +
+            base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
+
+
+def open_link(secret, token, now=None):
+    """(store_key, rcpt) of a token; WebError 403 if it was not signed with this
+    secret, 410 once it has expired."""
+    try:
+        payload, mac = (base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+                        for part in token.split("."))
+        store_key, rcpt, expires = payload.decode().split("\n")
+        expires = int(expires)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise WebError(403, "this link is not one mms made") from None
+    if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
+        raise WebError(403, "this link is not one mms made")
+    if expires < (now or time.time()):
+        raise WebError(410, "this link has expired: ask your administrator")
+    return store_key, rcpt
+
+
+def archive_digest(cfg, archive):
+    """One report per local recipient of what was quarantined for them since --since:
+    sender, subject, date and score, each with a link that shows the message and
+    offers to release it to that recipient."""
+    if not (cfg.url and cfg.rcpt_domain and cfg.web_secret):
+        raise LookupError("digest needs --url, --web-secret and --rcpt-domain (the local "
+                          "domains whose recipients get reports; no report goes elsewhere)")
+    secret = web_secret(cfg.web_secret)
+    since = cfg.since or datetime.datetime.now(UTC) - datetime.timedelta(hours=24)
+    kinds = DIGEST_KINDS + (("virus",) if cfg.include == "virus" else ())
+    domains = {d.strip().lower().lstrip("@") for d in cfg.rcpt_domain.split(",") if d.strip()}
+    held = collections.defaultdict(list)
+    for doc in archive.search(all_of({"quarantine": {"$in": list(kinds)}},
+                                     {"received": {"$gte": since}})):
+        for rcpt in doc.get("rcpt") or []:
+            if isinstance(rcpt, str) and rcpt.rpartition("@")[2] in domains:
+                held[rcpt.lower()].append(doc)
+    expires = time.time() + cfg.expire_days * 86400
+    sender = cfg.mail_from or f"quarantine@{cfg.hostname}"
+    sent = failed = 0
+    for rcpt, docs in sorted(held.items()):
+        if cfg.dry_run:
+            print(f"{rcpt}: {len(docs)} message(s): " + ", ".join(d["store_key"][:12]
+                                                                for d in docs))
+            continue
+        links = [(doc, f"{cfg.url.rstrip('/')}/q/{sign_link(secret, doc['store_key'], rcpt, expires)}")
+                 for doc in docs]
+        report = digest_message(sender, rcpt, links, cfg)
+        try:
+            refused, reply = send_message(cfg.via or ("127.0.0.1", 25), sender, [rcpt], report,
+                                          cfg.hostname)
+        except LookupError as exc:
+            refused, reply = {rcpt: str(exc)}, None
+        if reply and reply.startswith("2") and not refused:
+            sent += 1
+        else:
+            failed += 1
+            print(f"{rcpt}: not sent: {refused.get(rcpt) or reply}")
+    if not cfg.dry_run:
+        print(f"digest: {sent} report(s) sent, {failed} failed, {len(held)} recipient(s)")
+    return 1 if failed else 0
+
+
+def digest_message(sender, rcpt, links, cfg):
+    """The report: a text part and a simple HTML part, everything from the messages
+    escaped in the HTML."""
+    from email.message import EmailMessage
+    rows, lines = [], []
+    for doc, link in links:
+        when = doc.get("received")
+        when = f"{when:%Y-%m-%d %H:%M}" if isinstance(when, datetime.datetime) else ""
+        score = doc.get("spam_score", "")
+        lines.append(f"{when}  {doc.get('sender') or '<>'}  {doc.get('subject', '')}"
+                     f"  score {score}\n  {link}")
+        rows.append(f"<tr><td>{h(when)}</td><td>{h(doc.get('sender') or '<>')}</td>"
+                    f"<td>{h(doc.get('subject', ''))}</td><td>{h(score)}</td>"
+                    f'<td><a href="{h(link)}">review</a></td></tr>')
+    text = (f"These {len(links)} message(s) for {rcpt} were held as spam. Open a link to "
+            f"see one, and to have it delivered if it is yours:\n\n" + "\n\n".join(lines) +
+            f"\n\nThe links expire in {cfg.expire_days:g} day(s).\n")
+    page = (f"<p>These {len(links)} message(s) for {h(rcpt)} were held as spam.</p>"
+            f"<table><tr><th>received</th><th>from</th><th>subject</th><th>score</th><th></th>"
+            f"</tr>{''.join(rows)}</table><p>The links expire in {h(f'{cfg.expire_days:g}')} "
+            f"day(s).</p>")
+    message = EmailMessage()
+    message["From"], message["To"] = sender, rcpt
+    message["Subject"] = f"Quarantine report: {len(links)} message(s) held for you"
+    message["Date"] = email.utils.formatdate(localtime=False)
+    message["Message-ID"] = email.utils.make_msgid(domain=cfg.hostname)
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(text)
+    message.add_alternative(f"<!doctype html><html><body>{page}</body></html>", subtype="html")
+    return message.as_bytes()
+
+
 ARCHIVE_COMMANDS = {
     "count": archive_count, "list": archive_list, "show": archive_show,
     "headers": archive_headers, "release": archive_release, "delete": archive_delete,
@@ -4720,6 +4905,7 @@ ARCHIVE_COMMANDS = {
     "unhold": archive_unhold, "purge": archive_purge, "stats": archive_stats,
     "verify": archive_verify, "check": archive_check,
     "replay": archive_replay, "export": archive_export, "web": archive_web,
+    "digest": archive_digest,
 }
 
 

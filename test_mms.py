@@ -4775,7 +4775,8 @@ class WebCase(MongoCase):
         self.web_port = free_port()
         cfg = mms.parse_config(["web", "--web", f"127.0.0.1:{self.web_port}", "--web-users", users,
                                 "--mongo-host", self.uri, "--mongo-database", self.dbname,
-                                "--via", f"127.0.0.1:{self.down.server_address[1]}"])
+                                "--via", f"127.0.0.1:{self.down.server_address[1]}",
+                                *self.web_args()])
         archive = mms.Archive(cfg).connect()
         self.addCleanup(archive.close)
         self.web = mms.WebServer(cfg, archive)
@@ -4783,6 +4784,9 @@ class WebCase(MongoCase):
                          daemon=True).start()
         self.addCleanup(self.web.server_close)
         self.addCleanup(self.web.shutdown)
+
+    def web_args(self):
+        return []
 
     def http(self, method, path, fields=None, cookie=None, headers=None, source="127.0.0.1"):
         """(status, headers, body bytes), from http.client."""
@@ -5054,6 +5058,137 @@ class TestWebConsoleInBrowser(WebCase):
         doc = self.db["message"].find_one({"store_key": self.hostile})
         self.assertEqual((doc["held"], doc["released"][0]["by"]), (True, "admin"))
         self.assertEqual(len(self.down.messages), 1)
+
+
+def amavis_copy(subject, rcpts, alert=None, score="12.5"):
+    """A quarantine copy as amavisd-new 2.13 writes it: its fields above its Received:."""
+    fields = [b"X-Envelope-From: <spammer@bad.example>",
+              b"X-Envelope-To: " + ", ".join(f"<{r}>" for r in rcpts).encode(),
+              b"X-Quarantine-ID: <" + uuid.uuid4().hex[:12].encode() + b">"]
+    fields += [b"X-Amavis-Alert: " + alert.encode()] if alert else [
+        b"X-Spam-Flag: YES", b"X-Spam-Score: " + score.encode()]
+    return b"\r\n".join(fields + [b"Received: from amavis by mx.example.com",
+                                   b"Subject: " + subject.encode(), b"", b"body", b""])
+
+
+class TestQuarantineReports(WebCase):
+    """mms.py digest: each local recipient gets a report of their own spam, with links
+    signed by --web-secret that show a message and release it to them, once."""
+
+    def web_args(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.secret = os.path.join(folder, "web-secret")
+        with mms.private(self.secret) as f:
+            f.write(base64.b64encode(os.urandom(32)))
+        return ["--web-secret", self.secret]
+
+    def setUp(self):
+        super().setUp()
+        self.server.shutdown()   # a quarantine-mode mms with --real-rcpt instead
+        self.server.server_close()
+        self.start_mongo("--real-rcpt")
+        quarantine = ("spam-quarantine@example.net",)
+        self.spam1 = self.key(self.send_message(self.raw(), amavis_copy(
+            "<b>cheap</b> pills", ["alice@example.com", "bob@example.com", "carol@elsewhere.net"]),
+            rcpts=quarantine))
+        self.spam2 = self.key(self.send_message(self.raw(), amavis_copy(
+            "more pills", ["alice@example.com"]), rcpts=quarantine))
+        self.virus = self.key(self.send_message(self.raw(), amavis_copy(
+            "invoice", ["alice@example.com"], alert="INFECTED, message contains virus: Eicar"),
+            rcpts=("virus-quarantine@example.net",)))
+
+    def digest(self, *args):
+        return self.archive_command(
+            "digest", "--url", f"http://127.0.0.1:{self.web_port}", "--web-secret", self.secret,
+            "--rcpt-domain", "example.com", "--via", f"127.0.0.1:{self.down.server_address[1]}",
+            "--hostname", "mx.example.com", *args)
+
+    def reports(self):
+        """{recipient: the report as an email message}, from the capture server."""
+        import email
+        import email.policy
+        rcpts = [c.split("<", 1)[1].rstrip(">") for c in self.down.commands
+                 if c.upper().startswith("RCPT")]
+        return {rcpt: email.message_from_bytes(wire[:-3].replace(b"\r\n..", b"\r\n."),
+                                               policy=email.policy.default)
+                for rcpt, wire in zip(rcpts, self.down.messages)}
+
+    def test_one_report_each_with_their_own_spam_and_no_virus(self):
+        done = self.digest("--dry-run")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.down.messages, [])                     # dry: nothing sent
+        self.assertIn("alice@example.com: 2 message(s)", done.stdout)
+        self.assertIn("bob@example.com: 1 message(s)", done.stdout)
+        done = self.digest()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("digest: 2 report(s) sent, 0 failed", done.stdout)
+        reports = self.reports()
+        self.assertEqual(sorted(reports), ["alice@example.com", "bob@example.com"])  # no carol
+        alice = reports["alice@example.com"]
+        text = alice.get_body(("plain",)).get_content()
+        page = alice.get_body(("html",)).get_content()
+        self.assertIn("<b>cheap</b> pills", text)
+        self.assertIn("&lt;b&gt;cheap&lt;/b&gt; pills", page)        # escaped in the HTML
+        self.assertIn("more pills", text)
+        self.assertNotIn("invoice", text)                             # no virus
+        self.assertEqual(len(re.findall(r"/q/\S+", text)), 2)
+        self.assertNotIn("more pills", reports["bob@example.com"].get_body(("plain",)).get_content())
+        self.assertEqual(alice["Auto-Submitted"], "auto-generated")
+        done = self.digest("--include", "virus", "--dry-run")
+        self.assertIn("alice@example.com: 3 message(s)", done.stdout)
+
+    def test_a_link_opened_in_a_browser_releases_on_the_button_only_once(self):
+        self.assertEqual(self.digest().returncode, 0)
+        text = self.reports()["alice@example.com"].get_body(("plain",)).get_content()
+        link = re.search(r"(http://\S+/q/\S+)", text.split("cheap")[1]).group(1)
+        reports = len(self.down.messages)
+        page = TestWebConsoleInBrowser.browser(self)
+        page.goto(link)                                 # a link scanner's GET: nothing sent
+        self.assertIn("<b>cheap</b> pills", page.locator("main table").inner_text())
+        self.assertEqual(len(self.down.messages), reports)
+        page.click("button[type=submit]")
+        page.wait_for_load_state()
+        self.assertIn("on its way to alice@example.com", page.locator("main").inner_text())
+        self.assertEqual(len(self.down.messages), reports + 1)
+        self.assertEqual([c for c in self.down.commands if c.upper().startswith("RCPT")][-1]
+                         .upper(), "RCPT TO:<ALICE@EXAMPLE.COM>")
+        [record] = self.db["message"].find_one({"store_key": self.spam1})["released"]
+        self.assertEqual(record["to"], ["alice@example.com"])
+        self.assertIn("alice@example.com, from a quarantine report, at 127.0.0.1", record["by"])
+        page.goto(link)
+        self.assertIn("delivered to alice@example.com already", page.locator("main").inner_text())
+        status, _, _ = self.http("POST", urllib.parse.urlparse(link).path, {})
+        self.assertEqual(status, 409)                   # once
+        self.assertEqual(len(self.down.messages), reports + 1)
+        self.assertEqual(self.dialogs, [])
+
+    def test_tampered_expired_and_virus_links(self):
+        with open(self.secret, "rb") as f:
+            secret = f.read().strip()
+        good = mms.sign_link(secret, self.spam2, "alice@example.com", time.time() + 60)
+        self.assertEqual(self.http("GET", f"/q/{good}")[0], 200)
+        payload, mac = good.split(".")
+        for tampered in (mms.sign_link(b"another secret, not the one", self.spam2,
+                                       "alice@example.com", time.time() + 60),
+                         payload[:-2] + "AA." + mac, "garbage"):
+            self.assertEqual(self.http("GET", f"/q/{tampered}")[0], 403)
+        other = mms.sign_link(secret, self.spam2, "bob@example.com", time.time() + 60)
+        self.assertEqual(self.http("GET", f"/q/{other}")[0], 403)     # not bob's message
+        expired = mms.sign_link(secret, self.spam2, "alice@example.com", time.time() - 1)
+        self.assertEqual(self.http("GET", f"/q/{expired}")[0], 410)
+        self.assertEqual(self.http("POST", f"/q/{expired}", {})[0], 410)
+        virus = mms.sign_link(secret, self.virus, "alice@example.com", time.time() + 60)
+        self.assertEqual(self.http("GET", f"/q/{virus}")[0], 403)
+        self.assertEqual(self.http("POST", f"/q/{virus}", {})[0], 403)
+        self.assertEqual(self.down.messages, [])
+
+    def test_a_secret_others_can_read_is_refused(self):
+        os.chmod(self.secret, 0o644)
+        done = self.digest("--dry-run")
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("can be read by others: chmod 600 it", done.stderr)
+        self.assertEqual(self.archive_command("digest", "--dry-run").returncode, 1)  # no --url
 
 
 ###############################################################################
