@@ -541,19 +541,23 @@ def command_help(parser, command):
     return "\n".join(lines)
 
 
-def read_config(path):
-    """MMS_NAME=value lines, # comments: the file systemd's EnvironmentFile= and
-    Docker's --env-file read too (quotes around a value are taken off, as systemd does)."""
-    settings = {}
+def file_lines(option, path):
+    """(number, line) of a settings file's lines, but for blank ones and comments."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        fail(f"--config {path}: {exc}")
+        fail(f"{option} {path}: {exc}")
     for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
+        if line.strip() and not line.strip().startswith(("#", ";")):
+            yield number, line.strip()
+
+
+def read_config(path):
+    """MMS_NAME=value lines, # comments: the file systemd's EnvironmentFile= and
+    Docker's --env-file read too (quotes around a value are taken off, as systemd does)."""
+    settings = {}
+    for number, line in file_lines("--config", path):
         name, equals, value = line.partition("=")
         name, value = name.strip(), value.strip()
         if not equals or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
@@ -1509,10 +1513,13 @@ def is_probe(session, message):
     """The probe of `mms.py check`: from loopback, with the token this server wrote to
     its state file (STATE), which only the user mms runs as can read."""
     token = session.server.probe_token
-    if not token or not ipaddress.ip_address(plain_address(session.peer)).is_loopback:
+    if not token or not ipaddress.ip_address(session.peer).is_loopback:
         return False
-    given = header_values(message.head(4096), (b"x-mms-probe",)).get(b"x-mms-probe", b"")
-    return hmac.compare_digest(given, token.encode())
+    found = PROBE_RE.match(message.head(4096))   # one pass in C, for every message
+    return bool(found) and hmac.compare_digest(found.group(1), token.encode())
+
+
+PROBE_RE = re.compile(rb"X-MMS-Probe: ([0-9a-f]{32})\r\n")  # check's probe begins with it
 
 
 LOGGED_RCPTS = 5   # a line stays under rsyslog's 8 KB with 1,000 recipients
@@ -4121,15 +4128,8 @@ NOBODY = hash_password("")  # compared for an unknown name, so that it takes as 
 def read_web_users(path):
     """{name: (hash, role)} from lines 'name:hash' or 'name:hash:role'."""
     users = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        fail(f"--web-users {path}: {exc}")
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, _, rest = line.strip().partition(":")
+    for number, line in file_lines("--web-users", path):
+        name, _, rest = line.partition(":")
         digest, _, role = rest.partition(":")
         if not name or not digest.startswith("scrypt$") or role not in ("", "admin", "viewer"):
             fail(f"--web-users {path}, line {number}: not name:hash or name:hash:role "
