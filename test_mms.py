@@ -3434,13 +3434,27 @@ class FakeScanner(socketserver.ThreadingTCPServer):
             self.server.connections += 1
             self.request.settimeout(5)
             with contextlib.suppress(OSError):
-                self.request.recv(65536)
+                request = self.request.recv(65536)
+                while request and not self.complete(request):  # all of it, or the close
+                    request += self.request.recv(65536)        # would reset mms's send
                 if self.server.barrier is not None:
                     self.server.barrier.wait(10)
                 if self.server.answer is not None:
                     self.request.sendall(self.server.answer)
                     return
                 time.sleep(5)
+
+        @staticmethod
+        def complete(request):
+            """clamd's INSTREAM ends with a zero-length chunk, its other commands with
+            NUL; spamd's request has Content-length bytes after its head."""
+            if request.startswith(b"zINSTREAM\0"):
+                return len(request) >= 14 and request.endswith(b"\0\0\0\0")
+            if request.startswith(b"z"):                    # zPING and other commands
+                return request.endswith(b"\0")
+            head, blank, body = request.partition(b"\r\n\r\n")
+            length = re.search(rb"Content-length: *([0-9]+)", head, re.I)
+            return bool(blank) and (not length or len(body) >= int(length.group(1)))
 
     def close(self):
         self.shutdown()
