@@ -459,7 +459,7 @@ def parse_config(argv=None):
     if cfg.command == "start":
         check_server_options(cfg, parser)
     if cfg.command in KEYED_COMMANDS and not cfg.key:
-        fail(f"{cfg.command} needs a store_key")
+        fail(f"{cfg.command} needs a " + ("NAME" if cfg.command == "web-user" else "store_key"))
     if cfg.client:
         try:
             ipaddress.ip_network(cfg.client, strict=False)
@@ -3630,7 +3630,8 @@ def json_line(doc):
 def run_archive_command(cfg):
     """count, list, show, headers, delete, purge, hold, unhold and replay: the archive
     from the shell, as postqueue and postsuper run Postfix's queue."""
-    archive = Archive(cfg, server=cfg.command == "check").connect()
+    # check and the web console answer within bounds; the others take as long as it takes
+    archive = Archive(cfg, server=cfg.command in ("check", "web")).connect()
     try:
         with contextlib.redirect_stdout(Escaped(sys.stdout)), \
                 contextlib.redirect_stderr(Escaped(sys.stderr)):
@@ -4431,7 +4432,8 @@ class WebHandler(BoundedHandler):
         log.info("web: %s %s %s: %s", user, action, key, result)
         if action == "delete":
             return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
-        self.redirect(f"/messages/{key}?done={urllib.parse.quote(result)}")
+        self.user["said"] = result   # shown once, by the next page: never from the URL
+        self.redirect(f"/messages/{key}")
 
     # A recipient's link from a quarantine report ###########################
 
@@ -4543,8 +4545,8 @@ class WebHandler(BoundedHandler):
                    f'<form method="post" action="/logout"><input type="hidden" name="csrf" '
                    f'value="{h(user["csrf"])}">{h(user["user"])} ({h(user["role"])}) '
                    f'<button type="submit">Log out</button></form>')
-        done = self.params.get("done")
-        notice = f'<p class="muted">{h(done)}</p>' if done else ""
+        said = user.pop("said", None) if user else None
+        notice = f'<p class="muted">{h(said)}</p>' if said else ""
         text = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>'
                 f'{h(title)} - mms</title><link rel="stylesheet" href="/style.css"></head>'
                 f'<body><header><strong>mms</strong>{nav}</header><main><h1>{h(title)}</h1>'
