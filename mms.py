@@ -22,7 +22,9 @@ One file, one runtime dependency (pymongo). Copy it to a mail host and run::
 
 The sections below follow the data: configuration, the SMTP session, the
 message pipeline (metadata and plugins, scanners, relay, store), the modes,
-observability (metrics, statsd, health), and the command line.
+observability (metrics, statsd, health), the archive (the one class that asks
+and writes MongoDB), the archive commands, the web console, quarantine reports
+(one table, ARCHIVE_COMMANDS, dispatches every command), and the command line.
 """
 
 import argparse

@@ -6,8 +6,10 @@ the command line are under test.
     python -m unittest -v
 
 Sections follow mms.py: configuration, the SMTP session, the message pipeline,
-the modes, observability, the archive commands; then the fuzzer
-(MMS_FUZZ_SESSIONS, MMS_FUZZ_SEED, MMS_FUZZ_REPLAY).
+the modes, observability, the archive commands, the web console and quarantine
+reports (in Chromium too: MMS_SCREENSHOTS=DIR takes the README's screenshots),
+the container (MMS_TEST_CONTAINER=1, once .ci/container built it); then the
+fuzzer (MMS_FUZZ_SESSIONS, MMS_FUZZ_SEED, MMS_FUZZ_REPLAY).
 """
 
 import base64
