@@ -4954,7 +4954,6 @@ def serve(cfg):
         MetricsServer(cfg, server.metrics, server)
     server.probe_token = os.urandom(16).hex()
     write_state(cfg, host, port, server.probe_token)
-    keep_watchdog()
     if cfg.workers > 1:
         return run_workers(server, cfg.workers)
     return run_process(server)
@@ -5047,6 +5046,7 @@ def run_process(server, row=0):
     server.start(row)
     if server.cfg.workers == 1:
         systemd_notify("READY=1")
+        keep_watchdog()
     server.serve_forever(poll_interval=0.5)
     if server.cfg.workers == 1:
         systemd_notify("STOPPING=1")
@@ -5093,6 +5093,7 @@ def run_workers(server, count):
     for row in range(count):
         spawn(row)
     systemd_notify("READY=1")
+    keep_watchdog()   # after the first forks: no thread of the parent's in a worker
     while workers:
         pid, status = os.wait()
         row = workers.pop(pid)

@@ -1849,7 +1849,7 @@ class TestSystemdNotify(unittest.TestCase):
         sock.bind(path)
         sock.settimeout(10)
         self.addCleanup(sock.close)
-        server = MmsProcess("--server", "debug", *args,
+        server = MmsProcess("--server", "debug", "--grace", "1", *args,
                             env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
         self.addCleanup(server.stop)
         states = []
@@ -1859,7 +1859,7 @@ class TestSystemdNotify(unittest.TestCase):
                 with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
                     self.assertEqual(client.noop()[0], 250)   # serving once it says so
                 server.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(server.proc.wait(10), 0)
+        self.assertEqual(server.proc.wait(30), 0)
         return states
 
     def test_ready_watchdog_and_stopping(self):
