@@ -4355,6 +4355,25 @@ class TestArchiveQueries(ArchiveCase):
         self.assertEqual(self.mms("count"), (0, "104", ""))
         self.assertEqual(self.mms("verify")[0], 0)
 
+    def test_the_dashboard_asks_the_indexes_only(self):
+        """Every aggregation the web console's dashboard sends starts with a $match an
+        index serves: a range of received, or held, released, quarantine."""
+        tap, uri = self.tapped()
+        cfg = mms.parse_config(["web", "--mongo-host", uri, "--mongo-database", self.dbname])
+        archive = mms.Archive(cfg).connect()
+        self.addCleanup(archive.close)
+        data = mms.dashboard_data(archive)
+        self.assertEqual((data["totals"]["messages"], data["archived"]), (4, 4))
+        self.assertEqual(sum(sum(day.values()) for day in data["days"].values()), 4)
+        pipelines = [c["pipeline"] for c in tap.sent("aggregate", "message")]
+        self.assertGreaterEqual(len(pipelines), 7)
+        for pipeline in pipelines:
+            first = pipeline[0]["$match"]
+            fields = {key for clause in first.get("$and", [first]) for key in clause}
+            self.assertLessEqual(fields, {"received", "held", "released", "quarantine"}, first)
+            self.assertTrue(fields & {"received", "held", "released"}, first)
+        self.assertEqual(len(tap.sent("count", "message")), 1)   # the archive's size
+
     def test_archive_commands_wait_for_a_slow_query(self):
         """Longer than the SMTP path's 20 s socket timeout: a query over millions."""
         def request(command):
