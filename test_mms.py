@@ -177,6 +177,7 @@ class Cable:
         self.target = parse_uri(uri)["nodelist"][0]
         self.up = True
         self.conns = []
+        self.lock = threading.Lock()   # a connection made as cut() runs is cut too
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self.accept, daemon=True).start()
@@ -191,7 +192,12 @@ class Cable:
                 client.close()
                 continue
             upstream = socket.create_connection(self.target)
-            self.conns += [client, upstream]
+            with self.lock:
+                if not self.up:
+                    client.close()
+                    upstream.close()
+                    continue
+                self.conns += [client, upstream]
             self.join(client, upstream)
 
     def join(self, client, upstream):
@@ -211,11 +217,12 @@ class Cable:
             sock.close()
 
     def cut(self):
-        self.up = False
-        for sock in self.conns:
+        with self.lock:
+            self.up = False
+            conns, self.conns = self.conns, []
+        for sock in conns:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        self.conns = []
 
     def mend(self):
         self.up = True
