@@ -2363,10 +2363,10 @@ class Spool:
             os.unlink(probe)
         except OSError as exc:
             fail(f"--spool-dir {self.path} is not writable: {exc}")
-        if os.stat(self.path).st_mode & 0o007:
+        mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        if mode & 0o007:
             log.warning("--spool-dir %s is open to other users (mode %o): spooled mail is "
-                        "private, chmod o-rwx it", self.path,
-                        stat.S_IMODE(os.stat(self.path).st_mode))
+                        "private, chmod o-rwx it", self.path, mode)
 
     def put(self, metadata, message):
         """Both files, or neither (a full disk leaves no half pair behind); readable
@@ -2616,18 +2616,14 @@ class ProxyMode(Mode):
         is said in the log before the first message finds out."""
         peers = [("downstream", lambda: Downstream(self.cfg).close())]
         if self.cfg.server == "mongo-filter":
-            peers += [(name, lambda name=name, address=address, request=request:
+            peers += [(name, lambda address=getattr(self.cfg, name), request=request:
                        ask(address, request, self.cfg.scan_timeout))
-                      for name, address, request in (("clamd", self.cfg.clamd, [b"zPING\0"]),
-                                                     ("spamd", self.cfg.spamd,
-                                                      [b"PING SPAMC/1.5\r\n\r\n"]))
-                      if address]
+                      for name, request, _ in SCANNER_PINGS if getattr(self.cfg, name)]
         for name, probe in peers:
             try:
                 probe()
             except Exception as exc:
-                log.warning("%s does not answer at start (%s)",
-                            name, exc)
+                log.warning("%s does not answer at start (%s)", name, exc)
 
     def close(self):
         self.store.close()
@@ -3212,8 +3208,8 @@ class Archive:
     and mongofiles read: chunks first, then the file, then the metadata, so that
     a failure part-way leaves an orphan file, never a document that points at
     nothing. Deletes go the other way: metadata, chunks, file. Each change that
-    depends on a message's state (on hold, still old, not being released) says so
-    in the write itself, so a hold placed meanwhile always wins.
+    depends on a message's state (on hold, not being released) says so in the
+    write itself, so a hold placed meanwhile always wins.
     """
 
     CHUNK_SIZE = 255 * 1024
@@ -3457,16 +3453,7 @@ class Archive:
 
     def stats(self, since=None, until=None, by=None, top=10, totals=True):
         """(totals, groups), counted by MongoDB from the received index's range."""
-        window, text = {}, {}
-        for op, when in (("$gte", since), ("$lt", until)):
-            if when:
-                window[op] = when
-                text[op] = f"{when.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
-        head = []
-        if window:
-            head = [{"$match": {"received": window}},
-                    {"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")}},
-                    {"$match": {"mms_at": text}}]
+        head = self.window(since, until)
         sums = {"messages": {"$sum": 1}, "bytes": {"$sum": as_number("$size")}}
         counted = {"messages": 0, "bytes": 0, **dict.fromkeys(VERDICT_FIELDS, 0)}
         for row in self.collection.aggregate(head + [{"$group": {"_id": None, **sums, **{
@@ -3484,17 +3471,28 @@ class Archive:
                          "bytes": row.get("bytes") or 0}
                         for row in self.collection.aggregate(pipeline)]
 
+    @staticmethod
+    def window(since, until=None):
+        """The first stages of a pipeline over a time range: the range on the received
+        index, then the same on the date as an ISO string, for nx-27017."""
+        window, text = {}, {}
+        for op, when in (("$gte", since), ("$lt", until)):
+            if when:
+                window[op] = when
+                text[op] = f"{when.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
+        if not window:
+            return []
+        return [{"$match": {"received": window}},
+                {"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")}},
+                {"$match": {"mms_at": text}}]
+
     def daily(self, since):
         """{day: {verdict: messages}} since then, one group per day and verdict (as
         one string: nx-27017 cannot group by a sub-document)."""
-        text = f"{since.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
         key = {"$concat": [{"$ifNull": [day_format("%Y-%m-%d"), "-"]}, " ",
                            verdict_of(VERDICT_FIELDS)]}
         days = collections.defaultdict(dict)
-        for row in self.collection.aggregate([
-                {"$match": {"received": {"$gte": since}}},
-                {"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")}},
-                {"$match": {"mms_at": {"$gte": text}}},
+        for row in self.collection.aggregate(self.window(since) + [
                 {"$group": {"_id": key, "messages": {"$sum": 1}}}]):
             day, _, verdict = str(row["_id"]).partition(" ")
             days[day][verdict] = row.get("messages") or 0
@@ -4015,14 +4013,17 @@ def check_debug(cfg, archive):
     return f"mms at port {cfg.port} answers ({code})"
 
 
+# What `check` and filter mode's start ask each scanner, and the answer that says it is up.
+SCANNER_PINGS = (("clamd", [b"zPING\0"], b"PONG"), ("spamd", [b"PING SPAMC/1.5\r\n\r\n"], b"PONG"))
+
+
 def check_relay(cfg, archive):
     check_smtp(cfg)
     Downstream(cfg).close()
     asked = ["mms", "MongoDB", f"downstream {cfg.remote_host}:{cfg.remote_port}"]
     if cfg.server == "mongo-filter":
-        for name, address, request, answer in (
-                ("clamd", cfg.clamd, [b"zPING\0"], b"PONG"),
-                ("spamd", cfg.spamd, [b"PING SPAMC/1.5\r\n\r\n"], b"PONG")):
+        for name, request, answer in SCANNER_PINGS:
+            address = getattr(cfg, name)
             if address and answer not in ask(address, request, cfg.scan_timeout):
                 raise RuntimeError(f"{name} at {address[0]}:{address[1]} did not answer PONG")
             if address:
@@ -4080,10 +4081,16 @@ def archive_export(cfg, archive):
         print(f"exported {count} message(s) to {cfg.output}")
         return 0
     out = sys.stdout.buffer
-    for doc in archive.search(query, wanted):
-        out.write(mbox_entry(doc, archive.read(doc)))
+    for entry in mbox_entries(archive, query, wanted):
+        out.write(entry)
     out.flush()
     return 0
+
+
+def mbox_entries(archive, query, wanted):
+    """The matching messages as mboxrd entries, one message in memory at a time."""
+    for doc in archive.search(query, wanted):
+        yield mbox_entry(doc, archive.read(doc))
 
 
 ###############################################################################
@@ -4101,8 +4108,6 @@ WEB_PAGE = 50                                       # messages a page
 WEB_BODY_MAX = 64 * 1024                            # a form or an API request
 WEB_VIEW_MAX = 4 * 2**20                            # of a message shown as a page
 WEB_CACHE_SECONDS = 60                              # the dashboard's aggregations
-WEB_FILTERS = ("sender", "rcpt", "since", "until", "subject", "message_id", "client",
-               "quarantine", "quarantine_id", "virus", "spam", "held", "released")
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 VERDICT_COLOURS = {"clean": "#4c9f70", "spam": "#e0a030", "virus": "#c0392b",
                    "unchecked": "#8e8e8e"}
@@ -4362,8 +4367,7 @@ class WebHandler(BoundedHandler):
 
     def get_messages(self):
         query, wanted, page, after = self.search()
-        docs = list(self.server.archive.search(query, wanted, limit=WEB_PAGE + 1))
-        more, docs = len(docs) > WEB_PAGE, docs[:WEB_PAGE]
+        docs, more = self.one_page(query, wanted)
         rows = "".join(message_row(doc) for doc in docs)
         link = ""
         if more:
@@ -4380,9 +4384,8 @@ class WebHandler(BoundedHandler):
         self.send_header("Content-Type", "application/mbox")
         self.send_header("Content-Disposition", 'attachment; filename="mms-export.mbox"')
         self.end_headers()
-        archive = self.server.archive
-        for doc in archive.search(query, wanted):
-            self.wfile.write(mbox_entry(doc, archive.read(doc)))
+        for entry in mbox_entries(self.server.archive, query, wanted):
+            self.wfile.write(entry)
 
     def get_message(self, key):
         doc, archive = self.doc(key), self.server.archive
@@ -4482,8 +4485,7 @@ class WebHandler(BoundedHandler):
 
     def get_api_messages(self):
         query, wanted, page, _ = self.search()
-        docs = list(self.server.archive.search(query, wanted, limit=WEB_PAGE + 1))
-        more, docs = len(docs) > WEB_PAGE, docs[:WEB_PAGE]
+        docs, more = self.one_page(query, wanted)
         self.json({"messages": docs, "next": next_page(docs) if more else None})
 
     def get_api_message(self, key):
@@ -4500,6 +4502,11 @@ class WebHandler(BoundedHandler):
 
     # Helpers ################################################################
 
+    def one_page(self, query, wanted):
+        """(up to WEB_PAGE documents, whether there are more): one more is asked for."""
+        docs = list(self.server.archive.search(query, wanted, limit=WEB_PAGE + 1))
+        return docs[:WEB_PAGE], len(docs) > WEB_PAGE
+
     def doc(self, key):
         if not STORE_KEY_RE.fullmatch(key):
             raise WebError(404, "no such message")
@@ -4510,9 +4517,9 @@ class WebHandler(BoundedHandler):
 
     def search(self):
         """(query, Python test, the filters as given, the page's start) from the URL."""
-        cfg = argparse.Namespace(**{name: None for name in WEB_FILTERS}, older_than=None)
+        cfg = argparse.Namespace(**{name: None for name in FILTERS}, older_than=None)
         page = {}
-        for name in WEB_FILTERS:
+        for name in FILTERS:
             value = (self.params.get(name) or "").strip()
             if not value:
                 continue
@@ -4686,7 +4693,7 @@ def search_form(params):
         f'{" checked" if params.get(name) else ""}></label> '
         if name in ("virus", "spam", "held", "released") else
         f'<label>{h(name)} <input name="{name}" value="{h(params.get(name, ""))}" size="14">'
-        f"</label> " for name in WEB_FILTERS)
+        f"</label> " for name in FILTERS)
     return f'<form method="get" action="/messages">{inputs}<button type="submit">Search</button></form>'
 
 
@@ -5116,7 +5123,7 @@ class EscapeControls(logging.Filter):
     def filter(self, record):
         text = record.getMessage()
         if CONTROL_RE.search(text):
-            text = CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+            text = CONTROL_RE.sub(hexed, text)
         record.msg, record.args = text, None  # formatted once, not again by the handler
         return True
 
