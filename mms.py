@@ -52,6 +52,7 @@ import mmap
 import os
 import queue
 import re
+import select
 import signal
 import smtplib
 import socket
@@ -668,6 +669,10 @@ def in_networks(address, networks):
     except ValueError:
         return False
     return any(ip in net for net in networks)
+
+
+def address_family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def plain_address(address):
@@ -1287,7 +1292,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.cfg = cfg
         self.mode = mode
         self.metrics = mode.metrics = metrics
-        self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        self.address_family = address_family(cfg.host)
         self.sessions = set()
         self.accepting = 0          # session threads waiting in accept()
         self.per_client = {}
@@ -2338,6 +2343,17 @@ def private(path):
                              0o600), "wb")
 
 
+def read_private(option, path, size=16 * 2**20):
+    """The bytes of a file that holds secrets, refused when others may read it."""
+    try:
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                fail(f"{option} {path} can be read by others: chmod 600 {path}")
+            return f.read(size)
+    except (OSError, Refused) as exc:
+        fail(f"{option} {path}: {exc}")
+
+
 class Spool:
     """Messages that were delivered but could not be stored wait here for `replay`.
 
@@ -2977,7 +2993,7 @@ class Statsd:
         return lines
 
     def run(self):
-        sock = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET,
+        sock = socket.socket(address_family(self.address[0]),
                              socket.SOCK_DGRAM)
         sock.setblocking(False)
         while True:
@@ -2999,17 +3015,18 @@ class Statsd:
 class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     """An HTTP server that shares the process's file descriptors with SMTP: only its
     allow-list may connect (others are disconnected unanswered; an empty list is
-    everyone), at most CONNECTIONS at once (one more is closed at once), each
-    request bounded by its handler (BoundedHandler)."""
+    everyone), at most CONNECTIONS at once and PER_CLIENT from one address, the last
+    RESERVED of them only for an address that holds none (one more is closed at
+    once), each request bounded by its handler (BoundedHandler)."""
 
     daemon_threads = True
-    CONNECTIONS = 8
+    CONNECTIONS, PER_CLIENT, RESERVED = 8, 4, 2
 
     def __init__(self, option, address, handler, allow):
-        self.allow, self.slots = allow, threading.BoundedSemaphore(self.CONNECTIONS)
+        self.allow, self.held, self.slots = allow, collections.Counter(), threading.Lock()
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
-        self.address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self.address_family = address_family(self.host)
         try:
             super().__init__((self.host, int(port)), handler)
         except OSError as exc:
@@ -3021,21 +3038,37 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     def verify_request(self, request, client_address):
         return not self.allow or in_networks(client_address[0], self.allow)
 
+    def admit(self, address):
+        """A slot for this address, or False: a few clients that hold many
+        connections (slowloris) never lock the others out."""
+        with self.slots:
+            mine, free = self.held[address], self.CONNECTIONS - self.held.total()
+            if free <= 0 or mine >= self.PER_CLIENT or (mine and free <= self.RESERVED):
+                return False
+            self.held[address] += 1
+            return True
+
+    def leave(self, address):
+        with self.slots:
+            self.held[address] -= 1
+            if self.held[address] <= 0:
+                del self.held[address]
+
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
+        if not self.admit(client_address[0]):
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except Exception:
-            self.slots.release()
+            self.leave(client_address[0])
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self.leave(client_address[0])
 
 
 class MetricsServer(BoundedHTTPServer):
@@ -3073,31 +3106,79 @@ class MetricsServer(BoundedHTTPServer):
 
 
 class BoundedHandler(http.server.BaseHTTPRequestHandler):
-    """One request per connection, its head within REQUEST_MAX bytes, each read
-    within `timeout` seconds."""
+    """One request per connection: its head within REQUEST_MAX bytes and HEAD_SECONDS
+    in all, however slowly it comes (slowloris); a body only as its handler reads it
+    (read_body), within BODY_MAX bytes and BODY_SECONDS."""
 
     server_version, sys_version = f"mms/{__version__}", ""
-    timeout = 5                   # seconds for each read
+    timeout = 5                   # seconds for each write, and each read of a body
+    HEAD_SECONDS = 5              # for the whole request head
     REQUEST_MAX = 8192            # request line and header block
+    BODY_MAX, BODY_SECONDS = 0, 10
 
     def handle(self):
-        """Read the request head within REQUEST_MAX bytes (414 for a longer request
-        line, 431 for a longer header), then let the stdlib parse it."""
-        head = bytearray()
-        while not head.endswith((b"\n\n", b"\r\n\r\n")):
+        """Read the request head (414 for a longer request line, 431 for a longer
+        header), then let the stdlib parse it; what came after it is the body's."""
+        deadline = time.monotonic() + self.HEAD_SECONDS
+        data = bytearray()
+        while not (end := HEAD_END_RE.search(data)) and len(data) <= self.REQUEST_MAX:
             try:
-                line = self.rfile.readline(self.REQUEST_MAX + 1 - len(head))
-            except OSError:  # too slow (timeout), or gone
+                chunk = self.receive(deadline, 4096)
+            except OSError:  # too slow, or gone
                 return
-            if not line:
+            if not chunk:
                 return
-            head += line
-            if len(head) > self.REQUEST_MAX:
-                self.command, self.requestline, self.request_version = None, "", "HTTP/1.0"
-                self.send_error(431 if b"\n" in head else 414)
-                return
-        self.body_file, self.rfile = self.rfile, io.BytesIO(bytes(head))
+            data += chunk
+        if not end or end.end() > self.REQUEST_MAX:
+            self.command, self.requestline, self.request_version = None, "", "HTTP/1.0"
+            self.send_error(431 if b"\n" in data[:self.REQUEST_MAX] else 414)
+            return
+        self.rest = bytes(data[end.end():])
+        self.rfile = io.BytesIO(bytes(data[:end.end()]))
         self.handle_one_request()
+
+    def receive(self, deadline, size):
+        """Some bytes, b"" at their end; TimeoutError once the deadline has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.connection.settimeout(left)
+        return self.connection.recv(size)
+
+    def read_body(self):
+        """The body: exactly Content-Length bytes, a length checked before any byte is
+        read. HTTPError 400 for a length that is no number, 411 without one for a
+        chunked body, 413 over BODY_MAX, 408 when it comes too slowly."""
+        lengths = set(self.headers.get_all("Content-Length") or [])
+        if self.headers.get("Transfer-Encoding"):
+            raise HTTPError(411, "send the body with a Content-Length")
+        if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,12}", v) for v in lengths):
+            raise HTTPError(400, "Content-Length: not a length")
+        length = int(lengths.pop()) if lengths else 0
+        if length > self.BODY_MAX:
+            raise HTTPError(413, f"the body is over {self.BODY_MAX} bytes")
+        body, self.rest = bytearray(self.rest[:length]), b""
+        deadline = time.monotonic() + self.BODY_SECONDS
+        while len(body) < length:
+            try:
+                chunk = self.receive(deadline, min(65536, length - len(body)))
+            except OSError:
+                raise HTTPError(408, "the body came too slowly") from None
+            if not chunk:
+                raise HTTPError(400, "the body ended before its Content-Length")
+            body += chunk
+        return bytes(body)
+
+
+HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+
+
+class HTTPError(Exception):
+    """An answer other than 200, with the text the client is shown."""
+
+    def __init__(self, code, text):
+        super().__init__(text)
+        self.code, self.text = code, text
 
 
 class MetricsHandler(BoundedHandler):
@@ -3550,10 +3631,11 @@ class Archive:
             purged += len(docs)
         return purged
 
-    def claim_release(self, doc, force):
+    def claim_release(self, doc, force, unless_held=False):
         """The message is this release's alone until release_done: another release at
-        the same time, or (without --force) one of a message released already, finds
-        no match. A claim older than CLAIM_LAPSES (its release died) is taken over."""
+        the same time, or (without --force) one of a message released already, or
+        (unless_held: a recipient's report link) one on hold, finds no match. A claim
+        older than CLAIM_LAPSES (its release died) is taken over."""
         from pymongo import ReturnDocument
         claim = {"token": os.urandom(12).hex(), "at": datetime.datetime.now(UTC)}
         free = {"releasing": {"$exists": False}}
@@ -3564,6 +3646,8 @@ class Archive:
         condition = {"_id": doc["_id"], **free}
         if not force:
             condition["released"] = {"$exists": False}
+        if unless_held:
+            condition.update(NOT_HELD)
         claimed = self.collection.find_one_and_update(
             condition, {"$set": {"releasing": claim}}, return_document=ReturnDocument.AFTER)
         if claimed is not None:
@@ -3571,6 +3655,9 @@ class Archive:
         now = self.collection.find_one({"_id": doc["_id"]})
         if now is None:
             raise LookupError(f"{doc['store_key']} is gone: deleted or purged meanwhile")
+        if unless_held and now.get("held") is True:
+            raise LookupError(f"{doc['store_key']} is on hold: only an administrator can "
+                              f"release it")
         if now.get("releasing"):
             raise LookupError(f"{doc['store_key']} is being released by another "
                               f"`mms.py release` since {now['releasing'].get('at')}")
@@ -3788,15 +3875,13 @@ def release_message(cfg, archive, doc, to=None, force=False, by=None, once_for=N
     """({refused rcpt: reply}, the record noted on the document, or None), for the
     command and the web console alike. With once_for, a release that reached that
     address already is refused, under the same claim."""
-    doc, token = archive.claim_release(doc, force)
+    doc, token = archive.claim_release(doc, force, unless_held=bool(once_for))
     record = None
     try:
         if once_for and any(once_for in (r.get("to") or []) for r in doc.get("released") or []
                             if isinstance(r, dict)):
             raise LookupError(f"{doc['store_key']} was released to {once_for} already")
-        data = archive.read(doc)
-        if data.startswith(b"X-MMS-RCPT:"):
-            data = data[data.index(b"\n") + 1:]
+        data = release_copy(archive.read(doc))
         via = cfg.via or ((cfg.remote_host, cfg.remote_port) if cfg.server == "mongo-filter"
                           else ("127.0.0.1", 25))
         rcpts = to or list(doc.get("rcpt") or [])
@@ -3816,6 +3901,25 @@ def release_message(cfg, archive, doc, to=None, force=False, by=None, once_for=N
 
 
 MMS_QUEUED_RE = re.compile(r"queued as [0-9a-f]{64}\b")
+QUARANTINE_FIELD_RE = re.compile(
+    rb"(?i)(x-mms-rcpt|x-envelope-[a-z-]*|x-quarantine-id|x-amavis-[a-z-]*|x-spam-[a-z-]*)[ \t]*:")
+
+
+def release_copy(data):
+    """The message as a release sends it: without the fields that mms and amavisd-new
+    prepended for the quarantine, above amavisd-new's own Received: (as --real-rcpt
+    reads them). X-Envelope-To names every recipient, Bcc too. Below that Received:
+    every field is the sender's, and stays; the stored copy is never changed."""
+    kept, at, dropping = [], 0, False
+    for line in io.BytesIO(header_block(data)):      # lines end at LF only
+        if line[:9].lower() == b"received:":
+            break
+        if line[:1] not in (b" ", b"\t"):
+            dropping = bool(QUARANTINE_FIELD_RE.match(line))
+        if not dropping:
+            kept.append(line)
+        at += len(line)
+    return b"".join(kept) + data[at:]
 
 
 def send_message(via, sender, rcpts, data, hostname):
@@ -3824,7 +3928,13 @@ def send_message(via, sender, rcpts, data, hostname):
     try:
         with smtplib.SMTP(via[0], via[1], local_hostname=hostname, timeout=60) as client:
             client.ehlo_or_helo_if_needed()
-            code, text = client.mail(sender)
+            options = []
+            if not all(address.isascii() for address in (sender, *rcpts)):
+                if not client.has_extn("smtputf8"):
+                    raise LookupError(f"{via[0]}:{via[1]} does not offer SMTPUTF8, which "
+                                      f"an address here needs")
+                options = ["SMTPUTF8"]
+            code, text = client.mail(sender, options)
             if code != 250:
                 return {rcpt: f"{code} {text.decode(errors='replace')}" for rcpt in rcpts}, None
             refused = {}
@@ -4103,12 +4213,15 @@ WEB_HEADERS = {  # on every HTML answer: no script, no framing, nothing guessed
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store"}
 WEB_SESSION_SECONDS = 8 * 3600
+WEB_SESSIONS_MAX = 10_000                           # the oldest goes first past it
 WEB_FAILURES_MAX, WEB_FAILURES_WINDOW = 10, 600   # failed logins from one address
+WEB_FAILING_MAX = 10_000                            # addresses whose failures are kept
+WEB_HASHING_MAX, WEB_HASHING_WAIT = 2, 10           # scrypt at once (16 MiB each), wait
+WEB_SWEEP_SECONDS = 60                              # expired sessions and failures go
 WEB_PAGE = 50                                       # messages a page
-WEB_BODY_MAX = 64 * 1024                            # a form or an API request
 WEB_VIEW_MAX = 4 * 2**20                            # of a message shown as a page
 WEB_CACHE_SECONDS = 60                              # the dashboard's aggregations
-SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}                # 128 * n * r = 16 MiB a hash
 VERDICT_COLOURS = {"clean": "#4c9f70", "spam": "#e0a030", "virus": "#c0392b",
                    "unchecked": "#8e8e8e"}
 
@@ -4134,9 +4247,14 @@ NOBODY = hash_password("")  # compared for an unknown name, so that it takes as 
 
 
 def read_web_users(path):
-    """{name: (hash, role)} from lines 'name:hash' or 'name:hash:role'."""
+    """{name: (hash, role)} from lines 'name:hash' or 'name:hash:role', in a file
+    only its owner may read: the hashes are worth guessing at offline."""
     users = {}
-    for number, line in file_lines("--web-users", path):
+    lines = read_private("--web-users", path).decode("utf-8", "replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
         name, _, rest = line.partition(":")
         digest, _, role = rest.partition(":")
         if not name or not digest.startswith("scrypt$") or role not in ("", "admin", "viewer"):
@@ -4161,16 +4279,19 @@ def archive_web_user(cfg):
 class WebServer(BoundedHTTPServer):
     """The console: the archive for the people who review it, over HTTP(S)."""
 
-    CONNECTIONS = 32
+    CONNECTIONS, PER_CLIENT, RESERVED = 32, 8, 8
 
     def __init__(self, cfg, archive):
         self.cfg, self.archive = cfg, archive
         self.users = read_web_users(cfg.web_users)
         self.secret = web_secret(cfg.web_secret) if cfg.web_secret else None
-        self.sessions, self.failures, self.cache = {}, collections.defaultdict(list), {}
-        self.lock = threading.Lock()
+        self.sessions, self.failures, self.cache = {}, {}, {}
+        self.lock, self.hashing = threading.Lock(), threading.BoundedSemaphore(WEB_HASHING_MAX)
+        self.closed, self.login_key = threading.Event(), os.urandom(32)
         super().__init__("--web", cfg.web, WebHandler, cfg.web_allow)
         self.tls = bool(cfg.web_cert)
+        self.headers = list(WEB_HEADERS.items()) + (
+            [("Strict-Transport-Security", "max-age=31536000")] if self.tls else [])
         if self.tls:
             import ssl
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -4187,20 +4308,34 @@ class WebServer(BoundedHTTPServer):
             log.warning("the web console listens on %s without TLS: passwords and mail "
                         "cross the network in clear; use --web-cert, or a reverse proxy",
                         cfg.web)
+        threading.Thread(target=self.sweep_forever, name="mms-web-sweep", daemon=True).start()
 
     def login(self, address, name, password):
-        """The user's (name, role), or None; 429 past WEB_FAILURES_MAX failures."""
+        """The user's (name, role), or None; 429 past WEB_FAILURES_MAX failures. The
+        attempt counts before the hash (so that attempts at once are all counted) and
+        is forgiven when it succeeds; an unknown name costs the same hash as a known
+        one (no list of names to be had from the time it takes); at most
+        WEB_HASHING_MAX hashes run at once (503 after WEB_HASHING_WAIT)."""
         now = time.monotonic()
         with self.lock:
-            recent = [t for t in self.failures[address] if now - t < WEB_FAILURES_WINDOW]
-            self.failures[address] = recent
+            recent = [t for t in self.failures.pop(address, ()) if now - t < WEB_FAILURES_WINDOW]
+            self.failures[address] = recent + [now]     # the newest last
+            while len(self.failures) > WEB_FAILING_MAX:
+                del self.failures[next(iter(self.failures))]
             if len(recent) >= WEB_FAILURES_MAX:
-                raise WebError(429, "too many failed logins from your address: wait")
+                self.failures[address].pop()
+                raise HTTPError(429, "too many failed logins from your address: wait")
         digest, role = self.users.get(name, (NOBODY, None))
-        if role and password_matches(digest, password):
+        if not self.hashing.acquire(timeout=WEB_HASHING_WAIT):
+            raise HTTPError(503, "too many logins at once: try again")
+        try:
+            matches = password_matches(digest, password)
+        finally:
+            self.hashing.release()
+        if role and matches:
+            with self.lock, contextlib.suppress(KeyError, ValueError):
+                self.failures[address].remove(now)
             return name, role
-        with self.lock:
-            self.failures[address].append(now)
         log.warning("web: failed login for %r from %s", name[:64], address)
         return None
 
@@ -4209,15 +4344,55 @@ class WebServer(BoundedHTTPServer):
         with self.lock:
             self.sessions[token] = {"user": user, "role": role, "csrf": os.urandom(16).hex(),
                                     "expires": time.monotonic() + WEB_SESSION_SECONDS}
+            while len(self.sessions) > WEB_SESSIONS_MAX:
+                del self.sessions[next(iter(self.sessions))]
         return token
 
     def session(self, token):
+        """A copy of the session: only the server's methods change it, under the lock."""
         with self.lock:
             found = self.sessions.get(token or "")
             if found and found["expires"] < time.monotonic():
                 del self.sessions[token]
                 found = None
-        return found
+            return dict(found, token=token) if found else None
+
+    def close_session(self, token):
+        with self.lock:
+            self.sessions.pop(token, None)
+
+    def tell(self, token, text):
+        """What the next page shows this session once (never carried in a URL)."""
+        with self.lock:
+            if token in self.sessions:
+                self.sessions[token]["said"] = text
+
+    def told(self, token):
+        with self.lock:
+            return self.sessions.get(token, {}).pop("said", None)
+
+    def sweep(self):
+        """Expired sessions and forgotten failures go, so that a scan leaves nothing."""
+        now = time.monotonic()
+        with self.lock:
+            for token in [t for t, s in self.sessions.items() if s["expires"] < now]:
+                del self.sessions[token]
+            for address in [a for a, times in self.failures.items()
+                            if not times or now - times[-1] >= WEB_FAILURES_WINDOW]:
+                del self.failures[address]
+
+    def sweep_forever(self):
+        while not self.closed.wait(WEB_SWEEP_SECONDS):
+            self.sweep()
+
+    def server_close(self):
+        self.closed.set()
+        super().server_close()
+
+    def login_token(self, cookie):
+        """The login form's CSRF token: tied to the browser's pre-session cookie, so a
+        form on another site cannot log a browser in (as the sender's account)."""
+        return hmac.new(self.login_key, cookie.encode(), hashlib.sha256).hexdigest()
 
     def cached(self, key, make):
         now = time.monotonic()
@@ -4231,15 +4406,17 @@ class WebServer(BoundedHTTPServer):
         return value
 
 
-class WebError(Exception):
-    def __init__(self, code, text):
-        super().__init__(text)
-        self.code, self.text = code, text
-
-
 def h(value):
-    """Anything shown: escaped, in text and in attributes alike."""
-    return html.escape(str(value), quote=True)
+    """Anything shown: escaped, in text and in attributes alike, with bidi controls
+    shown as what they are ('\u202egnp.exe' would read "exe.png")."""
+    return html.escape(BIDI_CONTROL_RE.sub(named_char, str(value)), quote=True)
+
+
+BIDI_CONTROL_RE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def named_char(match):
+    return f"[U+{ord(match.group()):04X}]"
 
 
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222}
@@ -4249,21 +4426,45 @@ table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.25em 
 text-align:left;vertical-align:top}pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;
 word-break:break-all;max-height:30em;overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:2em}
 .error{color:#a00}form.inline{display:inline}input,button{font:inherit}
-.totals td{font-size:1.3em}.muted{color:#777}"""
+.totals td{font-size:1.3em}.muted{color:#777}td,th,pre,h1,bdi{unicode-bidi:isolate}"""
 
 
 class WebHandler(BoundedHandler):
     """One route per page: GET and POST dispatched from WEB_ROUTES by path."""
 
-    timeout = 10
+    timeout, HEAD_SECONDS = 10, 10
+    BODY_MAX, BODY_SECONDS = 64 * 1024, 30      # a form or an API request
 
     def handle(self):
-        if self.server.tls:
-            try:
-                self.request.do_handshake()
-            except OSError:  # ssl.SSLError is one: a bad or a slow client
-                return
+        if self.server.tls and not self.handshake(time.monotonic() + self.HEAD_SECONDS):
+            return
         super().handle()
+
+    def handshake(self, deadline):
+        """TLS's handshake within the head's deadline, however slowly it comes."""
+        import ssl
+        self.request.setblocking(False)
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    self.request.do_handshake()
+                    return True
+                except ssl.SSLWantReadError:
+                    select.select([self.request], [], [], deadline - time.monotonic())
+                except ssl.SSLWantWriteError:
+                    select.select([], [self.request], [], deadline - time.monotonic())
+            return False
+        except (OSError, ValueError):  # ssl.SSLError is one: a bad client
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                self.request.settimeout(self.timeout)
+
+    def end_headers(self):
+        """Every answer, the stdlib's own errors too, carries the security headers."""
+        for name, value in self.server.headers:
+            self.send_header(name, value)
+        super().end_headers()
 
     def do_GET(self):
         self.route("GET")
@@ -4280,11 +4481,13 @@ class WebHandler(BoundedHandler):
                 if verb == method and match:
                     self.user = None if open_to == "anyone" else self.authenticate(path)
                     if open_to == "admin" and self.user["role"] != "admin":
-                        raise WebError(403, "this takes an admin")
+                        raise HTTPError(403, "this takes an admin")
                     return getattr(self, name)(*match.groups())
-            raise WebError(404, "no such page")
-        except WebError as exc:
+            raise HTTPError(404, "no such page")
+        except HTTPError as exc:
             self.fail(exc.code, exc.text)
+        except (ConnectionError, TimeoutError):
+            pass   # the client hung up, or stopped reading
         except LookupError as exc:
             self.fail(404 if "no message" in str(exc) else 409, exc.args[0])
         except Exception as exc:
@@ -4293,10 +4496,10 @@ class WebHandler(BoundedHandler):
 
     # Sessions ###############################################################
 
-    def cookie(self):
+    def cookie(self, wanted="mms_session"):
         for part in (self.headers.get("Cookie") or "").split(";"):
             name, _, value = part.strip().partition("=")
-            if name == "mms_session":
+            if name == wanted:
                 return value
         return None
 
@@ -4312,40 +4515,46 @@ class WebHandler(BoundedHandler):
                     found = self.server.login(self.client_address[0], name, password)
                     if found:
                         return {"user": found[0], "role": found[1], "csrf": None}
-            raise WebError(401, "log in, or send HTTP Basic credentials")
+            raise HTTPError(401, "log in, or send HTTP Basic credentials")
         raise WebRedirect("/login")
 
-    def form(self):
-        """The posted fields, with the session's CSRF token checked."""
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > WEB_BODY_MAX:
-            raise WebError(413, "too large")
+    def form(self, csrf=None):
+        """The posted fields, with the CSRF token checked: the session's, or the one
+        given (the login form's)."""
         fields = {k: v[-1] for k, v in urllib.parse.parse_qs(
-            self.body_file.read(length).decode("utf-8", "replace")).items()}
-        if self.user and not hmac.compare_digest(fields.get("csrf", ""),
-                                                 self.user.get("csrf") or "-"):
-            raise WebError(403, "this form has expired: open the page again")
+            self.read_body().decode("utf-8", "replace")).items()}
+        expected = self.user.get("csrf") if self.user else csrf
+        if (self.user or csrf is not None) and not (expected and hmac.compare_digest(
+                fields.get("csrf", "").encode(), expected.encode())):
+            raise HTTPError(403, "this form has expired: open the page again")
         return fields
 
-    def get_login(self):
-        self.page("Log in", LOGIN_FORM.format(error=""), user=None)
+    def get_login(self, error="", code=200):
+        """The form, with a pre-session cookie and the token tied to it."""
+        browser = self.cookie("mms_login")
+        if not browser or not re.fullmatch(r"[0-9a-f]{32}", browser):
+            browser = os.urandom(16).hex()
+        form = LOGIN_FORM.format(error=error, csrf=self.server.login_token(browser))
+        self.page("Log in", form, user=None, code=code, extra=[("Set-Cookie", (
+            f"mms_login={browser}; Path=/login; HttpOnly; SameSite=Strict{self.secure()}"))])
 
     def post_login(self):
-        fields = self.form()
+        browser = self.cookie("mms_login") or ""
+        fields = self.form(csrf=self.server.login_token(browser) if browser else "")
         found = self.server.login(self.client_address[0], fields.get("user", ""),
                                   fields.get("password", ""))
         if not found:
-            return self.page("Log in", LOGIN_FORM.format(
-                error='<p class="error">Wrong name or password.</p>'), user=None, code=401)
+            return self.get_login('<p class="error">Wrong name or password.</p>', code=401)
         token = self.server.open_session(*found)
-        secure = "; Secure" if self.server.tls else ""
         self.redirect("/", cookie=f"mms_session={token}; Path=/; HttpOnly; SameSite=Strict"
-                                  f"; Max-Age={WEB_SESSION_SECONDS}{secure}")
+                                  f"; Max-Age={WEB_SESSION_SECONDS}{self.secure()}")
+
+    def secure(self):
+        return "; Secure" if self.server.tls else ""
 
     def post_logout(self):
         self.form()
-        with self.server.lock:
-            self.server.sessions.pop(self.cookie(), None)
+        self.server.close_session(self.cookie())
         self.redirect("/login", cookie="mms_session=; Path=/; Max-Age=0")
 
     # Pages ##################################################################
@@ -4409,8 +4618,6 @@ class WebHandler(BoundedHandler):
         self.send_response(200)
         self.send_header("Content-Type", "message/rfc822")
         self.send_header("Content-Disposition", f'attachment; filename="{key}.eml"')
-        for name, value in WEB_HEADERS.items():
-            self.send_header(name, value)
         self.end_headers()
         for piece in self.server.archive.pieces(doc):
             self.wfile.write(piece)
@@ -4428,7 +4635,7 @@ class WebHandler(BoundedHandler):
         else:
             to = [a.strip() for a in fields.get("to", "").split(",") if a.strip()]
             if any(not valid_address(a) for a in to):
-                raise WebError(400, "not an address: " + ", ".join(to))
+                raise HTTPError(400, "not an address: " + ", ".join(to))
             refused, record = release_message(self.server.cfg, archive, doc, to,
                                               force=bool(fields.get("again")), by=user)
             result = f"released: {record['reply']}" if record else "not released"
@@ -4437,7 +4644,7 @@ class WebHandler(BoundedHandler):
         log.info("web: %s %s %s: %s", user, action, key, result)
         if action == "delete":
             return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
-        self.user["said"] = result   # shown once, by the next page: never from the URL
+        self.server.tell(self.user.get("token"), result)
         self.redirect(f"/messages/{key}")
 
     # A recipient's link from a quarantine report ###########################
@@ -4445,29 +4652,31 @@ class WebHandler(BoundedHandler):
     def linked(self, token):
         """(message, recipient) of a report's link: signed, not expired, no virus."""
         if self.server.secret is None:
-            raise WebError(404, "no such page")
+            raise HTTPError(404, "no such page")
         key, rcpt = open_link(self.server.secret, token)
         doc = self.doc(key)
         if rcpt not in [str(r).lower() for r in doc.get("rcpt") or []]:
-            raise WebError(403, "this link is not for this message")
+            raise HTTPError(403, "this link is not for this message")
         if doc.get("is_virus") or doc.get("quarantine") == "virus":
-            raise WebError(403, "a virus is never released from a link: ask your administrator")
+            raise HTTPError(403, "a virus is never released from a link: ask your administrator")
         return doc, rcpt
 
     def get_link(self, token):
-        """Only the POST from this page releases: link scanners GET every link."""
+        """What the recipient needs to judge their own message, and nothing of the
+        others (no header: amavisd-new's X-Envelope-To names every recipient, Bcc
+        too). Only the POST from this page releases: link scanners GET every link."""
         doc, rcpt = self.linked(token)
-        head, _ = message_parts(self.server.archive, doc)
         done = any(rcpt in (r.get("to") or []) for r in doc.get("released") or []
                    if isinstance(r, dict))
-        button = (f"<p>It was delivered to {h(rcpt)} already.</p>" if done else
-                  f'<form method="post" action="/q/{h(token)}"><button type="submit">Deliver '
-                  f"this message to {h(rcpt)}</button></form>")
-        rows = "".join(f"<tr><th>{h(k)}</th><td>{h(v)}</td></tr>" for k, v in (
-            ("from", doc.get("sender") or "<>"), ("to", rcpt), ("received", doc.get("received")),
-            ("subject", doc.get("subject", "")), ("spam score", doc.get("spam_score", ""))))
-        self.page("A message held for you", f"<table>{rows}</table>{button}"
-                  f"<h3>Header</h3><pre>{h(head)}</pre>")
+        if doc.get("held") is True:
+            button = "<p>It is on hold: only an administrator can release it.</p>"
+        elif done:
+            button = f"<p>It was delivered to <bdi>{h(rcpt)}</bdi> already.</p>"
+        else:
+            button = (f'<form method="post" action="/q/{h(token)}"><button type="submit">'
+                      f"Deliver this message to <bdi>{h(rcpt)}</bdi></button></form>")
+        self.page("A message held for you", link_summary(self.server.archive, doc, rcpt) +
+                  button)
 
     def post_link(self, token):
         doc, rcpt = self.linked(token)
@@ -4478,8 +4687,8 @@ class WebHandler(BoundedHandler):
         log.info("web: %s released %s from a report: %s", rcpt, doc["store_key"],
                  record["reply"] if record else refused)
         if not record or refused:
-            raise WebError(502, "it could not be delivered now: try again later")
-        self.page("Delivered", f"<p>The message is on its way to {h(rcpt)}.</p>")
+            raise HTTPError(502, "it could not be delivered now: try again later")
+        self.page("Delivered", f"<p>The message is on its way to <bdi>{h(rcpt)}</bdi>.</p>")
 
     # The API ################################################################
 
@@ -4495,7 +4704,7 @@ class WebHandler(BoundedHandler):
         since = web_when(self.params.get("since"), "since")
         by = self.params.get("by") or None
         if by is not None and by not in STATS_GROUPS:
-            raise WebError(400, f"by: one of {', '.join(STATS_GROUPS)}")
+            raise HTTPError(400, f"by: one of {', '.join(STATS_GROUPS)}")
         top = int(self.params["top"]) if self.params.get("top", "").isdigit() else 10
         totals, groups = self.server.archive.stats(since, None, by, min(top, 1000))
         self.json({"totals": totals, "by": by, "groups": groups})
@@ -4509,10 +4718,10 @@ class WebHandler(BoundedHandler):
 
     def doc(self, key):
         if not STORE_KEY_RE.fullmatch(key):
-            raise WebError(404, "no such message")
+            raise HTTPError(404, "no such message")
         doc = self.server.archive.find(key)
         if doc is None:
-            raise WebError(404, f"no message with store_key {key}")
+            raise HTTPError(404, f"no message with store_key {key}")
         return doc
 
     def search(self):
@@ -4532,7 +4741,7 @@ class WebHandler(BoundedHandler):
                 try:
                     ipaddress.ip_network(value, strict=False)
                 except ValueError:
-                    raise WebError(400, f"client: not an IP address or CIDR: {value}") from None
+                    raise HTTPError(400, f"client: not an IP address or CIDR: {value}") from None
                 cfg.client = value
             else:
                 setattr(cfg, name, value[:256])
@@ -4546,7 +4755,7 @@ class WebHandler(BoundedHandler):
                            {"_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
         return query, wanted, page, after
 
-    def page(self, title, body, user=False, code=200):
+    def page(self, title, body, user=False, code=200, extra=()):
         user = self.user if user is False else user
         nav = ""
         if user:
@@ -4554,19 +4763,19 @@ class WebHandler(BoundedHandler):
                    f'<form method="post" action="/logout"><input type="hidden" name="csrf" '
                    f'value="{h(user["csrf"])}">{h(user["user"])} ({h(user["role"])}) '
                    f'<button type="submit">Log out</button></form>')
-        said = user.pop("said", None) if user else None
+        said = self.server.told(user.get("token")) if user else None
         notice = f'<p class="muted">{h(said)}</p>' if said else ""
         text = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>'
                 f'{h(title)} - mms</title><link rel="stylesheet" href="/style.css"></head>'
                 f'<body><header><strong>mms</strong>{nav}</header><main><h1>{h(title)}</h1>'
                 f'{notice}{body}</main></body></html>')
-        self.send(code, text.encode(), "text/html; charset=utf-8")
+        self.send(code, text.encode(), "text/html; charset=utf-8", extra)
 
     def send(self, code, data, kind, extra=()):
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
-        for name, value in [*WEB_HEADERS.items(), *extra]:
+        for name, value in extra:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
@@ -4592,12 +4801,13 @@ class WebHandler(BoundedHandler):
         pass  # actions are logged as they are taken
 
 
-class WebRedirect(WebError):
+class WebRedirect(HTTPError):
     def __init__(self, where):
         super().__init__(303, where)
 
 
 LOGIN_FORM = """{error}<form method="post" action="/login">
+<input type="hidden" name="csrf" value="{csrf}">
 <p><label>Name <input name="user" autocomplete="username" required></label></p>
 <p><label>Password <input name="password" type="password" autocomplete="current-password"
 required></label></p><p><button type="submit">Log in</button></p></form>"""
@@ -4631,7 +4841,7 @@ def web_when(value, name):
     try:
         return _when(value)
     except argparse.ArgumentTypeError as exc:
-        raise WebError(400, f"{name}: {exc}") from None
+        raise HTTPError(400, f"{name}: {exc}") from None
 
 
 def next_page(docs):
@@ -4719,9 +4929,15 @@ def field_table(doc):
     return f"<table>{rows}</table>"
 
 
+MIME_DEPTH_MAX, MIME_PARTS_MAX = 50, 1000   # what the message view follows of MIME
+
+
 def message_parts(archive, doc):
     """(the header as text, HTML for the text parts and the attachments): text/plain
-    decoded, HTML as escaped source, never rendered; at most WEB_VIEW_MAX read."""
+    decoded, HTML as escaped source, never rendered; at most WEB_VIEW_MAX read.
+    Hostile MIME never stops the page (a sender would hide a message from review):
+    a part that cannot be decoded is shown as its bytes with the reason, and a
+    message nested too deep for the parser as its text."""
     import email
     import email.policy
     data, cut = bytearray(), False
@@ -4730,34 +4946,87 @@ def message_parts(archive, doc):
         if len(data) > WEB_VIEW_MAX:
             data, cut = data[:WEB_VIEW_MAX], True
             break
-    head = header_block(bytes(data))
+    data = bytes(data)
+    head = header_block(data)
     text = "\n".join(f"{name}: {decode_header_value(value)}" for name, value in
                      header_pairs(head))
-    message = email.message_from_bytes(bytes(data), policy=email.policy.compat32)
+    notes = [f"Shown: the first {WEB_VIEW_MAX} bytes; download the message for the rest."
+             ] if cut else []
+    try:
+        message = email.message_from_bytes(data, policy=email.policy.compat32)
+    except RecursionError:
+        body = data[len(head):].decode("utf-8", "replace")
+        return text, (f"<h3>Body, as text</h3><pre>{h(body)}</pre><p class=\"error\">Its MIME "
+                      f"parts are nested too deep to be shown one by one.</p>")
     parts, files = [], []
-    for part in message.walk():
-        if part.is_multipart():
-            continue
-        kind = part.get_content_type()
-        name = part.get_filename()
-        payload = part.get_payload(decode=True) or b""
+    for part in mime_leaves(message, notes):
+        kind, payload = part.get_content_type(), part.get_payload(decode=True) or b""
+        name = part_filename(part)
         if name or kind not in ("text/plain", "text/html"):
-            files.append(f"<tr><td>{h(decode_header_value(str(name or '').encode()))}</td>"
-                         f"<td>{h(kind)}</td><td>{len(payload)}</td></tr>")
+            files.append(f"<tr><td>{h(name)}</td><td>{h(kind)}</td><td>{len(payload)}</td></tr>")
             continue
-        try:
-            body = payload.decode(part.get_content_charset() or "utf-8", "replace")
-        except LookupError:   # a charset Python does not know
-            body = payload.decode("utf-8", "replace")
         label = "Text" if kind == "text/plain" else "HTML, as source (not rendered)"
-        parts.append(f"<h3>{h(label)}</h3><pre>{h(body)}</pre>")
+        parts.append(f"<h3>{h(label)}</h3>{part_text(part, payload)}")
     if files:
         parts.append("<h3>Attachments</h3><table><tr><th>name</th><th>type</th><th>bytes</th>"
                      "</tr>" + "".join(files) + "</table>")
-    if cut:
-        parts.append(f'<p class="muted">Shown: the first {WEB_VIEW_MAX} bytes; download the '
-                     f"message for the rest.</p>")
+    parts += [f'<p class="muted">{h(note)}</p>' for note in notes]
     return text, "".join(parts)
+
+
+def mime_leaves(message, notes):
+    """The parts that are not multipart, depth first, without recursion: no deeper
+    than MIME_DEPTH_MAX, no more than MIME_PARTS_MAX (each left out is noted)."""
+    stack, seen = [(message, 0)], 0
+    while stack:
+        part, depth = stack.pop()
+        seen += 1
+        if seen > MIME_PARTS_MAX:
+            notes.append(f"Only the first {MIME_PARTS_MAX} MIME parts are shown.")
+            return
+        if not part.is_multipart():
+            yield part
+        elif depth >= MIME_DEPTH_MAX:
+            notes.append(f"Parts nested deeper than {MIME_DEPTH_MAX} levels are not shown.")
+        else:
+            stack += [(p, depth + 1) for p in reversed(part.get_payload()) if hasattr(p, "walk")]
+
+
+def part_filename(part):
+    """The decoded filename, or its raw form and why it could not be decoded."""
+    try:
+        return decode_header_value(str(part.get_filename() or "").encode())
+    except (LookupError, UnicodeError, ValueError) as exc:
+        raw = part.get("Content-Disposition") or part.get("Content-Type") or ""
+        return f"{str(raw)[:HEADER_VALUE_MAX]} (the name cannot be decoded: {exc})"
+
+
+def part_text(part, payload):
+    try:
+        return f"<pre>{h(payload.decode(part.get_content_charset() or 'utf-8', 'replace'))}</pre>"
+    except (LookupError, UnicodeError) as exc:   # a charset unknown, or one like idna
+        return (f'<p class="error">Charset {h(part.get_content_charset())} cannot be decoded '
+                f'({h(exc)}): its bytes as they are.</p>'
+                f"<pre>{h(payload.decode('ascii', 'backslashreplace'))}</pre>")
+
+
+def link_summary(archive, doc, rcpt):
+    """A report link's table: that recipient, the header's From, Subject and Date,
+    and the verdict."""
+    head = bytearray()
+    for piece in archive.pieces(doc):
+        head += piece
+        if HEAD_END_RE.search(head) or len(head) > HEADER_BLOCK_MAX:
+            break
+    found = header_lists(bytes(head), (b"from", b"date"))
+    score = doc.get("spam_score")
+    rows = (("to", rcpt), ("from", decode_header_value(found.get(b"from", [b""])[0])),
+            ("envelope sender", doc.get("sender") or "<>"), ("subject", doc.get("subject", "")),
+            ("date", decode_header_value(found.get(b"date", [b""])[0])),
+            ("held as", doc.get("quarantine") or "spam"),
+            *((("spam score", score),) if isinstance(score, (int, float)) else ()))
+    return "<table>" + "".join(f"<tr><th>{h(k)}</th><td>{h(v)}</td></tr>" for k, v in rows) + \
+        "</table>"
 
 
 def header_pairs(head):
@@ -4795,14 +5064,8 @@ DIGEST_KINDS = ("spam", "banned")   # and "virus" with --include virus
 
 
 def web_secret(path):
-    """The key that signs the digests' links: a file only its owner may read."""
-    try:
-        with open_regular(path) as f:
-            if os.fstat(f.fileno()).st_mode & 0o077:
-                fail(f"--web-secret {path} can be read by others: chmod 600 it")
-            secret = f.read(4096).strip()   # bytes
-    except (OSError, Refused) as exc:
-        fail(f"--web-secret {path}: {exc}")
+    """The key that signs the digests' links."""
+    secret = read_private("--web-secret", path, 4096).strip()
     if len(secret) < 16:
         fail(f"--web-secret {path}: too short (head -c 32 /dev/urandom | base64 > {path})")
     return secret
@@ -4818,7 +5081,7 @@ def sign_link(secret, store_key, rcpt, expires):
 
 
 def open_link(secret, token, now=None):
-    """(store_key, rcpt) of a token; WebError 403 if it was not signed with this
+    """(store_key, rcpt) of a token; HTTPError 403 if it was not signed with this
     secret, 410 once it has expired."""
     try:
         payload, mac = (base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
@@ -4826,11 +5089,11 @@ def open_link(secret, token, now=None):
         store_key, rcpt, expires = payload.decode().split("\n")
         expires = int(expires)
     except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise WebError(403, "this link is not one mms made") from None
+        raise HTTPError(403, "this link is not one mms made") from None
     if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
-        raise WebError(403, "this link is not one mms made")
+        raise HTTPError(403, "this link is not one mms made")
     if expires < (now or time.time()):
-        raise WebError(410, "this link has expired: ask your administrator")
+        raise HTTPError(410, "this link has expired: ask your administrator")
     return store_key, rcpt
 
 
@@ -4849,7 +5112,7 @@ def archive_digest(cfg, archive):
     for doc in archive.search(all_of({"quarantine": {"$in": list(kinds)}},
                                      {"received": {"$gte": since}})):
         for rcpt in doc.get("rcpt") or []:
-            if isinstance(rcpt, str) and rcpt.rpartition("@")[2] in domains:
+            if isinstance(rcpt, str) and reported(rcpt.lower(), domains):
                 held[rcpt.lower()].append(doc)
     expires = time.time() + cfg.expire_days * 86400
     sender = cfg.mail_from or f"quarantine@{cfg.hostname}"
@@ -4861,43 +5124,71 @@ def archive_digest(cfg, archive):
             continue
         links = [(doc, f"{cfg.url.rstrip('/')}/q/{sign_link(secret, doc['store_key'], rcpt, expires)}")
                  for doc in docs]
-        report = digest_message(sender, rcpt, links, cfg)
-        try:
-            refused, reply = send_message(cfg.via or ("127.0.0.1", 25), sender, [rcpt], report,
-                                          cfg.hostname)
-        except LookupError as exc:
-            refused, reply = {rcpt: str(exc)}, None
-        if reply and reply.startswith("2") and not refused:
+        why = send_report(cfg, sender, rcpt, digest_message(sender, rcpt, links, cfg))
+        if why is None:
             sent += 1
         else:
             failed += 1
-            print(f"{rcpt}: not sent: {refused.get(rcpt) or reply}")
+            log.warning("digest: the report to %s was not sent: %s", rcpt, why)
+            print(f"{rcpt}: not sent: {why}")
     if not cfg.dry_run:
         print(f"digest: {sent} report(s) sent, {failed} failed, {len(held)} recipient(s)")
     return 1 if failed else 0
 
 
+def reported(rcpt, domains):
+    """Whether a recipient gets a report: in a local domain, and without the
+    routing a relay may still honour (x%attacker.example@local, a!b@local)."""
+    local, _, domain = rcpt.rpartition("@")
+    if domain not in domains:
+        return False
+    if "%" in local or "!" in local:
+        log.warning("digest: no report for %r: a %% or ! in the local part may route "
+                    "it elsewhere", rcpt)
+        return False
+    return True
+
+
+def send_report(cfg, sender, rcpt, report):
+    """None once the relay took the report, else why not: each report on its own,
+    so one recipient (a name the relay refuses, an SMTPUTF8 address it cannot take)
+    never costs the others theirs."""
+    try:
+        refused, reply = send_message(cfg.via or ("127.0.0.1", 25), sender, [rcpt], report,
+                                      cfg.hostname)
+    except LookupError as exc:
+        return str(exc)
+    if reply and reply.startswith("2") and not refused:
+        return None
+    return refused.get(rcpt) or reply
+
+
+REPORT_VALUE_MAX = 120   # characters of a sender or a subject in a report
+
+
 def digest_message(sender, rcpt, links, cfg):
-    """The report: a text part and a simple HTML part, everything from the messages
-    escaped in the HTML."""
+    """The report: a text part and a simple HTML part. Each value from a message is
+    one line, cut to REPORT_VALUE_MAX (a subject that decodes to line breaks would
+    write fake entries), and escaped in the HTML."""
+    import email.policy
     from email.message import EmailMessage
     rows, lines = [], []
     for doc, link in links:
         when = doc.get("received")
         when = f"{when:%Y-%m-%d %H:%M}" if isinstance(when, datetime.datetime) else ""
-        score = doc.get("spam_score", "")
-        lines.append(f"{when}  {doc.get('sender') or '<>'}  {doc.get('subject', '')}"
-                     f"  score {score}\n  {link}")
-        rows.append(f"<tr><td>{h(when)}</td><td>{h(doc.get('sender') or '<>')}</td>"
-                    f"<td>{h(doc.get('subject', ''))}</td><td>{h(score)}</td>"
-                    f'<td><a href="{h(link)}">review</a></td></tr>')
-    text = (f"These {len(links)} message(s) for {rcpt} were held as spam. Open a link to "
-            f"see one, and to have it delivered if it is yours:\n\n" + "\n\n".join(lines) +
+        verdict = report_verdict(doc)
+        who, subject = one_line(doc.get("sender") or "<>"), one_line(doc.get("subject", ""))
+        lines.append(f"{when}  {who}  {subject}\n  {verdict}\n  {link}")
+        rows.append(f"<tr><td>{h(when)}</td><td><bdi>{h(who)}</bdi></td><td><bdi>{h(subject)}"
+                    f"</bdi></td><td>{h(verdict)}</td><td><a href=\"{h(link)}\">review</a></td>"
+                    f"</tr>")
+    text = (f"These {len(links)} message(s) for {rcpt} were held. Open a link to see "
+            f"one, and to have it delivered if it is yours:\n\n" + "\n\n".join(lines) +
             f"\n\nThe links expire in {cfg.expire_days:g} day(s).\n")
-    page = (f"<p>These {len(links)} message(s) for {h(rcpt)} were held as spam.</p>"
-            f"<table><tr><th>received</th><th>from</th><th>subject</th><th>score</th><th></th>"
-            f"</tr>{''.join(rows)}</table><p>The links expire in {h(f'{cfg.expire_days:g}')} "
-            f"day(s).</p>")
+    page = (f"<p>These {len(links)} message(s) for {h(rcpt)} were held.</p>"
+            f"<table><tr><th>received</th><th>from</th><th>subject</th><th>held as</th><th>"
+            f"</th></tr>{''.join(rows)}</table><p>The links expire in "
+            f"{h(f'{cfg.expire_days:g}')} day(s).</p>")
     message = EmailMessage()
     message["From"], message["To"] = sender, rcpt
     message["Subject"] = f"Quarantine report: {len(links)} message(s) held for you"
@@ -4906,7 +5197,21 @@ def digest_message(sender, rcpt, links, cfg):
     message["Auto-Submitted"] = "auto-generated"
     message.set_content(text)
     message.add_alternative(f"<!doctype html><html><body>{page}</body></html>", subtype="html")
-    return message.as_bytes()
+    return message.as_bytes(policy=email.policy.SMTPUTF8 if not rcpt.isascii() else None)
+
+
+def report_verdict(doc):
+    """What a report says a message was held as, with a score only where there is one."""
+    kind = doc.get("quarantine") or "spam"
+    score = doc.get("spam_score")
+    return f"held as {kind}" + (f", score {score:g}" if isinstance(score, (int, float)) else "")
+
+
+def one_line(value, limit=REPORT_VALUE_MAX):
+    """A value as one line of text: control characters, line breaks and bidi
+    controls become spaces, and a long value is cut, with an ellipsis."""
+    text = re.sub(r"\s+", " ", CONTROL_RE.sub(" ", BIDI_CONTROL_RE.sub(" ", str(value)))).strip()
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 ARCHIVE_COMMANDS = {

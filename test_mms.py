@@ -4846,9 +4846,20 @@ class WebCase(MongoCase):
         answer = conn.getresponse()
         return answer.status, dict(answer.getheaders()), answer.read()
 
+    def login_form(self, source="127.0.0.1"):
+        """(the pre-session cookie, the login form's token), as a browser gets them."""
+        status, headers, body = self.http("GET", "/login", source=source)
+        self.assertEqual(status, 200)
+        token = re.search(r'name="csrf" value="([0-9a-f]+)"', body.decode()).group(1)
+        return headers["Set-Cookie"].split(";")[0], token
+
+    def post_login(self, user, password, source="127.0.0.1"):
+        cookie, token = self.login_form(source)
+        return self.http("POST", "/login", {"user": user, "password": password, "csrf": token},
+                         cookie=cookie, source=source)
+
     def login(self, user="admin"):
-        status, headers, _ = self.http("POST", "/login", {"user": user,
-                                                          "password": self.PASSWORDS[user]})
+        status, headers, _ = self.post_login(user, self.PASSWORDS[user])
         self.assertEqual(status, 303)
         return headers["Set-Cookie"].split(";")[0]
 
@@ -4865,9 +4876,8 @@ class TestWebConsole(WebCase):
         self.assertEqual(self.http("GET", "/")[:1], (303,))
         self.assertEqual(self.http("GET", "/")[1]["Location"], "/login")
         self.assertEqual(self.http("GET", "/api/messages")[0], 401)
-        self.assertEqual(self.http("POST", "/login", {"user": "admin", "password": "no"})[0], 401)
-        status, headers, _ = self.http("POST", "/login", {"user": "admin",
-                                                          "password": self.PASSWORDS["admin"]})
+        self.assertEqual(self.post_login("admin", "no")[0], 401)
+        status, headers, _ = self.post_login("admin", self.PASSWORDS["admin"])
         self.assertEqual((status, headers["Location"]), (303, "/"))
         cookie = headers["Set-Cookie"]
         for flag in ("HttpOnly", "SameSite=Strict", "Path=/"):
@@ -4879,11 +4889,9 @@ class TestWebConsole(WebCase):
         self.assertEqual(self.http("POST", "/logout", {"csrf": csrf}, cookie=session)[0], 303)
         self.assertEqual(self.http("GET", "/", cookie=session)[0], 303)   # the session is gone
         for _ in range(10):                            # from another address
-            self.assertEqual(self.http("POST", "/login", {"user": "admin", "password": "x"},
-                                       source="127.0.0.2")[0], 401)
-        self.assertEqual(self.http("POST", "/login", {"user": "admin",
-                                                      "password": self.PASSWORDS["admin"]},
-                                   source="127.0.0.2")[0], 429)
+            self.assertEqual(self.post_login("admin", "x", source="127.0.0.2")[0], 401)
+        self.assertEqual(self.post_login("admin", self.PASSWORDS["admin"], source="127.0.0.2")[0],
+                         429)
 
     def test_hostile_mail_is_shown_as_text(self):
         cookie = self.login()
@@ -5031,9 +5039,16 @@ class TestWebConsoleTLS(WebCase):
         context = ssl.create_default_context(cafile=cert)
         conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
         self.addCleanup(conn.close)
+        conn.request("GET", "/login")
+        answer = conn.getresponse()
+        form = answer.read().decode()
+        self.assertIn("; Secure", answer.getheader("Set-Cookie"))      # the pre-session one
+        self.assertEqual(answer.getheader("Strict-Transport-Security"), "max-age=31536000")
+        token = re.search(r'name="csrf" value="([0-9a-f]+)"', form).group(1)
         conn.request("POST", "/login", body=urllib.parse.urlencode(
-            {"user": "admin", "password": self.PASSWORDS["admin"]}),
-            headers={"Content-Type": "application/x-www-form-urlencoded"})
+            {"user": "admin", "password": self.PASSWORDS["admin"], "csrf": token}),
+            headers={"Content-Type": "application/x-www-form-urlencoded",
+                     "Cookie": answer.getheader("Set-Cookie").split(";")[0]})
         answer = conn.getresponse()
         answer.read()
         self.assertEqual(answer.status, 303)
@@ -5230,7 +5245,7 @@ class TestQuarantineReports(WebCase):
         os.chmod(self.secret, 0o644)
         done = self.digest("--dry-run")
         self.assertEqual(done.returncode, 2)
-        self.assertIn("can be read by others: chmod 600 it", done.stderr)
+        self.assertIn(f"can be read by others: chmod 600 {self.secret}", done.stderr)
         self.assertEqual(self.archive_command("digest", "--dry-run").returncode, 1)  # no --url
 
 
