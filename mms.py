@@ -3111,6 +3111,7 @@ class BoundedHandler(http.server.BaseHTTPRequestHandler):
     (read_body), within BODY_MAX bytes and BODY_SECONDS."""
 
     server_version, sys_version = f"mms/{__version__}", ""
+    default_request_version = "HTTP/1.0"   # an error answers with its headers, never as 0.9
     timeout = 5                   # seconds for each write, and each read of a body
     HEAD_SECONDS = 5              # for the whole request head
     REQUEST_MAX = 8192            # request line and header block
@@ -3216,6 +3217,7 @@ class MetricsHandler(BoundedHandler):
 # - Conditions are joined with $and: nx-27017 applies a top-level $or alone.
 # - fs.files and fs.chunks are deleted one id per statement, many statements per
 #   command: nx-27017 refuses $in on fs.files and deletes nothing with $in on fs.chunks.
+# - held is written true, and read back through is_held: nx-27017 stores it as 1.
 # - released[] is written whole, with $set, by the release that holds the claim:
 #   nx-27017 stores a $push of a sub-document as a JSON string.
 # - The release claim is compared by a string token: nx-27017 misses equality and
@@ -3227,6 +3229,12 @@ class MetricsHandler(BoundedHandler):
 #   A find on fs.files gets every file at once, whatever its batchSize (and no range
 #   or regular expression on it works): verify's memory grows with the files there.
 NOT_HELD = {"held": {"$nin": [True]}}
+
+
+def is_held(doc):
+    """Whether a document read back is on hold: held is written as true, which
+    nx-27017 stores as 1 (and its queries match both); the one place mms reads it so."""
+    return doc.get("held") is True or type(doc.get("held")) is int and doc["held"] == 1
 
 
 def all_of(*clauses):
@@ -3655,7 +3663,7 @@ class Archive:
         now = self.collection.find_one({"_id": doc["_id"]})
         if now is None:
             raise LookupError(f"{doc['store_key']} is gone: deleted or purged meanwhile")
-        if unless_held and now.get("held") is True:
+        if unless_held and is_held(now):
             raise LookupError(f"{doc['store_key']} is on hold: only an administrator can "
                               f"release it")
         if now.get("releasing"):
@@ -3803,7 +3811,7 @@ def archive_list(cfg, archive):
             out.write(json_line(doc))
         else:
             marks = "".join(f" [{name}]" for name in ("virus", "spam") if doc.get(f"is_{name}"))
-            marks += " [held]" if doc.get("held") is True else ""
+            marks += " [held]" if is_held(doc) else ""
             out.write(list_line(doc) + marks + "\n")
     return 0
 
@@ -4668,7 +4676,7 @@ class WebHandler(BoundedHandler):
         doc, rcpt = self.linked(token)
         done = any(rcpt in (r.get("to") or []) for r in doc.get("released") or []
                    if isinstance(r, dict))
-        if doc.get("held") is True:
+        if is_held(doc):
             button = "<p>It is on hold: only an administrator can release it.</p>"
         elif done:
             button = f"<p>It was delivered to <bdi>{h(rcpt)}</bdi> already.</p>"
@@ -4915,7 +4923,7 @@ def message_row(doc):
     rcpt = ", ".join(map(str, rcpt[:3])) + (" ..." if len(rcpt) > 3 else "") \
         if isinstance(rcpt, list) else str(rcpt or "")
     marks = " ".join(m for m in ("virus", "spam") if doc.get(f"is_{m}"))
-    marks += " held" if doc.get("held") is True else ""
+    marks += " held" if is_held(doc) else ""
     link = f'<a href="/messages/{h(key)}">open</a>' if STORE_KEY_RE.fullmatch(key) else ""
     return (f"<tr><td>{h(when)}</td><td>{h(doc.get('sender', ''))}</td><td>{h(rcpt)}</td>"
             f"<td>{h(doc.get('subject', ''))}</td><td>{h(doc.get('size', ''))}</td>"

@@ -4814,6 +4814,7 @@ class WebCase(MongoCase):
             f.write(f"admin:{mms.hash_password(self.PASSWORDS['admin'])}\n"
                     f"viewer:{mms.hash_password(self.PASSWORDS['viewer'])}:viewer\n")
         self.addCleanup(os.unlink, users)
+        self.users_file = users
         self.web_port = free_port()
         cfg = mms.parse_config(["web", "--web", f"127.0.0.1:{self.web_port}", "--web-users", users,
                                 "--mongo-host", self.uri, "--mongo-database", self.dbname,
@@ -5013,6 +5014,329 @@ class TestWebConsole(WebCase):
         self.assertNotIn("s3cret", done.stdout + done.stderr)
 
 
+def vm_kib(pid, field):
+    """VmRSS or VmHWM (the peak) of a process, in KiB, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def concurrently(count, work):
+    """work(n) in count threads at once; their results in order."""
+    results = [None] * count
+
+    def run(n):
+        results[n] = work(n)
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+class TestConsoleUnderAttack(WebCase):
+    """A stranger, a viewer and a recipient attack the console: requests that would
+    take its memory or its connections, bad input, guessed names and passwords, a
+    cross-site login. Each answer is what a browser or a scanner expects, and the
+    console keeps serving."""
+
+    def raw_request(self, head, source="127.0.0.1", port=None):
+        sock = socket.create_connection(("127.0.0.1", port or self.web_port), timeout=10,
+                                        source_address=(source, 0))
+        self.addCleanup(sock.close)
+        sock.sendall(head)
+        return sock
+
+    @staticmethod
+    def answer(sock):
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data
+
+    def console_process(self):
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, MMS, "web", "--web", f"127.0.0.1:{port}", "--web-users",
+             self.users_file, "--mongo-host", self.uri, "--mongo-database", self.dbname],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(process.wait, 30)
+        self.addCleanup(process.kill)
+        wait_port(port)
+        return process, port
+
+    def test_a_body_length_is_checked_before_a_byte_is_read(self):
+        process, port = self.console_process()
+        before = vm_kib(process.pid, "VmRSS")
+        block = b"user=x&" * (2**20 // 7)
+        for length, code in (("-1", 400), ("abc", 400), ("-5", 400), ("1e9", 400),
+                             (str(200 * 2**20), 413), (str(64 * 1024 + 1), 413)):
+            with self.subTest(length=length):
+                sock = self.raw_request(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                                        length.encode() + b"\r\n\r\n", port=port)
+                sock.settimeout(5)            # answered before the body is read
+                status = sock.recv(12)
+                self.assertEqual(status, b"HTTP/1.0 %d" % code)
+                with contextlib.suppress(OSError):
+                    for _ in range(50):       # 50 MiB more, that nobody reads
+                        sock.sendall(block)
+
+        def flood(n):                         # six at once, the same way
+            sock = self.raw_request(b"POST /login HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                                    port=port)
+            with contextlib.suppress(OSError):
+                for _ in range(30):
+                    sock.sendall(block)
+        concurrently(6, flood)
+        self.assertEqual(self.http("GET", "/login")[0], 200)
+        grown = vm_kib(process.pid, "VmHWM") - before
+        self.assertLess(grown, 20 * 1024, f"the console grew by {grown} KiB")
+        process.terminate()
+        self.assertNotIn(b"ERROR", process.communicate(timeout=30)[1])
+
+    def test_a_body_that_comes_too_slowly_is_cut(self):
+        with mock.patch.object(mms.WebHandler, "BODY_SECONDS", 1):
+            sock = self.raw_request(b"POST /login HTTP/1.1\r\nContent-Length: 100\r\n\r\nuser=",
+                                    source="127.0.0.5")
+            started = time.monotonic()
+            self.assertTrue(self.answer(sock).startswith(b"HTTP/1.0 408"))
+            self.assertLess(time.monotonic() - started, 5)
+
+    def test_slowloris_never_locks_the_console(self):
+        """32 connections that send a header byte every half second from one address,
+        and 8 from each of four more: the slow ones are cut at HEAD_SECONDS in all,
+        and a reviewer from another address is served all the while."""
+        stop = threading.Event()
+        socks = []
+        with mock.patch.object(mms.WebHandler, "HEAD_SECONDS", 3):
+            for n in range(32 + 4 * 8):
+                with contextlib.suppress(OSError):
+                    socks.append(self.raw_request(b"GET / HTTP/1.1\r\n",
+                                                  source=f"127.0.0.{3 + max(0, n - 24) // 8}"))
+
+            def drip():
+                while not stop.is_set():
+                    for sock in socks:
+                        with contextlib.suppress(OSError):
+                            sock.send(b"X")
+                    stop.wait(0.5)
+            dripping = threading.Thread(target=drip)
+            dripping.start()
+            self.addCleanup(dripping.join)
+            self.addCleanup(stop.set)
+            served, started = [], time.monotonic()
+            while time.monotonic() - started < 4:
+                served.append(self.http("GET", "/login")[0])
+                time.sleep(0.3)
+            self.assertEqual(set(served), {200})
+            self.assertGreaterEqual(len(served), 8)
+            deadline = time.monotonic() + 5          # every slow head is cut by then
+            for sock in socks:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                    while sock.recv(4096):
+                        pass
+
+    def test_bad_input_is_a_400_and_every_answer_has_the_security_headers(self):
+        cookie = self.login()
+        with self.assertNoLogs("mms", "ERROR"):
+            for length in ("abc", "-5"):
+                status, headers, _ = self.http("POST", f"/messages/{self.plain}/hold",
+                                               cookie=cookie, headers={"Content-Length": length})
+                self.assertEqual(status, 400)
+                self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+            status, _, _ = self.http("POST", f"/messages/{self.plain}/hold",
+                                     {"csrf": "\u00e9t\u00e9"}, cookie=cookie)
+            self.assertEqual(status, 403)
+            answers = [self.answer(self.raw_request(request)) for request in (
+                b"PUT / HTTP/1.0\r\n\r\n", b"GET /" + b"a" * 9000 + b" HTTP/1.0\r\n\r\n",
+                b"GET / HTTP/1.0\r\n" + b"X-A: b\r\n" * 2000 + b"\r\n", b"NONSENSE\r\n\r\n")]
+        for answer, code in zip(answers, (b"501", b"414", b"431", b"400")):
+            self.assertEqual(answer[9:12], code, answer[:80])
+            for header in (b"Content-Security-Policy: default-src 'none'",
+                           b"X-Content-Type-Options: nosniff", b"Referrer-Policy: no-referrer",
+                           b"Cache-Control: no-store"):
+                self.assertIn(header, answer)
+        status, headers, _ = self.http("GET", "/messages.mbox", cookie=cookie)
+        self.assertEqual(status, 200)
+        for name in ("Content-Security-Policy", "X-Content-Type-Options", "Referrer-Policy",
+                     "Cache-Control"):
+            self.assertIn(name, headers)
+
+    def test_names_cannot_be_told_from_the_time_a_login_takes(self):
+        def timed(name, source, basic=False):
+            times = []
+            for _ in range(9):
+                cookie, token = self.login_form(source)
+                started = time.perf_counter()
+                if basic:
+                    status = self.http("GET", "/api/messages", source=source, headers={
+                        "Authorization": "Basic " + base64.b64encode(
+                            f"{name}:wrong".encode()).decode()})[0]
+                    self.assertEqual(status, 401)
+                else:
+                    self.assertEqual(self.http("POST", "/login", {
+                        "user": name, "password": "wrong", "csrf": token}, cookie=cookie,
+                        source=source)[0], 401)
+                times.append(time.perf_counter() - started)
+            return sorted(times)[4]
+        for basic in (False, True):
+            with self.subTest(basic=basic):
+                unknown = timed("nobody-here", f"127.0.1.{10 + basic}", basic)
+                known = timed("admin", f"127.0.1.{20 + basic}", basic)
+                self.assertLess(abs(unknown - known) / max(unknown, known), 0.2,
+                                f"unknown {unknown * 1000:.1f} ms, known {known * 1000:.1f} ms")
+
+    def test_concurrent_guesses_are_counted_before_the_hash(self):
+        real, running, most = mms.password_matches, [0], [0]
+        lock = threading.Lock()
+
+        def measured(stored, password):      # the real hash, with its concurrency noted
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                return real(stored, password)
+            finally:
+                with lock:
+                    running[0] -= 1
+        forms = [self.login_form("127.0.0.7") for _ in range(30)]
+
+        def guesses(n):   # 30 in all, as many at once as one address may connect
+            return [self.http("POST", "/login", {"user": "admin", "password": f"guess {i}",
+                                                 "csrf": forms[i][1]}, cookie=forms[i][0],
+                              source="127.0.0.7")[0] for i in range(n, 30, per_client)]
+        per_client = mms.WebServer.PER_CLIENT
+        with mock.patch.object(mms, "password_matches", measured):
+            statuses = sum(concurrently(per_client, guesses), [])
+        self.assertEqual(sorted(statuses), [401] * 10 + [429] * 20)
+        self.assertLessEqual(most[0], mms.WEB_HASHING_MAX)
+
+    def test_a_cross_site_form_cannot_log_a_browser_in(self):
+        fields = {"user": "viewer", "password": self.PASSWORDS["viewer"]}
+        for cookie, token in ((None, None), (self.login_form()[0], None),
+                              (self.login_form()[0], self.login_form()[1])):
+            with self.subTest(cookie=cookie, token=token):
+                status, headers, _ = self.http("POST", "/login", dict(
+                    fields, **({"csrf": token} if token else {})), cookie=cookie)
+                self.assertEqual(status, 403)
+                self.assertNotIn("mms_session", headers.get("Set-Cookie", ""))
+        self.assertEqual(self.post_login("viewer", self.PASSWORDS["viewer"])[0], 303)
+
+    def test_a_users_file_others_can_read_is_refused(self):
+        os.chmod(self.users_file, 0o644)
+        done = subprocess.run([sys.executable, MMS, "web", "--web", f"127.0.0.1:{free_port()}",
+                               "--web-users", self.users_file, "--mongo-host", self.uri],
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(f"can be read by others: chmod 600 {self.users_file}", done.stderr)
+
+
+class TestConsoleSessions(WebCase):
+    """Sessions and failed logins do not pile up under a scan: swept on a timer,
+    capped in number (the oldest goes first)."""
+
+    def setUp(self):
+        for name, value in (("WEB_SWEEP_SECONDS", 0.2), ("WEB_SESSION_SECONDS", 2),
+                            ("WEB_SESSIONS_MAX", 3), ("WEB_FAILURES_WINDOW", 1)):
+            patcher = mock.patch.object(mms, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        super().setUp()
+
+    def test_sessions_expire_and_are_capped(self):
+        cookies = [self.login("viewer") for _ in range(5)]
+        self.assertEqual([self.http("GET", "/", cookie=c)[0] for c in cookies],
+                         [303, 303, 200, 200, 200])          # the two oldest are gone
+        self.assertEqual(len(self.web.sessions), 3)
+        for n in range(5):
+            self.post_login("viewer", "wrong", source=f"127.0.2.{n + 1}")
+        self.assertEqual(len(self.web.failures), 5)
+        deadline = time.monotonic() + 10
+        while (self.web.sessions or self.web.failures) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual((self.web.sessions, self.web.failures), ({}, {}))
+        self.assertEqual(self.http("GET", "/", cookie=cookies[-1])[0], 303)
+
+
+def nested_mime(depth):
+    """A message whose multipart parts are nested depth levels deep."""
+    body = b"Content-Type: text/plain\r\n\r\ninnermost\r\n"
+    for n in range(depth):
+        boundary = b"b%d" % n
+        body = (b"Content-Type: multipart/mixed; boundary=" + boundary + b"\r\n\r\n--" +
+                boundary + b"\r\n" + body + b"\r\n--" + boundary + b"--\r\n")
+    return b"Subject: deep\r\nMIME-Version: 1.0\r\n" + body
+
+
+RLO = "\u202e"
+HOSTILE_MIME = {
+    "idna text": b"Subject: idna text\r\nMIME-Version: 1.0\r\n"
+                 b"Content-Type: text/plain; charset=idna\r\n\r\nxn--nxasmq6b\r\n",
+    "idna filename": b"Subject: idna filename\r\nMIME-Version: 1.0\r\n"
+                     b"Content-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\n"
+                     b"Content-Type: application/octet-stream\r\n"
+                     b"Content-Disposition: attachment; filename*=idna''evil.exe\r\n\r\n"
+                     b"MZ\r\n--z--\r\n",
+    "deep": nested_mime(2000),
+    "bidi": b"Subject: =?utf-8?b?" + base64.b64encode(f"invoice {RLO}gnp.exe".encode()) +
+            b"?=\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n"
+            b"--z\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--z\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Disposition: attachment; "
+            b"filename=\"=?utf-8?b?" + base64.b64encode(f"{RLO}gnp.exe".encode()) +
+            b"?=\"\r\n\r\nMZ\r\n--z--\r\n",
+}
+
+
+class TestHostileMime(WebCase):
+    """MIME built to break the message view: a charset that cannot decode, a filename
+    in one, nesting 2,000 deep, bidi controls that turn 'exe' into 'png'. The page
+    renders every time, says what it could not decode, and shows bidi controls."""
+
+    def setUp(self):
+        super().setUp()
+        self.keys = {name: self.key(self.send_message(self.raw(), data))
+                     for name, data in HOSTILE_MIME.items()}
+
+    def test_every_page_renders_and_says_why(self):
+        cookie = self.login("viewer")
+        pages = {name: self.http("GET", f"/messages/{key}", cookie=cookie)
+                 for name, key in self.keys.items()}
+        for name, (status, _, _) in pages.items():
+            self.assertEqual(status, 200, name)
+        text = {name: html.unescape(body.decode()) for name, (_, _, body) in pages.items()}
+        self.assertIn("Charset idna cannot be decoded", text["idna text"])
+        self.assertIn("xn--nxasmq6b", text["idna text"])                # its bytes
+        self.assertIn("the name cannot be decoded", text["idna filename"])
+        self.assertIn("filename*=idna''evil.exe", text["idna filename"])
+        self.assertIn("nested too deep", text["deep"])
+        self.assertEqual(self.http("GET", "/messages", cookie=cookie)[0], 200)
+
+    def test_bidi_controls_are_shown_and_values_isolated(self):
+        cookie = self.login("viewer")
+        for path in (f"/messages/{self.keys['bidi']}", "/messages"):
+            body = self.http("GET", path, cookie=cookie)[2].decode()
+            self.assertNotIn(RLO, body)
+            self.assertIn("[U+202E]gnp.exe", body)
+        self.assertIn("unicode-bidi:isolate", self.http("GET", "/style.css")[2].decode())
+
+    def test_in_chromium(self):
+        page = TestWebConsoleInBrowser.browser(self)
+        base = f"http://127.0.0.1:{self.web_port}"
+        page.goto(base + "/login")
+        page.fill("input[name=user]", "viewer")
+        page.fill("input[name=password]", self.PASSWORDS["viewer"])
+        page.click("button[type=submit]")
+        for name, key in self.keys.items():
+            with self.subTest(name=name):
+                answer = page.goto(f"{base}/messages/{key}")
+                self.assertEqual(answer.status, 200)
+                self.assertTrue(page.locator("main h1").is_visible())
+        self.assertIn("[U+202E]gnp.exe", page.locator("main").inner_text())
+        self.assertEqual(self.dialogs, [])
+
+
 class TestWebConsoleTLS(WebCase):
     """--web-cert and --web-key: HTTPS with the standard library, and a Secure cookie."""
 
@@ -5129,9 +5453,9 @@ def amavis_copy(subject, rcpts, alert=None, score="12.5"):
                                    b"Subject: " + subject.encode(), b"", b"body", b""])
 
 
-class TestQuarantineReports(WebCase):
-    """mms.py digest: each local recipient gets a report of their own spam, with links
-    signed by --web-secret that show a message and release it to them, once."""
+class ReportCase(WebCase):
+    """Three amavisd-new quarantine copies (two spam, one virus) for local and other
+    recipients, and the digest's capture server."""
 
     def web_args(self):
         folder = tempfile.mkdtemp()
@@ -5171,6 +5495,15 @@ class TestQuarantineReports(WebCase):
         return {rcpt: email.message_from_bytes(wire[:-3].replace(b"\r\n..", b"\r\n."),
                                                policy=email.policy.default)
                 for rcpt, wire in zip(rcpts, self.down.messages)}
+
+    def link(self, key, rcpt="alice@example.com", expires=60):
+        with open(self.secret, "rb") as f:
+            return "/q/" + mms.sign_link(f.read().strip(), key, rcpt, time.time() + expires)
+
+
+class TestQuarantineReports(ReportCase):
+    """mms.py digest: each local recipient gets a report of their own spam, with links
+    signed by --web-secret that show a message and release it to them, once."""
 
     def test_one_report_each_with_their_own_spam_and_no_virus(self):
         done = self.digest("--dry-run")
@@ -5247,6 +5580,100 @@ class TestQuarantineReports(WebCase):
         self.assertEqual(done.returncode, 2)
         self.assertIn(f"can be read by others: chmod 600 {self.secret}", done.stderr)
         self.assertEqual(self.archive_command("digest", "--dry-run").returncode, 1)  # no --url
+
+
+class TestReportsUnderAttack(ReportCase):
+    """What a sender writes reaches a report's reader only as one line of text; one
+    recipient never costs the others their report; a link shows that recipient's
+    message and nobody else's, and never releases what an administrator holds."""
+
+    def test_one_recipient_never_costs_the_others_their_report(self):
+        self.send_message(self.raw(), amavis_copy("for j\u00f6hn", [
+            "aaron@example.com", "j\u00f6hn@example.com", "zed@example.com"]),
+            rcpts=("spam-quarantine@example.net",))
+        done = self.digest()
+        self.assertEqual(done.returncode, 1)                  # one failed, and said so
+        self.assertIn("digest: 4 report(s) sent, 1 failed, 5 recipient(s)", done.stdout)
+        self.assertIn("j\u00f6hn@example.com: not sent: ", done.stdout)
+        self.assertIn("SMTPUTF8", done.stdout)
+        self.assertEqual(sorted(self.reports()), ["aaron@example.com", "alice@example.com",
+                                                  "bob@example.com", "zed@example.com"])
+        self.down.commands.clear()
+        self.down.messages.clear()
+        self.down.replies["EHLO"] = "250-down.test\r\n250-SMTPUTF8\r\n250 8BITMIME"
+        done = self.digest()
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("digest: 5 report(s) sent, 0 failed", done.stdout)
+        self.assertIn("mail FROM:<quarantine@mx.example.com> SMTPUTF8", self.down.commands)
+        self.assertIn("j\u00f6hn@example.com", self.reports())
+
+    def test_a_subject_is_one_line_in_a_report(self):
+        fake = "real one\r\n\r\n2026-12-04 09:00  it@example.com  Password expiry\r\n  " \
+               "http://phish.example/q/x\r\n"
+        encoded = "=?utf-8?b?" + base64.b64encode(fake.encode()).decode() + "?="
+        self.send_message(self.raw(), amavis_copy(encoded, ["dave@example.com"]),
+                          rcpts=("spam-quarantine@example.net",))
+        self.assertEqual(self.digest().returncode, 0)
+        text = self.reports()["dave@example.com"].get_body(("plain",)).get_content()
+        entry = [line for line in text.splitlines() if "phish.example" in line]
+        self.assertEqual(len(entry), 1, text)
+        self.assertIn("real one 2026-12-04 09:00 it@example.com Password expiry", entry[0])
+        self.assertLessEqual(len(entry[0]), 2 * mms.REPORT_VALUE_MAX + 40)
+        self.assertIn("held as spam, score 12.5", text)
+
+    def test_each_entry_names_its_own_verdict(self):
+        self.send_message(self.raw(), amavis_copy("banned one", ["erin@example.com"],
+                                                  alert="BANNED, message contains .exe"),
+                          rcpts=("banned-quarantine@example.net",))
+        self.assertEqual(self.digest("--include", "virus").returncode, 0)
+        text = self.reports()["alice@example.com"].get_body(("plain",)).get_content()
+        self.assertIn("held as virus\n", text)                 # no score where none is
+        self.assertNotIn("score \n", text)
+        erin = self.reports()["erin@example.com"].get_body(("plain",)).get_content()
+        self.assertIn("held as banned\n", erin)
+
+    def test_no_report_goes_where_a_percent_or_bang_would_route_it(self):
+        self.send_message(self.raw(), amavis_copy("route me", [
+            "x%attacker.example@example.com", "a!b@example.com", "fred@example.com"]),
+            rcpts=("spam-quarantine@example.net",))
+        done = self.digest()
+        self.assertEqual(done.returncode, 0)
+        self.assertNotIn("attacker", " ".join(self.reports()))
+        self.assertNotIn("a!b@example.com", self.reports())
+        self.assertIn("fred@example.com", self.reports())
+        self.assertIn("may route it elsewhere", done.stderr)
+
+    def test_a_link_shows_only_its_recipient_and_releases_without_amavis_fields(self):
+        link = self.link(self.spam1)
+        status, _, body = self.http("GET", link)
+        self.assertEqual(status, 200)
+        page = body.decode()
+        for secret in ("bob@example.com", "carol@elsewhere.net", "X-Envelope-To",
+                       "X-Quarantine-ID", "X-MMS-RCPT", "spam-quarantine"):
+            self.assertNotIn(secret, page)
+        self.assertIn("alice@example.com", page)
+        self.assertIn("&lt;b&gt;cheap&lt;/b&gt; pills", page)
+        self.assertIn("12.5", page)
+        before = self.stored(self.spam1)[1]
+        self.assertEqual(self.http("POST", link, {})[0], 200)
+        [wire] = self.down.messages
+        for field in (b"X-Envelope-To", b"X-Envelope-From", b"X-Quarantine-ID", b"X-Spam-",
+                      b"X-MMS-RCPT"):
+            self.assertNotIn(field, wire)
+        self.assertTrue(wire.startswith(b"Received: from amavis by mx.example.com\r\n"), wire)
+        self.assertIn(b"Subject: <b>cheap</b> pills", wire)
+        self.assertEqual(self.stored(self.spam1)[1], before)       # byte-exact still
+
+    def test_a_held_message_is_not_released_from_a_link(self):
+        self.assertEqual(self.archive_command("hold", self.spam2).returncode, 0)
+        link = self.link(self.spam2)
+        page = self.http("GET", link)[2].decode()
+        self.assertIn("on hold: only an administrator can release it", page)
+        self.assertNotIn("<button", page.split("</header>")[1])
+        status, _, body = self.http("POST", link, {})
+        self.assertEqual(status, 409)
+        self.assertIn(b"on hold", body)
+        self.assertEqual(self.down.messages, [])
 
 
 ###############################################################################
