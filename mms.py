@@ -350,7 +350,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """A bad option is one line and exit 2, not a usage block that hides it."""
 
     def error(self, message):
-        fail(f"{message} (see mms.py --help)")
+        raise ConfigError(f"{message} (see mms.py --help)")
 
 
 def build_parser():
@@ -455,19 +455,20 @@ def parse_config(argv=None):
             try:
                 value = kind(os.environ.get(variable, settings.get(variable, default)))
             except (ValueError, argparse.ArgumentTypeError) as exc:
-                fail(f"{cfg.source.get(dest, variable)}: {exc}")
+                raise ConfigError(f"{cfg.source.get(dest, variable)}: {exc}")
         setattr(cfg, dest, value)
     if cfg.server not in MODES:
-        fail(f"unknown mode {cfg.server!r}: choose one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown mode {cfg.server!r}: choose one of {', '.join(MODES)}")
     if cfg.command == "start":
         check_server_options(cfg, parser)
     if cfg.command in KEYED_COMMANDS and not cfg.key:
-        fail(f"{cfg.command} needs a " + ("NAME" if cfg.command == "web-user" else "store_key"))
+        raise ConfigError(
+            f"{cfg.command} needs a " + ("NAME" if cfg.command == "web-user" else "store_key"))
     if cfg.client:
         try:
             ipaddress.ip_network(cfg.client, strict=False)
         except ValueError:
-            fail(f"--client: not an IP address or CIDR: {cfg.client!r}")
+            raise ConfigError(f"--client: not an IP address or CIDR: {cfg.client!r}")
     if cfg.server != "debug" or cfg.command != "start":
         check_mongo_options(cfg)
     cfg.hostname = cfg.hostname or socket.getfqdn()
@@ -487,8 +488,9 @@ def check_flags(parser, argv):
         flag = arg.split("=", 1)[0]
         if flag.startswith("--") and flag not in known:
             close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
-            fail(f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else "")
-                 + " (see mms.py --help)")
+            raise ConfigError(
+                f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else "")
+                + " (see mms.py --help)")
     words = [arg for arg in argv if arg in COMMAND_HELP]
     if words and ("-h" in argv or "--help" in argv):
         print(command_help(parser, words[0]))
@@ -550,7 +552,7 @@ def file_lines(option, path):
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        fail(f"{option} {path}: {exc}")
+        raise ConfigError(f"{option} {path}: {exc}")
     for number, line in enumerate(lines, 1):
         if line.strip() and not line.strip().startswith(("#", ";")):
             yield number, line.strip()
@@ -564,7 +566,7 @@ def read_config(path):
         name, equals, value = line.partition("=")
         name, value = name.strip(), value.strip()
         if not equals or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
-            fail(f"--config {path}, line {number}: not NAME=value: {line[:60]!r}")
+            raise ConfigError(f"--config {path}, line {number}: not NAME=value: {line[:60]!r}")
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
         settings[name] = value
@@ -587,15 +589,17 @@ def check_server_options(cfg, parser):
     """One line and exit 2 for an option the server would silently ignore."""
     for dest, modes in MODE_OPTIONS.items():
         if dest in cfg.given and cfg.server not in modes and getattr(cfg, dest) is not False:
-            fail(f"{cfg.source[dest]} is for {' and '.join(modes)} mode, not {cfg.server}: "
-                 f"set --server, or leave it out")
+            raise ConfigError(
+                f"{cfg.source[dest]} is for {' and '.join(modes)} mode, not {cfg.server}: "
+                f"set --server, or leave it out")
     for dest in ("web", "web_users", "web_cert", "web_key", "web_allow", "web_secret"):
         if cfg.source.get(dest, "").startswith("--"):
-            fail(f"{cfg.source[dest]} is for `mms.py web`, not the server")
+            raise ConfigError(f"{cfg.source[dest]} is for `mms.py web`, not the server")
     for action in parser.archive_actions:
         if getattr(cfg, action.dest) != action.default:
-            fail(f"{action.option_strings[0]} is for the archive commands, not the server "
-                 f"(mms.py list, purge, ... {action.option_strings[0]})")
+            raise ConfigError(
+                f"{action.option_strings[0]} is for the archive commands, not the server "
+                f"(mms.py list, purge, ... {action.option_strings[0]})")
 
 
 def closest_variable(name, known):
@@ -628,12 +632,12 @@ def check_mongo_options(cfg):
         import pymongo.uri_parser
         from pymongo.write_concern import WriteConcern
     except ImportError:
-        fail("this mode needs pymongo: pip install -r requirements.txt")
+        raise ConfigError("this mode needs pymongo: pip install -r requirements.txt")
     try:
         parsed = pymongo.uri_parser.parse_uri(cfg.mongo_host, connect_timeout=1)
         WriteConcern(**write_concern(cfg, parsed["options"]))
     except Exception as exc:
-        fail(f"--mongo-host {redact(cfg.mongo_host)}: {exc}")
+        raise ConfigError(f"--mongo-host {redact(cfg.mongo_host)}: {exc}")
     if "mongo_database" not in cfg.given and parsed.get("database"):
         cfg.mongo_database = parsed["database"]
 
@@ -652,10 +656,59 @@ def write_concern(cfg, uri_options):
     return concern
 
 
-def fail(message):
-    """Start-up errors: one clear line and exit 2, as for a bad flag."""
-    print(f"mms.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+class MMSError(Exception):
+    """What mms tells the person who asked, not a bug: the text is the whole message.
+    Each kind has the exit status of a command and the HTTP status of the console."""
+    exit_status, http_status = 1, 400
+
+
+class ConfigError(MMSError):
+    """A setting mms cannot start with: one line, and exit 2 as for a bad flag."""
+    exit_status, http_status = 2, 500
+
+
+class UsageError(MMSError):
+    """A command or a request asked for something it cannot have as asked."""
+
+
+class NotFound(MMSError):
+    http_status = 404
+
+
+class Conflict(MMSError):
+    """The message is not in a state that allows it (held, released, gone)."""
+    http_status = 409
+
+
+class AlreadyReleased(Conflict):
+    """Each surface names its own way to send a message again."""
+
+    def __init__(self, key, times):
+        super().__init__(f"{key} was released already ({times} time(s)): --force to send it "
+                         f"again")
+        self.in_console = (f"{key} was released already ({times} time(s)): tick \"again\" to "
+                           f"send it again")
+
+
+class VirusRelease(Conflict):
+    """A virus goes out only when asked explicitly; each surface names its own way."""
+
+    def __init__(self, doc):
+        self.names = ", ".join(map(str, doc.get("virus") or [])) or "a virus"
+        super().__init__(f"{doc['store_key']} holds {self.names}: --force to release it all "
+                         f"the same")
+
+
+class DeliveryError(MMSError):
+    """A release or a report the relay did not take."""
+    http_status = 502
+
+
+def bug(exc):
+    """Whether no outage, no peer and no user explains an exception: then its
+    traceback belongs in the log, once."""
+    import pymongo.errors
+    return not isinstance(exc, (MMSError, OSError, pymongo.errors.PyMongoError))
 
 
 def redact(uri):
@@ -1787,9 +1840,9 @@ def load_plugins(names):
         try:
             module = importlib.import_module(name)
         except Exception as exc:
-            fail(f"plugin {name!r} cannot be imported: {exc}")
+            raise ConfigError(f"plugin {name!r} cannot be imported: {exc}")
         if not callable(getattr(module, "apply", None)):
-            fail(f"plugin {name!r} has no apply(metadata, data)")
+            raise ConfigError(f"plugin {name!r} has no apply(metadata, data)")
         plugins.append(module)
     return plugins
 
@@ -2348,10 +2401,10 @@ def read_private(option, path, size=16 * 2**20):
     try:
         with open_regular(path) as f:
             if os.fstat(f.fileno()).st_mode & 0o077:
-                fail(f"{option} {path} can be read by others: chmod 600 {path}")
+                raise ConfigError(f"{option} {path} can be read by others: chmod 600 {path}")
             return f.read(size)
     except (OSError, Refused) as exc:
-        fail(f"{option} {path}: {exc}")
+        raise ConfigError(f"{option} {path}: {exc}")
 
 
 class Spool:
@@ -2369,8 +2422,9 @@ class Spool:
         """Writable by the user mms runs as. Made by root, it would be root's, and the
         same mms started later as its own user could not write there."""
         if not os.path.isdir(self.path) and os.geteuid() == 0:
-            fail(f"--spool-dir {self.path} does not exist: make it for the user mms runs as "
-                 f"(install -d -o mms -g mms {self.path})")
+            raise ConfigError(
+                f"--spool-dir {self.path} does not exist: make it for the user mms runs as "
+                f"(install -d -o mms -g mms {self.path})")
         try:
             os.makedirs(self.path, exist_ok=True)
             probe = os.path.join(self.path, ".probe")
@@ -2378,7 +2432,7 @@ class Spool:
                 pass
             os.unlink(probe)
         except OSError as exc:
-            fail(f"--spool-dir {self.path} is not writable: {exc}")
+            raise ConfigError(f"--spool-dir {self.path} is not writable: {exc}")
         mode = stat.S_IMODE(os.stat(self.path).st_mode)
         if mode & 0o007:
             log.warning("--spool-dir %s is open to other users (mode %o): spooled mail is "
@@ -2416,7 +2470,7 @@ class Spool:
         link or anything but a regular file is refused, never followed.
         """
         if not os.path.isdir(self.path):
-            raise LookupError(f"spool directory {self.path} does not exist")
+            raise UsageError(f"spool directory {self.path} does not exist")
         stored, left = 0, collections.Counter()
         for key in sorted({name.rsplit(".", 1)[0] for name in os.listdir(self.path)
                            if name.endswith((".bson", ".msg"))}):
@@ -2605,7 +2659,8 @@ def stored_reply(store, metadata, message):
     try:
         store.store(metadata, message)
     except Exception as exc:
-        log.error("storing %s failed: %s", metadata["store_key"], mongo_error(exc))
+        log.error("storing %s failed: %s", metadata["store_key"], mongo_error(exc),
+                  exc_info=bug(exc))
         return R_STORE_FAILED
     return R_QUEUED.format(metadata["store_key"])
 
@@ -2715,7 +2770,8 @@ class ProxyMode(Mode):
             self.store.store(metadata, message)
         except Exception as exc:
             log.error("storing %s failed (%s): spooled to %s for `mms.py replay`",
-                      metadata["store_key"], mongo_error(exc), self.spool.path)
+                      metadata["store_key"], mongo_error(exc), self.spool.path,
+                      exc_info=bug(exc))
             try:
                 self.spool.put(metadata, message)
             except Exception as exc:
@@ -2775,7 +2831,7 @@ MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode, "mongo-p
 
 def make_mode(cfg):
     if cfg.server not in MODE_CLASSES:
-        fail(f"mode {cfg.server!r} is not available in this version")
+        raise ConfigError(f"mode {cfg.server!r} is not available in this version")
     return MODE_CLASSES[cfg.server](cfg)
 
 
@@ -3030,7 +3086,7 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
         try:
             super().__init__((self.host, int(port)), handler)
         except OSError as exc:
-            fail(f"{option} {address}: {exc}")
+            raise ConfigError(f"{option} {address}: {exc}")
 
     def serve_in_background(self, name):
         threading.Thread(target=self.serve_forever, name=name, daemon=True).start()
@@ -3174,12 +3230,12 @@ class BoundedHandler(http.server.BaseHTTPRequestHandler):
 HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 
 
-class HTTPError(Exception):
+class HTTPError(MMSError):
     """An answer other than 200, with the text the client is shown."""
 
     def __init__(self, code, text):
         super().__init__(text)
-        self.code, self.text = code, text
+        self.http_status = code
 
 
 class MetricsHandler(BoundedHandler):
@@ -3262,12 +3318,18 @@ def day_format(text):
     return {"$dateToString": {"format": text, "date": as_date("$received")}}
 
 
-VERDICT_FIELDS = ("virus", "spam", "unchecked")
+VERDICT_FIELDS = ("virus", "banned", "spam", "unchecked")   # the first that is set wins
+
+
+def verdict(doc):
+    """A message's verdict, as stats, list, the console, the API and the reports all
+    say it: virus, banned, spam, unchecked (in that order), or clean."""
+    return next((name for name in VERDICT_FIELDS if doc.get(f"is_{name}") == 1), "clean")
 
 
 def verdict_of(names):
-    """The first of is_virus, is_spam, is_unchecked that is set, else clean: as a
-    string (nx-27017 cannot group by a sub-document)."""
+    """verdict() in MongoDB: the first of is_virus, is_banned, is_spam, is_unchecked
+    that is set, else clean, as a string (nx-27017 cannot group by a sub-document)."""
     if not names:
         return "clean"
     return {"$cond": [{"$eq": [{"$ifNull": [f"$is_{names[0]}", 0]}, 1]}, names[0],
@@ -3284,7 +3346,7 @@ STATS_GROUPS = {
 }
 
 
-class Damaged(LookupError):
+class Damaged(MMSError):
     """A stored message cannot be read back whole: what is wrong with it."""
 
 
@@ -3432,16 +3494,16 @@ class Archive:
         expression is a range of the unique index)."""
         key = (key or "").strip().lower()
         if len(key) < KEY_PREFIX_MIN or not re.fullmatch(r"[0-9a-f]+", key):
-            raise LookupError(f"a store_key is 8 to 64 hex characters: {key!r}")
+            raise UsageError(f"a store_key is 8 to 64 hex characters: {key!r}")
         if len(key) == 64:
             docs = [doc for doc in [self.find(key)] if doc]
         else:
             docs = list(self.collection.find({"store_key": {"$regex": "^" + key}}).limit(11))
         if not docs:
-            raise LookupError(f"no message with store_key {key}")
+            raise NotFound(f"no message with store_key {key}")
         if len(docs) > 1:
             keys = ", ".join(doc["store_key"] for doc in docs[:10])
-            raise LookupError(f"store_key {key} is ambiguous: {keys}")
+            raise UsageError(f"store_key {key} is ambiguous: {keys}")
         return docs[0]
 
     def search(self, query, wanted=None, limit=0, projection=None):
@@ -3595,14 +3657,14 @@ class Archive:
         if by:
             change.setdefault("$set", {})["held_by" if held else "unheld_by"] = by
         if not self.collection.update_one({"_id": doc["_id"]}, change).matched_count:
-            raise LookupError(f"{doc['store_key']} is gone: deleted or purged meanwhile")
+            raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
 
     def delete(self, doc):
         """Deleted only if not on hold, asked in the delete itself."""
         if not self.collection.delete_one({"_id": doc["_id"], **NOT_HELD}).deleted_count:
             if self.collection.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
-                raise LookupError(f"{doc['store_key']} is on hold: `mms.py unhold` it first")
-            raise LookupError(f"{doc['store_key']} is gone: deleted or purged meanwhile")
+                raise Conflict(f"{doc['store_key']} is on hold: `mms.py unhold` it first")
+            raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
         self.remove_files([doc.get("message")])
 
     def remove_files(self, file_ids):
@@ -3662,15 +3724,14 @@ class Archive:
             return claimed, claim["token"]
         now = self.collection.find_one({"_id": doc["_id"]})
         if now is None:
-            raise LookupError(f"{doc['store_key']} is gone: deleted or purged meanwhile")
+            raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
         if unless_held and is_held(now):
-            raise LookupError(f"{doc['store_key']} is on hold: only an administrator can "
+            raise Conflict(f"{doc['store_key']} is on hold: only an administrator can "
                               f"release it")
         if now.get("releasing"):
-            raise LookupError(f"{doc['store_key']} is being released by another "
+            raise Conflict(f"{doc['store_key']} is being released by another "
                               f"`mms.py release` since {now['releasing'].get('at')}")
-        raise LookupError(f"{doc['store_key']} was released already "
-                          f"({len(now.get('released') or [])} time(s)): --force to send it again")
+        raise AlreadyReleased(doc["store_key"], len(now.get("released") or []))
 
     def release_done(self, claimed, token, record=None):
         """Give the claim back, with the release's record when it was sent."""
@@ -3731,10 +3792,12 @@ def run_archive_command(cfg):
         with contextlib.redirect_stdout(Escaped(sys.stdout)), \
                 contextlib.redirect_stderr(Escaped(sys.stderr)):
             return ARCHIVE_COMMANDS[cfg.command](cfg, archive)
-    except LookupError as exc:
-        print(f"mms.py: error: {exc.args[0]}", file=sys.stderr)
-        return 1
+    except MMSError as exc:
+        print(f"mms.py: error: {exc}", file=sys.stderr)
+        return exc.exit_status
     except Exception as exc:
+        if bug(exc):
+            raise                  # its traceback, once
         print(f"mms.py: error: cannot read the archive at {redact(cfg.mongo_host)}: "
               f"{mongo_error(exc)}", file=sys.stderr)
         return 1
@@ -3808,12 +3871,18 @@ def archive_list(cfg, archive):
     for doc in archive.search(*archive_filter(cfg), limit=cfg.limit):
         doc.pop("_id", None)
         if cfg.json:
-            out.write(json_line(doc))
+            out.write(json_line(dict(doc, verdict=verdict(doc))))
         else:
-            marks = "".join(f" [{name}]" for name in ("virus", "spam") if doc.get(f"is_{name}"))
-            marks += " [held]" if is_held(doc) else ""
-            out.write(list_line(doc) + marks + "\n")
+            out.write(list_line(doc) + "".join(f" [{mark}]" for mark in marks(doc)) + "\n")
     return 0
+
+
+def marks(doc):
+    """What list and the console's list say of a message beside its fields: its
+    verdict unless clean, held, released."""
+    return [mark for mark, shown in ((verdict(doc), verdict(doc) != "clean"),
+                                     ("held", is_held(doc)), ("released", doc.get("released")))
+            if shown]
 
 
 def list_line(doc):
@@ -3870,7 +3939,8 @@ def archive_release(cfg, archive):
     message is claimed first, so two releases at once send it once, and only the
     record is written afterwards, so a hold placed meanwhile stays."""
     doc = archive.resolve(cfg.key)
-    refused, record = release_message(cfg, archive, doc, cfg.to, cfg.force)
+    refused, record = release_message(cfg, archive, doc, cfg.to, again=cfg.force,
+                                      virus=cfg.force)
     for rcpt, answer in refused.items():
         print(f"{rcpt}: {answer}")
     if record is not None:
@@ -3879,26 +3949,32 @@ def archive_release(cfg, archive):
     return 0 if record is not None and record["reply"].startswith("2") and not refused else 1
 
 
-def release_message(cfg, archive, doc, to=None, force=False, by=None, once_for=None):
+def release_message(cfg, archive, doc, to=None, again=False, virus=False, by=None,
+                    once_for=None):
     """({refused rcpt: reply}, the record noted on the document, or None), for the
-    command and the web console alike. With once_for, a release that reached that
-    address already is refused, under the same claim."""
-    doc, token = archive.claim_release(doc, force, unless_held=bool(once_for))
+    command and the web console alike. A message released already goes again only
+    when asked (again), and a virus only when asked explicitly (virus). With
+    once_for (a report's link), a release that reached that address already, or
+    of a message on hold, is refused under the same claim."""
+    if verdict(doc) == "virus" and not virus:
+        raise VirusRelease(doc)
+    doc, token = archive.claim_release(doc, again, unless_held=bool(once_for))
     record = None
     try:
         if once_for and any(once_for in (r.get("to") or []) for r in doc.get("released") or []
                             if isinstance(r, dict)):
-            raise LookupError(f"{doc['store_key']} was released to {once_for} already")
+            raise Conflict(f"{doc['store_key']} was released to {once_for} already")
         data = release_copy(archive.read(doc))
         via = cfg.via or ((cfg.remote_host, cfg.remote_port) if cfg.server == "mongo-filter"
                           else ("127.0.0.1", 25))
         rcpts = to or list(doc.get("rcpt") or [])
         refused, reply = send_message(via, doc.get("sender", ""), rcpts, data, cfg.hostname)
-        if reply is not None and MMS_QUEUED_RE.search(reply):
-            raise LookupError(f"{via[0]}:{via[1]} answered {reply!r}: that is an mms store "
-                              f"key, so the message went back into an archive, not on to its "
-                              f"recipients; not recorded as released (--via the Postfix that "
-                              f"delivers)")
+        stored_again = MMS_QUEUED_RE.search(reply or "")
+        if stored_again and archive.find(stored_again.group(1)) is not None:
+            raise Conflict(f"{via[0]}:{via[1]} answered {reply!r}, a key in this archive: "
+                           f"the message went back into an archive, not on to its "
+                           f"recipients; not recorded as released (--via the Postfix that "
+                           f"delivers)")
         if reply is not None:
             record = {"at": datetime.datetime.now(UTC), "via": f"{via[0]}:{via[1]}",
                       "to": [r for r in rcpts if r not in refused], "reply": reply,
@@ -3908,7 +3984,7 @@ def release_message(cfg, archive, doc, to=None, force=False, by=None, once_for=N
     return refused, record
 
 
-MMS_QUEUED_RE = re.compile(r"queued as [0-9a-f]{64}\b")
+MMS_QUEUED_RE = re.compile(r"queued as ([0-9a-f]{64})\b")
 QUARANTINE_FIELD_RE = re.compile(
     rb"(?i)(x-mms-rcpt|x-envelope-[a-z-]*|x-quarantine-id|x-amavis-[a-z-]*|x-spam-[a-z-]*)[ \t]*:")
 
@@ -3939,7 +4015,7 @@ def send_message(via, sender, rcpts, data, hostname):
             options = []
             if not all(address.isascii() for address in (sender, *rcpts)):
                 if not client.has_extn("smtputf8"):
-                    raise LookupError(f"{via[0]}:{via[1]} does not offer SMTPUTF8, which "
+                    raise DeliveryError(f"{via[0]}:{via[1]} does not offer SMTPUTF8, which "
                                       f"an address here needs")
                 options = ["SMTPUTF8"]
             code, text = client.mail(sender, options)
@@ -3955,7 +4031,7 @@ def send_message(via, sender, rcpts, data, hostname):
             code, text = client.data(data)
             return refused, f"{code} {text.decode(errors='replace')}"
     except (OSError, smtplib.SMTPException) as exc:
-        raise LookupError(f"release via {via[0]}:{via[1]} failed: {exc}") from None
+        raise DeliveryError(f"release via {via[0]}:{via[1]} failed: {exc}") from None
 
 
 def archive_delete(cfg, archive):
@@ -3982,7 +4058,7 @@ def archive_purge(cfg, archive):
     metadata goes first, so that an interrupted purge leaves at worst an orphan
     file (which `verify --repair` sweeps), never a document that points at nothing."""
     if not cfg.older_than:
-        raise LookupError("purge needs --older-than, e.g. --older-than 90d")
+        raise UsageError("purge needs --older-than, e.g. --older-than 90d")
     cfg.held = False
     count = archive.purge(*archive_filter(cfg), dry_run=cfg.dry_run)
     print(f"{'would purge' if cfg.dry_run else 'purged'} {count} message(s) received before "
@@ -4188,7 +4264,7 @@ def archive_export(cfg, archive):
     count = 0
     if cfg.format == "eml":
         if not cfg.output or not os.path.isdir(cfg.output):
-            raise LookupError("export --format eml needs --output DIR, an existing directory")
+            raise UsageError("export --format eml needs --output DIR, an existing directory")
         for doc in archive.search(query, wanted):
             key = str(doc.get("store_key", ""))
             if STORE_KEY_RE.fullmatch(key):
@@ -4230,8 +4306,8 @@ WEB_PAGE = 50                                       # messages a page
 WEB_VIEW_MAX = 4 * 2**20                            # of a message shown as a page
 WEB_CACHE_SECONDS = 60                              # the dashboard's aggregations
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}                # 128 * n * r = 16 MiB a hash
-VERDICT_COLOURS = {"clean": "#4c9f70", "spam": "#e0a030", "virus": "#c0392b",
-                   "unchecked": "#8e8e8e"}
+VERDICT_COLOURS = {"clean": "#4c9f70", "spam": "#e0a030", "banned": "#8e44ad",
+                   "virus": "#c0392b", "unchecked": "#8e8e8e"}
 
 
 def hash_password(password, salt=None):
@@ -4266,8 +4342,8 @@ def read_web_users(path):
         name, _, rest = line.partition(":")
         digest, _, role = rest.partition(":")
         if not name or not digest.startswith("scrypt$") or role not in ("", "admin", "viewer"):
-            fail(f"--web-users {path}, line {number}: not name:hash or name:hash:role "
-                 f"(see mms.py web-user)")
+            raise ConfigError(f"--web-users {path}, line {number}: not name:hash or name:hash:role "
+                              f"(see mms.py web-user)")
         users[name] = (digest, role or "admin")
     return users
 
@@ -4278,7 +4354,8 @@ def archive_web_user(cfg):
     password = (getpass.getpass(f"password for {cfg.key}: ") if sys.stdin.isatty()
                 else sys.stdin.readline().rstrip("\r\n"))
     if not password or not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", cfg.key or ""):
-        fail("web-user NAME, with a name of letters, digits and _.@- and a password on stdin")
+        raise ConfigError(
+            "web-user NAME, with a name of letters, digits and _.@- and a password on stdin")
     role = "" if cfg.role == "admin" else ":" + cfg.role
     print(f"{cfg.key}:{hash_password(password)}{role}")
     return 0
@@ -4307,7 +4384,7 @@ class WebServer(BoundedHTTPServer):
             try:
                 context.load_cert_chain(cfg.web_cert, cfg.web_key or None)
             except (OSError, ssl.SSLError) as exc:
-                fail(f"--web-cert {cfg.web_cert}: {exc}")
+                raise ConfigError(f"--web-cert {cfg.web_cert}: {exc}")
             # The handshake is the session thread's, within its timeout: never the
             # accepting thread's, which one slow client would hold up.
             self.socket = context.wrap_socket(self.socket, server_side=True,
@@ -4492,15 +4569,15 @@ class WebHandler(BoundedHandler):
                         raise HTTPError(403, "this takes an admin")
                     return getattr(self, name)(*match.groups())
             raise HTTPError(404, "no such page")
-        except HTTPError as exc:
-            self.fail(exc.code, exc.text)
+        except MMSError as exc:
+            self.fail(exc.http_status, str(exc))
         except (ConnectionError, TimeoutError):
             pass   # the client hung up, or stopped reading
-        except LookupError as exc:
-            self.fail(404 if "no message" in str(exc) else 409, exc.args[0])
         except Exception as exc:
-            log.error("web: %s %s failed: %s", method, path[:200], mongo_error(exc))
-            self.fail(503, "the archive cannot be read now")
+            log.error("web: %s %s failed: %s", method, path[:200], mongo_error(exc),
+                      exc_info=bug(exc))
+            self.fail(503, "the archive cannot be read now") if not bug(exc) else \
+                self.fail(500, "mms failed here: the log has what went wrong")
 
     # Sessions ###############################################################
 
@@ -4644,8 +4721,14 @@ class WebHandler(BoundedHandler):
             to = [a.strip() for a in fields.get("to", "").split(",") if a.strip()]
             if any(not valid_address(a) for a in to):
                 raise HTTPError(400, "not an address: " + ", ".join(to))
-            refused, record = release_message(self.server.cfg, archive, doc, to,
-                                              force=bool(fields.get("again")), by=user)
+            try:
+                refused, record = release_message(
+                    self.server.cfg, archive, doc, to, again=bool(fields.get("again")),
+                    virus=fields.get("confirm") == "virus", by=user)
+            except VirusRelease as exc:
+                return self.confirm_virus(key, exc.names, fields)
+            except AlreadyReleased as exc:
+                raise HTTPError(409, exc.in_console) from None
             result = f"released: {record['reply']}" if record else "not released"
             if refused:
                 result += "; refused: " + "; ".join(f"{r} {a}" for r, a in refused.items())
@@ -4654,6 +4737,16 @@ class WebHandler(BoundedHandler):
             return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
         self.server.tell(self.user.get("token"), result)
         self.redirect(f"/messages/{key}")
+
+    def confirm_virus(self, key, names, fields):
+        """A virus is released only from this page: it names the virus, and asks."""
+        kept = "".join(f'<input type="hidden" name="{name}" value="{h(fields[name])}">'
+                       for name in ("to", "again") if fields.get(name))
+        self.page("Release a virus?", f"""<p class="error">This message holds
+<bdi>{h(names)}</bdi>. Released, it goes to its recipients as it is.</p>
+<form method="post" action="/messages/{h(key)}/release"><input type="hidden" name="csrf"
+value="{h(self.user['csrf'])}">{kept}<button type="submit" name="confirm" value="virus">Release
+it all the same</button></form><p><a href="/messages/{h(key)}">Back to the message</a></p>""")
 
     # A recipient's link from a quarantine report ###########################
 
@@ -4691,7 +4784,7 @@ class WebHandler(BoundedHandler):
         self.form()
         by = f"{rcpt}, from a quarantine report, at {self.client_address[0]}"
         refused, record = release_message(self.server.cfg, self.server.archive, doc, [rcpt],
-                                          force=True, by=by, once_for=rcpt)
+                                          again=True, by=by, once_for=rcpt)
         log.info("web: %s released %s from a report: %s", rcpt, doc["store_key"],
                  record["reply"] if record else refused)
         if not record or refused:
@@ -4703,10 +4796,12 @@ class WebHandler(BoundedHandler):
     def get_api_messages(self):
         query, wanted, page, _ = self.search()
         docs, more = self.one_page(query, wanted)
-        self.json({"messages": docs, "next": next_page(docs) if more else None})
+        self.json({"messages": [dict(doc, verdict=verdict(doc)) for doc in docs],
+                   "next": next_page(docs) if more else None})
 
     def get_api_message(self, key):
-        self.json(self.doc(key))
+        doc = self.doc(key)
+        self.json(dict(doc, verdict=verdict(doc)))
 
     def get_api_stats(self):
         since = web_when(self.params.get("since"), "since")
@@ -4866,9 +4961,7 @@ def dashboard_data(archive):
     now = datetime.datetime.now(UTC)
     month, week = now - datetime.timedelta(days=30), now - datetime.timedelta(days=7)
     totals, _ = archive.stats(month)
-    window = {"received": {"$gte": month}}
-    totals.update(banned=archive.count(all_of(window, {"quarantine": "banned"})),
-                  held=archive.count({"held": True}),
+    totals.update(held=archive.count({"held": True}),
                   released=archive.count({"released": {"$exists": True}}))
     return {"totals": totals, "archived": archive.count({}), "days": archive.daily(month),
             "top": {by: archive.stats(week, None, by, 10, totals=False)[1]
@@ -4922,12 +5015,10 @@ def message_row(doc):
     rcpt = doc.get("rcpt")
     rcpt = ", ".join(map(str, rcpt[:3])) + (" ..." if len(rcpt) > 3 else "") \
         if isinstance(rcpt, list) else str(rcpt or "")
-    marks = " ".join(m for m in ("virus", "spam") if doc.get(f"is_{m}"))
-    marks += " held" if is_held(doc) else ""
     link = f'<a href="/messages/{h(key)}">open</a>' if STORE_KEY_RE.fullmatch(key) else ""
     return (f"<tr><td>{h(when)}</td><td>{h(doc.get('sender', ''))}</td><td>{h(rcpt)}</td>"
             f"<td>{h(doc.get('subject', ''))}</td><td>{h(doc.get('size', ''))}</td>"
-            f"<td>{h(marks)} {link}</td></tr>")
+            f"<td>{h(' '.join(marks(doc)))} {link}</td></tr>")
 
 
 def field_table(doc):
@@ -5031,7 +5122,7 @@ def link_summary(archive, doc, rcpt):
     rows = (("to", rcpt), ("from", decode_header_value(found.get(b"from", [b""])[0])),
             ("envelope sender", doc.get("sender") or "<>"), ("subject", doc.get("subject", "")),
             ("date", decode_header_value(found.get(b"date", [b""])[0])),
-            ("held as", doc.get("quarantine") or "spam"),
+            ("held as", verdict(doc)),
             *((("spam score", score),) if isinstance(score, (int, float)) else ()))
     return "<table>" + "".join(f"<tr><th>{h(k)}</th><td>{h(v)}</td></tr>" for k, v in rows) + \
         "</table>"
@@ -5053,7 +5144,7 @@ def header_pairs(head):
 def archive_web(cfg, archive):
     """`mms.py web`: the console until SIGTERM or SIGINT."""
     if not cfg.web_users:
-        raise LookupError("web needs --web-users FILE (lines from `mms.py web-user NAME`)")
+        raise UsageError("web needs --web-users FILE (lines from `mms.py web-user NAME`)")
     server = WebServer(cfg, archive)
     log.info("web console on %s://%s, %d user(s), releases via %s", "https" if server.tls
              else "http", cfg.web, len(server.users), cfg.via or "the release default")
@@ -5075,7 +5166,8 @@ def web_secret(path):
     """The key that signs the digests' links."""
     secret = read_private("--web-secret", path, 4096).strip()
     if len(secret) < 16:
-        fail(f"--web-secret {path}: too short (head -c 32 /dev/urandom | base64 > {path})")
+        raise ConfigError(
+            f"--web-secret {path}: too short (head -c 32 /dev/urandom | base64 > {path})")
     return secret
 
 
@@ -5110,7 +5202,7 @@ def archive_digest(cfg, archive):
     sender, subject, date and score, each with a link that shows the message and
     offers to release it to that recipient."""
     if not (cfg.url and cfg.rcpt_domain and cfg.web_secret):
-        raise LookupError("digest needs --url, --web-secret and --rcpt-domain (the local "
+        raise UsageError("digest needs --url, --web-secret and --rcpt-domain (the local "
                           "domains whose recipients get reports; no report goes elsewhere)")
     secret = web_secret(cfg.web_secret)
     since = cfg.since or datetime.datetime.now(UTC) - datetime.timedelta(hours=24)
@@ -5164,7 +5256,7 @@ def send_report(cfg, sender, rcpt, report):
     try:
         refused, reply = send_message(cfg.via or ("127.0.0.1", 25), sender, [rcpt], report,
                                       cfg.hostname)
-    except LookupError as exc:
+    except MMSError as exc:
         return str(exc)
     if reply and reply.startswith("2") and not refused:
         return None
@@ -5210,7 +5302,7 @@ def digest_message(sender, rcpt, links, cfg):
 
 def report_verdict(doc):
     """What a report says a message was held as, with a score only where there is one."""
-    kind = doc.get("quarantine") or "spam"
+    kind = verdict(doc)
     score = doc.get("spam_score")
     return f"held as {kind}" + (f", score {score:g}" if isinstance(score, (int, float)) else "")
 
@@ -5245,7 +5337,7 @@ def open_server(cfg, mode=None, start=True):
     try:
         server = SMTPServer(cfg, mode, metrics)
     except OSError as exc:
-        fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
     server.plugins = plugins
     if start:
         server.start()
@@ -5473,7 +5565,7 @@ def setup_logging(cfg):
     try:
         stream = open(cfg.log_file, "a", encoding="utf-8") if cfg.log_file else sys.stderr
     except OSError as exc:
-        fail(f"--log-file {cfg.log_file}: {exc}")
+        raise ConfigError(f"--log-file {cfg.log_file}: {exc}")
     # No caller, thread or process name looked up for each record: the format uses
     # none of them (the logging HOWTO's "Optimization").
     logging._srcfile = None
@@ -5509,15 +5601,19 @@ def reopen_log(signum=None, frame=None):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    setup_logging(cfg)
-    for warning in cfg.warnings:
-        log.warning(warning)
-    if cfg.command == "start":
-        return serve(cfg)
-    if cfg.command == "web-user":
-        return archive_web_user(cfg)
-    return run_archive_command(cfg)
+    try:
+        cfg = parse_config(argv)
+        setup_logging(cfg)
+        for warning in cfg.warnings:
+            log.warning(warning)
+        if cfg.command == "start":
+            return serve(cfg)
+        if cfg.command == "web-user":
+            return archive_web_user(cfg)
+        return run_archive_command(cfg)
+    except MMSError as exc:
+        print(f"mms.py: error: {exc}", file=sys.stderr)
+        return exc.exit_status
 
 
 if __name__ == "__main__":

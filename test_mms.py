@@ -1339,7 +1339,7 @@ class TestIPv6(ServerCase):
         cfg = config("--server", "debug", "--host", "::1")
         try:
             server = mms.open_server(cfg, mms.DebugMode(cfg, io.BytesIO()))
-        except SystemExit as exc:
+        except mms.ConfigError as exc:
             self.skipTest(f"cannot bind ::1: {exc}")
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -3970,8 +3970,9 @@ class ArchiveCase(MongoCase):
                 cfg = mms.parse_config([*args, "--mongo-host", uri or self.uri,
                                         "--mongo-database", self.dbname])
                 code = mms.run_archive_command(cfg)
-            except SystemExit as exit:
-                code = exit.code
+            except mms.MMSError as exc:     # as main() says it
+                print(f"mms.py: error: {exc}", file=sys.stderr)
+                code = exc.exit_status
         return code, out.getvalue().strip(), err.getvalue().strip()
 
     def command_line(self, *args):
@@ -4108,7 +4109,11 @@ class TestRelease(MongoCase):
     def test_release_to_the_real_recipients_once(self):
         key = self.key(self.send_message(self.raw(), TestRealRcpt.AMAVIS, sender="sender@example.org",
                                          rcpts=("virus-quarantine@example.net",)))
-        code, out, err = self.release(key[:12])
+        code, _, err = self.release(key[:12])
+        self.assertEqual(code, 1)                         # a virus: only when asked
+        self.assertIn("holds a virus: --force to release it all the same", err)
+        self.assertEqual(self.postfix.delivered(0), [])
+        code, out, err = self.release(key[:12], "--force")
         self.assertEqual(code, 0, err)
         self.assertIn("to alice@example.com, bob@example.com, carol@example.com via 127.0.0.1:", out)
         [(metadata, delivered)] = self.postfix.delivered(1)
@@ -4126,7 +4131,7 @@ class TestRelease(MongoCase):
         self.assertIsInstance(record["at"], datetime.datetime)
         code, _, err = self.release(key)
         self.assertEqual(code, 1)
-        self.assertIn("released already", err)
+        self.assertIn("--force to release it", err)       # a virus, released already
         self.assertEqual(self.release(key, "--force", "--to", "dave@example.com")[0], 0)
         self.assertEqual(self.postfix.delivered(2)[1][0]["rcpt"], ["dave@example.com"])
         self.assertEqual(len(self.db["message"].find_one({"store_key": key})["released"]), 2)
@@ -4151,23 +4156,30 @@ class TestStats(ArchiveCase):
         self.db["message"].insert_one({"store_key": "v" * 64, "sender": "a@x.org",
                                        "rcpt": ["b@y.com"], "size": 7, "is_virus": 1,
                                        "received": datetime.datetime.now(datetime.timezone.utc)})
+        self.db["message"].insert_one({"store_key": "b" * 64, "sender": "a@x.org",  # banned
+                                       "rcpt": ["b@y.com"], "size": 9, "is_banned": 1,
+                                       "is_spam": 1, "quarantine": "banned",
+                                       "received": datetime.datetime.now(datetime.timezone.utc)})
         docs = self.records()
         result = self.stats("--by", "sender")
-        self.assertEqual(result["totals"], {"messages": 5, "bytes": sum(d["size"] for d in docs),
-                                            "virus": 1, "spam": 0, "unchecked": 0})
+        self.assertEqual(result["totals"], {"messages": 6, "bytes": sum(d["size"] for d in docs),
+                                            "virus": 1, "banned": 1, "spam": 1, "unchecked": 0})
         self.assertEqual({g["group"]: g["messages"] for g in result["groups"]},
-                         {"a@x.org": 3, "c@x.org": 1, "<>": 1})
+                         {"a@x.org": 4, "c@x.org": 1, "<>": 1})
         self.assertEqual(result["groups"][0]["bytes"],
                          sum(d["size"] for d in docs if d["sender"] == "a@x.org"))
         self.assertEqual({g["group"]: g["messages"] for g in self.stats("--by", "rcpt-domain")["groups"]},
-                         {"y.com": 4, "z.com": 1})
+                         {"y.com": 5, "z.com": 1})
         self.assertEqual({g["group"]: g["messages"] for g in self.stats("--by", "sender-domain")["groups"]},
-                         {"x.org": 4, "-": 1})
+                         {"x.org": 5, "-": 1})
         self.assertEqual({g["group"]: g["messages"] for g in self.stats("--by", "verdict")["groups"]},
-                         {"clean": 4, "virus": 1})
+                         {"clean": 4, "virus": 1, "banned": 1})   # banned before spam
         today = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
         self.assertEqual(self.stats("--by", "day")["groups"],
-                         [{"group": today, "messages": 5, "bytes": result["totals"]["bytes"]}])
+                         [{"group": today, "messages": 6, "bytes": result["totals"]["bytes"]}])
+        code, out, _ = self.command_line("list", "--sender", "a@x.org")
+        self.assertIn(f"{'b' * 64} ", out)
+        self.assertIn("[banned]", out)
         self.assertEqual(len(self.stats("--by", "rcpt", "--top", "2")["groups"]), 2)
 
     def test_a_time_range(self):
@@ -4181,7 +4193,8 @@ class TestStats(ArchiveCase):
         code, out, _ = self.command_line("stats", "--by", "client")
         self.assertEqual(code, 0)
         self.assertEqual(out.splitlines()[0], "messages 4, bytes "
-                         f"{sum(d['size'] for d in self.records())}, virus 0, spam 0, unchecked 0")
+                         f"{sum(d['size'] for d in self.records())}, virus 0, banned 0, spam 0, "
+                         f"unchecked 0")
         self.assertTrue(out.splitlines()[1].split()[-1] == "127.0.0.1", out)
 
 
@@ -4584,7 +4597,7 @@ class TestHoldsThatStick(ArchiveCase):
         self.db["message"].delete_one({"_id": doc["_id"]})
         for change in (archive.hold, archive.delete,
                        lambda doc: archive.claim_release(doc, False)):
-            with self.assertRaisesRegex(LookupError, "is gone: deleted or purged meanwhile"):
+            with self.assertRaisesRegex(mms.NotFound, "is gone: deleted or purged meanwhile"):
                 change(doc)
 
 
