@@ -1847,15 +1847,25 @@ def load_plugins(names):
     return plugins
 
 
+PLUGIN_HUNG_MAX = 16   # threads of one plugin past --plugin-timeout, before it is skipped
+
+
 def run_plugins(plugins, metadata, message, timeout, metrics):
     """Each plugin edits a copy of the metadata, in a thread of its own. What it left
     is copied again the moment it returns (a thread of its own may go on changing
     its copy), and kept only if the plugin returned within --plugin-timeout and
     left metadata that mms can still store and log; otherwise the message goes on
     as if the plugin had not run. A plugin that hangs keeps its thread, never the
-    session; one that raises SystemExit has failed, like any other."""
+    session, and past PLUGIN_HUNG_MAX such threads it is skipped until some return;
+    one that raises SystemExit has failed, like any other."""
     for plugin in plugins:
         edited, outcome = copy.deepcopy(metadata), []
+        hung = f"plugin-{plugin.__name__}-hung"
+        if sum(thread.name == hung for thread in threading.enumerate()) >= PLUGIN_HUNG_MAX:
+            metrics.count("mms_plugin_errors_total", plugin.__name__)
+            log.warning("plugin %s skipped on %s: %d of its threads never returned",
+                        plugin.__name__, metadata["store_key"], PLUGIN_HUNG_MAX)
+            continue
 
         def apply(plugin=plugin, edited=edited, outcome=outcome):
             try:
@@ -1875,6 +1885,7 @@ def run_plugins(plugins, metadata, message, timeout, metrics):
             continue
         metrics.count("mms_plugin_errors_total", plugin.__name__)
         if not outcome:
+            worker.name = hung        # counted until it returns, if ever
             log.warning("plugin %s took more than %gs on %s; the message goes on without it",
                         plugin.__name__, timeout, metadata["store_key"])
         else:
@@ -2036,8 +2047,13 @@ class Downstream:
             raise DownstreamError(f"connect to {cfg.remote_host}:{cfg.remote_port}: {exc}") from None
         self.file = self.sock.makefile("rb")
         self.in_data = False
-        self.expect(self.reply("greeting"), "greeting")
-        self.extensions = self.ehlo()
+        try:
+            self.expect(self.reply("greeting"), "greeting")
+            self.extensions = self.ehlo()
+        except BaseException:
+            self.file.close()
+            self.sock.close()
+            raise
 
     def reply(self, step):
         """A whole reply, multi-line included, exactly as the server sent it (CRLF
@@ -2263,11 +2279,19 @@ class MongoStore:
         try:
             self.archive.ensure_indexes()
         except Exception as exc:
-            if self.archive.indexed is not None:
+            import pymongo.errors
+            if self.archive.indexed is None:
+                pass                     # tried and failed: not logged again
+            elif isinstance(exc, pymongo.errors.ConnectionFailure):
+                log.error("MongoDB cannot be reached to create the archive's indexes (%s): "
+                          "%s until it is back; retrying every %ds", mongo_error(exc),
+                          "mail is spooled" if self.cfg.server in RELAY_MODES else
+                          "mail is answered 451", self.PING_SECONDS)
+            else:
                 log.error("cannot create the archive's indexes (%s): mail is stored, but "
                           "searches and the unique store_key wait until they exist; "
                           "retrying every %ds", mongo_error(exc), self.PING_SECONDS)
-            self.archive.indexed = None  # tried and failed: not logged again
+            self.archive.indexed = None
 
     def ping(self):
         try:
@@ -2675,9 +2699,9 @@ class ProxyMode(Mode):
         self.cfg = cfg
         self.store = MongoStore(cfg)
         self.spool = Spool(cfg.spool_dir)
+        self.spool.check()          # before any worker is forked: a setting, not a crash
 
     def start(self):
-        self.spool.check()
         self.store.metrics = self.metrics
         self.store.start()
         threading.Thread(target=self.ask_peers, name="mms-peers", daemon=True).start()
@@ -3033,7 +3057,8 @@ class Statsd:
             self.counts[name] = self.counts.get(name, 0) + amount
 
     def gauge(self, name, value):
-        self.gauges[name] = value
+        with self.lock:
+            self.gauges[name] = value
 
     def timing(self, name, label, seconds):
         self.timings.append(f"{self.name(name, label)}:{seconds * 1000:.3f}|ms")
@@ -3041,7 +3066,7 @@ class Statsd:
     def lines(self):
         with self.lock:
             counts, self.counts = self.counts, {}
-        gauges, self.gauges = self.gauges, {}
+            gauges, self.gauges = self.gauges, {}
         lines = [f"{name}:{value:g}|c" for name, value in counts.items()]
         lines += [f"{name}:{value:g}|g" for name, value in gauges.items()]
         while self.timings:
@@ -3079,7 +3104,8 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     CONNECTIONS, PER_CLIENT, RESERVED = 8, 4, 2
 
     def __init__(self, option, address, handler, allow):
-        self.allow, self.held, self.slots = allow, collections.Counter(), threading.Lock()
+        self.option, self.allow = option, allow
+        self.held, self.slots = collections.Counter(), threading.Lock()
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
         self.address_family = address_family(self.host)
@@ -3125,6 +3151,15 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.leave(client_address[0])
+
+    def handle_error(self, request, client_address):
+        """A client that hung up is one line in the log; anything else, a traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.info("%s: the connection from %s broke: %s", self.option, client_address[0], exc)
+        else:
+            log.error("%s: a request from %s failed", self.option, client_address[0],
+                      exc_info=True)
 
 
 class MetricsServer(BoundedHTTPServer):
@@ -4550,6 +4585,7 @@ class WebHandler(BoundedHandler):
         for name, value in self.server.headers:
             self.send_header(name, value)
         super().end_headers()
+        self.answering = True
 
     def do_GET(self):
         self.route("GET")
@@ -4560,6 +4596,7 @@ class WebHandler(BoundedHandler):
     def route(self, method):
         path, _, query = self.path.partition("?")
         self.params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+        self.answering = False
         try:
             for verb, pattern, name, open_to in WEB_ROUTES:
                 match = re.fullmatch(pattern, path)
@@ -4569,15 +4606,19 @@ class WebHandler(BoundedHandler):
                         raise HTTPError(403, "this takes an admin")
                     return getattr(self, name)(*match.groups())
             raise HTTPError(404, "no such page")
-        except MMSError as exc:
-            self.fail(exc.http_status, str(exc))
         except (ConnectionError, TimeoutError):
             pass   # the client hung up, or stopped reading
         except Exception as exc:
-            log.error("web: %s %s failed: %s", method, path[:200], mongo_error(exc),
-                      exc_info=bug(exc))
-            self.fail(503, "the archive cannot be read now") if not bug(exc) else \
-                self.fail(500, "mms failed here: the log has what went wrong")
+            if not isinstance(exc, MMSError) or self.answering:
+                log.error("web: %s %s failed: %s", method, path[:200], mongo_error(exc),
+                          exc_info=bug(exc))
+            if self.answering:        # a download broke off: no second status line in it
+                self.close_connection = True
+            elif isinstance(exc, MMSError):
+                self.fail(exc.http_status, str(exc))
+            else:
+                self.fail(500 if bug(exc) else 503, "mms failed here: the log says why"
+                          if bug(exc) else "the archive cannot be read now")
 
     # Sessions ###############################################################
 
@@ -4697,6 +4738,10 @@ class WebHandler(BoundedHandler):
         self.page(doc.get("subject") or key, f"""<p>{actions}
 <a href="/messages/{h(key)}/raw">Download the message</a></p>
 {field_table(doc)}<h3>Header</h3><pre>{h(head)}</pre>{parts}""")
+
+    def get_prefix(self, prefix):
+        """A unique prefix of a store key, as `mms.py show` takes it: the message's page."""
+        self.redirect(f"/messages/{self.server.archive.resolve(prefix)['store_key']}")
 
     def get_raw(self, key):
         doc = self.doc(key)
@@ -4924,6 +4969,7 @@ WEB_ROUTES = [  # (method, path, handler, who may)
     ("GET", r"/messages", "get_messages", "user"),
     ("GET", r"/messages\.mbox", "get_mbox", "user"),
     ("GET", r"/messages/([0-9a-f]{64})", "get_message", "user"),
+    ("GET", r"/messages/([0-9a-f]{8,63})", "get_prefix", "user"),
     ("GET", r"/messages/([0-9a-f]{64})/raw", "get_raw", "user"),
     ("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete)", "post_action", "admin"),
     ("GET", r"/api/messages", "get_api_messages", "user"),
@@ -5147,7 +5193,8 @@ def archive_web(cfg, archive):
         raise UsageError("web needs --web-users FILE (lines from `mms.py web-user NAME`)")
     server = WebServer(cfg, archive)
     log.info("web console on %s://%s, %d user(s), releases via %s", "https" if server.tls
-             else "http", cfg.web, len(server.users), cfg.via or "the release default")
+             else "http", cfg.web, len(server.users),
+             "%s:%d" % cfg.via if cfg.via else "127.0.0.1:25")
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: threading.Thread(target=server.shutdown).start())
     server.serve_forever(poll_interval=0.5)
@@ -5468,11 +5515,15 @@ def run_process(server, row=0):
     return 0
 
 
+WORKER_SETTLED = 10      # seconds: a worker that dies younger comes back after a delay,
+WORKER_DELAY_MAX = 60    # doubled each time from 1 s up to this
+
+
 def run_workers(server, count):
     """Fork workers that share the listening socket; the GIL then caps one worker, not
     the host. A worker that dies is replaced, and writes its metrics where the dead
     one did; SIGTERM is passed on to all of them."""
-    workers, stopping = {}, False
+    workers, stopping, delays = {}, False, [0] * count
 
     def spawn(row):
         pid = os.fork()
@@ -5483,7 +5534,7 @@ def run_workers(server, count):
                 code = run_process(server, row)
             finally:
                 os._exit(code)
-        workers[pid] = row
+        workers[pid] = row, time.monotonic()
 
     def stop(signum, frame):
         nonlocal stopping
@@ -5508,9 +5559,18 @@ def run_workers(server, count):
     keep_watchdog()   # after the first forks: no thread of the parent's in a worker
     while workers:
         pid, status = os.wait()
-        row = workers.pop(pid)
+        row, started = workers.pop(pid)
+        if stopping:
+            continue
+        lived = time.monotonic() - started
+        delays[row] = 0 if lived > WORKER_SETTLED else min(max(2 * delays[row], 1),
+                                                             WORKER_DELAY_MAX)
+        log.error("worker %d ended after %.1f s (status %d), starting another%s", pid, lived,
+                  status, f" in {delays[row]} s" if delays[row] else "")
+        deadline = time.monotonic() + delays[row]
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
         if not stopping:
-            log.error("worker %d ended (status %d), starting another", pid, status)
             spawn(row)
     server.server_close()
     log.info("all workers stopped")
