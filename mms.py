@@ -5522,7 +5522,8 @@ WORKER_DELAY_MAX = 60    # doubled each time from 1 s up to this
 def run_workers(server, count):
     """Fork workers that share the listening socket; the GIL then caps one worker, not
     the host. A worker that dies is replaced, and writes its metrics where the dead
-    one did; SIGTERM is passed on to all of them."""
+    one did; one that dies young comes back after a delay that doubles each time
+    (never a restart loop that fills the log); SIGTERM is passed on to all of them."""
     workers, stopping, delays = {}, False, [0] * count
 
     def spawn(row):
@@ -5557,21 +5558,25 @@ def run_workers(server, count):
         spawn(row)
     systemd_notify("READY=1")
     keep_watchdog()   # after the first forks: no thread of the parent's in a worker
-    while workers:
-        pid, status = os.wait()
-        row, started = workers.pop(pid)
-        if stopping:
-            continue
-        lived = time.monotonic() - started
-        delays[row] = 0 if lived > WORKER_SETTLED else min(max(2 * delays[row], 1),
-                                                             WORKER_DELAY_MAX)
-        log.error("worker %d ended after %.1f s (status %d), starting another%s", pid, lived,
-                  status, f" in {delays[row]} s" if delays[row] else "")
-        deadline = time.monotonic() + delays[row]
-        while not stopping and time.monotonic() < deadline:
+    due = {}          # row: when the worker that died young may start again
+    while workers or (due and not stopping):
+        pid, status = os.waitpid(-1, os.WNOHANG) if workers else (0, 0)
+        if pid and not stopping:
+            row, started = workers.pop(pid)
+            lived = time.monotonic() - started
+            delays[row] = 0 if lived > WORKER_SETTLED else min(max(2 * delays[row], 1),
+                                                                 WORKER_DELAY_MAX)
+            log.error("worker %d ended after %.1f s (status %d), starting another%s", pid,
+                      lived, status, f" in {delays[row]} s" if delays[row] else "")
+            due[row] = time.monotonic() + delays[row]
+        elif pid:
+            workers.pop(pid)
+        for row, when in list(due.items()):
+            if when <= time.monotonic() and not stopping:
+                del due[row]
+                spawn(row)
+        if not pid:
             time.sleep(0.1)
-        if not stopping:
-            spawn(row)
     server.server_close()
     log.info("all workers stopped")
     return 0

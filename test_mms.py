@@ -1573,6 +1573,25 @@ class TestPlugins(ServerCase):
         self.assertIn("took more than 0.3s", "\n".join(logs.output))
         self.assertEqual(self.messages()[0][0]["server"], "127.0.0.1")
 
+    def test_a_plugin_whose_threads_never_return_is_skipped_past_a_bound(self):
+        stuck = self.plugin("stuck", "import threading\nforever = threading.Event()\n"
+                                     "def apply(metadata=None, data=None):\n"
+                                     "    forever.wait()\n")
+        self.start("--plugin", stuck, "--plugin-timeout", "0.05")
+        self.addCleanup(lambda: sys.modules[stuck].forever.set())
+        client = self.raw()
+        with self.assertLogs("mms", "WARNING") as logs:
+            for _ in range(mms.PLUGIN_HUNG_MAX + 4):
+                self.assertReply(self.send_message(client, SIMPLE), "queued")
+        hung = [t for t in threading.enumerate() if t.name == f"plugin-{stuck}-hung"]
+        self.assertEqual(len(hung), mms.PLUGIN_HUNG_MAX)
+        self.assertEqual(sum("skipped" in line for line in logs.output), 4)
+        sys.modules[stuck].forever.set()           # they return: the plugin runs again
+        for thread in hung:
+            thread.join(5)
+        with self.assertNoLogs("mms", "WARNING"):    # it ran, and returned in time
+            self.assertReply(self.send_message(client, SIMPLE), "queued")
+
     def test_a_late_change_from_the_plugins_own_thread_is_not_stored(self):
         """The plugin returns in time, then changes a nested field 2 ms later."""
         late = self.plugin("late", "import threading, time\n"
@@ -1941,6 +1960,38 @@ class TestShutdown(ServerCase):
         out, err = server.proc.communicate()
         self.assertEqual(len(parse_debug_output(out)), 14)
         self.assertIn(b"all workers stopped", err)
+
+    def test_a_worker_that_dies_young_comes_back_later_each_time(self):
+        server = MmsProcess("--server", "debug", "--workers", "2")
+        self.addCleanup(server.stop)
+
+        def workers():
+            with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+                return [int(pid) for pid in f.read().split()]
+
+        for _ in range(3):                     # both rows, three times: 1 s, 2 s, 4 s
+            deadline = time.monotonic() + 15
+            while len(workers()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in workers():
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)   # while they wait: a prompt stop
+        self.assertEqual(server.proc.wait(15), 0)
+        self.assertLess(time.monotonic() - started, 3)
+        err = server.proc.communicate()[1].decode()
+        for delay in (1, 2, 4):
+            self.assertEqual(err.count(f"starting another in {delay} s"), 2, err)
+
+    def test_a_spool_it_cannot_use_stops_the_master_before_any_fork(self):
+        done = subprocess.run([sys.executable, MMS, "--server", "mongo-proxy", "--workers", "2",
+                               "--spool-dir", "/proc/mms-none", "--host", "127.0.0.1",
+                               "--port", str(free_port())],
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr.count("mms.py: error: --spool-dir /proc/mms-none"), 1)
+        self.assertNotIn("worker", done.stderr)
 
     def test_serves_at_once_and_stops_cleanly_while_mongodb_is_down(self):
         started = time.monotonic()
@@ -2342,6 +2393,24 @@ class TestMongoOutage(MongoCase):
                 break
             time.sleep(0.2)
         self.assertEqual([list(index["key"]) for index in unique], [["store_key"]])
+
+    def test_the_index_line_says_mongodb_is_down(self):
+        cable = Cable(self.uri)
+        self.addCleanup(cable.close)
+        self.start_mongo("--mongo-timeout", "1",
+                         uri=f"mongodb://127.0.0.1:{cable.port}/?directConnection=true")
+        self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
+        with self.assertLogs("mms", "ERROR") as logs:
+            cable.cut()
+            deadline = time.monotonic() + 4 * mms.MongoStore.PING_SECONDS
+            while time.monotonic() < deadline and not any("indexes" in line
+                                                           for line in logs.output):
+                time.sleep(0.2)
+        cable.mend()
+        [line] = [line for line in logs.output if "indexes" in line]
+        self.assertIn("MongoDB cannot be reached to create the archive's indexes", line)
+        self.assertIn("mail is answered 451", line)
+        self.assertNotIn("mail is stored", line)
 
     def test_start_with_mongodb_down(self):
         with self.assertLogs("mms", "WARNING") as logs:
@@ -2957,6 +3026,19 @@ class TestProxyRelay(ProxyCase):
             self.assertEqual(client.cmd("RCPT TO:<b@example.com>")[0], 451)
         self.assertReply(client.cmd("RSET"), "ok")
         self.assertReply(self.send_message(client, SIMPLE), "queued")
+
+    def test_a_downstream_that_refuses_ehlo_leaves_no_socket_behind(self):
+        """The errors are kept, as a log handler keeps them: their frames hold the
+        Downstream, and so would hold its socket open had it not closed it."""
+        down = ScriptedDownstream(EHLO="554 5.7.1 go away", HELO="554 5.7.1 no")
+        self.addCleanup(down.close)
+        cfg = config("--server", "mongo-proxy", "--remote-port", str(down.server_address[1]))
+        before, errors = len(os.listdir("/proc/self/fd")), []
+        for _ in range(20):
+            with self.assertRaises(mms.DownstreamError) as caught:
+                mms.Downstream(cfg)
+            errors.append(caught.exception)
+        self.assertLessEqual(len(os.listdir("/proc/self/fd")), before + 2)
 
     def test_refused_recipients_count_toward_the_limit(self):
         """After the downstream is lost every RCPT is refused locally: that list is bounded."""
@@ -4572,6 +4654,22 @@ class TestHoldsThatStick(ArchiveCase):
         self.assertNotIn("released", doc)
         self.assertNotIn("releasing", doc)
 
+    def test_a_release_into_a_debug_mode_mms_is_a_release(self):
+        """The README's test sink answers 'queued as KEY' but stores nothing: the
+        message was delivered, so it is recorded, and a retry does not send it again."""
+        sink = MmsProcess("--server", "debug")
+        self.addCleanup(sink.stop)
+        done = self.archive_command("release", self.keys[0], "--via", f"127.0.0.1:{sink.port}")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        [record] = self.doc(self.keys[0])["released"]
+        self.assertEqual(record["via"], f"127.0.0.1:{sink.port}")
+        again = self.archive_command("release", self.keys[0], "--via", f"127.0.0.1:{sink.port}")
+        self.assertEqual(again.returncode, 1)
+        self.assertIn("released already", again.stderr)
+        sink.proc.terminate()
+        printed = sink.proc.communicate(timeout=30)[0]
+        self.assertEqual(printed.count(b"Subject: Msg 0"), 1)       # one copy, not five
+
     def test_a_failed_release_gives_its_claim_back(self):
         self.down.close()
         self.assertEqual(self.release(self.keys[0]).returncode, 1)
@@ -5355,6 +5453,130 @@ class TestHostileMime(WebCase):
                 self.assertTrue(page.locator("main h1").is_visible())
         self.assertIn("[U+202E]gnp.exe", page.locator("main").inner_text())
         self.assertEqual(self.dialogs, [])
+
+
+class TestConsoleVerdicts(WebCase):
+    """One verdict everywhere (virus, banned, spam, unchecked, clean), and the
+    console's release: a virus only after a page that names it, 'again' by name."""
+
+    def setUp(self):
+        super().setUp()
+        self.virus = self.key(self.send_message(self.raw(), amavis_copy(
+            "invoice", ["alice@example.com"], alert="INFECTED, message contains virus: Eicar"),
+            rcpts=("virus-quarantine@example.net",)))
+        self.banned = self.key(self.send_message(self.raw(), amavis_copy(
+            "photos", ["alice@example.com"], alert="BANNED, message contains .exe"),
+            rcpts=("banned-quarantine@example.net",)))
+
+    def test_the_list_the_dashboard_and_the_api_say_the_same(self):
+        cookie = self.login()
+        self.assertEqual(self.http("POST", f"/messages/{self.plain}/hold",
+                                   {"csrf": self.csrf(cookie)}, cookie=cookie)[0], 303)
+        rows = {key: row for key, row in re.findall(
+            r'(?s)<tr>(.*?href="/messages/([0-9a-f]{64})".*?)</tr>',
+            self.http("GET", "/messages", cookie=cookie)[2].decode())}
+        rows = {key: row for row, key in rows.items()}
+        self.assertIn("virus", rows[self.virus])
+        self.assertIn("banned", rows[self.banned])
+        self.assertIn("held", rows[self.plain])
+        chart = self.http("GET", "/", cookie=cookie)[2].decode()
+        self.assertRegex(chart, r"<title>[0-9-]+: 1 banned</title>")
+        self.assertIn('fill="#8e44ad">banned</text>', chart)
+        api = json.loads(self.http("GET", "/api/messages", cookie=cookie)[2])
+        self.assertEqual({doc["store_key"]: doc["verdict"] for doc in api["messages"]},
+                         {self.virus: "virus", self.banned: "banned", self.plain: "clean",
+                          self.hostile: "clean"})
+        code, out, _ = self.mms_list()
+        self.assertIn("[banned]", out)
+        self.assertIn("[virus]", out)
+
+    def mms_list(self):
+        done = self.archive_command("list")
+        return done.returncode, done.stdout, done.stderr
+
+    def test_a_virus_is_released_only_from_a_page_that_names_it(self):
+        cookie = self.login()
+        path = f"/messages/{self.virus}/release"
+        status, _, body = self.http("POST", path, {"csrf": self.csrf(cookie)}, cookie=cookie)
+        self.assertEqual(status, 200)
+        self.assertIn(b"Eicar", body)
+        self.assertIn(b'name="confirm" value="virus"', body)
+        self.assertEqual(self.down.messages, [])                  # nothing sent yet
+        status, _, _ = self.http("POST", path, {"csrf": self.csrf(cookie), "confirm": "virus"},
+                                 cookie=cookie)
+        self.assertEqual(status, 303)
+        self.assertEqual(len(self.down.messages), 1)
+
+    def test_a_second_release_names_the_consoles_own_control(self):
+        cookie = self.login()
+        path = f"/messages/{self.plain}/release"
+        self.assertEqual(self.http("POST", path, {"csrf": self.csrf(cookie)}, cookie=cookie)[0],
+                         303)
+        status, _, body = self.http("POST", path, {"csrf": self.csrf(cookie)}, cookie=cookie)
+        self.assertEqual(status, 409)
+        self.assertIn(b"tick &quot;again&quot; to send it again", body)
+        self.assertNotIn(b"--force", body)
+
+    def test_a_unique_key_prefix_opens_the_message(self):
+        cookie = self.login("viewer")
+        status, headers, _ = self.http("GET", f"/messages/{self.plain[:10]}", cookie=cookie)
+        self.assertEqual((status, headers["Location"]), (303, f"/messages/{self.plain}"))
+        self.assertEqual(self.http("GET", "/messages/00000000", cookie=cookie)[0], 404)
+
+    def test_the_start_up_line_names_where_releases_go(self):
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, MMS, "web", "--web", f"127.0.0.1:{port}", "--web-users",
+             self.users_file, "--mongo-host", self.uri, "--via", "127.0.0.1:10025"],
+            stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.kill)
+        wait_port(port)
+        process.terminate()
+        err = process.communicate(timeout=30)[1]
+        self.assertIn("releases via 127.0.0.1:10025", err)
+        self.assertNotIn("('127.0.0.1'", err)
+
+
+class TestConsoleDownloads(WebCase):
+    """A download that breaks off mid-stream, and a client that hangs up: the
+    connection ends, and the log gets one line, never a traceback."""
+
+    def setUp(self):
+        super().setUp()
+        body = base64.encodebytes(random.Random(5).randbytes(600_000)).replace(b"\n", b"\r\n")
+        self.big = self.key(self.send_message(self.raw(), b"Subject: big\r\n\r\n" + body))
+
+    def test_a_damaged_message_ends_the_download_without_a_second_status(self):
+        doc = self.db["message"].find_one({"store_key": self.big})
+        self.db["fs.chunks"].delete_many({"files_id": doc["message"], "n": 2})
+        cookie = self.login("viewer")
+        sock = socket.create_connection(("127.0.0.1", self.web_port), timeout=10)
+        self.addCleanup(sock.close)
+        with self.assertLogs("mms", "ERROR") as logs:
+            sock.sendall(f"GET /messages/{self.big}/raw HTTP/1.0\r\nCookie: {cookie}\r\n\r\n"
+                         .encode())
+            answer = TestConsoleUnderAttack.answer(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer[:40])
+        self.assertEqual(answer.count(b"HTTP/1.0 "), 1)
+        self.assertEqual(len(logs.output), 1, logs.output)
+        self.assertIn(f"/messages/{self.big}/raw failed", logs.output[0])
+        self.assertNotIn("Traceback", logs.output[0])
+
+    def test_a_client_that_hangs_up_is_one_line_at_most(self):
+        cookie = self.login("viewer")
+        with contextlib.redirect_stderr(io.StringIO()) as err, \
+                self.assertLogs("mms", "INFO") as logs:
+            for _ in range(5):
+                sock = socket.create_connection(("127.0.0.1", self.web_port), timeout=10)
+                sock.sendall(f"GET /messages/{self.big}/raw HTTP/1.0\r\nCookie: {cookie}\r\n\r\n"
+                             .encode())
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()                              # a reset, mid-answer
+            time.sleep(0.5)
+            mms.log.info("test: done")
+        self.assertNotIn("Traceback", err.getvalue())
+        self.assertLessEqual(len(logs.output), 6)
+        self.assertNotIn("Traceback", "\n".join(logs.output))
 
 
 class TestWebConsoleTLS(WebCase):
