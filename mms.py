@@ -1923,14 +1923,24 @@ SCANNER_REPLY_MAX = 64 * 1024
 
 
 def ask(address, request, timeout):
-    """Send a request and read the whole answer: both daemons close after replying."""
+    """Send a request and read the whole answer, within `timeout` seconds in all (a
+    scanner that trickles is as late as a silent one): both daemons close after
+    replying."""
+    deadline = time.monotonic() + timeout
+
+    def within(sock):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer within {timeout:g} s")
+        sock.settimeout(left)
+        return sock
+
     try:
         with socket.create_connection(address, timeout=timeout) as sock:
-            sock.settimeout(timeout)
             for part in request:
-                sock.sendall(part)
+                within(sock).sendall(part)
             answer = b""
-            while len(answer) < SCANNER_REPLY_MAX and (chunk := sock.recv(4096)):
+            while len(answer) < SCANNER_REPLY_MAX and (chunk := within(sock).recv(4096)):
                 answer += chunk
                 if answer.endswith(b"\0"):
                     break

@@ -133,7 +133,7 @@ class MongoServer:
         exe = (shutil.which("nx-27017", path=os.path.dirname(sys.executable))
                or shutil.which("nx-27017"))
         if exe is None:
-            raise unittest.SkipTest("nx-27017 is not installed (pip install nx-27017)")
+            raise missing("nx-27017 is not installed (pip install nx-27017)")
         port = free_port()
         run = cls.run = tempfile.mkdtemp(prefix="mms-nx-")
         cls.process = subprocess.Popen(
@@ -156,11 +156,23 @@ class MongoServer:
             shutil.rmtree(cls.run, ignore_errors=True)
 
 
+MISSING = collections.Counter()   # why a group of tests was skipped: how many
+
+
+def missing(reason):
+    """The skip of a test whose peer is not installed, counted for the summary that
+    every run prints (with or without -v)."""
+    MISSING[reason] += 1
+    return unittest.SkipTest(reason)
+
+
 def tearDownModule():
     MongoServer.stop()
     Daemon.stop_all()
     if Postfix.running:
         Postfix.running.stop()
+    for reason, count in sorted(MISSING.items()):
+        print(f"\nskipped ({count}): {reason}", end="", file=sys.stderr)
 
 
 class Cable:
@@ -357,7 +369,7 @@ class Daemon:
             if not shutil.which(cls.program):
                 if os.environ.get("CI"):
                     raise RuntimeError(f"{cls.program} is not installed: .ci/run should install it")
-                raise unittest.SkipTest(f"{cls.program} is not installed ({cls.package})")
+                raise missing(f"{cls.program} is not installed ({cls.package})")
             Daemon.started[cls.__name__] = cls()
         return Daemon.started[cls.__name__]
 
@@ -3174,7 +3186,7 @@ class Postfix:
         if not shutil.which("postfix"):
             if os.environ.get("CI"):
                 raise RuntimeError("postfix is not installed: .ci/run should install it")
-            raise unittest.SkipTest("postfix is not installed (apt-get install postfix)")
+            raise missing("postfix is not installed (apt-get install postfix)")
         self.dir = tempfile.mkdtemp(prefix="mms-postfix-")
         os.chmod(self.dir, 0o755)  # Postfix's daemons run as the postfix user
         self.front, self.after, self.mms = free_port(), free_port(), free_port()
@@ -3510,8 +3522,9 @@ class FakeScanner(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, answer=None, barrier=None):
+    def __init__(self, answer=None, barrier=None, trickle=0):
         self.answer, self.barrier, self.connections = answer, barrier, 0
+        self.trickle = trickle     # seconds between the answer's bytes, if any
         super().__init__(("127.0.0.1", 0), self.Handler)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
@@ -3530,6 +3543,10 @@ class FakeScanner(socketserver.ThreadingTCPServer):
                     request += self.request.recv(65536)        # would reset mms's send
                 if self.server.barrier is not None:
                     self.server.barrier.wait(10)
+                if self.server.answer is not None and self.server.trickle:
+                    for byte in self.server.answer:
+                        self.request.sendall(bytes([byte]))
+                        time.sleep(self.server.trickle)
                 if self.server.answer is not None:
                     self.request.sendall(self.server.answer)
                     return
@@ -3687,6 +3704,15 @@ class TestFilterScanErrors(FilterCase):
         self.assertIn("timed out", doc["scan"]["spamd"])
         self.assertEqual(doc["scan"]["clamd"], "stream: OK")
         self.assertEqual(len(self.down.messages), 1)
+
+    def test_the_scan_timeout_is_for_the_whole_scan(self):
+        """A spamd that trickles its answer a byte at a time is as late as a silent one."""
+        trickling = self.fake(answer=b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 1.0 / 5.0\r\n\r\n",
+                              trickle=0.2)
+        self.start_filter("--scan-timeout", "1", spamd=trickling.address)
+        with self.assertLogs("mms", "WARNING"):   # each byte within 1 s, the whole in 9 s
+            reply, doc = self.deliver(CLEAN)
+        self.assertEqual((reply[0], doc), (451, None))
 
     def test_a_spamd_answer_that_does_not_parse_is_a_scan_error(self):
         garbled = self.fake(answer=b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 1.2.3 / 5.0\r\n\r\n")
@@ -4513,7 +4539,7 @@ def mongoengine_module():
     except ImportError:
         if os.environ.get("CI"):
             raise RuntimeError("mongoengine is not installed: .ci/run should install it")
-        raise unittest.SkipTest("mongoengine is not installed (pip install mongoengine)")
+        raise missing("mongoengine is not installed (pip install mongoengine)")
     return mongoengine
 
 
@@ -5631,11 +5657,11 @@ class TestWebConsoleInBrowser(WebCase):
         except ImportError:
             if os.environ.get("CI"):
                 raise RuntimeError("playwright is not installed: .ci/run should install it")
-            raise unittest.SkipTest("playwright is not installed (pip install playwright)")
+            raise missing("playwright is not installed (pip install playwright)")
         if not os.path.exists("/usr/bin/chromium"):
             if os.environ.get("CI"):
                 raise RuntimeError("chromium is not installed: .ci/run should install it")
-            raise unittest.SkipTest("Debian's chromium is not installed")
+            raise missing("Debian's chromium is not installed")
         playwright = sync_playwright().start()
         self.addCleanup(playwright.stop)
         browser = playwright.chromium.launch(
@@ -5938,7 +5964,7 @@ class TestContainer(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         if not os.environ.get("MMS_TEST_CONTAINER"):
-            raise unittest.SkipTest("no image: bash .ci/container, then MMS_TEST_CONTAINER=1")
+            raise missing("no image: bash .ci/container, then MMS_TEST_CONTAINER=1")
         cls.names = []
 
     def run_mms(self, *args, port=None, env=()):
