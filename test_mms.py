@@ -83,6 +83,7 @@ CODES = {
     "too_many_conn": (421, "4.7.0"),
     "shutdown": (421, "4.3.2"),
     "not_stored": (451, "4.3.0"),
+    "no_rcpts": (554, "5.5.1"),
 }
 
 
@@ -1063,6 +1064,32 @@ class TestXforwardUntrusted(ServerCase):
 
 class TestLimits(ServerCase):
 
+    def test_out_of_file_descriptors_it_waits_and_serves_again(self):
+        """accept() under EMFILE: a warning, a pause, and service once descriptors are
+        free again; never a crash or a busy loop."""
+        import resource
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, MMS, "--server", "debug", "--host", "127.0.0.1", "--port",
+             str(port), "--max-connections", "1000", "--max-connections-per-client", "1000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
+        self.addCleanup(proc.kill)
+        wait_port(port)
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(60)]
+        self.assertTrue(idle[0].recv(100).startswith(b"220 "))
+        idle[-1].settimeout(1)
+        with self.assertRaises(TimeoutError):     # out of descriptors: not accepted yet
+            idle[-1].recv(100)
+        for sock in idle:
+            sock.close()
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            self.assertEqual(client.sendmail("a@example.org", ["b@example.com"], SIMPLE), {})
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=30)[1].decode()
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn("cannot accept a connection: Too many open files", err)
+
     def test_message_over_the_limit_is_drained_then_552(self):
         self.start("--data-size-limit", "10000")
         client = self.raw()
@@ -1197,7 +1224,7 @@ class TestSlowClients(ServerCase):
         with self.assertRaises(OSError):
             self.trickle(client, b"NOOP and some more bytes, one at a time\r\n", 0.2)
         self.assertReply(client.reply(), "timeout")
-        self.assertLess(time.monotonic() - started, 3)
+        self.assertLess(time.monotonic() - started, 3)   # the deadline is the behaviour
 
     def test_data_has_a_deadline_and_nothing_is_stored(self):
         self.start("--timeout", "1", "--data-timeout", "2")
@@ -1207,7 +1234,7 @@ class TestSlowClients(ServerCase):
         with self.assertRaises(OSError):
             self.trickle(client, b"Subject: slow\r\n\r\n" + b"x\r\n" * 100 + b".\r\n", 0.2)
         self.assertReply(client.reply(), "timeout")
-        self.assertLess(time.monotonic() - started, 4)
+        self.assertLess(time.monotonic() - started, 4)   # the deadline is the behaviour
         self.assertEqual(self.messages(), [])
 
     def test_an_honest_sender_is_not_cut_off(self):
@@ -1510,7 +1537,7 @@ class TestHeaderDecoding(ServerCase):
         self.assertReply(self.send_message(client, body), "queued")
         worker.start()
         worker.join(5)
-        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, 1.0)  # not held up by the other: 5 s
         self.assertReply(other_reply[0], "queued")
         metadata = {m["subject"][:7]: m for m, _ in self.messages()}
         self.assertGreater(len(metadata["=?x?q?a"]["subject"]), mms.HEADER_VALUE_MAX - 10)
@@ -1581,7 +1608,7 @@ class TestPlugins(ServerCase):
         started = time.monotonic()
         with self.assertLogs("mms", "WARNING") as logs:
             self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
-        self.assertLess(time.monotonic() - started, 2)
+        self.assertLess(time.monotonic() - started, 2)   # the plugin's 5 s are not waited
         self.assertIn("took more than 0.3s", "\n".join(logs.output))
         self.assertEqual(self.messages()[0][0]["server"], "127.0.0.1")
 
@@ -1927,8 +1954,7 @@ class TestShutdown(ServerCase):
         busy.cmd("DATA")
         busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
         server.proc.send_signal(signal.SIGTERM)
-        self.assertReply(idle.reply(), "shutdown")
-        time.sleep(0.5)
+        self.assertReply(idle.reply(), "shutdown")        # the drain has begun
         busy.send(b"second half\r\n.\r\n")
         self.assertReply(busy.reply(), "queued")
         self.assertReply(busy.reply(), "shutdown")
@@ -2012,7 +2038,7 @@ class TestShutdown(ServerCase):
         try:
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
                 self.assertTrue(sock.recv(100).startswith(b"220 "))
-            self.assertLess(time.monotonic() - started, 3)
+            self.assertLess(time.monotonic() - started, 3)   # not after --mongo-timeout
             server.proc.send_signal(signal.SIGTERM)
             _, err = server.proc.communicate(timeout=20)
         finally:
@@ -2637,6 +2663,19 @@ class TestRealRcpt(MongoCase):
         self.assertEqual(data, header + self.AMAVIS)
         self.assertEqual(doc["size"], len(data))
 
+    def test_a_large_copy_held_in_a_file_gets_its_header_too(self):
+        """Over SPOOL_THRESHOLD the message waits in a file: X-MMS-RCPT is prepended by
+        copying it once, and the rest stays byte-exact."""
+        self.start_mongo("--real-rcpt")
+        body = b"x" * 76 + b"\r\n"
+        data = self.AMAVIS + body * (mms.SPOOL_THRESHOLD // len(body) + 1000)
+        reply = self.send_message(self.raw(), data, sender="sender@example.org",
+                                  rcpts=("virus-quarantine@example.net",))
+        doc, stored = self.stored(self.key(reply))
+        self.assertEqual(stored, b"X-MMS-RCPT: <virus-quarantine@example.net>\r\n" + data)
+        self.assertEqual(doc["size"], len(stored))
+        self.assertEqual(doc["rcpt"], ["alice@example.com", "bob@example.com", "carol@example.com"])
+
     def test_header_lines_end_at_lf_or_crlf_only(self):
         """A bare CR inside a Subject never starts an X-Envelope-To, and only the first
         X-Envelope-To (the one amavisd-new prepends) counts."""
@@ -2952,6 +2991,15 @@ class TestProxyRelay(ProxyCase):
         [doc] = self.records()
         self.assertEqual((doc["client_address"], doc["rcpt"]), ("192.0.2.7", ["b@example.com"]))
         self.assertEqual(self.stored(doc["store_key"])[1], body)
+
+    def test_data_after_every_recipient_was_refused_is_mms_own_554(self):
+        self.down.replies["RCPT"] = "550 5.1.1 <nobody@example.com>: Recipient address rejected"
+        client = self.raw()
+        self.assertReply(client.cmd("MAIL FROM:<a@example.org>"), "mail_ok")
+        self.assertEqual(client.cmd("RCPT TO:<nobody@example.com>")[0], 550)
+        self.assertReply(client.cmd("DATA"), "no_rcpts")
+        self.assertEqual(self.down.messages, [])
+        self.assertNotIn("DATA", self.down.commands)
 
     def test_parameters_are_relayed_verbatim(self):
         client = self.raw()
@@ -4045,7 +4093,9 @@ class TestMetricsProcess(unittest.TestCase):
         client.cmd("RCPT TO:<b@example.com>")
         self.assertEqual(client.cmd("DATA")[0], 354)   # a transaction keeps the drain going
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while scrape(metrics_port, "/healthz")[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.assertEqual(scrape(metrics_port, "/healthz")[:2],
                          (503, "not accepting connections: stopping\n"))
         client.send(SIMPLE + b".\r\n")
@@ -4090,6 +4140,11 @@ class ArchiveCase(MongoCase):
 
 class TestArchiveCommands(ArchiveCase):
     """Search, keys by prefix, delete, hold and purge, as an administrator runs them."""
+
+    def test_export_as_eml_needs_a_folder(self):
+        code, out, err = self.command_line("export", "--format", "eml")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("export --format eml needs --output DIR, an existing directory", err)
 
     def test_count_and_list_take_the_same_filters(self):
         for args, expected in [((), 4), (("--sender", "a@x.org"), 2), (("--sender", "@X.org"), 3),
@@ -4696,6 +4751,27 @@ class TestHoldsThatStick(ArchiveCase):
         printed = sink.proc.communicate(timeout=30)[0]
         self.assertEqual(printed.count(b"Subject: Msg 0"), 1)       # one copy, not five
 
+    def test_a_claim_older_than_its_lapse_is_taken_over(self):
+        """A release that died (killed mid-send) leaves its claim: after CLAIM_LAPSES
+        another release may take it; before, it may not."""
+        self.down.stall.clear()
+        said = []
+        for age in (datetime.timedelta(minutes=1),
+                    mms.Archive.CLAIM_LAPSES + datetime.timedelta(minutes=1)):
+            doc = self.doc(self.keys[0])   # replace_one keeps the datetime on nx-27017
+            self.db["message"].replace_one({"_id": doc["_id"]}, {**doc, "releasing": {
+                "token": "a release that died", "at": datetime.datetime.now(
+                    datetime.timezone.utc) - age}})
+            done = self.release(self.keys[0])
+            said.append((done.returncode, done.stderr))
+        self.assertEqual(said[0][0], 1)
+        self.assertIn("is being released by another", said[0][1])
+        self.assertEqual(said[1], (0, ""))
+        doc = self.doc(self.keys[0])
+        self.assertNotIn("releasing", doc)
+        self.assertEqual(len(doc["released"]), 1)
+        self.assertEqual(len(self.down.messages), 1)
+
     def test_a_failed_release_gives_its_claim_back(self):
         self.down.close()
         self.assertEqual(self.release(self.keys[0]).returncode, 1)
@@ -5087,6 +5163,18 @@ class TestWebConsole(WebCase):
         self.assertIn(b"released already", body)
         self.assertEqual(len(self.down.messages), 1)
 
+    def test_the_dashboard_is_cached_for_a_minute(self):
+        cookie = self.login("viewer")
+
+        def archived():
+            page = self.http("GET", "/", cookie=cookie)[2].decode()
+            return int(re.search(r"([0-9]+) messages in the archive in all", page).group(1))
+        self.assertEqual(archived(), 2)
+        self.send_message(self.raw(), SIMPLE)
+        self.assertEqual(archived(), 2)                      # the same figures, cached
+        with mock.patch.object(mms, "WEB_CACHE_SECONDS", 0):
+            self.assertEqual(archived(), 3)                  # once the minute is over
+
     def test_pages_of_fifty_by_a_range_on_received(self):
         old_messages(self.uri, self.dbname, 60, datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc))
         cookie = self.login("viewer")
@@ -5237,9 +5325,7 @@ class TestConsoleUnderAttack(WebCase):
         with mock.patch.object(mms.WebHandler, "BODY_SECONDS", 1):
             sock = self.raw_request(b"POST /login HTTP/1.1\r\nContent-Length: 100\r\n\r\nuser=",
                                     source="127.0.0.5")
-            started = time.monotonic()
             self.assertTrue(self.answer(sock).startswith(b"HTTP/1.0 408"))
-            self.assertLess(time.monotonic() - started, 5)
 
     def test_slowloris_never_locks_the_console(self):
         """32 connections that send a header byte every half second from one address,
@@ -5598,7 +5684,9 @@ class TestConsoleDownloads(WebCase):
                              .encode())
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()                              # a reset, mid-answer
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while self.web.held and time.monotonic() < deadline:   # every handler is done
+                time.sleep(0.05)
             mms.log.info("test: done")
         self.assertNotIn("Traceback", err.getvalue())
         self.assertLessEqual(len(logs.output), 6)
