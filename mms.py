@@ -20,11 +20,25 @@ One file, one runtime dependency (pymongo). Copy it to a mail host and run::
 
     python mms.py --server debug
 
-The sections below follow the data: configuration, the SMTP session, the
-message pipeline (metadata and plugins, scanners, relay, store), the modes,
-observability (metrics, statsd, health), the archive (the one class that asks
-and writes MongoDB), the archive commands, the web console, quarantine reports
-(one table, ARCHIVE_COMMANDS, dispatches every command), and the command line.
+The sections follow the data, and each begins with a banner; to go from a
+symptom to a line, grep for the name on the right:
+
+* configuration: OPTIONS (every flag and MMS_* variable), parse_config,
+  COMMANDS and @command (the archive commands' one registry), the error types
+  (MMSError and its kinds, each with its exit and HTTP status);
+* the SMTP session: SMTPSession, one smtp_VERB method per verb (HELP lists them);
+* the message pipeline: receive_message, make_metadata, run_plugins (plugins),
+  scan (clamd, spamd), Downstream (relay), MongoStore and Spool (store);
+* the modes: Mode and its on_* steps; DebugMode, QuarantineMode, ProxyMode,
+  FilterMode (MODE_CLASSES);
+* observability: Metrics, Statsd, MetricsServer (/metrics, /healthz);
+* the archive: Archive, the one class that asks and writes MongoDB, and verdict;
+* the archive commands: archive_NAME, each registered by @command beside it;
+  Filters, the value every search is made of;
+* the web console: WebServer, WebHandler, one handler per page registered by
+  @route beside it;
+* quarantine reports: archive_digest, sign_link and open_link;
+* the command line: main, serve, run_workers, setup_logging.
 """
 
 import argparse
@@ -34,6 +48,7 @@ import binascii
 import collections
 import contextlib
 import copy
+import dataclasses
 import datetime
 import difflib
 import errno
@@ -63,6 +78,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import urllib.parse
 import zlib
 
@@ -85,12 +101,16 @@ END_OF_DATA = b"\r\n.\r\n"
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
-COMMANDS = ("start", "count", "list", "show", "headers", "release", "delete", "hold", "unhold",
-            "purge", "stats", "verify", "check", "replay", "export", "web", "web-user",
-            "digest")
-KEYED_COMMANDS = ("show", "headers", "release", "delete", "hold", "unhold", "web-user")
 
 # Every reply the session sends that is not built from a downstream answer.
+# Control characters, as each place that shows text from outside escapes them.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")                # C0, DEL, C1: a log line
+ADDRESS_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")             # never in an address
+TEXT_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # but tab and LF: a terminal
+BYTES_CONTROL_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # but tab, LF, CR
+C1_RE = re.compile(r"[\x7f-\x9f]")                              # what json leaves as it is
+BIDI_CONTROL_RE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")  # 'gnp.exe'
+
 R_MAIL_OK = "250 2.1.0 Ok"
 R_RCPT_OK = "250 2.1.5 Ok"
 R_OK = "250 2.0.0 Ok"
@@ -98,7 +118,7 @@ R_QUEUED = "250 2.0.0 Ok: queued as {}"
 R_DATA_GO = "354 End data with <CR><LF>.<CR><LF>"
 R_BYE = "221 2.0.0 Bye"
 R_VRFY = "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
-R_HELP = "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XFORWARD"
+R_HELP = "214 2.0.0 Commands: {}"
 R_UNKNOWN = "500 5.5.2 Error: command not recognized"
 R_LINE_TOO_LONG = "500 5.5.6 Error: line too long"
 R_SYNTAX = "501 5.5.4 Syntax: {}"
@@ -353,6 +373,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see mms.py --help)")
 
 
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """An archive command: what it does and the options it reads (for its --help),
+    whether it takes a KEY (a store key, or a NAME), whether it opens the archive,
+    and whether it answers within bounds (the SMTP path's socket timeout)."""
+    run: typing.Callable
+    what: str
+    reads: tuple
+    key: str = ""
+    opens_archive: bool = True
+    bounded: bool = False
+
+
+COMMANDS = {}   # name: Command, each registered by @command beside its code
+
+
+def command(name, what, reads=(), key="", opens_archive=True, bounded=False):
+    """Register an archive command: `mms.py NAME`, run as run(cfg, archive)."""
+    def register(run):
+        COMMANDS[name] = Command(run, what, tuple(reads), key, opens_archive, bounded)
+        return run
+    return register
+
+
+FILTERS = ("sender", "rcpt", "since", "until", "subject", "message_id", "quarantine_id",
+           "client", "quarantine", "virus", "spam", "held", "released")
+MONGO = ("config", "mongo_host", "mongo_database", "mongo_collection", "mongo_timeout")
+
+
 def build_parser():
     parser = ArgumentParser(
         prog="mms.py",
@@ -374,11 +423,11 @@ def build_parser():
         # told apart from no --clamd at all, which falls back to MMS_CLAMD.
         parser.add_argument(flag, default=argparse.SUPPRESS,
                             help=f"{text} [{variable}, default: {shown}]", **extra)
-    parser.add_argument("command", nargs="?", default="start", choices=COMMANDS,
+    parser.add_argument("command", nargs="?", default="start", choices=["start", *COMMANDS],
                         help="start the server (default), or read the archive")
     parser.add_argument("key", nargs="?",
                         help="store_key or a unique prefix of 8 or more, for "
-                             + ", ".join(KEYED_COMMANDS))
+                             + ", ".join(name for name, c in COMMANDS.items() if c.key))
     group = parser.add_argument_group("archive options (list, count, purge)")
     parser.archive_actions = []
 
@@ -461,17 +510,15 @@ def parse_config(argv=None):
         raise ConfigError(f"unknown mode {cfg.server!r}: choose one of {', '.join(MODES)}")
     if cfg.command == "start":
         check_server_options(cfg, parser)
-    if cfg.command in KEYED_COMMANDS and not cfg.key:
-        raise ConfigError(
-            f"{cfg.command} needs a " + ("NAME" if cfg.command == "web-user" else "store_key"))
-    if cfg.client:
-        try:
-            ipaddress.ip_network(cfg.client, strict=False)
-        except ValueError:
-            raise ConfigError(f"--client: not an IP address or CIDR: {cfg.client!r}")
+    if cfg.command in COMMANDS and COMMANDS[cfg.command].key and not cfg.key:
+        raise ConfigError(f"{cfg.command} needs a {COMMANDS[cfg.command].key}")
     if cfg.server != "debug" or cfg.command != "start":
         check_mongo_options(cfg)
     cfg.hostname = cfg.hostname or socket.getfqdn()
+    try:
+        cfg.filters = Filters.parse(vars(cfg))     # what the archive commands search by
+    except UsageError as exc:
+        raise ConfigError(f"--{exc}") from None
     cfg.warnings = unknown_variables(os.environ) + [
         f"{warning} (in {config})" for warning in unknown_variables(settings)]
     return cfg
@@ -491,50 +538,15 @@ def check_flags(parser, argv):
             raise ConfigError(
                 f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else "")
                 + " (see mms.py --help)")
-    words = [arg for arg in argv if arg in COMMAND_HELP]
+    words = [arg for arg in argv if arg in COMMANDS]
     if words and ("-h" in argv or "--help" in argv):
         print(command_help(parser, words[0]))
         raise SystemExit(0)
 
 
-FILTERS = ("sender", "rcpt", "since", "until", "subject", "message_id", "quarantine_id",
-           "client", "quarantine", "virus", "spam", "held", "released")
-MONGO = ("config", "mongo_host", "mongo_database", "mongo_collection", "mongo_timeout")
-COMMAND_HELP = {  # what each archive command does, and the options it reads
-    "count": ("how many messages the filters find", FILTERS + MONGO),
-    "list": ("one line per message, newest first", FILTERS + ("limit", "json") + MONGO),
-    "show": ("the raw message of KEY", MONGO),
-    "headers": ("the header of KEY", MONGO),
-    "release": ("send KEY on to its recipients (or --to), as amavisd-release does",
-                ("to", "via", "force", "hostname", "server", "remote_host", "remote_port")
-                + MONGO),
-    "delete": ("delete KEY, unless it is on hold", MONGO),
-    "hold": ("put KEY on hold: purge and delete leave it alone", MONGO),
-    "unhold": ("lift the hold from KEY", MONGO),
-    "purge": ("delete what is older than --older-than and not on hold",
-              FILTERS + ("older_than", "dry_run") + MONGO),
-    "stats": ("counts and bytes, in all and by group", ("since", "until", "by", "top", "json")
-              + MONGO),
-    "verify": ("an fsck of the archive", FILTERS + ("repair",) + MONGO),
-    "check": ("one line and exit 0 or 2, for Nagios, monit or a HEALTHCHECK",
-              ("server", "host", "port", "hostname", "remote_host", "remote_port", "clamd",
-               "spamd", "scan_timeout") + MONGO),
-    "replay": ("store what proxy and filter modes spooled while MongoDB was down",
-               ("spool_dir",) + MONGO),
-    "export": ("the matching messages as an mbox on stdout, or .eml files",
-               FILTERS + ("format", "output") + MONGO),
-    "web": ("the web console", ("web", "web_users", "web_cert", "web_key", "web_allow", "via",
-                                "hostname", "server", "remote_host", "remote_port") + MONGO),
-    "web-user": ("the users file's line for NAME, the password read from stdin", ("role",)),
-    "digest": ("a report to each local recipient of what was quarantined for them",
-               ("since", "url", "web_secret", "mail_from", "expire_days", "include",
-                "rcpt_domain", "dry_run", "via", "hostname") + MONGO),
-}
-
-
-def command_help(parser, command):
-    what, dests = COMMAND_HELP[command]
-    key = " KEY" if command in KEYED_COMMANDS else ""
+def command_help(parser, name):
+    what, dests = COMMANDS[name].what, COMMANDS[name].reads
+    key, command = " KEY" if COMMANDS[name].key else "", name
     lines = [f"usage: mms.py {command}{key} [options]", "", f"{command}: {what}.", "",
              "options:"]
     for action in parser._actions:
@@ -768,6 +780,7 @@ class Transaction:
         self.rcpt_params = []         # their parameters verbatim
         self.refused = {}             # address -> [code, text], from a downstream
         self.relay = None             # proxy mode's downstream session
+        self.outcome = None           # filter mode's, when it kept the message instead
 
 
 ADDRESS_RE = re.compile(r"^(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^<>\s]+))(?:\s+(?P<params>.*))?$")
@@ -794,7 +807,6 @@ def parse_path(arg, keyword):
 
 
 QUOTED_LOCAL_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
-CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f]")
 BARE_LOCAL_BAD_RE = re.compile(r'[\s"]')               # outside quotes
 LITERAL_RE = re.compile(r"\[[^\[\]\\\s]+\]\Z")           # [192.0.2.1], [IPv6:...]
 DOMAIN_RE = re.compile(r'[^()<>\[\]@,;:\\"\s.]+(?:\.[^()<>\[\]@,;:\\"\s.]+)*\.?\Z')
@@ -806,7 +818,7 @@ def valid_address(address):
     literal. An address with no domain (postmaster) is accepted, as Postfix does.
     Refused: an empty local part or domain, a second '@' outside quotes, an
     unclosed literal, control characters, and white space outside quotes."""
-    if len(address.encode()) > PATH_MAX or CONTROL_CHAR_RE.search(address):
+    if len(address.encode()) > PATH_MAX or ADDRESS_CONTROL_RE.search(address):
         return False
     quoted = QUOTED_LOCAL_RE.match(address)
     local = quoted.group(0) if quoted else address.partition("@")[0]
@@ -1114,7 +1126,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         return False
 
     def smtp_HELP(self, arg):
-        self.reply(R_HELP)
+        self.reply(R_HELP.format(self.VERBS))
 
     def smtp_VRFY(self, arg):
         if not arg:
@@ -1145,6 +1157,9 @@ class SMTPSession(socketserver.BaseRequestHandler):
         if self.tx is not None:
             self.server.mode.on_reset(self, self.tx)
         self.tx = None
+
+    # The verbs HELP names: those with an smtp_VERB method above, in their order.
+    VERBS = " ".join(name[5:] for name in list(locals()) if name.startswith("smtp_"))
 
     # -- DATA ----------------------------------------------------------------
 
@@ -1194,6 +1209,15 @@ def partial_end(block):
         if block.endswith(END_OF_DATA[:n]):
             return n
     return 0
+
+
+def digest_of(pieces):
+    """(sha256 as hex, size) of bytes that come in pieces: a message, stored or not."""
+    digest, size = hashlib.sha256(), 0
+    for piece in pieces:
+        digest.update(piece)
+        size += len(piece)
+    return digest.hexdigest(), size
 
 
 class Message:
@@ -1246,10 +1270,7 @@ class Message:
 
     def sha256(self):
         """Of the bytes stored, so that `verify` can prove the archive unchanged."""
-        digest = hashlib.sha256()
-        for piece in self.pieces():
-            digest.update(piece)
-        return digest.hexdigest()
+        return digest_of(self.pieces())[0]
 
     def head(self, limit):
         if self.file is None:
@@ -1341,10 +1362,11 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, cfg, mode, metrics):
+    def __init__(self, cfg, mode, metrics, plugins=()):
         self.cfg = cfg
         self.mode = mode
         self.metrics = mode.metrics = metrics
+        self.plugins = list(plugins)
         self.address_family = address_family(cfg.host)
         self.sessions = set()
         self.accepting = 0          # session threads waiting in accept()
@@ -1569,6 +1591,9 @@ def receive_message(session, tx, xforward, message):
     return answer
 
 
+PROBE_RE = re.compile(rb"X-MMS-Probe: ([0-9a-f]{32})\r\n")  # check's probe begins with it
+
+
 def is_probe(session, message):
     """The probe of `mms.py check`: from loopback, with the token this server wrote to
     its state file (STATE), which only the user mms runs as can read."""
@@ -1577,9 +1602,6 @@ def is_probe(session, message):
         return False
     found = PROBE_RE.match(message.head(4096))   # one pass in C, for every message
     return bool(found) and hmac.compare_digest(found.group(1), token.encode())
-
-
-PROBE_RE = re.compile(rb"X-MMS-Probe: ([0-9a-f]{32})\r\n")  # check's probe begins with it
 
 
 LOGGED_RCPTS = 5   # a line stays under rsyslog's 8 KB with 1,000 recipients
@@ -1947,6 +1969,10 @@ def ask(address, request, timeout):
             return answer
     except OSError as exc:
         raise ScanError(f"{address[0]}:{address[1]}: {exc}") from None
+
+
+# What `check` and filter mode's start ask each scanner, and the answer that says it is up.
+SCANNER_PINGS = (("clamd", [b"zPING\0"], b"PONG"), ("spamd", [b"PING SPAMC/1.5\r\n\r\n"], b"PONG"))
 
 
 def clamd_request(message, chunk=64 * 1024):
@@ -2472,6 +2498,12 @@ class Spool:
             log.warning("--spool-dir %s is open to other users (mode %o): spooled mail is "
                         "private, chmod o-rwx it", self.path, mode)
 
+    def waiting(self):
+        """How many messages wait for `replay` (0 where the folder cannot be read)."""
+        with contextlib.suppress(OSError):
+            return sum(name.endswith(".bson") for name in os.listdir(self.path))
+        return 0
+
     def put(self, metadata, message):
         """Both files, or neither (a full disk leaves no half pair behind); readable
         by the user mms runs as only, as Postfix keeps its queue."""
@@ -2577,7 +2609,7 @@ class Mode:
 
     def outcome(self, tx, answer):
         if answer[0] == "2":
-            return getattr(tx, "outcome", None) or self.ACCEPTED
+            return tx.outcome or self.ACCEPTED
         return "tempfail" if answer[0] == "4" else "rejected"
 
     def start(self):
@@ -3201,9 +3233,7 @@ class MetricsServer(BoundedHTTPServer):
     def spooled(self):
         if self.cfg.server not in RELAY_MODES:
             return None
-        with contextlib.suppress(OSError):
-            return sum(name.endswith(".bson") for name in os.listdir(self.cfg.spool_dir))
-        return 0
+        return Spool(self.cfg.spool_dir).waiting()
 
 
 class BoundedHandler(http.server.BaseHTTPRequestHandler):
@@ -3271,6 +3301,15 @@ class BoundedHandler(http.server.BaseHTTPRequestHandler):
             body += chunk
         return bytes(body)
 
+    def send(self, code, data, kind, extra=()):
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in extra:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
 
 HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 
@@ -3295,12 +3334,7 @@ class MetricsHandler(BoundedHandler):
             body, kind = body + "\n", "text/plain; charset=utf-8"
         else:
             code, body, kind = 404, "not found: try /metrics or /healthz\n", "text/plain"
-        data = body.encode()
-        self.send_response(code)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send(code, body.encode(), kind)
 
     def log_message(self, format, *args):
         pass  # a scrape every 15 s is not news
@@ -3393,6 +3427,9 @@ STATS_GROUPS = {
 
 class Damaged(MMSError):
     """A stored message cannot be read back whole: what is wrong with it."""
+
+
+KEY_PREFIX_MIN = 8   # hex characters of a store key that name a message, as git takes a commit
 
 
 class Archive:
@@ -3611,10 +3648,7 @@ class Archive:
         """The recorded one, else that of the stored bytes."""
         if doc.get("sha256"):
             return doc["sha256"]
-        digest = hashlib.sha256()
-        for piece in self.pieces(doc):
-            digest.update(piece)
-        return digest.hexdigest()
+        return digest_of(self.pieces(doc))[0]
 
     def files_of(self, docs):
         """The GridFS files of these documents, by id: one query for the lot."""
@@ -3805,7 +3839,7 @@ class Escaped:
         self.stream = stream
 
     def write(self, text):
-        return self.stream.write(TERMINAL_CONTROL_RE.sub(hexed, text))
+        return self.stream.write(TEXT_CONTROL_RE.sub(hexed, text))
 
     def flush(self):
         self.stream.flush()
@@ -3815,9 +3849,6 @@ class Escaped:
         return self.stream.buffer
 
 
-TERMINAL_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
 def hexed(match):
     return f"\\x{ord(match.group()):02x}"
 
@@ -3825,18 +3856,19 @@ def hexed(match):
 def json_line(doc):
     """JSON, with C1 controls and DEL escaped too (json escapes C0 only)."""
     text = json.dumps(doc, default=str, ensure_ascii=False)
-    return re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+    return C1_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 def run_archive_command(cfg):
-    """count, list, show, headers, delete, purge, hold, unhold and replay: the archive
-    from the shell, as postqueue and postsuper run Postfix's queue."""
-    # check and the web console answer within bounds; the others take as long as it takes
-    archive = Archive(cfg, server=cfg.command in ("check", "web")).connect()
+    """An archive command from the shell, as postqueue and postsuper run Postfix's
+    queue: check and the web console answer within bounds, the others take as long
+    as it takes."""
+    command = COMMANDS[cfg.command]
+    archive = Archive(cfg, server=command.bounded).connect()
     try:
         with contextlib.redirect_stdout(Escaped(sys.stdout)), \
                 contextlib.redirect_stderr(Escaped(sys.stderr)):
-            return ARCHIVE_COMMANDS[cfg.command](cfg, archive)
+            return command.run(cfg, archive)
     except MMSError as exc:
         print(f"mms.py: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -3850,50 +3882,94 @@ def run_archive_command(cfg):
         archive.close()
 
 
-def archive_filter(cfg):
-    """The MongoDB filter that list, count and purge share, and a test for what
-    MongoDB cannot ask (a CIDR of client addresses), or None. nx-27017 needs `$in`
-    for an element of an indexed array, and `$elemMatch` for a regular expression
-    on one; both forms are right on MongoDB too. Each filter has its index
-    (Archive.INDEXES)."""
-    clauses, received = [], {}
-    if cfg.sender is not None:
-        clauses.append({"sender": address_filter(cfg.sender)})
-    if cfg.rcpt is not None:  # a recipient, or a quarantine address --real-rcpt replaced
-        rcpt = address_filter(cfg.rcpt)
-        rcpt = {"$elemMatch": rcpt} if isinstance(rcpt, dict) else {"$in": [rcpt]}
-        clauses.append({"$or": [{"rcpt": rcpt}, {"quarantine_to": rcpt}]})
-    if cfg.since:
-        received["$gte"] = cfg.since
-    if cfg.until:
-        received["$lt"] = cfg.until
-    if cfg.older_than:
-        received["$lt"] = min(received.get("$lt", cfg.older_than), cfg.older_than)
-    if received:
-        clauses.append({"received": received})
-    if cfg.subject:
-        clauses.append({"subject": {"$regex": re.escape(cfg.subject), "$options": "i"}})
-    if cfg.message_id:
-        clauses.append({"message_id": cfg.message_id.strip("<>")})
-    if cfg.quarantine_id:
-        clauses.append({"quarantine_id": cfg.quarantine_id.strip("<> ")})
-    if cfg.quarantine:
-        clauses.append({"quarantine": cfg.quarantine})
-    for flag, field in (("virus", "is_virus"), ("spam", "is_spam")):
-        if getattr(cfg, flag):
-            clauses.append({field: 1})
-    if cfg.held:
-        clauses.append({"held": True})
-    if cfg.released:
-        clauses.append({"released": {"$exists": True}})
-    wanted = None
-    if cfg.client:
-        network = ipaddress.ip_network(cfg.client, strict=False)
-        if network.num_addresses == 1:
-            clauses.append({"client_address": str(network.network_address)})
-        else:
-            wanted = lambda doc: in_networks(str(doc.get("client_address", "")), [network])
-    return all_of(*clauses), wanted
+@dataclasses.dataclass(frozen=True)
+class Filters:
+    """What list, count, export, purge, verify, the console and the API search by:
+    a value, made by Filters.parse from the command line or a query string alike."""
+    sender: str = None
+    rcpt: str = None
+    since: datetime.datetime = None
+    until: datetime.datetime = None
+    subject: str = None
+    message_id: str = None
+    quarantine_id: str = None
+    client: str = None
+    quarantine: str = None
+    virus: bool = False
+    spam: bool = False
+    held: bool = None          # True: only held; False: only not held (purge); None: any
+    released: bool = False
+    older_than: datetime.datetime = None
+
+    @classmethod
+    def parse(cls, given):
+        """From {name: value}: the command line's values (typed by argparse) or a
+        query string's (text); UsageError names a value that is neither."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            value = given.get(field.name)
+            if isinstance(value, str):
+                value = value.strip()[:256]
+            if value is None or value == "" or value is False:
+                continue          # not given (a flag not set is no filter)
+            if field.type is bool:
+                value = value in (True, "1", "on", "yes", "true")
+            elif field.type is datetime.datetime and isinstance(value, str):
+                try:
+                    value = _when(value)
+                except argparse.ArgumentTypeError as exc:
+                    raise UsageError(f"{field.name}: {exc}") from None
+            values[field.name] = value
+        if values.get("client"):
+            try:
+                ipaddress.ip_network(values["client"], strict=False)
+            except ValueError:
+                raise UsageError(f"client: not an IP address or CIDR: {values['client']}") \
+                    from None
+        return cls(**values)
+
+    def query(self):
+        """(the MongoDB filter, a test for what MongoDB cannot ask (a CIDR of client
+        addresses) or None). nx-27017 needs `$in` for an element of an indexed array,
+        and `$elemMatch` for a regular expression on one; both forms are right on
+        MongoDB too. Each filter has its index (Archive.INDEXES)."""
+        clauses, received = [], {}
+        if self.sender is not None:
+            clauses.append({"sender": address_filter(self.sender)})
+        if self.rcpt is not None:  # a recipient, or a quarantine address --real-rcpt replaced
+            rcpt = address_filter(self.rcpt)
+            rcpt = {"$elemMatch": rcpt} if isinstance(rcpt, dict) else {"$in": [rcpt]}
+            clauses.append({"$or": [{"rcpt": rcpt}, {"quarantine_to": rcpt}]})
+        if self.since:
+            received["$gte"] = self.since
+        if self.until:
+            received["$lt"] = self.until
+        if self.older_than:
+            received["$lt"] = min(received.get("$lt", self.older_than), self.older_than)
+        if received:
+            clauses.append({"received": received})
+        if self.subject:
+            clauses.append({"subject": {"$regex": re.escape(self.subject), "$options": "i"}})
+        if self.message_id:
+            clauses.append({"message_id": self.message_id.strip("<>")})
+        if self.quarantine_id:
+            clauses.append({"quarantine_id": self.quarantine_id.strip("<> ")})
+        if self.quarantine:
+            clauses.append({"quarantine": self.quarantine})
+        clauses += [{field: 1} for flag, field in ((self.virus, "is_virus"),
+                                                   (self.spam, "is_spam")) if flag]
+        if self.held is not None:
+            clauses.append({"held": True} if self.held else NOT_HELD)
+        if self.released:
+            clauses.append({"released": {"$exists": True}})
+        wanted = None
+        if self.client:
+            network = ipaddress.ip_network(self.client, strict=False)
+            if network.num_addresses == 1:
+                clauses.append({"client_address": str(network.network_address)})
+            else:
+                wanted = lambda doc: in_networks(str(doc.get("client_address", "")), [network])
+        return all_of(*clauses), wanted
 
 
 def address_filter(address):
@@ -3906,14 +3982,16 @@ def address_filter(address):
     return address.strip("<>")
 
 
+@command("count", "how many messages the filters find", FILTERS + MONGO)
 def archive_count(cfg, archive):
-    print(archive.count(*archive_filter(cfg)))
+    print(archive.count(*cfg.filters.query()))
     return 0
 
 
+@command("list", "one line per message, newest first", FILTERS + ("limit", "json") + MONGO)
 def archive_list(cfg, archive):
     out = sys.stdout
-    for doc in archive.search(*archive_filter(cfg), limit=cfg.limit):
+    for doc in archive.search(*cfg.filters.query(), limit=cfg.limit):
         doc.pop("_id", None)
         if cfg.json:
             out.write(json_line(dict(doc, verdict=verdict(doc))))
@@ -3943,9 +4021,6 @@ def list_line(doc):
             f"<{doc.get('sender', '')}> -> {rcpt} {str(doc.get('subject', ''))!r}")
 
 
-KEY_PREFIX_MIN = 8
-
-
 def write_out(pieces):
     """Each piece as it is decoded: a 30 MB message is never whole in memory. The
     bytes as stored into a pipe or a file; to a terminal, control characters but
@@ -3953,19 +4028,18 @@ def write_out(pieces):
     out = sys.stdout.buffer
     tty = out.isatty()
     for piece in pieces:
-        out.write(TERMINAL_BYTES_RE.sub(lambda m: b"\\x%02x" % m.group()[0], piece)
+        out.write(BYTES_CONTROL_RE.sub(lambda m: b"\\x%02x" % m.group()[0], piece)
                   if tty else piece)
     out.flush()
 
 
-TERMINAL_BYTES_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
+@command("show", "the raw message of KEY", MONGO, key="store_key")
 def archive_show(cfg, archive):
     write_out(archive.pieces(archive.resolve(cfg.key)))
     return 0
 
 
+@command("headers", "the header of KEY", MONGO, key="store_key")
 def archive_headers(cfg, archive):
     """Only as much of the message as its header takes."""
     head = bytearray()
@@ -3977,6 +4051,9 @@ def archive_headers(cfg, archive):
     return 0
 
 
+@command("release", "send KEY on to its recipients (or --to), as amavisd-release does",
+         ("to", "via", "force", "hostname", "server", "remote_host", "remote_port") + MONGO,
+         key="store_key")
 def archive_release(cfg, archive):
     """Send a kept message on, as amavisd-release does for its own quarantines: with
     its stored sender, to its recipients (or --to), without the X-MMS-RCPT header
@@ -3994,6 +4071,11 @@ def archive_release(cfg, archive):
     return 0 if record is not None and record["reply"].startswith("2") and not refused else 1
 
 
+MMS_QUEUED_RE = re.compile(r"queued as ([0-9a-f]{64})\b")
+QUARANTINE_FIELD_RE = re.compile(
+    rb"(?i)(x-mms-rcpt|x-envelope-[a-z-]*|x-quarantine-id|x-amavis-[a-z-]*|x-spam-[a-z-]*)[ \t]*:")
+
+
 def release_message(cfg, archive, doc, to=None, again=False, virus=False, by=None,
                     once_for=None):
     """({refused rcpt: reply}, the record noted on the document, or None), for the
@@ -4006,8 +4088,7 @@ def release_message(cfg, archive, doc, to=None, again=False, virus=False, by=Non
     doc, token = archive.claim_release(doc, again, unless_held=bool(once_for))
     record = None
     try:
-        if once_for and any(once_for in (r.get("to") or []) for r in doc.get("released") or []
-                            if isinstance(r, dict)):
+        if once_for and released_to(doc, once_for):
             raise Conflict(f"{doc['store_key']} was released to {once_for} already")
         data = release_copy(archive.read(doc))
         via = cfg.via or ((cfg.remote_host, cfg.remote_port) if cfg.server == "mongo-filter"
@@ -4029,9 +4110,12 @@ def release_message(cfg, archive, doc, to=None, again=False, virus=False, by=Non
     return refused, record
 
 
-MMS_QUEUED_RE = re.compile(r"queued as ([0-9a-f]{64})\b")
-QUARANTINE_FIELD_RE = re.compile(
-    rb"(?i)(x-mms-rcpt|x-envelope-[a-z-]*|x-quarantine-id|x-amavis-[a-z-]*|x-spam-[a-z-]*)[ \t]*:")
+
+
+def released_to(doc, rcpt):
+    """Whether a release of this message reached this address already."""
+    return any(rcpt in (r.get("to") or []) for r in doc.get("released") or []
+               if isinstance(r, dict))
 
 
 def release_copy(data):
@@ -4079,6 +4163,7 @@ def send_message(via, sender, rcpts, data, hostname):
         raise DeliveryError(f"release via {via[0]}:{via[1]} failed: {exc}") from None
 
 
+@command("delete", "delete KEY, unless it is on hold", MONGO, key="store_key")
 def archive_delete(cfg, archive):
     doc = archive.resolve(cfg.key)
     archive.delete(doc)
@@ -4086,6 +4171,7 @@ def archive_delete(cfg, archive):
     return 0
 
 
+@command("hold", "put KEY on hold: purge and delete leave it alone", MONGO, key="store_key")
 def archive_hold(cfg, archive, held=True):
     """A legal hold: purge and delete leave the message alone until unhold."""
     doc = archive.resolve(cfg.key)
@@ -4094,18 +4180,21 @@ def archive_hold(cfg, archive, held=True):
     return 0
 
 
+@command("unhold", "lift the hold from KEY", MONGO, key="store_key")
 def archive_unhold(cfg, archive):
     return archive_hold(cfg, archive, held=False)
 
 
+@command("purge", "delete what is older than --older-than and not on hold",
+         FILTERS + ("older_than", "dry_run") + MONGO)
 def archive_purge(cfg, archive):
     """Delete what is older than --older-than, never what is held. The
     metadata goes first, so that an interrupted purge leaves at worst an orphan
     file (which `verify --repair` sweeps), never a document that points at nothing."""
     if not cfg.older_than:
         raise UsageError("purge needs --older-than, e.g. --older-than 90d")
-    cfg.held = False
-    count = archive.purge(*archive_filter(cfg), dry_run=cfg.dry_run)
+    count = archive.purge(*dataclasses.replace(cfg.filters, held=False).query(),
+                          dry_run=cfg.dry_run)
     print(f"{'would purge' if cfg.dry_run else 'purged'} {count} message(s) received before "
           f"{cfg.older_than:%Y-%m-%d %H:%M:%S} UTC")
     return 0
@@ -4124,6 +4213,7 @@ def uploaded(when, now):
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+@command("verify", "an fsck of the archive", FILTERS + ("repair",) + MONGO)
 def archive_verify(cfg, archive):
     """An fsck for the archive: each metadata document's file exists and decodes,
     with the recorded size and sha256; files and chunks that no document points at
@@ -4137,7 +4227,7 @@ def archive_verify(cfg, archive):
         problems += 1
         print(text)
 
-    query, wanted = archive_filter(cfg)
+    query, wanted = cfg.filters.query()
     for docs in batched(archive.search(query, wanted), archive.BATCH):
         files = archive.files_of(docs)
         for doc in docs:
@@ -4158,20 +4248,19 @@ def archive_verify(cfg, archive):
 
 def verify_message(archive, doc, file):
     """What is wrong with one stored message, or None."""
-    digest, size = hashlib.sha256(), 0
     try:
-        for piece in archive.pieces(doc, file):
-            digest.update(piece)
-            size += len(piece)
+        digest, size = digest_of(archive.pieces(doc, file))
     except Damaged as exc:
         return exc.args[0]
     if doc.get("size") not in (None, size):
         return f"{size} bytes stored, {doc['size']} recorded"
-    if doc.get("sha256") and digest.hexdigest() != doc["sha256"]:
+    if doc.get("sha256") and digest != doc["sha256"]:
         return "sha256 differs from the one recorded at receipt"
     return None
 
 
+@command("stats", "counts and bytes, in all and by group",
+         ("since", "until", "by", "top", "json") + MONGO)
 def archive_stats(cfg, archive):
     """Counts and bytes, in all and per group, computed by MongoDB."""
     totals, groups = archive.stats(cfg.since, cfg.until, cfg.by, cfg.top)
@@ -4192,6 +4281,9 @@ class Spooling(Exception):
     """Proxy and filter modes with MongoDB down: mail flows, and waits in the spool."""
 
 
+@command("check", "one line and exit 0 or 2, for Nagios, monit or a HEALTHCHECK",
+         ("server", "host", "port", "hostname", "remote_host", "remote_port", "clamd", "spamd",
+          "scan_timeout") + MONGO, bounded=True)
 def archive_check(cfg, archive):
     """A probe for Nagios, monit or a container HEALTHCHECK: one line, exit 0 (OK), 1
     (WARNING) or 2 (CRITICAL). It talks to the running server as a client would: in
@@ -4201,10 +4293,12 @@ def archive_check(cfg, archive):
     relayed and spooled)."""
     state = read_state() if cfg.source.get("port") != "--port" else None
     if state:  # the server as it runs, whatever flags it was given
-        cfg.host, cfg.port, cfg.probe = state["host"], state["port"], state["probe"]
-        cfg.server = cfg.server if cfg.source.get("server") == "--server" else state["server"]
+        target = Target(cfg.server if cfg.source.get("server") == "--server" else
+                        state["server"], state["host"], state["port"], state["probe"])
+    else:
+        target = Target(cfg.server, cfg.host, cfg.port)
     try:
-        done = CHECKS[cfg.server](cfg, archive)
+        done = CHECKS[target.server](cfg, archive, target)
     except Spooling as exc:
         print(f"WARNING: {exc}")
         return 1
@@ -4215,12 +4309,21 @@ def archive_check(cfg, archive):
     return 0
 
 
-def check_smtp(cfg, message=None):
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The server `check` asks: as its state file says it runs, else as the options say."""
+    server: str
+    host: str
+    port: int
+    probe: str = None
+
+
+def check_smtp(cfg, target, message=None):
     """The server's greeting and EHLO, and a message if given: its reply."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(cfg.host, cfg.host)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(target.host, target.host)
     try:
-        with smtplib.SMTP(host, cfg.port, local_hostname="mms-check", timeout=cfg.mongo_timeout
-                          + 10) as client:
+        with smtplib.SMTP(host, target.port, local_hostname="mms-check",
+                          timeout=cfg.mongo_timeout + 10) as client:
             client.ehlo()
             if message is None:
                 return client.noop()
@@ -4228,15 +4331,15 @@ def check_smtp(cfg, message=None):
             client.rcpt("mms-check@" + cfg.hostname)
             return client.data(message)
     except (OSError, smtplib.SMTPException) as exc:
-        raise RuntimeError(f"mms at {host}:{cfg.port}: {exc}") from None
+        raise RuntimeError(f"mms at {host}:{target.port}: {exc}") from None
 
 
-def check_quarantine(cfg, archive):
+def check_quarantine(cfg, archive, target):
     archive.ping()  # first: CRITICAL within --mongo-timeout
-    mark = f"X-MMS-Probe: {cfg.probe}\r\n" if getattr(cfg, "probe", None) else ""
+    mark = f"X-MMS-Probe: {target.probe}\r\n" if target.probe else ""
     probe = (f"{mark}Subject: mms check\r\nFrom: mms-check@{cfg.hostname}\r\n\r\n"
              f"probe\r\n").encode()
-    code, text = check_smtp(cfg, probe)
+    code, text = check_smtp(cfg, target, probe)
     if code != 250:
         raise RuntimeError(f"mms answered the probe {code} {text.decode(errors='replace')}")
     key = text.decode().rsplit(" ", 1)[-1]
@@ -4247,20 +4350,16 @@ def check_quarantine(cfg, archive):
     return f"probe {key[:12]} stored in MongoDB and deleted"
 
 
-def check_debug(cfg, archive):
-    code, _ = check_smtp(cfg)
-    return f"mms at port {cfg.port} answers ({code})"
+def check_debug(cfg, archive, target):
+    code, _ = check_smtp(cfg, target)
+    return f"mms at port {target.port} answers ({code})"
 
 
-# What `check` and filter mode's start ask each scanner, and the answer that says it is up.
-SCANNER_PINGS = (("clamd", [b"zPING\0"], b"PONG"), ("spamd", [b"PING SPAMC/1.5\r\n\r\n"], b"PONG"))
-
-
-def check_relay(cfg, archive):
-    check_smtp(cfg)
+def check_relay(cfg, archive, target):
+    check_smtp(cfg, target)
     Downstream(cfg).close()
     asked = ["mms", "MongoDB", f"downstream {cfg.remote_host}:{cfg.remote_port}"]
-    if cfg.server == "mongo-filter":
+    if target.server == "mongo-filter":
         for name, request, answer in SCANNER_PINGS:
             address = getattr(cfg, name)
             if address and answer not in ask(address, request, cfg.scan_timeout):
@@ -4270,8 +4369,7 @@ def check_relay(cfg, archive):
     try:
         archive.ping()
     except Exception as exc:
-        spooled = sum(name.endswith(".bson") for name in os.listdir(cfg.spool_dir)) \
-            if os.path.isdir(cfg.spool_dir) else 0
+        spooled = Spool(cfg.spool_dir).waiting()
         raise Spooling(f"MongoDB: {mongo_error(exc)}; mail is relayed, and {spooled} "
                        f"message(s) wait in {cfg.spool_dir} for `mms.py replay`") from None
     return ", ".join(asked) + " answer"
@@ -4281,6 +4379,8 @@ CHECKS = {"mongo-quarantine": check_quarantine, "debug": check_debug,
           "mongo-proxy": check_relay, "mongo-filter": check_relay}
 
 
+@command("replay", "store what proxy and filter modes spooled while MongoDB was down",
+         ("spool_dir",) + MONGO)
 def archive_replay(cfg, archive):
     stored, left = Spool(cfg.spool_dir).replay(archive)
     why = "".join(f", {count} {reason}" for reason, count in sorted(left.items()))
@@ -4303,9 +4403,11 @@ def mbox_entry(doc, data):
     return f"From {sender} {when:%a %b %d %H:%M:%S %Y}\n".encode() + body + b"\n"
 
 
+@command("export", "the matching messages as an mbox on stdout, or .eml files",
+         FILTERS + ("format", "output") + MONGO)
 def archive_export(cfg, archive):
     """The matching messages as one mbox on stdout, or one .eml each into --output."""
-    query, wanted = archive_filter(cfg)
+    query, wanted = cfg.filters.query()
     count = 0
     if cfg.format == "eml":
         if not cfg.output or not os.path.isdir(cfg.output):
@@ -4393,7 +4495,9 @@ def read_web_users(path):
     return users
 
 
-def archive_web_user(cfg):
+@command("web-user", "the users file's line for NAME, the password read from stdin", ("role",),
+         key="NAME", opens_archive=False)
+def archive_web_user(cfg, archive=None):
     """The users file's line for NAME: the password from stdin, never shown."""
     import getpass
     password = (getpass.getpass(f"password for {cfg.key}: ") if sys.stdin.isatty()
@@ -4542,9 +4646,6 @@ def h(value):
     return html.escape(BIDI_CONTROL_RE.sub(named_char, str(value)), quote=True)
 
 
-BIDI_CONTROL_RE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
 def named_char(match):
     return f"[U+{ord(match.group()):04X}]"
 
@@ -4559,8 +4660,20 @@ word-break:break-all;max-height:30em;overflow:auto}.grid{display:flex;flex-wrap:
 .totals td{font-size:1.3em}.muted{color:#777}td,th,pre,h1,bdi{unicode-bidi:isolate}"""
 
 
+WEB_ROUTES = []   # (method, path as a regular expression, handler name, who may), by @route
+
+
+def route(method, path, who="user"):
+    """Register a console page beside its handler: who is anyone, user or admin."""
+    def register(handler):
+        WEB_ROUTES.append((method, re.compile(path), handler.__name__, who))
+        return handler
+    return register
+
+
 class WebHandler(BoundedHandler):
-    """One route per page: GET and POST dispatched from WEB_ROUTES by path."""
+    """One route per page: GET and POST dispatched by path, through each handler's
+    @route."""
 
     timeout, HEAD_SECONDS = 10, 10
     BODY_MAX, BODY_SECONDS = 64 * 1024, 30      # a form or an API request
@@ -4598,18 +4711,18 @@ class WebHandler(BoundedHandler):
         self.answering = True
 
     def do_GET(self):
-        self.route("GET")
+        self.dispatch("GET")
 
     def do_POST(self):
-        self.route("POST")
+        self.dispatch("POST")
 
-    def route(self, method):
+    def dispatch(self, method):
         path, _, query = self.path.partition("?")
         self.params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
         self.answering = False
         try:
             for verb, pattern, name, open_to in WEB_ROUTES:
-                match = re.fullmatch(pattern, path)
+                match = pattern.fullmatch(path)
                 if verb == method and match:
                     self.user = None if open_to == "anyone" else self.authenticate(path)
                     if open_to == "admin" and self.user["role"] != "admin":
@@ -4665,6 +4778,7 @@ class WebHandler(BoundedHandler):
             raise HTTPError(403, "this form has expired: open the page again")
         return fields
 
+    @route("GET", r"/login", "anyone")
     def get_login(self, error="", code=200):
         """The form, with a pre-session cookie and the token tied to it."""
         browser = self.cookie("mms_login")
@@ -4674,6 +4788,7 @@ class WebHandler(BoundedHandler):
         self.page("Log in", form, user=None, code=code, extra=[("Set-Cookie", (
             f"mms_login={browser}; Path=/login; HttpOnly; SameSite=Strict{self.secure()}"))])
 
+    @route("POST", r"/login", "anyone")
     def post_login(self):
         browser = self.cookie("mms_login") or ""
         fields = self.form(csrf=self.server.login_token(browser) if browser else "")
@@ -4688,6 +4803,7 @@ class WebHandler(BoundedHandler):
     def secure(self):
         return "; Secure" if self.server.tls else ""
 
+    @route("POST", r"/logout")
     def post_logout(self):
         self.form()
         self.server.close_session(self.cookie())
@@ -4695,34 +4811,22 @@ class WebHandler(BoundedHandler):
 
     # Pages ##################################################################
 
+    @route("GET", r"/style\.css", "anyone")
     def get_style(self):
         self.send(200, STYLE.encode(), "text/css; charset=utf-8")
 
+    @route("GET", r"/")
     def get_dashboard(self):
         data = self.server.cached("dashboard", lambda: dashboard_data(self.server.archive))
-        totals = data["totals"]
-        cells = "".join(f"<td>{h(totals[k])}</td>" for k in DASHBOARD_TOTALS)
-        heads = "".join(f"<th>{h(k)}</th>" for k in DASHBOARD_TOTALS)
-        tops = "".join(f'<div><h3>Top {h(title)}, 7 days</h3>{top_table(data["top"][by], by)}'
-                       f"</div>" for by, title in DASHBOARD_TOPS)
-        self.page("Dashboard", f"""<h2>Last 30 days</h2>
-<table class="totals"><tr>{heads}</tr><tr>{cells}</tr></table>
-<p class="muted">{h(data['archived'])} messages in the archive in all.</p>
-<h3>Messages per day</h3>{day_chart(data['days'])}<div class="grid">{tops}</div>""")
+        self.page("Dashboard", render_dashboard(data))
 
+    @route("GET", r"/messages")
     def get_messages(self):
         query, wanted, page, after = self.search()
         docs, more = self.one_page(query, wanted)
-        rows = "".join(message_row(doc) for doc in docs)
-        link = ""
-        if more:
-            link = (f'<p><a href="/messages?{h(urllib.parse.urlencode({**page, **next_page(docs)}))}">'
-                    f"Older messages</a></p>")
-        self.page("Search", f"""{search_form(self.params)}
-<p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
-<table><tr><th>received</th><th>from</th><th>to</th><th>subject</th><th>size</th>
-<th></th></tr>{rows}</table>{link}""")
+        self.page("Search", render_search(self.params, page, docs, more))
 
+    @route("GET", r"/messages\.mbox")
     def get_mbox(self):
         query, wanted, _, _ = self.search()
         self.send_response(200)
@@ -4732,27 +4836,19 @@ class WebHandler(BoundedHandler):
         for entry in mbox_entries(self.server.archive, query, wanted):
             self.wfile.write(entry)
 
+    @route("GET", r"/messages/([0-9a-f]{64})")
     def get_message(self, key):
-        doc, archive = self.doc(key), self.server.archive
-        head, parts = message_parts(archive, doc)
-        csrf = self.user["csrf"]
-        actions = "".join(
-            f'<form class="inline" method="post" action="/messages/{h(key)}/{name}">'
-            f'<input type="hidden" name="csrf" value="{h(csrf)}">{extra}'
-            f'<button type="submit" name="do" value="{name}">{name}</button></form> '
-            for name, extra in (("hold", ""), ("unhold", ""), ("delete", ""),
-                                ("release", '<input name="to" placeholder="to (optional)">'
-                                 '<label><input type="checkbox" name="again" value="1"> again'
-                                 '</label>'))
-        ) if self.user["role"] == "admin" else ""
-        self.page(doc.get("subject") or key, f"""<p>{actions}
-<a href="/messages/{h(key)}/raw">Download the message</a></p>
-{field_table(doc)}<h3>Header</h3><pre>{h(head)}</pre>{parts}""")
+        doc = self.doc(key)
+        head, parts = message_parts(self.server.archive, doc)
+        csrf = self.user["csrf"] if self.user["role"] == "admin" else None
+        self.page(doc.get("subject") or key, render_message(key, doc, head, parts, csrf))
 
+    @route("GET", r"/messages/([0-9a-f]{8,63})")
     def get_prefix(self, prefix):
         """A unique prefix of a store key, as `mms.py show` takes it: the message's page."""
         self.redirect(f"/messages/{self.server.archive.resolve(prefix)['store_key']}")
 
+    @route("GET", r"/messages/([0-9a-f]{64})/raw")
     def get_raw(self, key):
         doc = self.doc(key)
         self.send_response(200)
@@ -4762,6 +4858,7 @@ class WebHandler(BoundedHandler):
         for piece in self.server.archive.pieces(doc):
             self.wfile.write(piece)
 
+    @route("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete)", "admin")
     def post_action(self, key, action):
         fields, archive, user = self.form(), self.server.archive, self.user["user"]
         doc = self.doc(key)
@@ -4799,9 +4896,9 @@ class WebHandler(BoundedHandler):
                        for name in ("to", "again") if fields.get(name))
         self.page("Release a virus?", f"""<p class="error">This message holds
 <bdi>{h(names)}</bdi>. Released, it goes to its recipients as it is.</p>
-<form method="post" action="/messages/{h(key)}/release"><input type="hidden" name="csrf"
-value="{h(self.user['csrf'])}">{kept}<button type="submit" name="confirm" value="virus">Release
-it all the same</button></form><p><a href="/messages/{h(key)}">Back to the message</a></p>""")
+{render_form(f"/messages/{key}/release", self.user["csrf"], kept,
+             '<button type="submit" name="confirm" value="virus">Release it all the same'
+             '</button>')}<p><a href="/messages/{h(key)}">Back to the message</a></p>""")
 
     # A recipient's link from a quarantine report ###########################
 
@@ -4817,13 +4914,13 @@ it all the same</button></form><p><a href="/messages/{h(key)}">Back to the messa
             raise HTTPError(403, "a virus is never released from a link: ask your administrator")
         return doc, rcpt
 
+    @route("GET", r"/q/([A-Za-z0-9_.-]{1,2000})", "anyone")
     def get_link(self, token):
         """What the recipient needs to judge their own message, and nothing of the
         others (no header: amavisd-new's X-Envelope-To names every recipient, Bcc
         too). Only the POST from this page releases: link scanners GET every link."""
         doc, rcpt = self.linked(token)
-        done = any(rcpt in (r.get("to") or []) for r in doc.get("released") or []
-                   if isinstance(r, dict))
+        done = released_to(doc, rcpt)
         if is_held(doc):
             button = "<p>It is on hold: only an administrator can release it.</p>"
         elif done:
@@ -4834,6 +4931,7 @@ it all the same</button></form><p><a href="/messages/{h(key)}">Back to the messa
         self.page("A message held for you", link_summary(self.server.archive, doc, rcpt) +
                   button)
 
+    @route("POST", r"/q/([A-Za-z0-9_.-]{1,2000})", "anyone")
     def post_link(self, token):
         doc, rcpt = self.linked(token)
         self.form()
@@ -4848,16 +4946,19 @@ it all the same</button></form><p><a href="/messages/{h(key)}">Back to the messa
 
     # The API ################################################################
 
+    @route("GET", r"/api/messages")
     def get_api_messages(self):
         query, wanted, page, _ = self.search()
         docs, more = self.one_page(query, wanted)
         self.json({"messages": [dict(doc, verdict=verdict(doc)) for doc in docs],
                    "next": next_page(docs) if more else None})
 
+    @route("GET", r"/api/messages/([0-9a-f]{64})")
     def get_api_message(self, key):
         doc = self.doc(key)
         self.json(dict(doc, verdict=verdict(doc)))
 
+    @route("GET", r"/api/stats")
     def get_api_stats(self):
         since = web_when(self.params.get("since"), "since")
         by = self.params.get("by") or None
@@ -4884,26 +4985,9 @@ it all the same</button></form><p><a href="/messages/{h(key)}">Back to the messa
 
     def search(self):
         """(query, Python test, the filters as given, the page's start) from the URL."""
-        cfg = argparse.Namespace(**{name: None for name in FILTERS}, older_than=None)
-        page = {}
-        for name in FILTERS:
-            value = (self.params.get(name) or "").strip()
-            if not value:
-                continue
-            page[name] = value
-            if name in ("virus", "spam", "held", "released"):
-                setattr(cfg, name, True)
-            elif name in ("since", "until"):
-                setattr(cfg, name, web_when(value, name))
-            elif name == "client":
-                try:
-                    ipaddress.ip_network(value, strict=False)
-                except ValueError:
-                    raise HTTPError(400, f"client: not an IP address or CIDR: {value}") from None
-                cfg.client = value
-            else:
-                setattr(cfg, name, value[:256])
-        query, wanted = archive_filter(cfg)
+        page = {name: self.params[name].strip() for name in FILTERS
+                if (self.params.get(name) or "").strip()}
+        query, wanted = Filters.parse(page).query()
         after = web_when(self.params.get("before"), "before") if self.params.get("before") else None
         if after:
             skip = [i for i in (self.params.get("skip") or "").split(",") if re.fullmatch(
@@ -4917,26 +5001,12 @@ it all the same</button></form><p><a href="/messages/{h(key)}">Back to the messa
         user = self.user if user is False else user
         nav = ""
         if user:
-            nav = (f'<a href="/">Dashboard</a><a href="/messages">Search</a>'
-                   f'<form method="post" action="/logout"><input type="hidden" name="csrf" '
-                   f'value="{h(user["csrf"])}">{h(user["user"])} ({h(user["role"])}) '
-                   f'<button type="submit">Log out</button></form>')
+            nav = ('<a href="/">Dashboard</a><a href="/messages">Search</a>' + render_form(
+                "/logout", user["csrf"], f'{h(user["user"])} ({h(user["role"])}) ',
+                '<button type="submit">Log out</button>'))
         said = self.server.told(user.get("token")) if user else None
-        notice = f'<p class="muted">{h(said)}</p>' if said else ""
-        text = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>'
-                f'{h(title)} - mms</title><link rel="stylesheet" href="/style.css"></head>'
-                f'<body><header><strong>mms</strong>{nav}</header><main><h1>{h(title)}</h1>'
-                f'{notice}{body}</main></body></html>')
-        self.send(code, text.encode(), "text/html; charset=utf-8", extra)
-
-    def send(self, code, data, kind, extra=()):
-        self.send_response(code)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in extra:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        self.send(code, render_page(title, body, nav, said).encode(),
+                  "text/html; charset=utf-8", extra)
 
     def json(self, value, code=200):
         self.send(code, json_line(value).encode(), "application/json")
@@ -4970,28 +5040,65 @@ LOGIN_FORM = """{error}<form method="post" action="/login">
 <p><label>Password <input name="password" type="password" autocomplete="current-password"
 required></label></p><p><button type="submit">Log in</button></p></form>"""
 
-WEB_ROUTES = [  # (method, path, handler, who may)
-    ("GET", r"/login", "get_login", "anyone"),
-    ("POST", r"/login", "post_login", "anyone"),
-    ("GET", r"/style\.css", "get_style", "anyone"),
-    ("POST", r"/logout", "post_logout", "user"),
-    ("GET", r"/", "get_dashboard", "user"),
-    ("GET", r"/messages", "get_messages", "user"),
-    ("GET", r"/messages\.mbox", "get_mbox", "user"),
-    ("GET", r"/messages/([0-9a-f]{64})", "get_message", "user"),
-    ("GET", r"/messages/([0-9a-f]{8,63})", "get_prefix", "user"),
-    ("GET", r"/messages/([0-9a-f]{64})/raw", "get_raw", "user"),
-    ("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete)", "post_action", "admin"),
-    ("GET", r"/api/messages", "get_api_messages", "user"),
-    ("GET", r"/api/messages/([0-9a-f]{64})", "get_api_message", "user"),
-    ("GET", r"/api/stats", "get_api_stats", "user"),
-    ("GET", r"/q/([A-Za-z0-9_.-]{1,2000})", "get_link", "anyone"),
-    ("POST", r"/q/([A-Za-z0-9_.-]{1,2000})", "post_link", "anyone"),
-]
-
 DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released")
 DASHBOARD_TOPS = (("sender", "senders"), ("sender-domain", "sender domains"),
                   ("rcpt-domain", "recipient domains"), ("client", "clients"))
+
+
+def render_page(title, body, nav="", said=None):
+    """A whole page: the header with its navigation, a notice shown once, the body."""
+    notice = f'<p class="muted">{h(said)}</p>' if said else ""
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>'
+            f'{h(title)} - mms</title><link rel="stylesheet" href="/style.css"></head>'
+            f'<body><header><strong>mms</strong>{nav}</header><main><h1>{h(title)}</h1>'
+            f'{notice}{body}</main></body></html>')
+
+
+def render_form(action, csrf, inside, button, css=""):
+    """A POST form with its CSRF token: every form that changes something."""
+    css = f' class="{css}"' if css else ""
+    return (f'<form{css} method="post" action="{h(action)}"><input type="hidden" name="csrf" '
+            f'value="{h(csrf)}">{inside}{button}</form>')
+
+
+def render_dashboard(data):
+    totals = data["totals"]
+    cells = "".join(f"<td>{h(totals[k])}</td>" for k in DASHBOARD_TOTALS)
+    heads = "".join(f"<th>{h(k)}</th>" for k in DASHBOARD_TOTALS)
+    tops = "".join(f'<div><h3>Top {h(title)}, 7 days</h3>{top_table(data["top"][by], by)}'
+                   f"</div>" for by, title in DASHBOARD_TOPS)
+    return f"""<h2>Last 30 days</h2>
+<table class="totals"><tr>{heads}</tr><tr>{cells}</tr></table>
+<p class="muted">{h(data['archived'])} messages in the archive in all.</p>
+<h3>Messages per day</h3>{day_chart(data['days'])}<div class="grid">{tops}</div>"""
+
+
+def render_search(params, page, docs, more):
+    """The search form, a page of rows, and the link to the next (older) page."""
+    rows = "".join(message_row(doc) for doc in docs)
+    link = ""
+    if more:
+        older = urllib.parse.urlencode({**page, **next_page(docs)})
+        link = f'<p><a href="/messages?{h(older)}">Older messages</a></p>'
+    return f"""{search_form(params)}
+<p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
+<table><tr><th>received</th><th>from</th><th>to</th><th>subject</th><th>size</th>
+<th></th></tr>{rows}</table>{link}"""
+
+
+def render_message(key, doc, head, parts, csrf=None):
+    """One message: an admin's actions (given the CSRF token), the fields, the header,
+    the parts."""
+    release = ('<input name="to" placeholder="to (optional)"><label><input type="checkbox" '
+               'name="again" value="1"> again</label>')
+    actions = "".join(render_form(
+        f"/messages/{key}/{name}", csrf, extra,
+        f'<button type="submit" name="do" value="{name}">{name}</button>', "inline") + " "
+        for name, extra in (("hold", ""), ("unhold", ""), ("delete", ""),
+                            ("release", release))) if csrf else ""
+    return f"""<p>{actions}
+<a href="/messages/{h(key)}/raw">Download the message</a></p>
+{field_table(doc)}<h3>Header</h3><pre>{h(head)}</pre>{parts}"""
 
 
 def web_when(value, name):
@@ -5197,6 +5304,9 @@ def header_pairs(head):
     return pairs
 
 
+@command("web", "the web console", ("web", "web_users", "web_cert", "web_key", "web_allow", "via",
+                                   "hostname", "server", "remote_host", "remote_port") + MONGO,
+         bounded=True)
 def archive_web(cfg, archive):
     """`mms.py web`: the console until SIGTERM or SIGINT."""
     if not cfg.web_users:
@@ -5254,6 +5364,9 @@ def open_link(secret, token, now=None):
     return store_key, rcpt
 
 
+@command("digest", "a report to each local recipient of what was quarantined for them",
+         ("since", "url", "web_secret", "mail_from", "expire_days", "include", "rcpt_domain",
+          "dry_run", "via", "hostname") + MONGO)
 def archive_digest(cfg, archive):
     """One report per local recipient of what was quarantined for them since --since:
     sender, subject, date and score, each with a link that shows the message and
@@ -5371,17 +5484,6 @@ def one_line(value, limit=REPORT_VALUE_MAX):
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
-ARCHIVE_COMMANDS = {
-    "count": archive_count, "list": archive_list, "show": archive_show,
-    "headers": archive_headers, "release": archive_release, "delete": archive_delete,
-    "hold": archive_hold,
-    "unhold": archive_unhold, "purge": archive_purge, "stats": archive_stats,
-    "verify": archive_verify, "check": archive_check,
-    "replay": archive_replay, "export": archive_export, "web": archive_web,
-    "digest": archive_digest,
-}
-
-
 ###############################################################################
 # The command line ############################################################
 ###############################################################################
@@ -5392,10 +5494,9 @@ def open_server(cfg, mode=None, start=True):
     plugins = load_plugins(cfg.plugin)
     metrics = Metrics(cfg, rows=cfg.workers, plugins=[p.__name__ for p in plugins])
     try:
-        server = SMTPServer(cfg, mode, metrics)
+        server = SMTPServer(cfg, mode, metrics, plugins)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
-    server.plugins = plugins
     if start:
         server.start()
     return server
@@ -5592,9 +5693,6 @@ def run_workers(server, count):
     return 0
 
 
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 class EscapeControls(logging.Filter):
     """What a client sends may reach the log (addresses, HELO names, commands in
     --debug): C0, C1 and DEL are written as \\xNN, so that no client can forge a
@@ -5635,6 +5733,18 @@ class LogLines(logging.StreamHandler):
             self.handleError(record)
 
 
+@dataclasses.dataclass
+class LogFile:
+    """Where the log goes, for SIGHUP to reopen: the handler, --log-file, and the
+    stream the last reopen retired (closed at the next)."""
+    handler: logging.Handler = None
+    path: str = ""
+    retired: typing.IO = None
+
+
+LOG_FILE = LogFile()
+
+
 def setup_logging(cfg):
     """stderr, or --log-file; --debug adds mms's SMTP dialogue, not the driver's events."""
     try:
@@ -5652,24 +5762,24 @@ def setup_logging(cfg):
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
-    setup_logging.handler, setup_logging.path = handler, cfg.log_file
+    LOG_FILE.handler, LOG_FILE.path = handler, cfg.log_file
 
 
 def reopen_log(signum=None, frame=None):
     """SIGHUP: logrotate moved the file away; write to a new one at the same path.
     Without --log-file there is nothing to reopen, and SIGHUP is only logged."""
-    path = getattr(setup_logging, "path", "")
+    path = LOG_FILE.path
     if not path:
         log.info("received SIGHUP: no --log-file to reopen, ignored")
         return
     try:
-        old = setup_logging.handler.setStream(open(path, "a", encoding="utf-8"))
+        old = LOG_FILE.handler.setStream(open(path, "a", encoding="utf-8"))
     except OSError as exc:
         log.error("received SIGHUP: cannot reopen %s: %s", path, exc)
         return
     # A session may be writing to the old file at this instant: it is closed at the
     # next SIGHUP, so that its descriptor cannot be reused under that write.
-    retired, setup_logging.retired = getattr(setup_logging, "retired", None), old
+    retired, LOG_FILE.retired = LOG_FILE.retired, old
     if retired is not None:
         retired.close()
     log.info("received SIGHUP: reopened %s", path)
@@ -5683,8 +5793,8 @@ def main(argv=None):
             log.warning(warning)
         if cfg.command == "start":
             return serve(cfg)
-        if cfg.command == "web-user":
-            return archive_web_user(cfg)
+        if not COMMANDS[cfg.command].opens_archive:
+            return COMMANDS[cfg.command].run(cfg, None)
         return run_archive_command(cfg)
     except MMSError as exc:
         print(f"mms.py: error: {exc}", file=sys.stderr)

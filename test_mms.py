@@ -445,6 +445,20 @@ class Raw:
         self.sock.close()
 
 
+def concurrently(count, work):
+    """work(n) in count threads at once; their results in order."""
+    results = [None] * count
+
+    def run(n):
+        results[n] = work(n)
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
 def dot_stuff(data):
     lines = data.split(b"\r\n")
     return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
@@ -1818,264 +1832,6 @@ class TestDebugMode(unittest.TestCase):
         self.assertIn("> 250 2.0.0 Ok", err)
 
 
-class TestLogging(unittest.TestCase):
-    """The log as an administrator reads it: under supervisord, or in a file logrotate moves."""
-
-    def serve(self, *args):
-        server = MmsProcess("--server", "debug", *args)
-        self.addCleanup(server.stop)
-        return server
-
-    def finish(self, server):
-        server.proc.send_signal(signal.SIGTERM)
-        return server.proc.communicate(timeout=10)[1].decode(errors="replace")
-
-    def send(self, server):
-        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-            client.sendmail("a@example.org", ["b@example.com"], SIMPLE)
-
-    def test_sighup_reopens_the_log_file(self):
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        path = os.path.join(folder, "mms.log")
-        server = self.serve("--log-file", path)
-        os.rename(path, path + ".1")                     # what logrotate does
-        server.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.send(server)
-        self.finish(server)
-        with open(path) as f:
-            new = f.read()
-        with open(path + ".1") as f:
-            old = f.read()
-        self.assertIn("starting mms", old)
-        self.assertIn("reopened", new)
-        self.assertIn("queued as", new)
-        self.assertIn("stopped", new)
-
-    def test_sighup_without_a_log_file_is_ignored(self):
-        server = self.serve()
-        server.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
-        self.send(server)
-        self.assertIsNone(server.proc.poll())
-        err = self.finish(server)
-        self.assertIn("SIGHUP: no --log-file to reopen, ignored", err)
-        self.assertIn("queued as", err)
-
-    def test_control_characters_from_clients_are_escaped(self):
-        server = self.serve()
-        client = Raw(server.port)
-        self.addCleanup(client.close)
-        for line in ["EHLO client.test", "MAIL FROM:<evil\u009b31m@example.org>",
-                     "RCPT TO:<b@example.com>", "DATA"]:
-            client.reply()
-            client.send(line.encode() + b"\r\n")
-        client.reply()
-        client.send(SIMPLE + b".\r\n")
-        self.assertEqual(client.reply()[0], 250)
-        err = self.finish(server)
-        self.assertIn("from=<evil\\x9b31m", err)
-        self.assertNotIn("\u009b", err)
-
-    def test_debug_logs_mms_dialogue_not_the_driver(self):
-        server = MmsProcess("--server", "mongo-quarantine", "--debug", "--mongo-host",
-                            MongoServer.get_uri(), "--mongo-database", "mms_test_debug_log")
-        self.addCleanup(server.stop)
-        self.send(server)
-        err = self.finish(server)
-        self.assertIn("FROM:<a@example.org>", err)
-        self.assertIn("> 250-PIPELINING\n", err)
-        self.assertIn("queued as", err)
-        self.assertNotIn("pymongo", err.lower())
-        self.assertNotIn('"message":', err)        # the driver's JSON event lines
-
-    def test_listening_beyond_loopback_without_allow_is_warned(self):
-        err = self.finish(self.serve("--host", "0.0.0.0"))
-        self.assertIn("listening on 0.0.0.0 with no --allow: any client that reaches it "
-                      "may send mail", err)
-        err = self.finish(self.serve("--host", "0.0.0.0", "--allow", "127.0.0.1",
-                                     "--plugin", "plugins.mark_bounces"))
-        self.assertNotIn("no --allow", err)
-        self.assertIn("clients allowed: 127.0.0.1/32, plugins: plugins.mark_bounces", err)
-
-
-class TestSystemdNotify(unittest.TestCase):
-    """Type=notify: what systemd's own socket would receive, read from a datagram
-    socket of the test's (systemd itself cannot run here)."""
-
-    def notifications(self, *args, until):
-        folder = tempfile.mkdtemp(prefix="mms-notify-")
-        self.addCleanup(shutil.rmtree, folder)
-        path = os.path.join(folder, "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.settimeout(10)
-        self.addCleanup(sock.close)
-        server = MmsProcess("--server", "debug", "--grace", "1", *args,
-                            env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
-        self.addCleanup(server.stop)
-        states = []
-        while until not in states:
-            states.append(sock.recv(4096).decode())
-            if states[-1] == "READY=1":
-                with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-                    self.assertEqual(client.noop()[0], 250)   # serving once it says so
-                server.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(server.proc.wait(30), 0)
-        return states
-
-    def test_ready_watchdog_and_stopping(self):
-        for args in ((), ("--workers", "2")):
-            with self.subTest(args=args):
-                states = self.notifications(*args, until="STOPPING=1")
-                self.assertIn("READY=1", states)
-                self.assertIn("WATCHDOG=1", states)
-                self.assertLess(states.index("READY=1"), states.index("STOPPING=1"))
-                self.assertEqual(states.count("READY=1"), 1, states)
-
-
-class TestShutdown(ServerCase):
-    """What supervisord's SIGTERM does: finish transactions, close idle sessions, exit 0."""
-
-    def test_sigterm_lets_a_transaction_finish(self):
-        server = MmsProcess("--server", "debug", "--grace", "5")
-        self.addCleanup(server.stop)
-        idle, busy = Raw(server.port), Raw(server.port)
-        self.addCleanup(idle.close)
-        self.addCleanup(busy.close)
-        idle.reply(), busy.reply()
-        idle.cmd("EHLO idle")
-        busy.cmd("EHLO busy")
-        busy.cmd("MAIL FROM:<a@x>")
-        busy.cmd("RCPT TO:<b@y>")
-        busy.cmd("DATA")
-        busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
-        server.proc.send_signal(signal.SIGTERM)
-        self.assertReply(idle.reply(), "shutdown")        # the drain has begun
-        busy.send(b"second half\r\n.\r\n")
-        self.assertReply(busy.reply(), "queued")
-        self.assertReply(busy.reply(), "shutdown")
-        self.assertEqual(server.proc.wait(10), 0)
-        with self.assertRaises(OSError):
-            socket.create_connection(("127.0.0.1", server.port), timeout=2)
-        out = server.proc.stdout.read()
-        self.assertEqual(parse_debug_output(out)[0][1],
-                         b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")
-
-    def test_workers_share_the_socket_and_stop_together(self):
-        server = MmsProcess("--server", "debug", "--workers", "2", "--grace", "2")
-        self.addCleanup(server.stop)
-
-        def workers():
-            with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
-                return [int(pid) for pid in f.read().split()]
-
-        deadline = time.monotonic() + 10
-        while len(workers()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        first = workers()
-        self.assertEqual(len(first), 2)
-        for n in range(10):
-            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-                client.sendmail("a@x", [f"r{n}@y"], SIMPLE)
-        os.kill(first[0], signal.SIGKILL)
-        while (len(workers()) < 2 or first[0] in workers()) and time.monotonic() < deadline + 10:
-            time.sleep(0.05)
-        self.assertEqual(len(workers()), 2, "a dead worker is replaced")
-        # a worker stopped on its own leaves the shared socket listening
-        second = workers()
-        os.kill(second[0], signal.SIGTERM)
-        while (len(workers()) < 2 or second[0] in workers()) and time.monotonic() < deadline + 20:
-            time.sleep(0.05)
-        for n in range(4):
-            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-                client.sendmail("a@x", [f"last{n}@y"], SIMPLE)
-        server.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(server.proc.wait(15), 0)
-        out, err = server.proc.communicate()
-        self.assertEqual(len(parse_debug_output(out)), 14)
-        self.assertIn(b"all workers stopped", err)
-
-    def test_a_worker_that_dies_young_comes_back_later_each_time(self):
-        server = MmsProcess("--server", "debug", "--workers", "2")
-        self.addCleanup(server.stop)
-
-        def workers():
-            with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
-                return [int(pid) for pid in f.read().split()]
-
-        for _ in range(3):                     # both rows, three times: 1 s, 2 s, 4 s
-            deadline = time.monotonic() + 15
-            while len(workers()) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for pid in workers():
-                os.kill(pid, signal.SIGKILL)
-            time.sleep(0.2)
-        started = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)   # while they wait: a prompt stop
-        self.assertEqual(server.proc.wait(15), 0)
-        self.assertLess(time.monotonic() - started, 3)
-        err = server.proc.communicate()[1].decode()
-        for delay in (1, 2, 4):
-            self.assertEqual(err.count(f"starting another in {delay} s"), 2, err)
-
-    def test_a_spool_it_cannot_use_stops_the_master_before_any_fork(self):
-        done = subprocess.run([sys.executable, MMS, "--server", "mongo-proxy", "--workers", "2",
-                               "--spool-dir", "/proc/mms-none", "--host", "127.0.0.1",
-                               "--port", str(free_port())],
-                              capture_output=True, text=True, timeout=30)
-        self.assertEqual(done.returncode, 2)
-        self.assertEqual(done.stderr.count("mms.py: error: --spool-dir /proc/mms-none"), 1)
-        self.assertNotIn("worker", done.stderr)
-
-    def test_serves_at_once_and_stops_cleanly_while_mongodb_is_down(self):
-        started = time.monotonic()
-        server = MmsProcess("--server", "mongo-quarantine", "--mongo-timeout", "5",
-                            "--mongo-host", f"mongodb://127.0.0.1:{free_port()}/")
-        try:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                self.assertTrue(sock.recv(100).startswith(b"220 "))
-            self.assertLess(time.monotonic() - started, 3)   # not after --mongo-timeout
-            server.proc.send_signal(signal.SIGTERM)
-            _, err = server.proc.communicate(timeout=20)
-        finally:
-            server.stop()
-        self.assertEqual(server.proc.returncode, 0, err)
-        self.assertIn(b"received SIGTERM, stopping", err)
-        self.assertIn(b"stopped", err)
-
-    def test_signals_while_starting_do_not_kill_mms(self):
-        """A plugin that takes 3 s to import holds mms in its start-up: SIGHUP is
-        handled there, and SIGTERM stops it with 0, as supervisord expects."""
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        with open(os.path.join(folder, "slow_start.py"), "w") as f:
-            f.write("import time\ntime.sleep(3)\n\n\ndef apply(metadata=None, data=None):\n"
-                    "    return metadata\n")
-        proc = subprocess.Popen([sys.executable, MMS, "--server", "debug", "--host", "127.0.0.1",
-                                 "--port", str(free_port()), "--plugin", "slow_start"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": folder})
-        self.addCleanup(proc.kill)
-        time.sleep(1.5)
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
-        self.assertEqual(proc.returncode, 0, err)
-        self.assertIn(b"SIGHUP: no --log-file to reopen, ignored", err)
-        self.assertIn(b"received SIGTERM while starting, stopped", err)
-
-    def test_sigint_stops_too(self):
-        server = MmsProcess("--server", "debug")
-        self.addCleanup(server.stop)
-        server.proc.send_signal(signal.SIGINT)
-        self.assertEqual(server.proc.wait(10), 0)
-
-
 ###############################################################################
 # The modes: quarantine (MongoDB) #############################################
 ###############################################################################
@@ -2506,20 +2262,13 @@ class TestWritePath(MongoCase):
 
     def send_together(self, count):
         """`count` messages at once, each on its own connection: {subject: reply}."""
-        replies = {}
-
         def send(n):
             with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as client:
                 client.ehlo()
                 client.mail("a@example.org")
                 client.rcpt("b@example.com")
-                replies[f"m{n}"] = client.data(f"Subject: m{n}\r\n\r\nbody\r\n".encode())
-        threads = [threading.Thread(target=send, args=(n,)) for n in range(count)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        return replies
+                return client.data(f"Subject: m{n}\r\n\r\nbody\r\n".encode())
+        return {f"m{n}": reply for n, reply in enumerate(concurrently(count, send))}
 
     def test_a_refused_document_fails_its_own_message_only(self):
         """As a schema validator would: the first document of each metadata insert is
@@ -3878,6 +3627,24 @@ class TestFilterLoad(FilterCase):
 # Observability: metrics, statsd, health ######################################
 ###############################################################################
 
+def raw_http(test, port, data, source="127.0.0.1"):
+    """A socket to an HTTP server of mms's, with `data` sent (if any), closed at cleanup."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    test.addCleanup(sock.close)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def http_answer(sock):
+    """Everything the server sends until it closes (b"" if it closes unanswered)."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
 def scrape(port, path="/metrics"):
     """A real HTTP client: (status, text), and for /metrics {series: value}."""
     try:
@@ -3975,20 +3742,9 @@ class TestMetricsHardening(ServerCase):
         self.addCleanup(http.shutdown)
 
     def raw_http(self, data, source="127.0.0.1"):
-        sock = socket.create_connection(("127.0.0.1", self.metrics_port), timeout=10,
-                                        source_address=(source, 0))
-        self.addCleanup(sock.close)
-        if data:
-            sock.sendall(data)
-        return sock
+        return raw_http(self, self.metrics_port, data, source)
 
-    @staticmethod
-    def answer(sock):
-        data = b""
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(65536):
-                data += chunk
-        return data
+    answer = staticmethod(http_answer)
 
     def test_idle_connections_cannot_take_smtps_descriptors(self):
         self.start_metrics()
@@ -5246,20 +5002,6 @@ def vm_kib(pid, field):
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def concurrently(count, work):
-    """work(n) in count threads at once; their results in order."""
-    results = [None] * count
-
-    def run(n):
-        results[n] = work(n)
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return results
-
-
 class TestConsoleUnderAttack(WebCase):
     """A stranger, a viewer and a recipient attack the console: requests that would
     take its memory or its connections, bad input, guessed names and passwords, a
@@ -5267,19 +5009,9 @@ class TestConsoleUnderAttack(WebCase):
     console keeps serving."""
 
     def raw_request(self, head, source="127.0.0.1", port=None):
-        sock = socket.create_connection(("127.0.0.1", port or self.web_port), timeout=10,
-                                        source_address=(source, 0))
-        self.addCleanup(sock.close)
-        sock.sendall(head)
-        return sock
+        return raw_http(self, port or self.web_port, head, source)
 
-    @staticmethod
-    def answer(sock):
-        data = b""
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(65536):
-                data += chunk
-        return data
+    answer = staticmethod(http_answer)
 
     def console_process(self):
         port = free_port()
@@ -5667,7 +5399,7 @@ class TestConsoleDownloads(WebCase):
         with self.assertLogs("mms", "ERROR") as logs:
             sock.sendall(f"GET /messages/{self.big}/raw HTTP/1.0\r\nCookie: {cookie}\r\n\r\n"
                          .encode())
-            answer = TestConsoleUnderAttack.answer(sock)
+            answer = http_answer(sock)
         self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer[:40])
         self.assertEqual(answer.count(b"HTTP/1.0 "), 1)
         self.assertEqual(len(logs.output), 1, logs.output)
@@ -5797,6 +5529,10 @@ class TestWebConsoleInBrowser(WebCase):
         self.assertEqual((doc["held"], doc["released"][0]["by"]), (True, "admin"))
         self.assertEqual(len(self.down.messages), 1)
 
+
+###############################################################################
+# Quarantine reports ##########################################################
+###############################################################################
 
 def amavis_copy(subject, rcpts, alert=None, score="12.5"):
     """A quarantine copy as amavisd-new 2.13 writes it: its fields above its Received:."""
@@ -6030,6 +5766,268 @@ class TestReportsUnderAttack(ReportCase):
         self.assertEqual(status, 409)
         self.assertIn(b"on hold", body)
         self.assertEqual(self.down.messages, [])
+
+
+###############################################################################
+# The command line: logging, systemd, signals and workers ####################
+###############################################################################
+
+class TestLogging(unittest.TestCase):
+    """The log as an administrator reads it: under supervisord, or in a file logrotate moves."""
+
+    def serve(self, *args):
+        server = MmsProcess("--server", "debug", *args)
+        self.addCleanup(server.stop)
+        return server
+
+    def finish(self, server):
+        server.proc.send_signal(signal.SIGTERM)
+        return server.proc.communicate(timeout=10)[1].decode(errors="replace")
+
+    def send(self, server):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.sendmail("a@example.org", ["b@example.com"], SIMPLE)
+
+    def test_sighup_reopens_the_log_file(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "mms.log")
+        server = self.serve("--log-file", path)
+        os.rename(path, path + ".1")                     # what logrotate does
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.send(server)
+        self.finish(server)
+        with open(path) as f:
+            new = f.read()
+        with open(path + ".1") as f:
+            old = f.read()
+        self.assertIn("starting mms", old)
+        self.assertIn("reopened", new)
+        self.assertIn("queued as", new)
+        self.assertIn("stopped", new)
+
+    def test_sighup_without_a_log_file_is_ignored(self):
+        server = self.serve()
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        self.send(server)
+        self.assertIsNone(server.proc.poll())
+        err = self.finish(server)
+        self.assertIn("SIGHUP: no --log-file to reopen, ignored", err)
+        self.assertIn("queued as", err)
+
+    def test_control_characters_from_clients_are_escaped(self):
+        server = self.serve()
+        client = Raw(server.port)
+        self.addCleanup(client.close)
+        for line in ["EHLO client.test", "MAIL FROM:<evil\u009b31m@example.org>",
+                     "RCPT TO:<b@example.com>", "DATA"]:
+            client.reply()
+            client.send(line.encode() + b"\r\n")
+        client.reply()
+        client.send(SIMPLE + b".\r\n")
+        self.assertEqual(client.reply()[0], 250)
+        err = self.finish(server)
+        self.assertIn("from=<evil\\x9b31m", err)
+        self.assertNotIn("\u009b", err)
+
+    def test_debug_logs_mms_dialogue_not_the_driver(self):
+        server = MmsProcess("--server", "mongo-quarantine", "--debug", "--mongo-host",
+                            MongoServer.get_uri(), "--mongo-database", "mms_test_debug_log")
+        self.addCleanup(server.stop)
+        self.send(server)
+        err = self.finish(server)
+        self.assertIn("FROM:<a@example.org>", err)
+        self.assertIn("> 250-PIPELINING\n", err)
+        self.assertIn("queued as", err)
+        self.assertNotIn("pymongo", err.lower())
+        self.assertNotIn('"message":', err)        # the driver's JSON event lines
+
+    def test_listening_beyond_loopback_without_allow_is_warned(self):
+        err = self.finish(self.serve("--host", "0.0.0.0"))
+        self.assertIn("listening on 0.0.0.0 with no --allow: any client that reaches it "
+                      "may send mail", err)
+        err = self.finish(self.serve("--host", "0.0.0.0", "--allow", "127.0.0.1",
+                                     "--plugin", "plugins.mark_bounces"))
+        self.assertNotIn("no --allow", err)
+        self.assertIn("clients allowed: 127.0.0.1/32, plugins: plugins.mark_bounces", err)
+
+
+class TestSystemdNotify(unittest.TestCase):
+    """Type=notify: what systemd's own socket would receive, read from a datagram
+    socket of the test's (systemd itself cannot run here)."""
+
+    def notifications(self, *args, until):
+        folder = tempfile.mkdtemp(prefix="mms-notify-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(10)
+        self.addCleanup(sock.close)
+        server = MmsProcess("--server", "debug", "--grace", "1", *args,
+                            env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+        self.addCleanup(server.stop)
+        states = []
+        while until not in states:
+            states.append(sock.recv(4096).decode())
+            if states[-1] == "READY=1":
+                with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                    self.assertEqual(client.noop()[0], 250)   # serving once it says so
+                server.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(server.proc.wait(30), 0)
+        return states
+
+    def test_ready_watchdog_and_stopping(self):
+        for args in ((), ("--workers", "2")):
+            with self.subTest(args=args):
+                states = self.notifications(*args, until="STOPPING=1")
+                self.assertIn("READY=1", states)
+                self.assertIn("WATCHDOG=1", states)
+                self.assertLess(states.index("READY=1"), states.index("STOPPING=1"))
+                self.assertEqual(states.count("READY=1"), 1, states)
+
+
+class TestShutdown(ServerCase):
+    """What supervisord's SIGTERM does: finish transactions, close idle sessions, exit 0."""
+
+    def test_sigterm_lets_a_transaction_finish(self):
+        server = MmsProcess("--server", "debug", "--grace", "5")
+        self.addCleanup(server.stop)
+        idle, busy = Raw(server.port), Raw(server.port)
+        self.addCleanup(idle.close)
+        self.addCleanup(busy.close)
+        idle.reply(), busy.reply()
+        idle.cmd("EHLO idle")
+        busy.cmd("EHLO busy")
+        busy.cmd("MAIL FROM:<a@x>")
+        busy.cmd("RCPT TO:<b@y>")
+        busy.cmd("DATA")
+        busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        server.proc.send_signal(signal.SIGTERM)
+        self.assertReply(idle.reply(), "shutdown")        # the drain has begun
+        busy.send(b"second half\r\n.\r\n")
+        self.assertReply(busy.reply(), "queued")
+        self.assertReply(busy.reply(), "shutdown")
+        self.assertEqual(server.proc.wait(10), 0)
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2)
+        out = server.proc.stdout.read()
+        self.assertEqual(parse_debug_output(out)[0][1],
+                         b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")
+
+    def test_workers_share_the_socket_and_stop_together(self):
+        server = MmsProcess("--server", "debug", "--workers", "2", "--grace", "2")
+        self.addCleanup(server.stop)
+
+        def workers():
+            with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+                return [int(pid) for pid in f.read().split()]
+
+        deadline = time.monotonic() + 10
+        while len(workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = workers()
+        self.assertEqual(len(first), 2)
+        for n in range(10):
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.sendmail("a@x", [f"r{n}@y"], SIMPLE)
+        os.kill(first[0], signal.SIGKILL)
+        while (len(workers()) < 2 or first[0] in workers()) and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        self.assertEqual(len(workers()), 2, "a dead worker is replaced")
+        # a worker stopped on its own leaves the shared socket listening
+        second = workers()
+        os.kill(second[0], signal.SIGTERM)
+        while (len(workers()) < 2 or second[0] in workers()) and time.monotonic() < deadline + 20:
+            time.sleep(0.05)
+        for n in range(4):
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.sendmail("a@x", [f"last{n}@y"], SIMPLE)
+        server.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(server.proc.wait(15), 0)
+        out, err = server.proc.communicate()
+        self.assertEqual(len(parse_debug_output(out)), 14)
+        self.assertIn(b"all workers stopped", err)
+
+    def test_a_worker_that_dies_young_comes_back_later_each_time(self):
+        server = MmsProcess("--server", "debug", "--workers", "2")
+        self.addCleanup(server.stop)
+
+        def workers():
+            with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+                return [int(pid) for pid in f.read().split()]
+
+        for _ in range(3):                     # both rows, three times: 1 s, 2 s, 4 s
+            deadline = time.monotonic() + 15
+            while len(workers()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in workers():
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)   # while they wait: a prompt stop
+        self.assertEqual(server.proc.wait(15), 0)
+        self.assertLess(time.monotonic() - started, 3)
+        err = server.proc.communicate()[1].decode()
+        for delay in (1, 2, 4):
+            self.assertEqual(err.count(f"starting another in {delay} s"), 2, err)
+
+    def test_a_spool_it_cannot_use_stops_the_master_before_any_fork(self):
+        done = subprocess.run([sys.executable, MMS, "--server", "mongo-proxy", "--workers", "2",
+                               "--spool-dir", "/proc/mms-none", "--host", "127.0.0.1",
+                               "--port", str(free_port())],
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr.count("mms.py: error: --spool-dir /proc/mms-none"), 1)
+        self.assertNotIn("worker", done.stderr)
+
+    def test_serves_at_once_and_stops_cleanly_while_mongodb_is_down(self):
+        started = time.monotonic()
+        server = MmsProcess("--server", "mongo-quarantine", "--mongo-timeout", "5",
+                            "--mongo-host", f"mongodb://127.0.0.1:{free_port()}/")
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                self.assertTrue(sock.recv(100).startswith(b"220 "))
+            self.assertLess(time.monotonic() - started, 3)   # not after --mongo-timeout
+            server.proc.send_signal(signal.SIGTERM)
+            _, err = server.proc.communicate(timeout=20)
+        finally:
+            server.stop()
+        self.assertEqual(server.proc.returncode, 0, err)
+        self.assertIn(b"received SIGTERM, stopping", err)
+        self.assertIn(b"stopped", err)
+
+    def test_signals_while_starting_do_not_kill_mms(self):
+        """A plugin that takes 3 s to import holds mms in its start-up: SIGHUP is
+        handled there, and SIGTERM stops it with 0, as supervisord expects."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(folder, "slow_start.py"), "w") as f:
+            f.write("import time\ntime.sleep(3)\n\n\ndef apply(metadata=None, data=None):\n"
+                    "    return metadata\n")
+        proc = subprocess.Popen([sys.executable, MMS, "--server", "debug", "--host", "127.0.0.1",
+                                 "--port", str(free_port()), "--plugin", "slow_start"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": folder})
+        self.addCleanup(proc.kill)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn(b"SIGHUP: no --log-file to reopen, ignored", err)
+        self.assertIn(b"received SIGTERM while starting, stopped", err)
+
+    def test_sigint_stops_too(self):
+        server = MmsProcess("--server", "debug")
+        self.addCleanup(server.stop)
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.proc.wait(10), 0)
 
 
 ###############################################################################
