@@ -770,6 +770,17 @@ class CloseSession(Exception):
         self.reply = reply
 
 
+@dataclasses.dataclass(frozen=True)
+class Client:
+    """What the pipeline and the modes know of the client: a value the session makes
+    at each step, never the session itself."""
+    peer: str            # the connecting address
+    port: int
+    helo: str
+    proto: str           # SMTP or ESMTP
+    xforward: dict       # what a trusted front Postfix said of its own client
+
+
 class Transaction:
     """One MAIL ... DATA exchange; a new one starts after the final dot or RSET."""
 
@@ -1051,7 +1062,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         if problem:
             return self.reply(problem)
         tx = Transaction(sender, params)
-        answer = self.server.mode.on_mail(self, tx)
+        answer = self.server.mode.on_mail(self.client(), tx)
         if answer is None or answer.startswith("2"):
             self.tx = tx
         self.reply(answer or R_MAIL_OK)
@@ -1082,7 +1093,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         if (self.cfg.max_recipients
                 and len(self.tx.rcpts) + len(self.tx.refused) >= self.cfg.max_recipients):
             return self.reply(R_TOO_MANY_RCPTS)
-        answer = self.server.mode.on_rcpt(self, self.tx, rcpt, params)
+        answer = self.server.mode.on_rcpt(self.client(), self.tx, rcpt, params)
         if answer is None or answer.startswith("2"):
             self.tx.rcpts.append(rcpt)
             self.tx.rcpt_params.append(params)
@@ -1098,18 +1109,18 @@ class SMTPSession(socketserver.BaseRequestHandler):
         if not self.tx.rcpts:
             return self.reply(R_SEQUENCE.format("need RCPT command") if not self.tx.refused
                               else R_NO_RCPTS)
-        answer = self.server.mode.on_data(self, self.tx)
+        answer = self.server.mode.on_data(self.client(), self.tx)
         if answer and not answer.startswith("3"):
             return self.reply(answer)
         self.reply(R_DATA_GO)
         message, problem = self.read_data()
         tx, self.tx, xforward, self.xforward = self.tx, None, self.xforward, {}
         if problem:
-            self.server.mode.on_reset(self, tx)
+            self.server.mode.on_reset(self.client(xforward), tx)
             self.server.metrics.count("mms_messages_total", "too_big")
             return self.reply(problem)
         try:
-            answer = receive_message(self, tx, xforward, message)
+            answer = receive_message(self.server, self.client(xforward), tx, message)
         finally:
             message.close()
         self.reply(answer)
@@ -1117,6 +1128,10 @@ class SMTPSession(socketserver.BaseRequestHandler):
     def smtp_RSET(self, arg):
         self.abort_transaction()
         self.reply(R_OK)
+
+    def client(self, xforward=None):
+        return Client(self.peer, self.client_address[1], self.helo, self.proto,
+                      dict(self.xforward if xforward is None else xforward))
 
     def smtp_NOOP(self, arg):
         self.reply(R_OK)
@@ -1155,7 +1170,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
 
     def end_transaction(self):
         if self.tx is not None:
-            self.server.mode.on_reset(self, self.tx)
+            self.server.mode.on_reset(self.client(), self.tx)
         self.tx = None
 
     # The verbs HELP names: those with an smtp_VERB method above, in their order.
@@ -1562,17 +1577,18 @@ class SMTPServer(socketserver.ThreadingTCPServer):
 # The message pipeline: metadata and plugins ##################################
 ###############################################################################
 
-def receive_message(session, tx, xforward, message):
-    """From the final dot to the reply: metadata, then plugins, then the mode."""
-    metadata = make_metadata(session, tx, xforward, message)
-    if session.cfg.real_rcpt:
-        apply_real_rcpt(metadata, message, session.cfg.max_recipients)
+def receive_message(server, client, tx, message):
+    """From the final dot to the reply: metadata, then plugins, then the mode, with
+    the services the server holds (its settings, mode, metrics and plugins)."""
+    cfg, metrics, mode = server.cfg, server.metrics, server.mode
+    metadata = make_metadata(client, tx, message)
+    if cfg.real_rcpt:
+        apply_real_rcpt(metadata, message, cfg.max_recipients)
     metadata["sha256"] = message.sha256()
-    metrics, mode = session.server.metrics, session.server.mode
-    run_plugins(session.server.plugins, metadata, message, session.cfg.plugin_timeout, metrics)
-    if is_probe(session, message):   # `mms.py check`: stored, then deleted by check
-        metadata["probe"] = True
-    answer = mode.on_message(session, tx, metadata, message)
+    run_plugins(server.plugins, metadata, message, cfg.plugin_timeout, metrics)
+    if is_probe(client, message, server.probe_token):   # `mms.py check`: stored, then
+        metadata["probe"] = True                         # deleted by check
+    answer = mode.on_message(client, tx, metadata, message)
     outcome = mode.outcome(tx, answer)
     queued = answer.startswith("250")
     if metadata.get("probe"):
@@ -1594,11 +1610,10 @@ def receive_message(session, tx, xforward, message):
 PROBE_RE = re.compile(rb"X-MMS-Probe: ([0-9a-f]{32})\r\n")  # check's probe begins with it
 
 
-def is_probe(session, message):
+def is_probe(client, message, token):
     """The probe of `mms.py check`: from loopback, with the token this server wrote to
     its state file (STATE), which only the user mms runs as can read."""
-    token = session.server.probe_token
-    if not token or not ipaddress.ip_address(session.peer).is_loopback:
+    if not token or not ipaddress.ip_address(client.peer).is_loopback:
         return False
     found = PROBE_RE.match(message.head(4096))   # one pass in C, for every message
     return bool(found) and hmac.compare_digest(found.group(1), token.encode())
@@ -1632,18 +1647,18 @@ class StoreKeys:
 new_store_key = StoreKeys()
 
 
-def make_metadata(session, tx, xforward, message):
+def make_metadata(client, tx, message):
     """The seed's metadata document, plus fields that are cheap to search on."""
-    addr = plain_address(without_ipv6_prefix(xforward.get("ADDR", "")))
+    addr = plain_address(without_ipv6_prefix(client.xforward.get("ADDR", "")))
     metadata = {
         "store_key": new_store_key(),
         "sender": tx.sender.strip().lower(),
         "rcpt": [r.strip().lower() for r in tx.rcpts],
         "rcpt_count": len(tx.rcpts),
         "rcpt_refused": dict(tx.refused),
-        "client_address": addr or session.peer,
-        "xforward": dict(xforward),
-        "server": session.peer,
+        "client_address": addr or client.peer,
+        "xforward": client.xforward,
+        "server": client.peer,
         "received": datetime.datetime.now(datetime.timezone.utc),
         "message": None,
         "size": message.size,
@@ -2618,19 +2633,19 @@ class Mode:
     def close(self):
         pass
 
-    def on_mail(self, session, tx):
+    def on_mail(self, client, tx):
         return None
 
-    def on_rcpt(self, session, tx, rcpt, params):
+    def on_rcpt(self, client, tx, rcpt, params):
         return None
 
-    def on_data(self, session, tx):
+    def on_data(self, client, tx):
         return None
 
-    def on_reset(self, session, tx):
+    def on_reset(self, client, tx):
         pass
 
-    def on_message(self, session, tx, metadata, message):
+    def on_message(self, client, tx, metadata, message):
         raise NotImplementedError
 
 
@@ -2655,7 +2670,7 @@ class DebugMode(Mode):
         self.in_flight = 0
         self.fd = whole_writes(self.stream)
 
-    def on_message(self, session, tx, metadata, message):
+    def on_message(self, client, tx, metadata, message):
         start = (b"---------- MESSAGE FOLLOWS ----------\n"
                  + self.JSON.encode(metadata).encode() + b"\n")
         end = b"\n------------ END MESSAGE ------------\n"
@@ -2714,7 +2729,7 @@ class QuarantineMode(Mode):
     def close(self):
         self.store.close()
 
-    def on_message(self, session, tx, metadata, message):
+    def on_message(self, client, tx, metadata, message):
         metadata.update(amavis_fields(message.head(HEADER_BLOCK_MAX)))
         return stored_reply(self.store, metadata, message)
 
@@ -2783,47 +2798,46 @@ class ProxyMode(Mode):
             raise DownstreamError("the downstream session was lost earlier in this transaction")
         return tx.relay
 
-    def open_relay(self, session, tx):
+    def open_relay(self, client, tx):
         tx.relay = Downstream(self.cfg)
-        return tx.relay.mail(session.xforward or self.described(session), tx)
+        return tx.relay.mail(client.xforward or self.described(client), tx)
 
     @staticmethod
-    def described(session):
+    def described(client):
         """A client that sent no XFORWARD is named to the after-filter all the same,
         so that its log shows who the mail came from, not only mms's address."""
-        addr = session.peer
+        addr = client.peer
         return {"NAME": "[UNAVAILABLE]", "ADDR": f"IPV6:{addr}" if ":" in addr else addr,
-                "PORT": str(session.client_address[1]), "HELO": session.helo,
-                "PROTO": session.proto}
+                "PORT": str(client.port), "HELO": client.helo, "PROTO": client.proto}
 
-    def on_mail(self, session, tx):
-        answer = self.relayed(tx, lambda: self.open_relay(session, tx))
+    def on_mail(self, client, tx):
+        answer = self.relayed(tx, lambda: self.open_relay(client, tx))
         if not answer.startswith("2"):
-            self.on_reset(session, tx)
+            self.on_reset(client, tx)
         return answer
 
-    def on_rcpt(self, session, tx, rcpt, params):
+    def on_rcpt(self, client, tx, rcpt, params):
         return self.relayed(tx, lambda: self.relay(tx).command(
             " ".join([f"RCPT TO:<{rcpt}>", *params])))
 
-    def on_data(self, session, tx):
+    def on_data(self, client, tx):
         return self.relayed(tx, lambda: self.relay(tx).data())
 
-    def on_reset(self, session, tx):
+    def on_reset(self, client, tx):
         if tx.relay is not None:
             tx.relay.close()
             tx.relay = None
 
-    def on_message(self, session, tx, metadata, message):
-        return self.deliver(session, tx, metadata, message,
+    def on_message(self, client, tx, metadata, message):
+        return self.deliver(client, tx, metadata, message,
                             lambda: self.relay(tx).message(message))
 
-    def deliver(self, session, tx, metadata, message, send):
+    def deliver(self, client, tx, metadata, message, send):
         """Send the message downstream, end the session, archive what was accepted."""
         started = time.monotonic()
         answer = self.relayed(tx, send)
         self.metrics.observe("mms_relay_seconds", time.monotonic() - started)
-        self.on_reset(session, tx)
+        self.on_reset(client, tx)
         if answer.startswith("2"):
             metadata["downstream_reply"] = answer  # with the after-filter's queue id
             self.archive(metadata, message)
@@ -2853,17 +2867,17 @@ class FilterMode(ProxyMode):
     reaches the downstream server. Every message is recorded, with its verdict.
     """
 
-    def on_data(self, session, tx):
+    def on_data(self, client, tx):
         return None
 
-    def on_message(self, session, tx, metadata, message):
+    def on_message(self, client, tx, metadata, message):
         metadata.update(scan(self.cfg, message, self.metrics))
         self.metrics.count("mms_scan_verdicts_total", self.verdict(metadata))
         action = self.action(metadata)
         if action == "deliver":
-            return self.deliver(session, tx, metadata, message,
+            return self.deliver(client, tx, metadata, message,
                                 lambda: self.relay(tx).data_and_message(message))
-        self.on_reset(session, tx)
+        self.on_reset(client, tx)
         if action == "tempfail":
             log.warning("%s not scanned: %s", metadata["store_key"], metadata["scan"])
             return R_SCAN_FAILED
