@@ -545,12 +545,12 @@ def check_flags(parser, argv):
 
 
 def command_help(parser, name):
-    what, dests = COMMANDS[name].what, COMMANDS[name].reads
-    key, command = " KEY" if COMMANDS[name].key else "", name
-    lines = [f"usage: mms.py {command}{key} [options]", "", f"{command}: {what}.", "",
+    command = COMMANDS[name]
+    key = " KEY" if command.key else ""
+    lines = [f"usage: mms.py {name}{key} [options]", "", f"{name}: {command.what}.", "",
              "options:"]
     for action in parser._actions:
-        if action.dest in dests and action.option_strings:
+        if action.dest in command.reads and action.option_strings:
             flag = ", ".join(action.option_strings)
             meta = f" {action.metavar or action.dest.upper()}" if action.nargs != 0 else ""
             lines.append(f"  {flag}{meta}")
@@ -2872,7 +2872,7 @@ class FilterMode(ProxyMode):
 
     def on_message(self, client, tx, metadata, message):
         metadata.update(scan(self.cfg, message, self.metrics))
-        self.metrics.count("mms_scan_verdicts_total", self.verdict(metadata))
+        self.metrics.count("mms_scan_verdicts_total", verdict(metadata))
         action = self.action(metadata)
         if action == "deliver":
             return self.deliver(client, tx, metadata, message,
@@ -2887,13 +2887,6 @@ class FilterMode(ProxyMode):
         tx.outcome = "quarantined"
         metadata["quarantine"] = "virus" if metadata["is_virus"] else "spam"
         return stored_reply(self.store, metadata, message)
-
-    @staticmethod
-    def verdict(metadata):
-        for name in ("virus", "spam", "unchecked"):
-            if metadata[f"is_{name}"]:
-                return name
-        return "clean"
 
     def action(self, metadata):
         if metadata["is_virus"]:
@@ -3658,6 +3651,15 @@ class Archive:
     def read(self, doc):
         return b"".join(self.pieces(doc))
 
+    def head(self, doc):
+        """The stored message's header: only as many chunks as it takes."""
+        data = bytearray()
+        for piece in self.pieces(doc):
+            data += piece
+            if HEAD_END_RE.search(data) or len(data) > HEADER_BLOCK_MAX:
+                break
+        return header_block(bytes(data))
+
     def sha256(self, doc):
         """The recorded one, else that of the stored bytes."""
         if doc.get("sha256"):
@@ -3820,10 +3822,10 @@ class Archive:
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
         if unless_held and is_held(now):
             raise Conflict(f"{doc['store_key']} is on hold: only an administrator can "
-                              f"release it")
+                           f"release it")
         if now.get("releasing"):
             raise Conflict(f"{doc['store_key']} is being released by another "
-                              f"`mms.py release` since {now['releasing'].get('at')}")
+                           f"`mms.py release` since {now['releasing'].get('at')}")
         raise AlreadyReleased(doc["store_key"], len(now.get("released") or []))
 
     def release_done(self, claimed, token, record=None):
@@ -4017,9 +4019,9 @@ def archive_list(cfg, archive):
 def marks(doc):
     """What list and the console's list say of a message beside its fields: its
     verdict unless clean, held, released."""
-    return [mark for mark, shown in ((verdict(doc), verdict(doc) != "clean"),
-                                     ("held", is_held(doc)), ("released", doc.get("released")))
-            if shown]
+    kind = verdict(doc)
+    return [mark for mark, shown in ((kind, kind != "clean"), ("held", is_held(doc)),
+                                     ("released", doc.get("released"))) if shown]
 
 
 def list_line(doc):
@@ -4056,12 +4058,7 @@ def archive_show(cfg, archive):
 @command("headers", "the header of KEY", MONGO, key="store_key")
 def archive_headers(cfg, archive):
     """Only as much of the message as its header takes."""
-    head = bytearray()
-    for piece in archive.pieces(archive.resolve(cfg.key)):
-        head += piece
-        if re.search(rb"\r?\n\r?\n", head) or len(head) > HEADER_BLOCK_MAX:
-            break
-    write_out([header_block(bytes(head))])
+    write_out([archive.head(archive.resolve(cfg.key))])
     return 0
 
 
@@ -4159,7 +4156,7 @@ def send_message(via, sender, rcpts, data, hostname):
             if not all(address.isascii() for address in (sender, *rcpts)):
                 if not client.has_extn("smtputf8"):
                     raise DeliveryError(f"{via[0]}:{via[1]} does not offer SMTPUTF8, which "
-                                      f"an address here needs")
+                                        f"an address here needs")
                 options = ["SMTPUTF8"]
             code, text = client.mail(sender, options)
             if code != 250:
@@ -4753,9 +4750,10 @@ class WebHandler(BoundedHandler):
                 self.close_connection = True
             elif isinstance(exc, MMSError):
                 self.fail(exc.http_status, str(exc))
+            elif bug(exc):
+                self.fail(500, "mms failed here: the log says why")
             else:
-                self.fail(500 if bug(exc) else 503, "mms failed here: the log says why"
-                          if bug(exc) else "the archive cannot be read now")
+                self.fail(503, "the archive cannot be read now")
 
     # Sessions ###############################################################
 
@@ -5289,12 +5287,7 @@ def part_text(part, payload):
 def link_summary(archive, doc, rcpt):
     """A report link's table: that recipient, the header's From, Subject and Date,
     and the verdict."""
-    head = bytearray()
-    for piece in archive.pieces(doc):
-        head += piece
-        if HEAD_END_RE.search(head) or len(head) > HEADER_BLOCK_MAX:
-            break
-    found = header_lists(bytes(head), (b"from", b"date"))
+    found = header_lists(archive.head(doc), (b"from", b"date"))
     score = doc.get("spam_score")
     rows = (("to", rcpt), ("from", decode_header_value(found.get(b"from", [b""])[0])),
             ("envelope sender", doc.get("sender") or "<>"), ("subject", doc.get("subject", "")),

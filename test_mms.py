@@ -5316,10 +5316,9 @@ class TestConsoleVerdicts(WebCase):
         cookie = self.login()
         self.assertEqual(self.http("POST", f"/messages/{self.plain}/hold",
                                    {"csrf": self.csrf(cookie)}, cookie=cookie)[0], 303)
-        rows = {key: row for key, row in re.findall(
+        rows = {key: row for row, key in re.findall(
             r'(?s)<tr>(.*?href="/messages/([0-9a-f]{64})".*?)</tr>',
             self.http("GET", "/messages", cookie=cookie)[2].decode())}
-        rows = {key: row for row, key in rows.items()}
         self.assertIn("virus", rows[self.virus])
         self.assertIn("banned", rows[self.banned])
         self.assertIn("held", rows[self.plain])
