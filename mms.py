@@ -1380,7 +1380,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     def __init__(self, cfg, mode, metrics, plugins=()):
         self.cfg = cfg
         self.mode = mode
-        self.metrics = mode.metrics = metrics
+        self.metrics = metrics
         self.plugins = list(plugins)
         self.address_family = address_family(cfg.host)
         self.sessions = set()
@@ -2270,11 +2270,11 @@ class MongoStore:
     PING_SECONDS = 5        # how often the keeper asks MongoDB (indexes, and /healthz)
     RETENTION_SECONDS = 3600  # how often --retention purges
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, metrics=None):
         self.cfg = cfg
         self.archive = Archive(cfg)
         self.queue = None
-        self.metrics = NO_METRICS
+        self.metrics = metrics or NO_METRICS
         self.contacted = threading.Event()
 
     def start(self):
@@ -2620,7 +2620,10 @@ class Mode:
     """What a mode does at each step; None means 'carry on with the usual reply'."""
 
     ACCEPTED = "stored"         # what a 2xx after the final dot means, for the metrics
-    metrics = None              # the server's, set when the server is made
+
+    def __init__(self, cfg, metrics=None):
+        self.cfg = cfg
+        self.metrics = metrics or NO_METRICS
 
     def outcome(self, tx, answer):
         if answer[0] == "2":
@@ -2663,7 +2666,8 @@ class DebugMode(Mode):
 
     JSON = json.JSONEncoder(default=str, ensure_ascii=False, sort_keys=True)
 
-    def __init__(self, cfg, stream=None):
+    def __init__(self, cfg, metrics=None, stream=None):
+        super().__init__(cfg, metrics)
         self.stream = stream or sys.stdout.buffer
         self.lock = threading.Lock()
         self.quiet = threading.Condition(self.lock)  # no whole write in flight
@@ -2719,11 +2723,11 @@ class QuarantineMode(Mode):
     """amavisd-new's quarantine and archive target: store every message, with what
     amavisd-new says of it, and answer 250."""
 
-    def __init__(self, cfg):
-        self.store = MongoStore(cfg)
+    def __init__(self, cfg, metrics=None):
+        super().__init__(cfg, metrics)
+        self.store = MongoStore(cfg, self.metrics)
 
     def start(self):
-        self.store.metrics = self.metrics
         self.store.start()
 
     def close(self):
@@ -2752,14 +2756,13 @@ class ProxyMode(Mode):
 
     ACCEPTED = "delivered"
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.store = MongoStore(cfg)
+    def __init__(self, cfg, metrics=None):
+        super().__init__(cfg, metrics)
+        self.store = MongoStore(cfg, self.metrics)
         self.spool = Spool(cfg.spool_dir)
         self.spool.check()          # before any worker is forked: a setting, not a crash
 
     def start(self):
-        self.store.metrics = self.metrics
         self.store.start()
         threading.Thread(target=self.ask_peers, name="mms-peers", daemon=True).start()
 
@@ -2902,10 +2905,10 @@ MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode, "mongo-p
                 "mongo-filter": FilterMode}
 
 
-def make_mode(cfg):
+def make_mode(cfg, metrics=None):
     if cfg.server not in MODE_CLASSES:
         raise ConfigError(f"mode {cfg.server!r} is not available in this version")
-    return MODE_CLASSES[cfg.server](cfg)
+    return MODE_CLASSES[cfg.server](cfg, metrics)
 
 
 ###############################################################################
@@ -5497,9 +5500,9 @@ def one_line(value, limit=REPORT_VALUE_MAX):
 
 def open_server(cfg, mode=None, start=True):
     """Everything that can fail at start-up fails here, before the first client."""
-    mode = mode or make_mode(cfg)
     plugins = load_plugins(cfg.plugin)
     metrics = Metrics(cfg, rows=cfg.workers, plugins=[p.__name__ for p in plugins])
+    mode = mode or make_mode(cfg, metrics)
     try:
         server = SMTPServer(cfg, mode, metrics, plugins)
     except OSError as exc:

@@ -1391,7 +1391,7 @@ class TestIPv6(ServerCase):
             self.skipTest("no IPv6 on this machine")
         cfg = config("--server", "debug", "--host", "::1")
         try:
-            server = mms.open_server(cfg, mms.DebugMode(cfg, io.BytesIO()))
+            server = mms.open_server(cfg, mms.DebugMode(cfg, stream=io.BytesIO()))
         except mms.ConfigError as exc:
             self.skipTest(f"cannot bind ::1: {exc}")
         thread = threading.Thread(target=server.serve_forever, daemon=True)
