@@ -82,7 +82,7 @@ import typing
 import urllib.parse
 import zlib
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("mms")
 
@@ -398,7 +398,9 @@ def command(name, what, reads=(), key="", opens_archive=True, bounded=False):
 
 
 FILTERS = ("sender", "rcpt", "since", "until", "subject", "message_id", "quarantine_id",
-           "client", "quarantine", "virus", "spam", "held", "released")
+           "client", "quarantine", "verdict", "virus", "spam", "held", "released")
+VERDICT_FIELDS = ("virus", "banned", "spam", "unchecked")   # the first that is set wins
+VERDICTS = VERDICT_FIELDS + ("clean",)
 MONGO = ("config", "mongo_host", "mongo_database", "mongo_collection", "mongo_timeout")
 
 
@@ -444,15 +446,21 @@ def build_parser():
     archive("--quarantine-id", help="this amavisd-new quarantine id (X-Quarantine-ID)")
     archive("--client", help="client address: an IP or a CIDR")
     archive("--quarantine", help="quarantine type: virus, banned, spam, ...")
-    archive("--virus", action="store_true", help="only messages with a virus")
-    archive("--spam", action="store_true", help="only spam")
+    archive("--verdict", choices=VERDICTS, help="only messages judged so (virus wins over "
+            "banned, banned over spam, spam over unchecked)")
+    archive("--virus", action="store_true", help="--verdict virus")
+    archive("--spam", action="store_true", help="--verdict spam")
     archive("--held", action="store_true", help="only messages on hold")
     archive("--released", action="store_true", help="only released messages")
     archive("--older-than", type=_when, help="purge: received before, e.g. 90d")
     archive("--dry-run", action="store_true", help="purge: count, delete nothing")
+    archive("--orphans", action="store_true", help="verify: also look for files and chunks "
+            "no message points at (reads every GridFS file)")
     archive("--repair", action="store_true",
-                         help="verify: remove orphan files and chunks older than an hour")
+                         help="verify --orphans: remove orphans older than an hour")
     archive("--json", action="store_true", help="one JSON document per line")
+    archive("--batch", type=_count, default=1000, help="reindex: messages a batch (default "
+            "1000)")
     archive("--by", choices=list(STATS_GROUPS), help="stats: count by this")
     archive("--top", type=_count, default=10, help="stats: the N largest groups")
     archive("--to", action="append", default=[],
@@ -2269,10 +2277,13 @@ class MongoStore:
     BATCH_BYTES = 16 * 2**20
     PING_SECONDS = 5        # how often the keeper asks MongoDB (indexes, and /healthz)
     RETENTION_SECONDS = 3600  # how often --retention purges
+    INDEX_RETRY_SECONDS = 600   # how often an index MongoDB refused is asked for again
 
     def __init__(self, cfg, metrics=None):
         self.cfg = cfg
         self.archive = Archive(cfg)
+        self.tally = Tally(self.archive)
+        self.indexes_tried, self.indexes_said = 0.0, set()
         self.queue = None
         self.metrics = metrics or NO_METRICS
         self.contacted = threading.Event()
@@ -2283,6 +2294,7 @@ class MongoStore:
         self.archive.connect(watch=index_watch(self))
         self.start_writer()
         threading.Thread(target=self.keep, name="mms-mongo", daemon=True).start()
+        threading.Thread(target=self.tally.keep, name="mms-tally", daemon=True).start()
         if self.cfg.retention and self.metrics.row == 0:  # one worker purges
             threading.Thread(target=self.keep_retention, name="mms-retention", daemon=True).start()
 
@@ -2305,7 +2317,8 @@ class MongoStore:
         self.contacted.set()
         while True:
             time.sleep(self.PING_SECONDS)
-            if not self.archive.indexed:
+            if self.archive.indexed is False or not self.archive.indexed and \
+                    time.monotonic() - self.indexes_tried > self.INDEX_RETRY_SECONDS:
                 self.build_indexes()
             if self.cfg.metrics:
                 self.ping()
@@ -2326,23 +2339,28 @@ class MongoStore:
         self.build_indexes()
 
     def build_indexes(self):
-        """A failure is logged once, and mail goes on being stored without them."""
+        """Each index MongoDB refuses is logged once, with what goes without it, and
+        asked for again every INDEX_RETRY_SECONDS; mail is stored all the same."""
+        import pymongo.errors
+        self.indexes_tried = time.monotonic()
         try:
             self.archive.ensure_indexes()
-        except Exception as exc:
-            import pymongo.errors
-            if self.archive.indexed is None:
-                pass                     # tried and failed: not logged again
-            elif isinstance(exc, pymongo.errors.ConnectionFailure):
+        except pymongo.errors.ConnectionFailure as exc:
+            if "unreachable" not in self.indexes_said:
                 log.error("MongoDB cannot be reached to create the archive's indexes (%s): "
                           "%s until it is back; retrying every %ds", mongo_error(exc),
                           "mail is spooled" if self.cfg.server in RELAY_MODES else
                           "mail is answered 451", self.PING_SECONDS)
-            else:
-                log.error("cannot create the archive's indexes (%s): mail is stored, but "
-                          "searches and the unique store_key wait until they exist; "
-                          "retrying every %ds", mongo_error(exc), self.PING_SECONDS)
+            self.indexes_said.add("unreachable")
+            return
+        except Exception as exc:          # hello refused: a role without clusterMonitor
+            self.archive.missing = {"all": mongo_error(exc)}
             self.archive.indexed = None
+        for name, cost in self.archive.missing.items():
+            if name not in self.indexes_said:
+                log.error("cannot create the index on %s: mail is stored, but %s; asked again "
+                          "every %ds", name, cost, self.INDEX_RETRY_SECONDS)
+        self.indexes_said = set(self.archive.missing)
 
     def ping(self):
         try:
@@ -2352,6 +2370,7 @@ class MongoStore:
             self.metrics.set("mongo_failed_at", time.time())
 
     def close(self):
+        self.tally.flush()
         self.archive.close()
 
     def store(self, metadata, message):
@@ -2396,6 +2415,88 @@ class MongoStore:
             self.archive.insert(batch)
             for job in batch:
                 job.done.set()
+            self.tally.add(job.metadata for job in batch if job.error is None)
+
+
+class Tally:
+    """The dashboard's daily counts, kept as mail is stored: per day (UTC), messages
+    and bytes by verdict, sender domain, recipient domain and client, so that the
+    dashboard reads a few hundred counters, never the messages of 30 days.
+
+    The writer adds each stored batch here, in memory, after its messages are
+    acknowledged; this thread writes what has gathered once a second, one upsert
+    per counter, in one command: SMTP never waits for it. While MongoDB is away the
+    counts wait (up to PENDING_MAX counters); a kill loses at most a second's."""
+
+    FLUSH_SECONDS = 1
+    PENDING_MAX = 100_000
+
+    def __init__(self, archive):
+        self.archive = archive
+        self.pending = {}
+        self.lock = threading.Lock()
+        self.failing = False
+
+    def add(self, docs):
+        self.merge(tallied(docs))
+
+    def keep(self):
+        while True:
+            time.sleep(self.FLUSH_SECONDS)
+            self.flush()
+
+    def flush(self):
+        with self.lock:
+            counts, self.pending = self.pending, {}
+        if not counts:
+            return
+        try:
+            self.archive.add_counts(counts)
+            self.failing = False
+        except Exception as exc:
+            if not self.failing:
+                log.warning("the daily counts wait: %s", mongo_error(exc))
+            self.failing = True
+            self.merge(counts)
+
+    def merge(self, counts):
+        with self.lock:
+            for key, (messages, size) in counts.items():
+                counted = self.pending.setdefault(key, [0, 0])
+                counted[0] += messages
+                counted[1] += size
+            if len(self.pending) > self.PENDING_MAX:   # MongoDB away for long: drop, and say
+                log.error("the daily counts could not be written for a while: %d counters "
+                          "dropped, and the dashboard counts less for those days",
+                          len(self.pending))
+                self.pending = {}
+
+
+TALLIES = ("verdict", "sender-domain", "rcpt-domain", "client")   # what the counts are by
+
+
+def tallied(docs):
+    """{(by, day, group): [messages, bytes]} that these stored messages add."""
+    counts = {}
+    for doc in docs:
+        if not isinstance(doc.get("received"), datetime.datetime):
+            continue                        # another tool's document: no day to count in
+        size = doc["size"] if isinstance(doc.get("size"), int) else 0
+        for key in tally_keys(doc):
+            counted = counts.setdefault(key, [0, 0])
+            counted[0] += 1
+            counted[1] += size
+    return counts
+
+
+def tally_keys(doc):
+    """(by, day, group) for each counter a stored message adds one to."""
+    day = f"{doc['received'].astimezone(UTC):%Y-%m-%d}"
+    yield "verdict", day, doc.get("verdict") or verdict(doc)
+    yield "sender-domain", day, doc.get("sender_domain") or "<>"
+    for rcpt_domain in doc.get("rcpt_domain") or ():
+        yield "rcpt-domain", day, rcpt_domain
+    yield "client", day, str(doc.get("client_address") or "-")[:64]
 
 
 def mongo_error(exc):
@@ -2636,6 +2737,10 @@ class Mode:
     def close(self):
         pass
 
+    def missing_indexes(self):
+        """{index: what goes without it} for the indexes MongoDB refused."""
+        return {}
+
     def on_mail(self, client, tx):
         return None
 
@@ -2733,6 +2838,9 @@ class QuarantineMode(Mode):
     def close(self):
         self.store.close()
 
+    def missing_indexes(self):
+        return self.store.archive.missing
+
     def on_message(self, client, tx, metadata, message):
         metadata.update(amavis_fields(message.head(HEADER_BLOCK_MAX)))
         return stored_reply(self.store, metadata, message)
@@ -2782,6 +2890,9 @@ class ProxyMode(Mode):
 
     def close(self):
         self.store.close()
+
+    def missing_indexes(self):
+        return self.store.archive.missing
 
     def relayed(self, tx, step):
         """Run one step of the downstream session; a broken downstream becomes
@@ -3238,6 +3349,10 @@ class MetricsServer(BoundedHTTPServer):
                          f"message(s) wait in {self.cfg.spool_dir} for `mms.py replay`")
         if self.cfg.server != "debug" and not self.metrics.mongo_up():
             return 503, "MongoDB: the last contact failed"
+        missing = self.smtp.mode.missing_indexes()
+        if missing:
+            return 200, "ok, but MongoDB refused indexes: " + "; ".join(
+                f"{name} ({cost})" for name, cost in missing.items())
         return 200, "ok"
 
     def spooled(self):
@@ -3407,7 +3522,6 @@ def day_format(text):
     return {"$dateToString": {"format": text, "date": as_date("$received")}}
 
 
-VERDICT_FIELDS = ("virus", "banned", "spam", "unchecked")   # the first that is set wins
 
 
 def verdict(doc):
@@ -3423,6 +3537,39 @@ def verdict_of(names):
         return "clean"
     return {"$cond": [{"$eq": [{"$ifNull": [f"$is_{names[0]}", 0]}, 1]}, names[0],
                       verdict_of(names[1:])]}
+
+
+def search_fields(metadata):
+    """What the searches ask of a message, written beside the seed's fields in the
+    form an index serves: the domains (a suffix regex on an address reads the
+    whole index), the verdict (four is_* flags have no index between them), the
+    client address as a key that orders as the address does (a CIDR is a range)."""
+    rcpts = [*(metadata.get("rcpt") or []), *(metadata.get("quarantine_to") or [])]
+    return {"sender_domain": domain(metadata.get("sender")),
+            "rcpt_domain": sorted({domain(rcpt) for rcpt in rcpts} - {""}),
+            "verdict": verdict(metadata),
+            "client_hex": client_hex(metadata.get("client_address"))}
+
+
+def domain(address):
+    address = str(address or "")
+    return address.rpartition("@")[2].strip("<> ").lower()[:255] if "@" in address else ""
+
+
+def client_hex(address):
+    """An address as the 32 hex digits of its IPv6 form (IPv4 as ::ffff:a.b.c.d):
+    strings that sort as the addresses do, so a network is one range of an index."""
+    try:
+        ip = ipaddress.ip_address(plain_address(str(address or "")).split("%")[0])
+    except ValueError:
+        return None
+    return f"{int(ip) | (0xFFFF << 32 if ip.version == 4 else 0):032x}"
+
+
+def client_range(network):
+    """A network as a range of client_hex."""
+    return {"$gte": client_hex(network.network_address),
+            "$lte": client_hex(network.broadcast_address)}
 
 
 # --by: what each group is, and whether it counts recipients rather than messages.
@@ -3459,25 +3606,37 @@ class Archive:
     CHUNKS_PER_INSERT = 16
     BATCH = 1000                  # documents per purge delete and per verify look-up
     CLAIM_LAPSES = datetime.timedelta(minutes=10)  # a release that died frees the message
-    INDEXES = [  # (keys, options): what each archive search needs, newest first
-        ([("store_key", 1)], {"unique": True}),
-        ([("received", -1)], {}),
-        ([("sender", 1), ("received", -1)], {}),
-        ([("rcpt", 1), ("received", -1)], {}),
-        ([("quarantine_to", 1), ("received", -1)], {}),
-        ([("quarantine", 1), ("received", -1)], {}),
-        ([("client_address", 1), ("received", -1)], {}),
-        ([("message_id", 1)], {}),
-        ([("quarantine_id", 1)], {}),
-        ([("held", 1)], {"partialFilterExpression": {"held": True}}),
-        ([("released", 1)], {"partialFilterExpression": {"released": {"$exists": True}}}),
-        ([("message", 1)], {}),
+    QUERIES_MAX = 4               # the console's queries at once (its connections)
+    INDEXES = [  # (keys, options, what goes without it): README, "At scale"
+        ([("store_key", 1)], {"unique": True}, "store keys are not unique; show, release, "
+         "hold and delete read every message"),
+        ([("received", -1)], {}, "date ranges, pages and purge read every message"),
+        ([("sender", 1), ("received", -1)], {}, "searches by sender read every message"),
+        ([("rcpt", 1), ("received", -1)], {}, "searches by recipient read every message"),
+        ([("quarantine_to", 1), ("received", -1)], {}, "searches by recipient read every "
+         "message"),
+        ([("quarantine", 1), ("received", -1)], {}, "searches by quarantine type read every "
+         "message"),
+        ([("client_hex", 1), ("received", -1)], {}, "searches by client read every message"),
+        ([("sender_domain", 1), ("received", -1)], {}, "searches by sender domain read every "
+         "message"),
+        ([("rcpt_domain", 1), ("received", -1)], {}, "searches by recipient domain read every "
+         "message"),
+        ([("verdict", 1), ("received", -1)], {}, "searches by verdict read every message"),
+        ([("message_id", 1)], {}, "searches by Message-ID read every message"),
+        ([("quarantine_id", 1)], {}, "searches by quarantine ID read every message"),
+        ([("held", 1)], {"partialFilterExpression": {"held": True}}, "counting held mail "
+         "reads every message"),
+        ([("released", 1)], {"partialFilterExpression": {"released": {"$exists": True}}},
+         "counting released mail reads every message"),
+        ([("message", 1)], {}, "verify --orphans reads every message for each file"),
     ]
 
-    def __init__(self, cfg, server=True):
-        self.cfg, self.server = cfg, server
+    def __init__(self, cfg, server=True, max_time_ms=None):
+        self.cfg, self.server, self.max_time_ms = cfg, server, max_time_ms
         self.client = None
         self.indexed = False
+        self.missing = {}           # index name: what goes without it
         self.max_size = 16 * 2**20  # maxBsonObjectSize, until the server says
 
     def connect(self, watch=None):
@@ -3491,11 +3650,13 @@ class Archive:
             self.cfg.mongo_host, tz_aware=True, appname="mms", serverSelectionTimeoutMS=ms,
             connectTimeoutMS=ms, socketTimeoutMS=max(4 * ms, 20000) if self.server else None,
             w=self.concern["w"], wTimeoutMS=self.concern["wtimeout"],
-            event_listeners=[watch] if watch else [],
+            retryReads=not self.max_time_ms, maxPoolSize=self.QUERIES_MAX if self.max_time_ms
+            else 100, event_listeners=[watch] if watch else [],
             **({"journal": self.concern["j"]} if "j" in self.concern else {}))
         self.db = self.client[self.cfg.mongo_database]
         self.collection = self.db[self.cfg.mongo_collection]
         self.files, self.chunks = self.db["fs.files"], self.db["fs.chunks"]
+        self.counts = self.db[f"{self.cfg.mongo_collection}.daily"]
         return self
 
     def write_concern(self):
@@ -3510,13 +3671,42 @@ class Archive:
         self.max_size = hello.get("maxBsonObjectSize", self.max_size)
 
     def ensure_indexes(self):
-        """Built in the background on MongoDB 4.2 and later; never in the write path."""
+        """Each index on its own, so that one the cluster refuses (a unique store_key
+        on a collection sharded on another key) leaves the others built; which are
+        missing, with what that costs, is in self.missing. Built in the background
+        on MongoDB 4.2 and later; never in the write path."""
+        from pymongo.errors import ConnectionFailure
         self.ping()
-        for keys, options in self.INDEXES:
-            self.collection.create_index(keys, **options)
-        self.files.create_index([("filename", 1), ("uploadDate", 1)])
-        self.chunks.create_index([("files_id", 1), ("n", 1)], unique=True)
-        self.indexed = True
+        wanted = [(self.collection, keys, options, cost) for keys, options, cost in self.INDEXES]
+        wanted += [(self.files, [("filename", 1), ("uploadDate", 1)], {}, "GridFS reads "
+                    "by name scan"),
+                   (self.chunks, [("files_id", 1), ("n", 1)], {"unique": True}, "every "
+                    "message read scans the chunks")]
+        missing = {}
+        for collection, keys, options, cost in wanted:
+            name = f"{collection.name}: " + ", ".join(field for field, _ in keys)
+            try:
+                collection.create_index(keys, **options)
+            except ConnectionFailure:
+                raise
+            except Exception as exc:
+                missing[name] = f"{cost} ({mongo_error(exc)})"
+        self.missing = missing
+        self.indexed = True if not missing else None   # None: asked again, but not at once
+
+    def missing_indexes(self):
+        """{index: what goes without it} for the archive's indexes MongoDB does not
+        have, compared by their fields (nx-27017 names and orders them its own way)."""
+        have = {tuple(dict(index["key"])) for index in self.collection.list_indexes()}
+        return {", ".join(field for field, _ in keys): cost for keys, _, cost in self.INDEXES
+                if tuple(field for field, _ in keys) not in have}
+
+    def bound(self):
+        """The console's limit on one query, as a command option (none for a command)."""
+        return {"maxTimeMS": self.max_time_ms} if self.max_time_ms else {}
+
+    def bounded(self, cursor):
+        return cursor.max_time_ms(self.max_time_ms) if self.max_time_ms else cursor
 
     # Writes of the SMTP path ################################################
 
@@ -3526,6 +3716,7 @@ class Archive:
         from bson import Binary, Int64, ObjectId
         file_id = ObjectId()
         metadata["message"] = file_id
+        metadata.update(search_fields(metadata))
         storable(metadata, self.max_size)
         chunks, length = [], 0
         for n, piece in enumerate(gridfs_content(message, self.CHUNK_SIZE)):
@@ -3578,7 +3769,10 @@ class Archive:
     # Reads ##################################################################
 
     def find(self, store_key):
-        return self.collection.find_one({"store_key": store_key})
+        return self.collection.find_one({"store_key": store_key}, **self.limit())
+
+    def limit(self):
+        return {"max_time_ms": self.max_time_ms} if self.max_time_ms else {}
 
     def resolve(self, key):
         """The one message a store_key or a unique prefix of it names, as git takes a
@@ -3590,7 +3784,8 @@ class Archive:
         if len(key) == 64:
             docs = [doc for doc in [self.find(key)] if doc]
         else:
-            docs = list(self.collection.find({"store_key": {"$regex": "^" + key}}).limit(11))
+            docs = list(self.bounded(self.collection.find(
+                {"store_key": {"$regex": "^" + key}}).limit(11)))
         if not docs:
             raise NotFound(f"no message with store_key {key}")
         if len(docs) > 1:
@@ -3598,23 +3793,16 @@ class Archive:
             raise UsageError(f"store_key {key} is ambiguous: {keys}")
         return docs[0]
 
-    def search(self, query, wanted=None, limit=0, projection=None):
-        """Newest first. The limit goes to MongoDB unless a test is left for Python
-        (a CIDR), so the first line comes from the index, not from a sort of every match."""
-        cursor = self.collection.find(query, projection).sort("received", -1)
-        cursor.batch_size(self.BATCH)   # not 16 MB of documents at a time
-        if wanted is None:
-            yield from cursor.limit(limit)
-            return
-        found = (doc for doc in cursor if wanted(doc))
-        yield from itertools.islice(found, limit or None)
+    def search(self, query, limit=0, projection=None):
+        """Newest first, from the index: the limit goes to MongoDB, so the first line
+        comes from the index, not from a sort of every match."""
+        cursor = self.collection.find(query, projection).sort("received", -1).limit(limit)
+        return self.bounded(cursor.batch_size(self.BATCH))  # not 16 MB of documents at a time
 
-    def count(self, query, wanted=None):
-        if wanted is not None:
-            return sum(1 for _ in self.search(query, wanted, projection={"client_address": 1}))
+    def count(self, query):
         if not query:  # the collection's own count, not a scan of every document
-            return self.collection.estimated_document_count()
-        return self.collection.count_documents(query)
+            return self.collection.estimated_document_count(**self.bound())
+        return self.collection.count_documents(query, **self.bound())
 
     def pieces(self, doc, file=None):
         """The raw message, a piece at a time, from its chunks in order: a message is
@@ -3624,7 +3812,8 @@ class Archive:
             raise Damaged("its document has no message field")
         expected = -(-file["length"] // file["chunkSize"]) if file else None
         inflate, pending, n = zlib.decompressobj(), b"", -1
-        for n, chunk in enumerate(self.chunks.find({"files_id": file_id}).sort("n", 1)):
+        for n, chunk in enumerate(self.bounded(self.chunks.find({"files_id": file_id})
+                                               .sort("n", 1))):
             if chunk.get("n") != n:
                 raise Damaged(f"chunk {n + 1} of {expected or '?'} of its GridFS file is missing")
             data = pending + bytes(chunk["data"])
@@ -3672,7 +3861,8 @@ class Archive:
     def files_of(self, docs):
         """The GridFS files of these documents, by id: one query for the lot."""
         ids = [doc["message"] for doc in docs if doc.get("message") is not None]
-        return {f["_id"]: f for f in self.files.find({"_id": {"$in": ids}})} if ids else {}
+        return ({f["_id"]: f for f in self.bounded(self.files.find({"_id": {"$in": ids}}))}
+                if ids else {})
 
     def orphan_files(self):
         """(id, uploadDate, filename) of each file no document points at, a batch of
@@ -3705,7 +3895,7 @@ class Archive:
         head = self.window(since, until)
         sums = {"messages": {"$sum": 1}, "bytes": {"$sum": as_number("$size")}}
         counted = {"messages": 0, "bytes": 0, **dict.fromkeys(VERDICT_FIELDS, 0)}
-        for row in self.collection.aggregate(head + [{"$group": {"_id": None, **sums, **{
+        for row in self.aggregate(head + [{"$group": {"_id": None, **sums, **{
                 name: {"$sum": as_number(f"$is_{name}")} for name in VERDICT_FIELDS}}}]) \
                 if totals else ():
             counted.update({key: row.get(key) or 0 for key in counted})
@@ -3718,7 +3908,11 @@ class Archive:
             {"$group": {"_id": key, **sums}}, {"$sort": order}, {"$limit": top}]
         return totals, [{"group": group_name(row["_id"]), "messages": row.get("messages") or 0,
                          "bytes": row.get("bytes") or 0}
-                        for row in self.collection.aggregate(pipeline)]
+                        for row in self.aggregate(pipeline)]
+
+    def aggregate(self, pipeline):
+        """A $group may pass its 100 MB of memory on a large window: it spills to disk."""
+        return self.collection.aggregate(pipeline, allowDiskUse=True, **self.bound())
 
     @staticmethod
     def window(since, until=None):
@@ -3735,17 +3929,39 @@ class Archive:
                 {"$addFields": {"mms_at": day_format("%Y-%m-%dT%H:%M:%S")}},
                 {"$match": {"mms_at": text}}]
 
-    def daily(self, since):
-        """{day: {verdict: messages}} since then, one group per day and verdict (as
-        one string: nx-27017 cannot group by a sub-document)."""
-        key = {"$concat": [{"$ifNull": [day_format("%Y-%m-%d"), "-"]}, " ",
-                           verdict_of(VERDICT_FIELDS)]}
+    def daily(self, by, since, until=None):
+        """{day: {group: [messages, bytes]}} from the daily counts (Tally): one range of
+        the _id index, however much mail the days hold."""
+        first, last = f"{by}|{since:%Y-%m-%d}", f"{by}|{until:%Y-%m-%d}" if until else f"{by}|~"
         days = collections.defaultdict(dict)
-        for row in self.collection.aggregate(self.window(since) + [
-                {"$group": {"_id": key, "messages": {"$sum": 1}}}]):
-            day, _, verdict = str(row["_id"]).partition(" ")
-            days[day][verdict] = row.get("messages") or 0
+        for row in self.bounded(self.counts.find({"_id": {"$gte": first, "$lte": last}})
+                                .batch_size(self.BATCH)):
+            days[row.get("day")][row.get("group")] = [row.get("messages") or 0,
+                                                      row.get("bytes") or 0]
         return dict(days)
+
+    def reindex(self, docs):
+        """Write each message's search fields, unless another reindex did, and add
+        those written to the daily counts; how many were written."""
+        from pymongo import UpdateOne
+        fields = [search_fields(doc) for doc in docs]
+        result = self.collection.bulk_write([UpdateOne(
+            {**self.its(doc), "verdict": {"$exists": False}}, {"$set": more})
+            for doc, more in zip(docs, fields)], ordered=False)
+        counts = tallied({**doc, **more} for doc, more in zip(docs, fields))
+        if counts:
+            self.add_counts(counts)
+        return result.modified_count
+
+    def add_counts(self, counts):
+        """Add {(by, day, group): [messages, bytes]} to the daily counts: one upsert
+        per group, one command for the lot."""
+        from pymongo import UpdateOne
+        self.counts.bulk_write([UpdateOne(
+            {"_id": f"{by}|{day}|{group}"},
+            {"$inc": {"messages": messages, "bytes": size},
+             "$setOnInsert": {"by": by, "day": day, "group": group}}, upsert=True)
+            for (by, day, group), (messages, size) in counts.items()], ordered=False)
 
     # Changes ################################################################
 
@@ -3754,16 +3970,22 @@ class Archive:
         change = {"$set": {"held": True}} if held else {"$unset": {"held": ""}}
         if by:
             change.setdefault("$set", {})["held_by" if held else "unheld_by"] = by
-        if not self.collection.update_one({"_id": doc["_id"]}, change).matched_count:
+        if not self.collection.update_one(self.its(doc), change).matched_count:
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
 
     def delete(self, doc):
         """Deleted only if not on hold, asked in the delete itself."""
-        if not self.collection.delete_one({"_id": doc["_id"], **NOT_HELD}).deleted_count:
-            if self.collection.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
+        if not self.collection.delete_one({**self.its(doc), **NOT_HELD}).deleted_count:
+            if self.collection.find_one(self.its(doc), {"_id": 1}) is not None:
                 raise Conflict(f"{doc['store_key']} is on hold: `mms.py unhold` it first")
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
         self.remove_files([doc.get("message")])
+
+    @staticmethod
+    def its(doc):
+        """The filter of a write to one message: its _id, and its store_key, the shard
+        key the README suggests, so that a sharded cluster sends it to one shard."""
+        return {"_id": doc["_id"], "store_key": doc.get("store_key")}
 
     def remove_files(self, file_ids):
         """Chunks, then files, one id per statement, one command for the lot."""
@@ -3773,7 +3995,7 @@ class Archive:
             self.chunks.bulk_write([DeleteMany({"files_id": i}) for i in ids], ordered=False)
             self.files.bulk_write([DeleteOne({"_id": i}) for i in ids], ordered=False)
 
-    def purge(self, query, wanted=None, dry_run=False):
+    def purge(self, query, dry_run=False):
         """Delete what the query finds, but what is on hold; the count. A batch of
         ids at a time, each deleted by one write that asks again that it is not
         held, so a hold placed meanwhile wins; then the files of those gone. The
@@ -3782,18 +4004,15 @@ class Archive:
         on _id, 2.4 s a batch of 1,000 on 20,000 documents, against 0.02 s)."""
         query = all_of(query, NOT_HELD)
         if dry_run:
-            return self.count(query, wanted)
+            return self.count(query)
         purged = 0
-        cursor = self.collection.find(query, {"message": 1, "client_address": 1})
+        cursor = self.collection.find(query, {"message": 1, "store_key": 1})
         for docs in batched(cursor.batch_size(self.BATCH), self.BATCH):
-            docs = [doc for doc in docs if wanted is None or wanted(doc)]
-            ids = [doc["_id"] for doc in docs]
-            if not ids:
-                continue
-            deleted = self.collection.delete_many({"_id": {"$in": ids}, **NOT_HELD})
-            if deleted.deleted_count < len(ids):  # some were held meanwhile: keep their files
-                kept = {doc["_id"] for doc in self.collection.find(
-                    {"_id": {"$in": ids}}, {"_id": 1})}
+            ids = {"_id": {"$in": [doc["_id"] for doc in docs]},
+                   "store_key": {"$in": [doc.get("store_key") for doc in docs]}}
+            deleted = self.collection.delete_many({**ids, **NOT_HELD})
+            if deleted.deleted_count < len(docs):  # some were held meanwhile: keep their files
+                kept = {doc["_id"] for doc in self.collection.find(ids, {"_id": 1})}
                 docs = [doc for doc in docs if doc["_id"] not in kept]
             self.remove_files([doc.get("message") for doc in docs])
             purged += len(docs)
@@ -3811,7 +4030,7 @@ class Archive:
         if isinstance(stale, dict) and isinstance(stale.get("at"), datetime.datetime) \
                 and claim["at"] - stale["at"] > self.CLAIM_LAPSES:
             free = {"releasing.token": stale.get("token")}
-        condition = {"_id": doc["_id"], **free}
+        condition = {**self.its(doc), **free}
         if not force:
             condition["released"] = {"$exists": False}
         if unless_held:
@@ -3820,7 +4039,7 @@ class Archive:
             condition, {"$set": {"releasing": claim}}, return_document=ReturnDocument.AFTER)
         if claimed is not None:
             return claimed, claim["token"]
-        now = self.collection.find_one({"_id": doc["_id"]})
+        now = self.collection.find_one(self.its(doc))
         if now is None:
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
         if unless_held and is_held(now):
@@ -3836,7 +4055,7 @@ class Archive:
         change = {"$unset": {"releasing": ""}}
         if record is not None:
             change["$set"] = {"released": [*(claimed.get("released") or []), record]}
-        self.collection.update_one({"_id": claimed["_id"], "releasing.token": token}, change)
+        self.collection.update_one({**self.its(claimed), "releasing.token": token}, change)
 
 
 def batched(iterable, size):
@@ -3883,7 +4102,8 @@ def run_archive_command(cfg):
     queue: check and the web console answer within bounds, the others take as long
     as it takes."""
     command = COMMANDS[cfg.command]
-    archive = Archive(cfg, server=command.bounded).connect()
+    archive = Archive(cfg, server=command.bounded,
+                      max_time_ms=WEB_QUERY_MS if command.bounded else None).connect()
     try:
         with contextlib.redirect_stdout(Escaped(sys.stdout)), \
                 contextlib.redirect_stderr(Escaped(sys.stderr)):
@@ -3914,8 +4134,7 @@ class Filters:
     quarantine_id: str = None
     client: str = None
     quarantine: str = None
-    virus: bool = False
-    spam: bool = False
+    verdict: str = None
     held: bool = None          # True: only held; False: only not held (purge); None: any
     released: bool = False
     older_than: datetime.datetime = None
@@ -3924,6 +4143,10 @@ class Filters:
     def parse(cls, given):
         """From {name: value}: the command line's values (typed by argparse) or a
         query string's (text); UsageError names a value that is neither."""
+        given = dict(given)
+        for shorthand in ("virus", "spam"):     # --virus is --verdict virus
+            if given.pop(shorthand, None) in (True, "1", "on", "yes", "true"):
+                given["verdict"] = shorthand
         values = {}
         for field in dataclasses.fields(cls):
             value = given.get(field.name)
@@ -3939,6 +4162,8 @@ class Filters:
                 except argparse.ArgumentTypeError as exc:
                     raise UsageError(f"{field.name}: {exc}") from None
             values[field.name] = value
+        if values.get("verdict") and values["verdict"] not in VERDICTS:
+            raise UsageError(f"verdict: one of {', '.join(VERDICTS)}")
         if values.get("client"):
             try:
                 ipaddress.ip_network(values["client"], strict=False)
@@ -3948,17 +4173,15 @@ class Filters:
         return cls(**values)
 
     def query(self):
-        """(the MongoDB filter, a test for what MongoDB cannot ask (a CIDR of client
-        addresses) or None). nx-27017 needs `$in` for an element of an indexed array,
-        and `$elemMatch` for a regular expression on one; both forms are right on
-        MongoDB too. Each filter has its index (Archive.INDEXES)."""
+        """The MongoDB filter. Each clause has its index (README, "At scale"), but the
+        subject's, which the console bounds by its maxTimeMS. nx-27017 needs `$in`
+        for an element of an indexed array, and `$elemMatch` for a regular
+        expression on one; both forms are right on MongoDB too."""
         clauses, received = [], {}
         if self.sender is not None:
-            clauses.append({"sender": address_filter(self.sender)})
+            clauses.append(address_clause(self.sender, "sender", "sender_domain"))
         if self.rcpt is not None:  # a recipient, or a quarantine address --real-rcpt replaced
-            rcpt = address_filter(self.rcpt)
-            rcpt = {"$elemMatch": rcpt} if isinstance(rcpt, dict) else {"$in": [rcpt]}
-            clauses.append({"$or": [{"rcpt": rcpt}, {"quarantine_to": rcpt}]})
+            clauses.append(address_clause(self.rcpt, ("rcpt", "quarantine_to"), "rcpt_domain"))
         if self.since:
             received["$gte"] = self.since
         if self.until:
@@ -3975,42 +4198,40 @@ class Filters:
             clauses.append({"quarantine_id": self.quarantine_id.strip("<> ")})
         if self.quarantine:
             clauses.append({"quarantine": self.quarantine})
-        clauses += [{field: 1} for flag, field in ((self.virus, "is_virus"),
-                                                   (self.spam, "is_spam")) if flag]
+        if self.verdict:
+            clauses.append({"verdict": self.verdict})
         if self.held is not None:
             clauses.append({"held": True} if self.held else NOT_HELD)
         if self.released:
             clauses.append({"released": {"$exists": True}})
-        wanted = None
         if self.client:
-            network = ipaddress.ip_network(self.client, strict=False)
-            if network.num_addresses == 1:
-                clauses.append({"client_address": str(network.network_address)})
-            else:
-                wanted = lambda doc: in_networks(str(doc.get("client_address", "")), [network])
-        return all_of(*clauses), wanted
+            clauses.append({"client_hex": client_range(ipaddress.ip_network(self.client,
+                                                                            strict=False))})
+        return all_of(*clauses)
 
 
-def address_filter(address):
-    """'<>' the null sender, '@example.org' a whole domain, else one address."""
+def address_clause(address, fields, domain_field):
+    """'<>' the null sender, '@example.org' a whole domain (its own indexed field),
+    else one address (in any of these fields)."""
     address = address.strip().lower()
-    if address == "<>":
-        return ""
     if address.startswith("@"):
-        return {"$regex": re.escape(address) + "$"}
-    return address.strip("<>")
+        return {domain_field: {"$in": [address[1:]]}}
+    value = "" if address == "<>" else address.strip("<>")
+    if isinstance(fields, str):
+        return {fields: value}
+    return {"$or": [{field: {"$in": [value]}} for field in fields]}
 
 
 @command("count", "how many messages the filters find", FILTERS + MONGO)
 def archive_count(cfg, archive):
-    print(archive.count(*cfg.filters.query()))
+    print(archive.count(cfg.filters.query()))
     return 0
 
 
 @command("list", "one line per message, newest first", FILTERS + ("limit", "json") + MONGO)
 def archive_list(cfg, archive):
     out = sys.stdout
-    for doc in archive.search(*cfg.filters.query(), limit=cfg.limit):
+    for doc in archive.search(cfg.filters.query(), limit=cfg.limit):
         doc.pop("_id", None)
         if cfg.json:
             out.write(json_line(dict(doc, verdict=verdict(doc))))
@@ -4204,10 +4425,10 @@ def archive_unhold(cfg, archive):
 def archive_purge(cfg, archive):
     """Delete what is older than --older-than, never what is held. The
     metadata goes first, so that an interrupted purge leaves at worst an orphan
-    file (which `verify --repair` sweeps), never a document that points at nothing."""
+    file (which `verify --orphans --repair` sweeps), never a document that points at nothing."""
     if not cfg.older_than:
         raise UsageError("purge needs --older-than, e.g. --older-than 90d")
-    count = archive.purge(*dataclasses.replace(cfg.filters, held=False).query(),
+    count = archive.purge(dataclasses.replace(cfg.filters, held=False).query(),
                           dry_run=cfg.dry_run)
     print(f"{'would purge' if cfg.dry_run else 'purged'} {count} message(s) received before "
           f"{cfg.older_than:%Y-%m-%d %H:%M:%S} UTC")
@@ -4227,11 +4448,12 @@ def uploaded(when, now):
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-@command("verify", "an fsck of the archive", FILTERS + ("repair",) + MONGO)
+@command("verify", "an fsck of the archive", FILTERS + ("orphans", "repair") + MONGO)
 def archive_verify(cfg, archive):
     """An fsck for the archive: each metadata document's file exists and decodes,
-    with the recorded size and sha256; files and chunks that no document points at
-    are orphans, which --repair removes once they are an hour old. One line per
+    with the recorded size and sha256; with --orphans, files and chunks that no
+    document points at, which --repair removes once they are an hour old (every file
+    of the archive is read for them, so only when asked). One line per
     problem; exit 1 if there is any. Memory stays the same whatever the archive's
     size: documents and files are read a batch at a time, messages a chunk at a time."""
     problems = 0
@@ -4241,15 +4463,14 @@ def archive_verify(cfg, archive):
         problems += 1
         print(text)
 
-    query, wanted = cfg.filters.query()
-    for docs in batched(archive.search(query, wanted), archive.BATCH):
+    for docs in batched(archive.search(cfg.filters.query()), archive.BATCH):
         files = archive.files_of(docs)
         for doc in docs:
             trouble = verify_message(archive, doc, files.get(doc.get("message")))
             if trouble:
                 problem(f"{doc.get('store_key', doc['_id'])}: {trouble}")
     now = datetime.datetime.now(UTC)
-    for orphans in (archive.orphan_files(), archive.orphan_chunks()):
+    for orphans in (archive.orphan_files(), archive.orphan_chunks()) if cfg.orphans else ():
         for file_id, made, what in orphans:
             if cfg.repair and now - uploaded(made, now) > ORPHAN_AGE:
                 archive.remove_files([file_id])
@@ -4313,12 +4534,17 @@ def archive_check(cfg, archive):
         target = Target(cfg.server, cfg.host, cfg.port)
     try:
         done = CHECKS[target.server](cfg, archive, target)
+        missing = archive.missing_indexes() if target.server != "debug" else {}
     except Spooling as exc:
         print(f"WARNING: {exc}")
         return 1
     except Exception as exc:
         print(f"CRITICAL: {mongo_error(exc)}")
         return 2
+    if missing:
+        print(f"WARNING: {done}, but indexes are missing: " + "; ".join(
+            f"{name} ({cost})" for name, cost in missing.items()))
+        return 1
     print(f"OK: {done}")
     return 0
 
@@ -4393,6 +4619,47 @@ CHECKS = {"mongo-quarantine": check_quarantine, "debug": check_debug,
           "mongo-proxy": check_relay, "mongo-filter": check_relay}
 
 
+@command("reindex", "write the search fields of messages stored before them, and count them",
+         FILTERS + ("batch",) + MONGO)
+def archive_reindex(cfg, archive):
+    """Messages stored by mms 1.0 lack the fields the searches and the
+    dashboard's daily counts read (search_fields): this writes them, a batch at a
+    time, newest first, and adds each message to the daily counts. A message that
+    has them is left alone, so a reindex stopped (or killed) goes on where it was
+    when run again, and memory stays the same whatever the archive's size."""
+    query = all_of(cfg.filters.query(), {"verdict": {"$exists": False}})
+    total, done, started = archive.count(query), 0, time.monotonic()
+    progress = Progress(sys.stderr, total)
+    while docs := list(archive.search(query, limit=cfg.batch)):
+        done += archive.reindex(docs)
+        progress.show(done)
+    progress.end()
+    print(f"reindex: {done} message(s) given their search fields in "
+          f"{time.monotonic() - started:.0f} s")
+    return 0
+
+
+class Progress:
+    """done/total, rate and time left, on one line of a terminal (nothing elsewhere)."""
+
+    def __init__(self, stream, total):
+        self.stream, self.total, self.started = stream, total, time.monotonic()
+        self.tty = stream.isatty()
+
+    def show(self, done):
+        if not self.tty:
+            return
+        rate = done / max(time.monotonic() - self.started, 1e-3)
+        left = (self.total - done) / rate if rate and self.total > done else 0
+        self.stream.write(f"\r{done}/{self.total} messages, {rate:.0f}/s, "
+                          f"{left // 60:.0f} min {left % 60:02.0f} s left ")
+        self.stream.flush()
+
+    def end(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
 @command("replay", "store what proxy and filter modes spooled while MongoDB was down",
          ("spool_dir",) + MONGO)
 def archive_replay(cfg, archive):
@@ -4421,12 +4688,12 @@ def mbox_entry(doc, data):
          FILTERS + ("format", "output") + MONGO)
 def archive_export(cfg, archive):
     """The matching messages as one mbox on stdout, or one .eml each into --output."""
-    query, wanted = cfg.filters.query()
+    query = cfg.filters.query()
     count = 0
     if cfg.format == "eml":
         if not cfg.output or not os.path.isdir(cfg.output):
             raise UsageError("export --format eml needs --output DIR, an existing directory")
-        for doc in archive.search(query, wanted):
+        for doc in archive.search(query):
             key = str(doc.get("store_key", ""))
             if STORE_KEY_RE.fullmatch(key):
                 with private(os.path.join(cfg.output, key + ".eml")) as f:
@@ -4436,15 +4703,15 @@ def archive_export(cfg, archive):
         print(f"exported {count} message(s) to {cfg.output}")
         return 0
     out = sys.stdout.buffer
-    for entry in mbox_entries(archive, query, wanted):
+    for entry in mbox_entries(archive, archive.search(query)):
         out.write(entry)
     out.flush()
     return 0
 
 
-def mbox_entries(archive, query, wanted):
-    """The matching messages as mboxrd entries, one message in memory at a time."""
-    for doc in archive.search(query, wanted):
+def mbox_entries(archive, docs):
+    """The messages as mboxrd entries, one message in memory at a time."""
+    for doc in docs:
         yield mbox_entry(doc, archive.read(doc))
 
 
@@ -4464,6 +4731,8 @@ WEB_FAILING_MAX = 10_000                            # addresses whose failures a
 WEB_HASHING_MAX, WEB_HASHING_WAIT = 2, 10           # scrypt at once (16 MiB each), wait
 WEB_SWEEP_SECONDS = 60                              # expired sessions and failures go
 WEB_PAGE = 50                                       # messages a page
+WEB_MBOX_MAX = 1000                                 # messages in a search's mbox download
+WEB_QUERY_MS = 5000                                 # maxTimeMS of each console query
 WEB_VIEW_MAX = 4 * 2**20                            # of a message shown as a page
 WEB_CACHE_SECONDS = 60                              # the dashboard's aggregations
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}                # 128 * n * r = 16 MiB a hash
@@ -4643,15 +4912,16 @@ class WebServer(BoundedHTTPServer):
         return hmac.new(self.login_key, cookie.encode(), hashlib.sha256).hexdigest()
 
     def cached(self, key, make):
-        now = time.monotonic()
+        """make()'s value, made at most once a WEB_CACHE_SECONDS however many visitors
+        miss it at once: the others wait for the one making it, and take its value."""
         with self.lock:
-            hit = self.cache.get(key)
-        if hit and now - hit[0] < WEB_CACHE_SECONDS:
-            return hit[1]
-        value = make()
-        with self.lock:
-            self.cache[key] = (now, value)
-        return value
+            entry = self.cache.setdefault(key, {"at": None, "value": None,
+                                                "making": threading.Lock()})
+        with entry["making"]:
+            now = time.monotonic()
+            if entry["at"] is None or now - entry["at"] >= WEB_CACHE_SECONDS:
+                entry["value"], entry["at"] = make(), now
+            return entry["value"]
 
 
 def h(value):
@@ -4746,13 +5016,16 @@ class WebHandler(BoundedHandler):
         except (ConnectionError, TimeoutError):
             pass   # the client hung up, or stopped reading
         except Exception as exc:
-            if not isinstance(exc, MMSError) or self.answering:
+            from pymongo.errors import ExecutionTimeout   # MongoDB's maxTimeMS ran out
+            if not isinstance(exc, (MMSError, ExecutionTimeout)) or self.answering:
                 log.error("web: %s %s failed: %s", method, path[:200], mongo_error(exc),
                           exc_info=bug(exc))
             if self.answering:        # a download broke off: no second status line in it
                 self.close_connection = True
             elif isinstance(exc, MMSError):
                 self.fail(exc.http_status, str(exc))
+            elif isinstance(exc, ExecutionTimeout):
+                self.too_slow()
             elif bug(exc):
                 self.fail(500, "mms failed here: the log says why")
             else:
@@ -4837,18 +5110,19 @@ class WebHandler(BoundedHandler):
 
     @route("GET", r"/messages")
     def get_messages(self):
-        query, wanted, page, after = self.search()
-        docs, more = self.one_page(query, wanted)
+        query, page = self.search()
+        docs, more = self.one_page(query)
         self.page("Search", render_search(self.params, page, docs, more))
 
     @route("GET", r"/messages\.mbox")
     def get_mbox(self):
-        query, wanted, _, _ = self.search()
+        query, _ = self.search()
+        docs = self.server.archive.search(query, limit=WEB_MBOX_MAX)
         self.send_response(200)
         self.send_header("Content-Type", "application/mbox")
         self.send_header("Content-Disposition", 'attachment; filename="mms-export.mbox"')
         self.end_headers()
-        for entry in mbox_entries(self.server.archive, query, wanted):
+        for entry in mbox_entries(self.server.archive, docs):
             self.wfile.write(entry)
 
     @route("GET", r"/messages/([0-9a-f]{64})")
@@ -4963,8 +5237,8 @@ class WebHandler(BoundedHandler):
 
     @route("GET", r"/api/messages")
     def get_api_messages(self):
-        query, wanted, page, _ = self.search()
-        docs, more = self.one_page(query, wanted)
+        query, page = self.search()
+        docs, more = self.one_page(query)
         self.json({"messages": [dict(doc, verdict=verdict(doc)) for doc in docs],
                    "next": next_page(docs) if more else None})
 
@@ -4985,9 +5259,9 @@ class WebHandler(BoundedHandler):
 
     # Helpers ################################################################
 
-    def one_page(self, query, wanted):
+    def one_page(self, query):
         """(up to WEB_PAGE documents, whether there are more): one more is asked for."""
-        docs = list(self.server.archive.search(query, wanted, limit=WEB_PAGE + 1))
+        docs = list(self.server.archive.search(query, limit=WEB_PAGE + 1))
         return docs[:WEB_PAGE], len(docs) > WEB_PAGE
 
     def doc(self, key):
@@ -4999,10 +5273,10 @@ class WebHandler(BoundedHandler):
         return doc
 
     def search(self):
-        """(query, Python test, the filters as given, the page's start) from the URL."""
+        """(the query, the filters as given) from the URL, from the page's start on."""
         page = {name: self.params[name].strip() for name in FILTERS
                 if (self.params.get(name) or "").strip()}
-        query, wanted = Filters.parse(page).query()
+        query = Filters.parse(page).query()
         after = web_when(self.params.get("before"), "before") if self.params.get("before") else None
         if after:
             skip = [i for i in (self.params.get("skip") or "").split(",") if re.fullmatch(
@@ -5010,7 +5284,7 @@ class WebHandler(BoundedHandler):
             from bson import ObjectId
             query = all_of(query, {"received": {"$lte": after}},
                            {"_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
-        return query, wanted, page, after
+        return query, page
 
     def page(self, title, body, user=False, code=200, extra=()):
         user = self.user if user is False else user
@@ -5029,6 +5303,16 @@ class WebHandler(BoundedHandler):
     def redirect(self, where, cookie=None):
         self.send(303, b"", "text/plain", [("Location", where)] +
                   ([("Set-Cookie", cookie)] if cookie else []))
+
+    def too_slow(self):
+        """A query MongoDB stopped at the console's maxTimeMS: said, not retried."""
+        text = (f"MongoDB stopped this search after {WEB_QUERY_MS / 1000:g} s, as it stops "
+                f"every search of the console: not available now. Narrow it (since, a sender, "
+                f"a recipient), or run `mms.py list` with the same filters.")
+        if self.path.startswith("/api/"):
+            return self.send(503, json_line({"error": text}).encode(), "application/json",
+                             [("Retry-After", "60")])
+        self.page("Not available now", f'<p class="error">{h(text)}</p>')
 
     def fail(self, code, text):
         if code == 303:
@@ -5056,8 +5340,8 @@ LOGIN_FORM = """{error}<form method="post" action="/login">
 required></label></p><p><button type="submit">Log in</button></p></form>"""
 
 DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released")
-DASHBOARD_TOPS = (("sender", "senders"), ("sender-domain", "sender domains"),
-                  ("rcpt-domain", "recipient domains"), ("client", "clients"))
+DASHBOARD_TOPS = (("sender-domain", "sender domains"), ("rcpt-domain", "recipient domains"),
+                  ("client", "clients"))                # each one of TALLIES
 
 
 def render_page(title, body, nav="", said=None):
@@ -5078,14 +5362,24 @@ def render_form(action, csrf, inside, button, css=""):
 
 def render_dashboard(data):
     totals = data["totals"]
-    cells = "".join(f"<td>{h(totals[k])}</td>" for k in DASHBOARD_TOTALS)
+    cells = "".join(f"<td>{shown(totals[k])}</td>" for k in DASHBOARD_TOTALS)
     heads = "".join(f"<th>{h(k)}</th>" for k in DASHBOARD_TOTALS)
-    tops = "".join(f'<div><h3>Top {h(title)}, 7 days</h3>{top_table(data["top"][by], by)}'
+    tops = "".join(f'<div><h3>Top {h(title)}, 7 days</h3>'
+                   f'{NOT_NOW if data["top"][by] is None else top_table(data["top"][by], by)}'
                    f"</div>" for by, title in DASHBOARD_TOPS)
+    chart = NOT_NOW if data["days"] is None else day_chart(data["days"])
     return f"""<h2>Last 30 days</h2>
 <table class="totals"><tr>{heads}</tr><tr>{cells}</tr></table>
-<p class="muted">{h(data['archived'])} messages in the archive in all.</p>
-<h3>Messages per day</h3>{day_chart(data['days'])}<div class="grid">{tops}</div>"""
+<p class="muted">{shown(data['archived'])} messages in the archive in all. Counts are of mail
+received, by the day (UTC) it came.</p>
+<h3>Messages per day</h3>{chart}<div class="grid">{tops}</div>"""
+
+
+NOT_NOW = '<span class="muted">not available now</span>'
+
+
+def shown(value):
+    return NOT_NOW if value is None else h(value)
 
 
 def render_search(params, page, docs, more):
@@ -5136,14 +5430,46 @@ def next_page(docs):
 
 
 def dashboard_data(archive):
-    now = datetime.datetime.now(UTC)
-    month, week = now - datetime.timedelta(days=30), now - datetime.timedelta(days=7)
-    totals, _ = archive.stats(month)
-    totals.update(held=archive.count({"held": True}),
-                  released=archive.count({"released": {"$exists": True}}))
-    return {"totals": totals, "archived": archive.count({}), "days": archive.daily(month),
-            "top": {by: archive.stats(week, None, by, 10, totals=False)[1]
+    """The dashboard's figures, from the daily counts (Tally) and three counts the
+    held and released indexes and the collection's metadata answer. Each figure on
+    its own: one MongoDB cannot give within the console's maxTimeMS is None, shown
+    as "not available now", and the others are shown."""
+    today = datetime.datetime.now(UTC)
+    verdicts = available(lambda: archive.daily("verdict", today - 29 * DAY))
+    totals = dict.fromkeys(DASHBOARD_TOTALS)
+    if verdicts is not None:
+        counted = [(kind, n, size) for groups in verdicts.values()
+                   for kind, (n, size) in groups.items()]
+        totals.update(messages=sum(n for _, n, _ in counted),
+                      bytes=sum(size for _, _, size in counted),
+                      **{kind: sum(n for k, n, _ in counted if k == kind)
+                         for kind in ("virus", "spam", "banned")})
+    totals.update(held=available(lambda: archive.count({"held": True})),
+                  released=available(lambda: archive.count({"released": {"$exists": True}})))
+    return {"totals": totals, "archived": available(lambda: archive.count({})),
+            "days": None if verdicts is None else {
+                day: {kind: n for kind, (n, _) in groups.items()}
+                for day, groups in verdicts.items()},
+            "top": {by: available(lambda by=by: top_groups(archive.daily(by, today - 6 * DAY)))
                     for by, _ in DASHBOARD_TOPS}}
+
+
+def available(make):
+    """What make() gives, or None if MongoDB stopped it at the console's maxTimeMS."""
+    from pymongo.errors import ExecutionTimeout
+    try:
+        return make()
+    except ExecutionTimeout:
+        return None
+
+
+def top_groups(days, top=10):
+    """The groups with the most messages over these days' counts."""
+    summed = collections.Counter()
+    for groups in days.values():
+        for group, (messages, _) in groups.items():
+            summed[group] += messages
+    return [{"group": group, "messages": n} for group, n in summed.most_common(top)]
 
 
 def day_chart(days, width=720, height=180):
@@ -5180,10 +5506,18 @@ def search_form(params):
     inputs = "".join(
         f'<label>{h(name)} <input type="checkbox" name="{name}" value="1"'
         f'{" checked" if params.get(name) else ""}></label> '
-        if name in ("virus", "spam", "held", "released") else
+        if name in ("held", "released") else select_box(name, VERDICTS, params)
+        if name == "verdict" else
         f'<label>{h(name)} <input name="{name}" value="{h(params.get(name, ""))}" size="14">'
-        f"</label> " for name in FILTERS)
+        f"</label> " for name in FILTERS if name not in ("virus", "spam"))
     return f'<form method="get" action="/messages">{inputs}<button type="submit">Search</button></form>'
+
+
+def select_box(name, choices, params):
+    options = "".join(f'<option{" selected" if params.get(name) == choice else ""}>{h(choice)}'
+                      f"</option>" for choice in choices)
+    return f'<label>{h(name)} <select name="{name}"><option value="">any</option>{options}' \
+           f"</select></label> "
 
 
 def message_row(doc):
@@ -5337,6 +5671,8 @@ def archive_web(cfg, archive):
 ###############################################################################
 
 DIGEST_KINDS = ("spam", "banned")   # and "virus" with --include virus
+DIGEST_FIELDS = ("store_key", "rcpt", "received", "sender", "subject", "spam_score",
+                 *(f"is_{name}" for name in VERDICT_FIELDS))   # what a report prints
 
 
 def web_secret(path):
@@ -5390,7 +5726,7 @@ def archive_digest(cfg, archive):
     domains = {d.strip().lower().lstrip("@") for d in cfg.rcpt_domain.split(",") if d.strip()}
     held = collections.defaultdict(list)
     for doc in archive.search(all_of({"quarantine": {"$in": list(kinds)}},
-                                     {"received": {"$gte": since}})):
+                                     {"received": {"$gte": since}}), projection=DIGEST_FIELDS):
         for rcpt in doc.get("rcpt") or []:
             if isinstance(rcpt, str) and reported(rcpt.lower(), domains):
                 held[rcpt.lower()].append(doc)
