@@ -2435,6 +2435,7 @@ class Tally:
         self.archive = archive
         self.pending = {}
         self.lock = threading.Lock()
+        self.flushing = threading.Lock()   # a flush returns once any under way is written
         self.failing = False
 
     def add(self, docs):
@@ -2446,18 +2447,32 @@ class Tally:
             self.flush()
 
     def flush(self):
-        with self.lock:
-            counts, self.pending = self.pending, {}
-        if not counts:
-            return
+        with self.flushing:
+            with self.lock:
+                counts, self.pending = self.pending, {}
+            if counts:
+                self.write(counts)
+
+    def write(self, counts):
+        """A counter whose upsert failed is kept for the next flush; one that was
+        written is not written again (an $inc twice would count twice)."""
+        from pymongo.errors import BulkWriteError
         try:
             self.archive.add_counts(counts)
             self.failing = False
+            return
+        except BulkWriteError as exc:
+            keys = list(counts)
+            errors = exc.details.get("writeErrors") or []
+            counts = {keys[error["index"]]: counts[keys[error["index"]]] for error in errors}
+            trouble = errors[0].get("errmsg") if errors else \
+                f"write concern: {exc.details.get('writeConcernErrors')}"
         except Exception as exc:
-            if not self.failing:
-                log.warning("the daily counts wait: %s", mongo_error(exc))
-            self.failing = True
-            self.merge(counts)
+            trouble = mongo_error(exc)
+        if not self.failing:
+            log.warning("the daily counts wait: %s", trouble)
+        self.failing = True
+        self.merge(counts)
 
     def merge(self, counts):
         with self.lock:
@@ -3656,7 +3671,7 @@ class Archive:
         self.db = self.client[self.cfg.mongo_database]
         self.collection = self.db[self.cfg.mongo_collection]
         self.files, self.chunks = self.db["fs.files"], self.db["fs.chunks"]
-        self.counts = self.db[f"{self.cfg.mongo_collection}.daily"]
+        self.counts = self.db[f"{self.cfg.mongo_collection}_daily"]
         return self
 
     def write_concern(self):
@@ -4470,7 +4485,8 @@ def archive_verify(cfg, archive):
             if trouble:
                 problem(f"{doc.get('store_key', doc['_id'])}: {trouble}")
     now = datetime.datetime.now(UTC)
-    for orphans in (archive.orphan_files(), archive.orphan_chunks()) if cfg.orphans else ():
+    for orphans in (archive.orphan_files(), archive.orphan_chunks()) \
+            if cfg.orphans or cfg.repair else ():
         for file_id, made, what in orphans:
             if cfg.repair and now - uploaded(made, now) > ORPHAN_AGE:
                 archive.remove_files([file_id])
