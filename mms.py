@@ -4101,6 +4101,9 @@ class Escaped:
     def buffer(self):
         return self.stream.buffer
 
+    def isatty(self):
+        return self.stream.isatty()
+
 
 def hexed(match):
     return f"\\x{ord(match.group()):02x}"
@@ -4659,8 +4662,9 @@ class Progress:
     """done/total, rate and time left, on one line of a terminal (nothing elsewhere)."""
 
     def __init__(self, stream, total):
-        self.stream, self.total, self.started = stream, total, time.monotonic()
+        self.total, self.started = total, time.monotonic()
         self.tty = stream.isatty()
+        self.stream = getattr(stream, "stream", stream)   # its own \r, past Escaped
 
     def show(self, done):
         if not self.tty:

@@ -2392,6 +2392,26 @@ class TestWritePath(MongoCase):
         self.assertRegex(done.stdout, r"^WARNING: probe [0-9a-f]{12} stored in MongoDB and "
                          r"deleted, but indexes are missing: store_key \(store keys")
 
+    def test_the_daily_counts_are_a_command_a_second_not_a_write_a_message(self):
+        tap = self.tapped()
+        self.assertEqual({code for code, _ in self.send_together(12).values()}, {250})
+        self.server.mode.store.tally.flush()
+        commands = tap.sent("update", "message_daily")
+        self.assertLessEqual(len(commands), 3)                 # once a second, at most
+        statements = [u for c in commands for u in c["updates"]]
+        self.assertLessEqual(len(statements), 4 * len(commands))  # merged: 4 counters
+        for command in commands:
+            ids = [u["q"]["_id"] for u in command["updates"]]
+            self.assertEqual(len(ids), len(set(ids)))
+            self.assertTrue(all(u["upsert"] for u in command["updates"]))
+        docs = self.records()
+        day = f"{docs[0]['received']:%Y-%m-%d}"
+        counts = {d["_id"]: (d["messages"], d["bytes"]) for d in self.db["message_daily"].find()}
+        size = sum(d["size"] for d in docs)
+        for counter in (f"verdict|{day}|clean", f"sender-domain|{day}|example.org",
+                        f"rcpt-domain|{day}|example.com", f"client|{day}|127.0.0.1"):
+            self.assertEqual(counts[counter], (12, size), counter)
+
     def test_gridfs_file_length_is_int64_on_the_wire(self):
         tap = self.tapped()
         self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
@@ -4386,6 +4406,39 @@ class TestArchiveQueries(ArchiveCase):
         counts = tap.sent("aggregate", "message") + tap.sent("count", "message")
         self.assertTrue(all(c.get("maxTimeMS") == mms.WEB_QUERY_MS for c in counts), counts)
 
+    def test_reindex_gives_old_messages_their_fields_once_and_goes_on_where_it_stopped(self):
+        """Messages as mms 1.0 stored them: no search fields, and no daily counts."""
+        self.server.mode.store.tally.flush()
+        self.db["message_daily"].delete_many({})
+        self.db["message"].update_many({}, {"$unset": dict.fromkeys(
+            ("sender_domain", "rcpt_domain", "verdict", "client_hex"), "")})
+        self.assertEqual(self.mms("count", "--sender", "@x.org"), (0, "0", ""))
+
+        def cut(command):    # the second batch's write never arrives: a kill
+            if command.get("update") == "message" and tap.sent("update", "message"):
+                raise OSError("killed")
+
+        tap, uri = self.tapped(request=cut)
+        code, _, err = self.mms("reindex", "--batch", "3", uri=uri)
+        self.assertNotEqual(code, 0)
+        [first] = tap.sent("update", "message")[:1]
+        self.assertEqual(len(first["updates"]), 3)
+        for statement in first["updates"]:
+            self.assertEqual(set(statement["q"]), {"_id", "store_key", "verdict"})
+            self.assertEqual(statement["q"]["verdict"], {"$exists": False})
+        self.assertEqual(self.mms("count", "--sender", "@x.org"), (0, "2", ""))  # newest 3
+        code, out, err = self.mms("reindex")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("reindex: 1 message(s) given their search fields"), out)
+        self.assertEqual(self.mms("count", "--sender", "@x.org"), (0, "3", ""))
+        self.assertEqual(self.mms("count", "--rcpt", "@y.com"), (0, "3", ""))
+        self.assertEqual(self.mms("count", "--verdict", "clean"), (0, "4", ""))
+        verdicts = list(self.db["message_daily"].find({"by": "verdict"}))
+        self.assertEqual(sum(d["messages"] for d in verdicts), 4)   # each counted once
+        self.assertTrue(self.mms("reindex")[1].startswith("reindex: 0 message(s)"))
+        self.assertEqual(sum(d["messages"] for d in self.db["message_daily"].find(
+            {"by": "verdict"})), 4)
+
     def test_archive_commands_wait_for_a_slow_query(self):
         """Longer than the SMTP path's 20 s socket timeout: a query over millions."""
         def request(command):
@@ -4862,7 +4915,7 @@ class WebCase(MongoCase):
         self.users_file = users
         self.web_port = free_port()
         cfg = mms.parse_config(["web", "--web", f"127.0.0.1:{self.web_port}", "--web-users", users,
-                                "--mongo-host", self.uri, "--mongo-database", self.dbname,
+                                "--mongo-host", self.web_uri(), "--mongo-database", self.dbname,
                                 "--via", f"127.0.0.1:{self.down.server_address[1]}",
                                 *self.web_args()])
         archive = mms.Archive(cfg, max_time_ms=mms.WEB_QUERY_MS).connect()
@@ -4875,6 +4928,9 @@ class WebCase(MongoCase):
 
     def web_args(self):
         return []
+
+    def web_uri(self):
+        return self.uri
 
     def http(self, method, path, fields=None, cookie=None, headers=None, source="127.0.0.1"):
         """(status, headers, body bytes), from http.client."""
@@ -5454,6 +5510,133 @@ class TestConsoleVerdicts(WebCase):
         err = process.communicate(timeout=30)[1]
         self.assertIn("releases via 127.0.0.1:10025", err)
         self.assertNotIn("('127.0.0.1'", err)
+
+
+class TestConsoleAtScale(WebCase):
+    """What the console asks MongoDB, read off the wire: each search in the form an
+    index serves, every read bounded by maxTimeMS, and one that runs out said on
+    the page, never retried or run again by the next visitor."""
+
+    READS = ("find", "aggregate", "count", "distinct")
+
+    def web_uri(self):
+        self.tap = WireTap(self.uri)
+        self.addCleanup(self.tap.close)
+        return f"mongodb://127.0.0.1:{self.tap.port}/?directConnection=true"
+
+    def reads(self):
+        return [c for c in list(self.tap.commands) if next(iter(c)) in self.READS]
+
+    def test_every_read_carries_the_consoles_max_time(self):
+        cookie = self.login()
+        for path in ["/", "/messages", "/messages?sender=%40example.org&verdict=clean",
+                     "/messages?rcpt=%40example.com&client=127.0.0.0%2F8&subject=hi",
+                     f"/messages/{self.plain}", f"/messages/{self.plain}/raw",
+                     f"/messages/{self.plain[:12]}", "/messages.mbox?since=1d",
+                     "/api/messages?quarantine=spam", f"/api/messages/{self.plain}",
+                     "/api/stats?since=1d&by=sender-domain"]:
+            with self.subTest(path):
+                self.assertIn(self.http("GET", path, cookie=cookie)[0], (200, 302, 303), path)
+        reads = self.reads()
+        self.assertGreater(len(reads), 15)
+        unbounded = [c for c in reads if c.get("maxTimeMS") != mms.WEB_QUERY_MS]
+        self.assertEqual(unbounded, [])
+
+    def test_each_filter_is_asked_as_its_index_serves_it(self):
+        """The README's table, "At scale": one filter, one indexed field."""
+        cookie = self.login()
+        hex_range = {"$gte": "00000000000000000000ffff7f000000",
+                     "$lte": "00000000000000000000ffff7fffffff"}
+        table = {
+            "sender=%40Example.ORG": {"sender_domain": {"$in": ["example.org"]}},
+            "sender=evil%40example.org": {"sender": "evil@example.org"},
+            "sender=%3C%3E": {"sender": ""},
+            "rcpt=%40example.com": {"rcpt_domain": {"$in": ["example.com"]}},
+            "rcpt=b%40example.com": {"$or": [{"rcpt": {"$in": ["b@example.com"]}},
+                                             {"quarantine_to": {"$in": ["b@example.com"]}}]},
+            "verdict=virus": {"verdict": "virus"},
+            "virus=1": {"verdict": "virus"},
+            "client=127.0.0.0%2F8": {"client_hex": hex_range},
+            "message_id=%3Cm1%40x.org%3E": {"message_id": "m1@x.org"},
+            "quarantine=spam": {"quarantine": "spam"},
+        }
+        for query, expected in table.items():
+            with self.subTest(query):
+                before = len(self.tap.sent("find", "message"))
+                self.assertEqual(self.http("GET", f"/messages?{query}", cookie=cookie)[0], 200)
+                [find] = self.tap.sent("find", "message")[before:]
+                self.assertEqual(find["filter"], expected)
+                self.assertEqual(find["sort"], {"received": -1})
+                self.assertEqual(find["limit"], mms.WEB_PAGE + 1)
+
+    def test_a_search_mongodb_stops_is_said_and_not_retried(self):
+        """MaxTimeMSExpired (code 50), as MongoDB answers a query over its maxTimeMS."""
+        cookie = self.login()
+        self.tap.on_reply = lambda command, answer: (
+            {"ok": 0.0, "code": 50, "codeName": "MaxTimeMSExpired",
+             "errmsg": "operation exceeded time limit"}
+            if command.get("find") == "message" else None)
+        before = len(self.tap.sent("find", "message"))
+        with self.assertNoLogs("mms", "ERROR"):
+            status, _, body = self.http("GET", "/messages?subject=invoice", cookie=cookie)
+            self.assertEqual(status, 200)
+            self.assertIn(b"not available now", body)
+            self.assertIn(b"Narrow it", body)
+            self.assertEqual(len(self.tap.sent("find", "message")), before + 1)  # no retry
+            status, headers, body = self.http("GET", "/api/messages?subject=x", cookie=cookie)
+        self.assertEqual((status, headers["Retry-After"]), (503, "60"))
+        self.assertIn("not available now", json.loads(body)["error"])
+        self.tap.on_reply = None
+        self.assertEqual(self.http("GET", "/messages?subject=invoice", cookie=cookie)[0], 200)
+
+    def test_a_dashboard_figure_mongodb_stops_is_said_and_made_once(self):
+        """Eight visitors at once, each count stopped at maxTimeMS: one visit's worth
+        of queries, a page for every visitor, with the figures that could be had."""
+        cookie = self.login()
+        self.web.cache.clear()
+        gate = threading.Event()
+
+        def slow(command):
+            if command.get("find") == "message_daily":
+                gate.wait(10)
+
+        def stopped(command, answer):
+            if command.get("find") == "message_daily" and \
+                    command["filter"]["_id"]["$gte"].startswith("verdict|"):
+                return {"ok": 0.0, "code": 50, "codeName": "MaxTimeMSExpired",
+                        "errmsg": "operation exceeded time limit"}
+
+        self.tap.on_request, self.tap.on_reply = slow, stopped
+        before = len(self.tap.sent("find", "message_daily"))
+        threading.Timer(1, gate.set).start()
+        pages = concurrently(8, lambda n: self.http("GET", "/", cookie=cookie))
+        self.assertEqual({status for status, _, _ in pages}, {200})
+        for _, _, body in pages:
+            self.assertIn(b"not available now", body)        # the verdicts' figures
+            self.assertIn(b"Top sender domains", body)
+        self.assertEqual(len(self.tap.sent("find", "message_daily")) - before,
+                         1 + len(mms.DASHBOARD_TOPS))
+
+    def test_each_write_to_a_message_names_its_shard_key(self):
+        """_id and store_key in every filter, so that on a collection sharded on a
+        hashed store_key (the README's advice) a write goes to one shard."""
+        cookie = self.login()
+        for action in ("hold", "unhold", "release", "delete"):
+            with self.subTest(action):
+                status, _, body = self.http("POST", f"/messages/{self.plain}/{action}",
+                                            {"csrf": self.csrf(cookie)}, cookie=cookie)
+                self.assertIn(status, (200, 303), body)   # delete says so on a page
+        writes = [(c["q"] if "q" in c else c["query"])
+                  for c in [*(u for cmd in self.tap.sent("update", "message")
+                              for u in cmd["updates"]),
+                            *(d for cmd in self.tap.sent("delete", "message")
+                              for d in cmd["deletes"]),
+                            *self.tap.sent("findAndModify", "message")]]
+        self.assertGreaterEqual(len(writes), 5)   # hold, unhold, claim, done, delete
+        for q in writes:
+            self.assertIsInstance(q["_id"], bson.ObjectId)
+            self.assertEqual(q["store_key"], self.plain, q)
+        self.assertEqual(len(self.tap.sent("findAndModify", "message")), 1)
 
 
 class TestConsoleDownloads(WebCase):
