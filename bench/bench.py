@@ -16,8 +16,10 @@ Servers, each started fresh for the run on a loopback port:
 peak RSS), concurrent_large (4 x 100 MB at once, peak RSS), workers, metrics (msg/s
 with --metrics and --statsd on and off), floor (bench/bare.py, a bare responder
 with mms's thread model, with and without added Python work, beside mms-debug),
-or archive (count, verify and purge on 60,000 stored messages, time and peak RSS;
-`--baseline REV` runs the mms.py of a git revision beside it).
+archive (count, verify and purge on 60,000 stored messages, time and peak RSS;
+`--baseline REV` runs the mms.py of a git revision beside it), or console (the web
+console's pages and `stats` on archives of 10,000, 50,000 and 200,000 messages,
+and SMTP while two reviewers use the console).
 
 For each cell it prints msg/s, the server's CPU in ms per message, its peak RSS,
 and MongoDB commands per message (counted by a pymongo CommandListener that this
@@ -419,22 +421,178 @@ class Bench:
                 raise SystemExit(f"bench: writing the archive failed: {jobs[0].error}")
         archive.close()
 
+    def console(self):
+        """The web console and `stats` on archives of --console-counts messages in mms's
+        own shape (Zipf-distributed senders and recipients over 30 days, 3% spam, 1%
+        virus, 1% banned, with their daily counts), as a reviewer uses them: the
+        dashboard cold and warm, each search filter's first page, the old way of
+        counting (an aggregation over 30 days of messages, /api/stats) as the
+        baseline, `verify --since 1d`; then SMTP into mms-store alone and while two
+        reviewers click through the console."""
+        print("## console: seconds per page (the console's own maxTimeMS is 5 s), and the "
+              "web process's peak RSS")
+        for count in self.args.console_counts:
+            self.fill_console(count)
+            web = self.web_console()
+            try:
+                cookie = self.web_login(web.port)
+                pages = {"dashboard, cold": "/", "dashboard, warm": "/",
+                         **{f"search {name}": f"/messages?{query}"
+                            for name, query in CONSOLE_SEARCHES},
+                         "baseline: /api/stats?since=30d": "/api/stats?since=30d",
+                         "baseline: /api/stats?since=7d&by=sender-domain":
+                             "/api/stats?since=7d&by=sender-domain"}
+                print(f"### {count} messages")
+                for name, path in pages.items():
+                    seconds, status, said = self.web_get(web.port, path, cookie)
+                    print(f"{name:<48} {seconds:7.3f} s  {status}{said}")
+                for command in (["verify", "--since", "1d"], ["stats", "--since", "30d",
+                                                              "--by", "sender"]):
+                    seconds, rss = self.run_command(MMS, command, "bench_console")
+                    print(f"{' '.join(command):<48} {seconds:7.3f} s  {rss / 1024:.0f} MB")
+                print(f"{'web console peak RSS':<48} {web.status('VmHWM') / 2**20:7.0f} MB")
+            finally:
+                web.stop()
+        self.smtp_under_console(archived=self.args.console_counts[-1])
+
+    def smtp_under_console(self, archived):
+        """msg/s of 20 SMTP sessions into mms-store, alone and with two reviewers."""
+        web = self.web_console()
+        try:
+            cookie = self.web_login(web.port)
+            store = self.servers["mms-store"]
+            alone = measure(store, 20, self.args.count, 1024, False)
+            stop = threading.Event()
+
+            def reviewer(n):
+                paths = ["/"] + [f"/messages?{query}" for _, query in CONSOLE_SEARCHES]
+                while not stop.is_set():
+                    self.web_get(web.port, paths[n % len(paths)], cookie)
+                    n += 1
+            threads = [threading.Thread(target=reviewer, args=(n,)) for n in (0, 3)]
+            for thread in threads:
+                thread.start()
+            loaded = measure(store, 20, self.args.count, 1024, False)
+            stop.set()
+            for thread in threads:
+                thread.join()
+        finally:
+            web.stop()
+        print(f"### SMTP, 20 sessions, 1 KB, archive of {archived}: "
+              f"{alone['rate']:.0f} msg/s alone, {loaded['rate']:.0f} msg/s with two "
+              f"reviewers ({loaded['rate'] / alone['rate']:.0%})")
+
+    def web_console(self):
+        sys.path.insert(0, os.path.dirname(MMS))
+        import mms
+        users = os.path.join(tempfile.mkdtemp(prefix="bench-web-"), "users")
+        with open(os.open(users, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(f"bench:{mms.hash_password('bench')}\n")
+        port = free_port()
+        web = Server("web", [MMS, "web", "--web", f"127.0.0.1:{port}", "--web-users", users,
+                             "--mongo-host", self.uri, "--mongo-database", "bench_console"],
+                     port)
+        return web
+
+    @staticmethod
+    def web_login(port):
+        import http.client
+        import re
+        import urllib.parse
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/login")
+        answer = conn.getresponse()
+        cookie = answer.getheader("Set-Cookie").split(";")[0]
+        token = re.search(r'name="csrf" value="([0-9a-f]+)"', answer.read().decode()).group(1)
+        conn.request("POST", "/login", urllib.parse.urlencode(
+            {"user": "bench", "password": "bench", "csrf": token}),
+            {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"})
+        answer = conn.getresponse()
+        answer.read()
+        return answer.getheader("Set-Cookie").split(";")[0]
+
+    @staticmethod
+    def web_get(port, path, cookie):
+        """(seconds, status, what the page says of a figure not available now)."""
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        started = time.monotonic()
+        conn.request("GET", path, headers={"Cookie": cookie})
+        answer = conn.getresponse()
+        body = answer.read()
+        conn.close()
+        said = ", not available now" if b"not available now" in body else ""
+        return time.monotonic() - started, answer.status, said
+
+    def fill_console(self, count, batch=1000):
+        """An archive in mms's shape, written as mms writes it, with its daily counts."""
+        sys.path.insert(0, os.path.dirname(MMS))
+        import datetime
+        import hashlib
+        import mms
+        cfg = mms.parse_config(["--mongo-host", self.uri, "--mongo-database", "bench_console"])
+        archive = mms.Archive(cfg).connect()
+        archive.db.drop_collection(archive.collection.name)
+        archive.db.drop_collection(archive.counts.name)
+        archive.ensure_indexes()
+        keys, rng = mms.StoreKeys(), random.Random(29)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        senders = [f"user{n}@sender{n % 300}.example" for n in range(3000)]
+        rcpts = [f"user{n}@rcpt{n % 40}.example" for n in range(2000)]
+        weights = [1 / (n + 1) for n in range(3000)]
+        started = time.monotonic()
+        for start in range(0, count, batch):
+            jobs = []
+            for n in range(start, min(count, start + batch)):
+                data = (f"Subject: note {n} about {rng.choice(CONSOLE_WORDS)}\r\n\r\n".encode()
+                        + base64.b64encode(rng.randbytes(rng.randrange(200, 3000))) + b"\r\n")
+                roll = rng.random()
+                flags = ({"is_spam": 1, "quarantine": "spam"} if roll < 0.03 else
+                         {"is_virus": 1, "quarantine": "virus"} if roll < 0.04 else
+                         {"is_banned": 1, "quarantine": "banned"} if roll < 0.05 else {})
+                metadata = {"store_key": keys(), "sender": rng.choices(senders, weights)[0],
+                            "rcpt": [rng.choices(rcpts, weights[:2000])[0]],
+                            "client_address": f"198.51.{rng.randrange(100)}.{rng.randrange(256)}",
+                            "received": now - datetime.timedelta(seconds=rng.randrange(
+                                30 * 86400)),
+                            "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                            "subject": f"note {n}", **flags}
+                jobs.append(archive.prepare(metadata, mms.Message(data)))
+            archive.insert(jobs)
+            if any(job.error for job in jobs):
+                raise SystemExit(f"bench: writing the archive failed: {jobs[0].error}")
+            archive.add_counts(mms.tallied(job.metadata for job in jobs))
+        archive.close()
+        print(f"({count} messages written in {time.monotonic() - started:.0f} s)")
+
     # The command's own peak (VmHWM) as it ends: ru_maxrss would count this process,
     # which it was forked from, before its exec.
     PEAK = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n"
             "    runpy.run_path(sys.argv[0], run_name='__main__')\nfinally:\n"
             "    sys.stderr.write([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
 
-    def run_command(self, version, command):
+    def run_command(self, version, command, database="bench_archive"):
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-c", self.PEAK, version, *command,
-                               "--mongo-host", self.uri, "--mongo-database", "bench_archive"],
+                               "--mongo-host", self.uri, "--mongo-database", database],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         return time.monotonic() - started, int(done.stderr.split("VmHWM:")[1].split()[0])
 
 
 PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics", "floor",
-         "archive")
+         "archive", "console")
+CONSOLE_WORDS = ("invoice", "meeting", "report", "delivery", "password", "holiday")
+CONSOLE_SEARCHES = [   # (name, query string): one for each kind of filter
+    ("sender=@domain", "sender=%40sender7.example"),
+    ("rcpt=@domain", "rcpt=%40rcpt3.example"),
+    ("sender=address", "sender=user11%40sender11.example"),
+    ("verdict=virus", "verdict=virus"),
+    ("client=CIDR (matches nothing)", "client=203.0.113.0%2F24"),
+    ("client=CIDR", "client=198.51.7.0%2F24"),
+    ("since=1d", "since=1d"),
+    ("subject (no index; since=1d)", "subject=invoice&since=1d"),
+    ("subject (no index; a word in none)", "subject=zebra"),
+]
 
 
 def main():
@@ -447,6 +605,9 @@ def main():
                         help="messages a cell for the peer, which takes 20-50 ms each (1000)")
     parser.add_argument("--archive-count", type=int, default=60000,
                         help="messages in the archive part (60000)")
+    parser.add_argument("--console-counts", type=lambda text: [int(n) for n in text.split(",")],
+                        default=[10000, 50000, 200000],
+                        help="console part: the archives' sizes (10000,50000,200000)")
     parser.add_argument("--baseline", metavar="REV",
                         help="archive part: also run the mms.py of this git revision")
     parser.add_argument("--only", action="append", choices=PARTS,
@@ -455,6 +616,7 @@ def main():
     if args.quick:
         args.count = args.peer_count = 500
         args.archive_count = 6000
+        args.console_counts = [10000]
     for tool in ("smtp-source", "smtp-sink", "nx-27017"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (see the docstring for what to install)")
