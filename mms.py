@@ -28,11 +28,13 @@ symptom to a line, grep for the name on the right:
   (MMSError and its kinds, each with its exit and HTTP status);
 * the SMTP session: SMTPSession, one smtp_VERB method per verb (HELP lists them);
 * the message pipeline: receive_message, make_metadata, run_plugins (plugins),
-  scan (clamd, spamd), Downstream (relay), MongoStore and Spool (store);
+  scan (clamd, spamd), Downstream (relay), MongoStore, Tally (the dashboard's
+  daily counts) and Spool (store);
 * the modes: Mode and its on_* steps; DebugMode, QuarantineMode, ProxyMode,
   FilterMode (MODE_CLASSES);
 * observability: Metrics, Statsd, MetricsServer (/metrics, /healthz);
-* the archive: Archive, the one class that asks and writes MongoDB, and verdict;
+* the archive: Archive, the one class that asks and writes MongoDB (INDEXES),
+  verdict, and search_fields (what the searches ask, in a form an index serves);
 * the archive commands: archive_NAME, each registered by @command beside it;
   Filters, the value every search is made of;
 * the web console: WebServer, WebHandler, one handler per page registered by
@@ -45,6 +47,7 @@ import argparse
 import base64
 import bisect
 import binascii
+import codecs
 import collections
 import contextlib
 import copy
@@ -268,6 +271,8 @@ def _write_concern(value):
     return text
 
 
+INDEX_TEXT = 32 * 1024   # --index-text: a message's words kept for searches (README, "Words")
+
 # (flag, variable, default, type, help). The variable gives the default; the flag wins.
 OPTIONS = [
     ("--server", "MMS_SERVER", "mongo-quarantine", str,
@@ -363,6 +368,8 @@ OPTIONS = [
      "days a message is kept: once an hour, older ones not on hold are purged (0: forever)"),
     ("--real-rcpt", "MMS_REAL_RCPT", "0", _flag,
      "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
+    ("--index-text", "MMS_INDEX_TEXT", str(INDEX_TEXT), _count,
+     "bytes of each message's words kept for `--text` searches (0: none)"),
 ]
 
 
@@ -397,8 +404,9 @@ def command(name, what, reads=(), key="", opens_archive=True, bounded=False):
     return register
 
 
-FILTERS = ("sender", "rcpt", "since", "until", "subject", "message_id", "quarantine_id",
-           "client", "quarantine", "verdict", "virus", "spam", "held", "released")
+FILTERS = ("sender", "rcpt", "since", "until", "subject", "text", "message_id", "quarantine_id",
+           "client", "quarantine", "verdict", "virus", "spam", "attachment", "attachment_type",
+           "attachment_sha256", "bounce", "held", "released")
 VERDICT_FIELDS = ("virus", "banned", "spam", "unchecked")   # the first that is set wins
 VERDICTS = VERDICT_FIELDS + ("clean",)
 MONGO = ("config", "mongo_host", "mongo_database", "mongo_collection", "mongo_timeout")
@@ -442,6 +450,10 @@ def build_parser():
     archive("--since", type=_when, help="received since: an ISO date, or 24h, 7d")
     archive("--until", type=_when, help="received before: an ISO date, or 24h, 7d")
     archive("--subject", help="Subject contains this, in any case")
+    archive("--text", help="words: each word and \"phrase\" must be in the subject, the "
+            "text, the From name or an attachment's name; -word must not")
+    archive("--sort", choices=("date", "score"), default="date",
+            help="list, export: newest first (date), or best --text match first (score)")
     archive("--message-id", help="this Message-ID")
     archive("--quarantine-id", help="this amavisd-new quarantine id (X-Quarantine-ID)")
     archive("--client", help="client address: an IP or a CIDR")
@@ -450,6 +462,10 @@ def build_parser():
             "banned, banned over spam, spam over unchecked)")
     archive("--virus", action="store_true", help="--verdict virus")
     archive("--spam", action="store_true", help="--verdict spam")
+    archive("--attachment", help="an attachment named so: a name, or *.zip, invoice*")
+    archive("--attachment-type", help="an attachment of this declared type: application/zip")
+    archive("--attachment-sha256", help="an attachment with this sha256: who else got it?")
+    archive("--bounce", action="store_true", help="only bounces: <> or a delivery report")
     archive("--held", action="store_true", help="only messages on hold")
     archive("--released", action="store_true", help="only released messages")
     archive("--older-than", type=_when, help="purge: received before, e.g. 90d")
@@ -1593,6 +1609,8 @@ def receive_message(server, client, tx, message):
     if cfg.real_rcpt:
         apply_real_rcpt(metadata, message, cfg.max_recipients)
     metadata["sha256"] = message.sha256()
+    if cfg.server != "debug":
+        metadata.update(completed_fields(message.pieces(), cfg.index_text, metadata["sender"]))
     run_plugins(server.plugins, metadata, message, cfg.plugin_timeout, metrics)
     if is_probe(client, message, server.probe_token):   # `mms.py check`: stored, then
         metadata["probe"] = True                         # deleted by check
@@ -1954,6 +1972,321 @@ def check_storable(edited, before):
     except ImportError:  # debug mode without pymongo: nothing will be stored
         return
     bson.encode(edited)
+
+
+###############################################################################
+# The message pipeline: parsing ###############################################
+###############################################################################
+
+MIME_DEPTH_MAX = 50          # multiparts and messages inside one another
+MIME_PARTS_MAX = 1000        # parts looked into; past it, the rest are counted only
+PART_HEAD_MAX = 64 * 1024    # of one part's header
+PARSE_SECONDS = 5            # a parse that takes longer stops, and says so
+DECODE_BLOCK = 64 * 1024     # encoded bytes decoded at a time
+NOT_BASE64_RE = re.compile(rb"[^A-Za-z0-9+/]")
+UNSAFE_CODECS = {"idna", "punycode", "unicode_escape", "raw_unicode_escape", "undefined",
+                 "uu_codec"}   # text codecs no mail is in; punycode is quadratic
+
+
+def completed_fields(pieces, text_max, sender):
+    """The seed's "completed" document (files, files_count, is_bounce,
+    parsing_errors, errors_count, completed: 1) and the words to index (text, up
+    to text_max bytes, and index_text, that limit), from one pass over the
+    message's bytes (MimeScan). A message that cannot be parsed is stored all the
+    same, with what went wrong in parsing_errors."""
+    scan = MimeScan(text_max)
+    try:
+        for piece in pieces:
+            scan.feed(piece)
+        scan.close()
+    except StopParse as exc:
+        scan.error(str(exc))
+    except Exception as exc:        # a parser bug must never cost a message
+        scan.error(f"parse failed: {type(exc).__name__}")
+    fields = scan.fields()
+    fields["is_bounce"] = int(scan.bounce or sender == "")
+    return fields
+
+
+class StopParse(Exception):
+    pass
+
+
+class MimePart:
+    """One entity of the message: its header, then how its body is read."""
+
+    def __init__(self, depth, default_type="text/plain"):
+        self.depth, self.default_type = depth, default_type
+        self.head = bytearray()
+        self.in_head = True
+        self.kind = "leaf"          # or multipart, message
+        self.encoded = bytearray()  # a leaf's body, not yet decoded
+        self.encoding = ""
+        self.file = None            # the files entry of an attachment
+        self.sha = None
+        self.text = None            # "plain" or "html": the body's words
+        self.charset = "utf-8"
+
+
+class MimeScan:
+    """A streaming MIME reader: lines in, the parts' structure out, in time linear
+    in the message and memory bounded by its limits (depth, parts, a part's
+    header, the text kept), not by the message's size. Attachments are hashed
+    as they are decoded; text and HTML parts are kept up to text_max bytes."""
+
+    def __init__(self, text_max):
+        self.text_max = text_max
+        self.files, self.errors, self.texts = [], [], []
+        self.text_size = 0
+        self.parts = 0
+        self.bounce = False
+        self.from_name = None
+        self.boundaries = []        # (--boundary, depth) of the open multiparts, outermost first
+        self.part = MimePart(0)
+        self.rest = b""
+        self.lines = 0
+        self.deadline = time.monotonic() + PARSE_SECONDS
+
+    def error(self, text):
+        if len(self.errors) < 20 and text not in self.errors:
+            self.errors.append(text)
+
+    def feed(self, piece):
+        lines = (self.rest + piece).split(b"\n")
+        self.rest = lines.pop()
+        for line in lines:
+            self.line(line + b"\n")
+        self.lines += len(lines)
+        if self.lines > 10000:
+            self.lines = 0
+            if time.monotonic() > self.deadline:
+                raise StopParse(f"parsing stopped after {PARSE_SECONDS} s: the rest is "
+                                f"not looked into")
+
+    def close(self):
+        if self.rest:
+            self.line(self.rest)
+        self.end_part()
+        if self.boundaries:
+            self.error("a multipart is not closed (the message is cut short?)")
+
+    def line(self, line):
+        if self.boundaries and line[:2] == b"--":
+            marker = line.rstrip(b"\r\n\t ")
+            for at in range(len(self.boundaries) - 1, -1, -1):
+                boundary = self.boundaries[at][0]
+                if marker == boundary or marker == boundary + b"--":
+                    return self.boundary(at, marker != boundary)
+        part = self.part
+        if part is None:
+            return                                   # a preamble or an epilogue
+        if part.in_head:
+            if line in (b"\n", b"\r\n"):
+                return self.body_begins(part)
+            if len(part.head) < PART_HEAD_MAX:
+                part.head += line
+            return
+        if part.sha is not None or (part.text and self.text_size < self.text_max):
+            part.encoded += line
+            if len(part.encoded) >= DECODE_BLOCK:
+                self.decode(part)
+
+    def boundary(self, at, last):
+        """A line --boundary (or --boundary--) of the open multipart `at`: what was
+        open inside it ends."""
+        self.end_part()
+        del self.boundaries[at + 1:]
+        if last:
+            self.boundaries.pop()
+            self.part = None
+        else:
+            self.part = self.new_part(self.boundaries[at][1] + 1)
+
+    def new_part(self, depth):
+        self.parts += 1
+        if self.parts == MIME_PARTS_MAX + 1:
+            self.error(f"more than {MIME_PARTS_MAX} parts: the rest are not looked into")
+        return MimePart(depth) if self.parts <= MIME_PARTS_MAX else None
+
+    def body_begins(self, part):
+        part.in_head = False
+        fields = header_values(bytes(part.head) + b"\n", (
+            b"content-type", b"content-disposition", b"content-transfer-encoding"))
+        ctype, params = content_type(fields.get(b"content-type"), part.default_type)
+        disposition, dparams = content_type(fields.get(b"content-disposition"), "")
+        if self.from_name is None:                      # the message's own header
+            self.from_name = display_name(header_values(bytes(part.head) + b"\n",
+                                                        (b"from",)).get(b"from"))
+        part.encoding = fields.get(b"content-transfer-encoding", b"").decode(
+            "ascii", "replace").strip().lower()
+        if ctype == "multipart/report" and params.get("report-type", "").lower() == \
+                "delivery-status" or ctype == "message/delivery-status":
+            self.bounce = True
+        if ctype.startswith("multipart/") or ctype == "message/rfc822":
+            if part.depth >= MIME_DEPTH_MAX:
+                self.error(f"parts nested deeper than {MIME_DEPTH_MAX}: not looked into")
+                self.part = None
+                return
+        if ctype.startswith("multipart/"):
+            boundary = params.get("boundary", "")
+            if not boundary:
+                self.error(f"a {ctype} without a boundary")
+            else:
+                part.kind = "multipart"
+                self.boundaries.append((b"--" + boundary.encode("utf-8", "replace")[:200],
+                                        part.depth))
+                self.part = None                      # its preamble, until a boundary
+                return
+        if ctype == "message/rfc822" and part.encoding in ("", "7bit", "8bit", "binary"):
+            part.kind = "message"
+            self.part = MimePart(part.depth + 1)     # the message inside: its header next
+            return
+        name = dparams.get("filename") or params.get("name")
+        text = ctype in ("text/plain", "text/html") and not name and \
+            disposition != "attachment"
+        if text:
+            part.text = ctype[5:]
+            part.charset = params.get("charset") or "us-ascii"
+        else:
+            part.file = {"filename": name or "", "ext": extension(name), "size": 0,
+                         "content_type": ctype}
+            part.sha = hashlib.sha256()
+
+    def decode(self, part, last=False):
+        """Decode what has gathered, to the last whole line (base64: whole quanta)."""
+        data, part.encoded = bytes(part.encoded), bytearray()
+        if part.encoding == "base64":
+            data = NOT_BASE64_RE.sub(b"", data)
+            cut = len(data) if last else len(data) - len(data) % 4
+            data, rest = data[:cut], data[cut:]
+            part.encoded += rest
+            if last and len(data) % 4 == 1:
+                self.error("a part's base64 is cut short")
+                data = data[:-1]
+            data = binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+        elif part.encoding == "quoted-printable":
+            data = binascii.a2b_qp(data)
+        if part.sha is not None:
+            part.sha.update(data)
+            part.file["size"] += len(data)
+        elif self.text_size < self.text_max:
+            kept = data[:self.text_max - self.text_size]
+            self.text_size += len(kept)
+            self.texts.append((part.text, part.charset, kept))
+
+    def end_part(self):
+        part, self.part = self.part, None
+        if part is None or part.in_head or part.kind != "leaf":
+            return
+        if part.sha is not None or part.text:
+            self.decode(part, last=True)
+        if part.sha is not None:
+            part.file["sha256"] = part.sha.hexdigest()
+            self.files.append(part.file)
+
+    def fields(self):
+        """The from name, the text parts' words and the attachments' names."""
+        words = [self.from_name] + [plain_text(kind, charset, data) for kind, charset, data
+                                    in self.texts]
+        words += [f["filename"] for f in self.files if f["filename"]]
+        text = " ".join(word for word in words if word)[:self.text_max]
+        return {"files": self.files, "files_count": len(self.files),
+                "is_bounce": int(self.bounce), "parsing_errors": self.errors,
+                "errors_count": len(self.errors), "completed": 1,
+                "index_text": self.text_max, **({"text": text} if text else {})}
+
+
+PARAM_RE = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)')
+
+
+def content_type(raw, default):
+    """(type, {param: value}) of a Content-Type or Content-Disposition, lower-cased
+    type, with RFC 2231 (filename*=utf-8''...) and RFC 2047 (name="=?utf-8?...")
+    values decoded: what mail clients send and read."""
+    text = (raw or b"").decode("utf-8", "replace")
+    value, _, rest = text.partition(";")
+    kind = value.strip().lower()[:100] or default
+    params, pieces = {}, {}
+    for match in itertools.islice(PARAM_RE.finditer(rest), 100):
+        name, value = match.group(1).lower(), match.group(2).strip()
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if "*" in name:                      # RFC 2231: name*=, name*0=, name*1*=
+            base, _, index = name.partition("*")
+            number = index.rstrip("*")
+            pieces.setdefault(base, []).append(
+                (int(number) if number.isdigit() else 0, value, name.endswith("*")))
+            continue
+        params[name] = decode_header_value(value.encode("utf-8", "replace"))
+    for name, values in pieces.items():
+        params[name] = rfc2231_value(sorted(values))
+    return kind, params
+
+
+def rfc2231_value(pieces):
+    """charset'language'percent-encoded, over its numbered pieces."""
+    charset, raw = "us-ascii", b""
+    for n, (_, value, encoded) in enumerate(pieces):
+        if encoded:
+            if n == 0 and value.count("'") >= 2:
+                charset, _, value = value.split("'", 2)
+            raw += urllib.parse.unquote_to_bytes(value)
+        else:
+            raw += value.encode("utf-8", "replace")
+    return decoded(raw, charset or "us-ascii")[:1000]
+
+
+def decoded(raw, charset):
+    """Bytes in a charset a sender named: an unknown one, or one no mail is in
+    (punycode is quadratic, idna refuses long labels), is read as UTF-8."""
+    try:
+        info = codecs.lookup(charset.strip().strip('"'))
+        if info.name in UNSAFE_CODECS or not getattr(info, "_is_text_encoding", True):
+            raise LookupError(charset)
+        return raw.decode(info.name, "replace")
+    except (LookupError, ValueError):
+        return raw.decode("utf-8", "replace")
+
+
+HTML_HIDDEN_RE = re.compile(rb"<(script|style)\b", re.I)
+HTML_TAG_RE = re.compile(r"<[^>]*>")
+
+
+def plain_text(kind, charset, data):
+    """The words of a text part: HTML without its tags, scripts and styles."""
+    if kind == "html":
+        data = html_words(data)
+    text = decoded(data, charset)
+    if kind == "html":
+        text = html.unescape(HTML_TAG_RE.sub(" ", text))
+    return " ".join(text.split())
+
+
+def html_words(data):
+    """HTML without what is between <script> and </script> (and style), in one pass."""
+    kept, at, lowered = [], 0, data.lower()
+    while (found := HTML_HIDDEN_RE.search(data, at)) is not None:
+        kept.append(data[at:found.start()])
+        end = lowered.find(b"</" + found.group(1).lower(), found.end())
+        if end < 0:
+            return b" ".join(kept)
+        at = end
+    kept.append(data[at:])
+    return b" ".join(kept)
+
+
+def extension(name):
+    """invoice.PDF.exe: exe, lower-cased, as --attachment '*.exe' looks it up."""
+    base, dot, ext = (name or "").rpartition(".")
+    return ext.strip().lower()[:20] if dot and base else ""
+
+
+def display_name(raw):
+    """The name of From: "Bertrand Auger" <a@example.org>, decoded; '' if none."""
+    if not raw:
+        return ""
+    name, _ = email.utils.parseaddr(decode_header_value(raw[:1000]))
+    return name[:200]
 
 
 ###############################################################################
@@ -2487,7 +2820,7 @@ class Tally:
                 self.pending = {}
 
 
-TALLIES = ("verdict", "sender-domain", "rcpt-domain", "client")   # what the counts are by
+TALLIES = ("verdict", "sender-domain", "rcpt-domain", "client", "attachment-type")
 
 
 def tallied(docs):
@@ -2512,6 +2845,9 @@ def tally_keys(doc):
     for rcpt_domain in doc.get("rcpt_domain") or ():
         yield "rcpt-domain", day, rcpt_domain
     yield "client", day, str(doc.get("client_address") or "-")[:64]
+    files = doc.get("files") if isinstance(doc.get("files"), list) else ()
+    for kind in {str(f.get("content_type"))[:100] for f in files if isinstance(f, dict)}:
+        yield "attachment-type", day, kind
 
 
 def mongo_error(exc):
@@ -3554,6 +3890,9 @@ def verdict_of(names):
                       verdict_of(names[1:])]}
 
 
+WORDS_LEFT_OUT = {"text": 0}   # what a read of a message's document does not bring back
+
+
 def search_fields(metadata):
     """What the searches ask of a message, written beside the seed's fields in the
     form an index serves: the domains (a suffix regex on an address reads the
@@ -3587,13 +3926,15 @@ def client_range(network):
             "$lte": client_hex(network.broadcast_address)}
 
 
-# --by: what each group is, and whether it counts recipients rather than messages.
+# --by: what each group is, and the array it counts the elements of (recipients,
+# attachments) rather than messages.
 STATS_GROUPS = {
-    "day": (day_format("%Y-%m-%d"), False), "hour": (day_format("%Y-%m-%d %H:00"), False),
-    "sender": ("$sender", False), "sender-domain": (domain_of("$sender"), False),
-    "rcpt": ("$rcpt", True), "rcpt-domain": (domain_of("$rcpt"), True),
-    "client": ("$client_address", False), "quarantine": ("$quarantine", False),
-    "verdict": (verdict_of(VERDICT_FIELDS), False),
+    "day": (day_format("%Y-%m-%d"), None), "hour": (day_format("%Y-%m-%d %H:00"), None),
+    "sender": ("$sender", None), "sender-domain": (domain_of("$sender"), None),
+    "rcpt": ("$rcpt", "$rcpt"), "rcpt-domain": (domain_of("$rcpt"), "$rcpt"),
+    "client": ("$client_address", None), "quarantine": ("$quarantine", None),
+    "verdict": (verdict_of(VERDICT_FIELDS), None),
+    "attachment-type": ("$files.content_type", "$files"),
 }
 
 
@@ -3639,6 +3980,17 @@ class Archive:
          "message"),
         ([("verdict", 1), ("received", -1)], {}, "searches by verdict read every message"),
         ([("message_id", 1)], {}, "searches by Message-ID read every message"),
+        ([("subject", "text"), ("text", "text")], {
+            "name": "words", "weights": {"subject": 10, "text": 1}, "default_language": "none"},
+         "--text searches fail: MongoDB answers $text only from a text index"),
+        ([("files.ext", 1), ("received", -1)], {}, "searches by attachment name read every "
+         "message"),
+        ([("files.filename", 1)], {}, "searches by attachment name read every message"),
+        ([("files.content_type", 1), ("received", -1)], {}, "searches by attachment type "
+         "read every message"),
+        ([("files.sha256", 1)], {}, "searches by attachment sha256 read every message"),
+        ([("is_bounce", 1), ("received", -1)], {"partialFilterExpression": {"is_bounce": 1}},
+         "searches for bounces read every message"),
         ([("quarantine_id", 1)], {}, "searches by quarantine ID read every message"),
         ([("held", 1)], {"partialFilterExpression": {"held": True}}, "counting held mail "
          "reads every message"),
@@ -3711,10 +4063,21 @@ class Archive:
 
     def missing_indexes(self):
         """{index: what goes without it} for the archive's indexes MongoDB does not
-        have, compared by their fields (nx-27017 names and orders them its own way)."""
+        have, compared by their fields (nx-27017 names and orders them its own way);
+        the text index by asking a $text query, which fails without one (its fields
+        are _fts and _ftsx on MongoDB, and nx-27017 does not list it)."""
         have = {tuple(dict(index["key"])) for index in self.collection.list_indexes()}
-        return {", ".join(field for field, _ in keys): cost for keys, _, cost in self.INDEXES
-                if tuple(field for field, _ in keys) not in have}
+        return {", ".join(field for field, _ in keys): cost for keys, options, cost
+                in self.INDEXES if not (self.has_words() if options.get("name") == "words"
+                                        else tuple(field for field, _ in keys) in have)}
+
+    def has_words(self):
+        from pymongo.errors import OperationFailure
+        try:
+            self.collection.find_one({"$text": {"$search": "mms"}}, {"_id": 1})
+            return True
+        except OperationFailure:
+            return False
 
     def bound(self):
         """The console's limit on one query, as a command option (none for a command)."""
@@ -3784,7 +4147,8 @@ class Archive:
     # Reads ##################################################################
 
     def find(self, store_key):
-        return self.collection.find_one({"store_key": store_key}, **self.limit())
+        return self.collection.find_one({"store_key": store_key}, WORDS_LEFT_OUT,
+                                        **self.limit())
 
     def limit(self):
         return {"max_time_ms": self.max_time_ms} if self.max_time_ms else {}
@@ -3800,7 +4164,7 @@ class Archive:
             docs = [doc for doc in [self.find(key)] if doc]
         else:
             docs = list(self.bounded(self.collection.find(
-                {"store_key": {"$regex": "^" + key}}).limit(11)))
+                {"store_key": {"$regex": "^" + key}}, WORDS_LEFT_OUT).limit(11)))
         if not docs:
             raise NotFound(f"no message with store_key {key}")
         if len(docs) > 1:
@@ -3808,11 +4172,19 @@ class Archive:
             raise UsageError(f"store_key {key} is ambiguous: {keys}")
         return docs[0]
 
-    def search(self, query, limit=0, projection=None):
+    def search(self, query, limit=0, projection=None, by_score=False):
         """Newest first, from the index: the limit goes to MongoDB, so the first line
-        comes from the index, not from a sort of every match."""
-        cursor = self.collection.find(query, projection).sort("received", -1).limit(limit)
-        return self.bounded(cursor.batch_size(self.BATCH))  # not 16 MB of documents at a time
+        comes from the index, not from a sort of every match. by_score: the best
+        --text match first. The words kept for --text (up to 32 KiB a message) are
+        left on the server unless asked for."""
+        projection = projection or dict(WORDS_LEFT_OUT)
+        if by_score:
+            projection["score"] = {"$meta": "textScore"}
+            cursor = self.collection.find(query, projection).sort(
+                [("score", {"$meta": "textScore"})])
+        else:
+            cursor = self.collection.find(query, projection).sort("received", -1)
+        return self.bounded(cursor.limit(limit).batch_size(self.BATCH))  # never 16 MB at once
 
     def count(self, query):
         if not query:  # the collection's own count, not a scan of every document
@@ -3917,9 +4289,11 @@ class Archive:
         totals = counted
         if not by:
             return totals, []
-        key, per_rcpt = STATS_GROUPS[by]
+        key, each = STATS_GROUPS[by]
         order = {"_id": 1} if by in ("day", "hour") else {"messages": -1, "_id": 1}
-        pipeline = head + ([{"$unwind": "$rcpt"}] if per_rcpt else []) + [
+        if each == "$files":                  # an attachment's bytes, not its message's
+            sums["bytes"] = {"$sum": as_number("$files.size")}
+        pipeline = head + ([{"$unwind": each}] if each else []) + [
             {"$group": {"_id": key, **sums}}, {"$sort": order}, {"$limit": top}]
         return totals, [{"group": group_name(row["_id"]), "messages": row.get("messages") or 0,
                          "bytes": row.get("bytes") or 0}
@@ -3970,18 +4344,28 @@ class Archive:
         """The daily counters by `by` from since's day on: a range of their _id."""
         return {"_id": {"$gte": f"{by}|{since:%Y-%m-%d}", "$lte": f"{by}|~"}}
 
-    def reindex(self, docs):
-        """Write each message's search fields, unless another reindex did, and add
-        those written to the daily counts; how many were written."""
+    def reindex(self, docs, text_max):
+        """Parse each message again (completed_fields) and write what its searches
+        ask (search_fields), unless another reindex did; add those that had no
+        verdict (stored before mms 1.1, so never counted) to the daily counts. How
+        many were written."""
         from pymongo import UpdateOne
-        fields = [search_fields(doc) for doc in docs]
+        fields = [{**self.parsed(doc, text_max), **search_fields(doc)} for doc in docs]
         result = self.collection.bulk_write([UpdateOne(
-            {**self.its(doc), "verdict": {"$exists": False}}, {"$set": more})
+            {**self.its(doc), **reindex_wanted(text_max)}, {"$set": more})
             for doc, more in zip(docs, fields)], ordered=False)
-        counts = tallied({**doc, **more} for doc, more in zip(docs, fields))
+        counts = tallied({**doc, **more} for doc, more in zip(docs, fields)
+                         if "verdict" not in doc)
         if counts:
             self.add_counts(counts)
         return result.modified_count
+
+    def parsed(self, doc, text_max):
+        try:
+            return completed_fields(self.pieces(doc), text_max, doc.get("sender"))
+        except Damaged as exc:          # stored damaged: verify says more
+            return {"completed": 1, "index_text": text_max, "parsing_errors": [
+                f"the stored message cannot be read: {exc}"], "errors_count": 1}
 
     def add_counts(self, counts):
         """Add {(by, day, group): [messages, bytes]} to the daily counts: one upsert
@@ -4163,11 +4547,16 @@ class Filters:
     since: datetime.datetime = None
     until: datetime.datetime = None
     subject: str = None
+    text: str = None
     message_id: str = None
     quarantine_id: str = None
     client: str = None
     quarantine: str = None
     verdict: str = None
+    attachment: str = None
+    attachment_type: str = None
+    attachment_sha256: str = None
+    bounce: bool = False
     held: bool = None          # True: only held; False: only not held (purge); None: any
     released: bool = False
     older_than: datetime.datetime = None
@@ -4225,6 +4614,8 @@ class Filters:
             clauses.append({"received": received})
         if self.subject:
             clauses.append({"subject": {"$regex": re.escape(self.subject), "$options": "i"}})
+        if self.text:
+            clauses.extend(text_clauses(self.text))
         if self.message_id:
             clauses.append({"message_id": self.message_id.strip("<>")})
         if self.quarantine_id:
@@ -4233,6 +4624,14 @@ class Filters:
             clauses.append({"quarantine": self.quarantine})
         if self.verdict:
             clauses.append({"verdict": self.verdict})
+        if self.attachment:
+            clauses.append(attachment_clause(self.attachment))
+        if self.attachment_type:
+            clauses.append({"files.content_type": self.attachment_type.lower()})
+        if self.attachment_sha256:
+            clauses.append({"files.sha256": self.attachment_sha256.lower()})
+        if self.bounce:
+            clauses.append({"is_bounce": 1})
         if self.held is not None:
             clauses.append({"held": True} if self.held else NOT_HELD)
         if self.released:
@@ -4241,6 +4640,45 @@ class Filters:
             clauses.append({"client_hex": client_range(ipaddress.ip_network(self.client,
                                                                             strict=False))})
         return all_of(*clauses)
+
+
+TEXT_TERM_RE = re.compile(r'(-?)(?:"([^"]*)"|(\S+))')
+
+
+def text_clauses(search):
+    """--text as clauses: every word and "phrase" must be there, as in piler and
+    mailpit (each one a phrase of $text: MongoDB joins phrases with AND, and bare
+    words with OR), and -word must not. A word left out is a test of the fields
+    the text index holds, made on the documents $text found: nx-27017 takes -word
+    as a word to find, and MongoDB reads the same documents either way."""
+    wanted, unwanted = [], []
+    for minus, phrase, word in TEXT_TERM_RE.findall(search[:1000]):
+        term = (phrase or word).replace('"', "").strip()
+        if term:
+            (unwanted if minus else wanted).append(term)
+    if not wanted:
+        raise UsageError("text: at least one word to find (-word only leaves words out)")
+    clauses = [{"$text": {"$search": " ".join(f'"{term}"' for term in wanted)}}]
+    for term in unwanted:
+        found = {"$regex": rf"(?<!\w){re.escape(term)}(?!\w)", "$options": "i"}
+        clauses += [{"subject": {"$not": found}}, {"text": {"$not": found}}]
+    return clauses
+
+
+def attachment_clause(pattern):
+    """*.zip is a look-up of files.ext, a name one of files.filename (both
+    indexed); any other pattern (invoice*) a case-insensitive match, which no
+    index serves (README, "At scale"). $elemMatch for the expression: nx-27017
+    does not apply one to a field of an array of documents otherwise."""
+    extension = re.fullmatch(r"\*\.([^*?./]+)", pattern)
+    if extension:
+        return {"files.ext": extension.group(1).lower()}
+    if "*" not in pattern and "?" not in pattern:
+        return {"files.filename": pattern}
+    expression = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                         for c in pattern)
+    return {"files": {"$elemMatch": {"filename": {"$regex": f"^{expression}$",
+                                                  "$options": "i"}}}}
 
 
 def address_clause(address, fields, domain_field):
@@ -4261,16 +4699,24 @@ def archive_count(cfg, archive):
     return 0
 
 
-@command("list", "one line per message, newest first", FILTERS + ("limit", "json") + MONGO)
+@command("list", "one line per message, newest first",
+         FILTERS + ("limit", "json", "sort") + MONGO)
 def archive_list(cfg, archive):
     out = sys.stdout
-    for doc in archive.search(cfg.filters.query(), limit=cfg.limit):
+    for doc in archive.search(cfg.filters.query(), limit=cfg.limit, by_score=by_score(cfg)):
         doc.pop("_id", None)
         if cfg.json:
             out.write(json_line(dict(doc, verdict=verdict(doc))))
         else:
             out.write(list_line(doc) + "".join(f" [{mark}]" for mark in marks(doc)) + "\n")
     return 0
+
+
+def by_score(cfg):
+    """--sort score: the best --text match first; a score there is only with --text."""
+    if cfg.sort == "score" and not cfg.filters.text:
+        raise UsageError("--sort score ranks --text matches: give --text")
+    return cfg.sort == "score"
 
 
 def marks(doc):
@@ -4653,24 +5099,31 @@ CHECKS = {"mongo-quarantine": check_quarantine, "debug": check_debug,
           "mongo-proxy": check_relay, "mongo-filter": check_relay}
 
 
-@command("reindex", "write the search fields of messages stored before them, and count them",
-         FILTERS + ("batch",) + MONGO)
+@command("reindex", "parse messages stored before mms 1.1 (or with another --index-text), "
+         "and count them", FILTERS + ("batch", "index_text") + MONGO)
 def archive_reindex(cfg, archive):
-    """Messages stored by mms 1.0 lack the fields the searches and the
-    dashboard's daily counts read (search_fields): this writes them, a batch at a
-    time, newest first, and adds each message to the daily counts. A message that
-    has them is left alone, so a reindex stopped (or killed) goes on where it was
-    when run again, and memory stays the same whatever the archive's size."""
-    query = all_of(cfg.filters.query(), {"verdict": {"$exists": False}})
+    """Messages stored by mms 1.0 lack the fields the searches and the dashboard's
+    daily counts read (completed_fields, search_fields): this writes them, a batch
+    at a time, newest first, in one pass of one cursor over the received index,
+    and adds each message to the daily counts. A message that has them is left
+    alone, so a reindex stopped (or killed) goes on where it was when run again,
+    and memory stays the same whatever the archive's size. It reads and writes
+    MongoDB only: the SMTP server never waits for it but as it waits for MongoDB."""
+    query = all_of(cfg.filters.query(), reindex_wanted(cfg.index_text))
     total, done, started = archive.count(query), 0, time.monotonic()
     progress = Progress(sys.stderr, total)
-    while docs := list(archive.search(query, limit=cfg.batch)):
-        done += archive.reindex(docs)
+    for docs in batched(archive.search(query), cfg.batch):   # one pass of one cursor
+        done += archive.reindex(docs, cfg.index_text)
         progress.show(done)
     progress.end()
     print(f"reindex: {done} message(s) given their search fields in "
           f"{time.monotonic() - started:.0f} s")
     return 0
+
+
+def reindex_wanted(text_max):
+    """Stored before mms 1.1 (no verdict; not parsed), or with another --index-text."""
+    return {"$or": [{"verdict": {"$exists": False}}, {"index_text": {"$ne": text_max}}]}
 
 
 class Progress:
@@ -4720,15 +5173,15 @@ def mbox_entry(doc, data):
 
 
 @command("export", "the matching messages as an mbox on stdout, or .eml files",
-         FILTERS + ("format", "output") + MONGO)
+         FILTERS + ("format", "output", "sort") + MONGO)
 def archive_export(cfg, archive):
     """The matching messages as one mbox on stdout, or one .eml each into --output."""
-    query = cfg.filters.query()
+    query, ranked = cfg.filters.query(), by_score(cfg)
     count = 0
     if cfg.format == "eml":
         if not cfg.output or not os.path.isdir(cfg.output):
             raise UsageError("export --format eml needs --output DIR, an existing directory")
-        for doc in archive.search(query):
+        for doc in archive.search(query, by_score=ranked):
             key = str(doc.get("store_key", ""))
             if STORE_KEY_RE.fullmatch(key):
                 with private(os.path.join(cfg.output, key + ".eml")) as f:
@@ -4738,7 +5191,7 @@ def archive_export(cfg, archive):
         print(f"exported {count} message(s) to {cfg.output}")
         return 0
     out = sys.stdout.buffer
-    for entry in mbox_entries(archive, archive.search(query)):
+    for entry in mbox_entries(archive, archive.search(query, by_score=ranked)):
         out.write(entry)
     out.flush()
     return 0
@@ -5376,7 +5829,7 @@ required></label></p><p><button type="submit">Log in</button></p></form>"""
 
 DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released")
 DASHBOARD_TOPS = (("sender-domain", "sender domains"), ("rcpt-domain", "recipient domains"),
-                  ("client", "clients"))                # each one of TALLIES
+                  ("client", "clients"), ("attachment-type", "attachment types"))  # TALLIES
 
 
 def render_page(title, body, nav="", said=None):
@@ -5532,7 +5985,7 @@ def search_form(params):
     inputs = "".join(
         f'<label>{h(name)} <input type="checkbox" name="{name}" value="1"'
         f'{" checked" if params.get(name) else ""}></label> '
-        if name in ("held", "released") else select_box(name, VERDICTS, params)
+        if name in ("held", "released", "bounce") else select_box(name, VERDICTS, params)
         if name == "verdict" else
         f'<label>{h(name)} <input name="{name}" value="{h(params.get(name, ""))}" size="14">'
         f"</label> " for name in FILTERS if name not in ("virus", "spam"))
