@@ -1978,14 +1978,14 @@ def check_storable(edited, before):
 # The message pipeline: parsing ###############################################
 ###############################################################################
 
-MIME_DEPTH_MAX = 50          # multiparts and messages inside one another
-MIME_PARTS_MAX = 1000        # parts looked into; past it, the rest are counted only
+MIME_DEPTH_MAX = 50          # multiparts and messages inside one another (here and in
+MIME_PARTS_MAX = 5000        # the console's message view); past it, the rest are not
 PART_HEAD_MAX = 64 * 1024    # of one part's header
 PARSE_SECONDS = 5            # a parse that takes longer stops, and says so
 DECODE_BLOCK = 64 * 1024     # encoded bytes decoded at a time
 NOT_BASE64_RE = re.compile(rb"[^A-Za-z0-9+/]")
 UNSAFE_CODECS = {"idna", "punycode", "unicode_escape", "raw_unicode_escape", "undefined",
-                 "uu_codec"}   # text codecs no mail is in; punycode is quadratic
+                 "uu_codec"}   # codecs no mail is in (idna: CVE-2022-45061)
 
 
 def completed_fields(pieces, text_max, sender):
@@ -2238,7 +2238,7 @@ def rfc2231_value(pieces):
 
 def decoded(raw, charset):
     """Bytes in a charset a sender named: an unknown one, or one no mail is in
-    (punycode is quadratic, idna refuses long labels), is read as UTF-8."""
+    (idna and punycode are for host names), is read as UTF-8."""
     try:
         info = codecs.lookup(charset.strip().strip('"'))
         if info.name in UNSAFE_CODECS or not getattr(info, "_is_text_encoding", True):
@@ -6019,7 +6019,6 @@ def field_table(doc):
     return f"<table>{rows}</table>"
 
 
-MIME_DEPTH_MAX, MIME_PARTS_MAX = 50, 1000   # what the message view follows of MIME
 
 
 def message_parts(archive, doc):

@@ -2262,6 +2262,115 @@ class TestWriteConcern(MongoCase):
         self.assertEqual(concern, {"w": "majority", "wtimeout": 2000, "j": True})
 
 
+def mime(*parts, boundary="b", kind="mixed", head=b""):
+    """A multipart message (or part) of these parts, each bytes with its header."""
+    body = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
+    return (head + b"Content-Type: multipart/" + kind.encode() + b"; boundary=\""
+            + boundary.encode() + b"\"\r\n\r\npreamble\r\n" + body + b"--"
+            + boundary.encode() + b"--\r\nepilogue\r\n")
+
+
+def attachment(name_params, data, kind=b"application/octet-stream", encoding=b"base64"):
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n") if encoding == b"base64" else data
+    return (b"Content-Type: " + kind + b"\r\nContent-Disposition: attachment; " + name_params
+            + b"\r\nContent-Transfer-Encoding: " + encoding + b"\r\n\r\n" + encoded)
+
+
+class TestParsing(MongoCase):
+    """The seed's completed document, written as mail is stored: messages built to
+    stress a MIME parser, sent over SMTP, each stored byte-exact with its fields."""
+
+    def setUp(self):
+        super().setUp()
+        self.start_mongo()
+
+    def store(self, body, sender="a@example.org"):
+        reply = self.send_message(self.raw(), body, sender=sender)
+        self.assertReply(reply, "queued")
+        doc, data = self.stored(self.key(reply))
+        self.assertEqual(data, body)                  # the stored bytes are unchanged
+        return doc
+
+    def test_nested_parts_and_filenames_in_several_charsets(self):
+        pdf = b"%PDF-1.4 quarterly figures"
+        body = mime(
+            mime(b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: "
+                 b"quoted-printable\r\n\r\ncaf=C3=A9 wire transfer=\r\n today",
+                 b"Content-Type: text/html\r\n\r\n<p>only in <b>zanzibar</b></p>"
+                 b"<script>var hidden='scriptword';</script>",
+                 boundary="inner", kind="alternative"),
+            attachment(b"filename*=UTF-8''na%C3%AFve%20invoice.pdf", pdf, b"application/pdf"),
+            attachment(b"filename*0*=iso-8859-1''r%E9sum%E9;\r\n filename*1=\".txt\"", b"cv"),
+            attachment(b'filename="=?utf-8?B?0L/RgNC40LLQtdGCLnppcA==?="', b"PK\x03\x04zip",
+                       b"application/zip"),
+            head=b"Subject: figures\r\nFrom: =?utf-8?q?J=C3=BCrgen_M=C3=BCller?= <j@x.org>\r\n")
+        doc = self.store(body)
+        self.assertEqual(doc["files"], [
+            {"filename": "naïve invoice.pdf", "ext": "pdf", "size": len(pdf),
+             "content_type": "application/pdf", "sha256": hashlib.sha256(pdf).hexdigest()},
+            {"filename": "résumé.txt", "ext": "txt", "size": 2,
+             "content_type": "application/octet-stream",
+             "sha256": hashlib.sha256(b"cv").hexdigest()},
+            {"filename": "привет.zip", "ext": "zip", "size": 7, "content_type": "application/zip",
+             "sha256": hashlib.sha256(b"PK\x03\x04zip").hexdigest()}])
+        self.assertEqual((doc["files_count"], doc["is_bounce"], doc["completed"]), (3, 0, 1))
+        self.assertEqual((doc["parsing_errors"], doc["errors_count"]), ([], 0))
+        self.assertEqual(doc["text"], "Jürgen Müller café wire transfer today only in zanzibar "
+                                      "naïve invoice.pdf résumé.txt привет.zip")
+
+    def test_a_delivery_status_report_and_a_null_sender_are_bounces(self):
+        dsn = mime(b"Content-Type: text/plain\r\n\r\nYour message could not be delivered.",
+                   b"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx\r\n"
+                   b"\r\nFinal-Recipient: rfc822; b@example.com\r\nAction: failed\r\n"
+                   b"Status: 5.1.1",
+                   b"Content-Type: message/rfc822\r\n\r\nSubject: the original\r\n\r\nhello",
+                   kind="report; report-type=delivery-status")
+        self.assertEqual(self.store(dsn, sender="mailer@example.org")["is_bounce"], 1)
+        self.assertEqual(self.store(SIMPLE, sender="")["is_bounce"], 1)
+        self.assertEqual(self.store(SIMPLE)["is_bounce"], 0)
+
+    def test_what_cannot_be_parsed_is_said_and_the_message_kept(self):
+        cut = mime(b"Content-Type: text/plain\r\n\r\nbefore",
+                   b"Content-Type: application/octet-stream; name=cut.bin\r\n"
+                   b"Content-Transfer-Encoding: base64\r\n\r\nQUJDRUZHQ")
+        doc = self.store(cut)
+        self.assertIn("a part's base64 is cut short", doc["parsing_errors"])
+        self.assertEqual(doc["errors_count"], len(doc["parsing_errors"]))
+        unclosed = cut.rsplit(b"--b--", 1)[0]
+        self.assertIn("a multipart is not closed (the message is cut short?)",
+                      self.store(unclosed)["parsing_errors"])
+        wrong = (b"Content-Type: text/plain; charset=idna\r\nContent-Transfer-Encoding: "
+                 b"base64\r\n\r\nthis is not base64 at all!\r\n")
+        doc = self.store(wrong)                      # read as UTF-8, never an exception
+        self.assertEqual(doc["completed"], 1)
+        punycode = b"Content-Type: text/plain; charset=punycode\r\n\r\n" + (b"a-" * 400 + b"\r\n") * 50
+        self.assertTrue(self.store(punycode)["text"].startswith("a-a-a-"))  # read as UTF-8
+
+    def test_5000_attachments_and_parts_past_the_bounds(self):
+        many = mime(*[attachment(b'filename="f%d.txt"' % n, b"%d" % n) for n in range(5000)])
+        doc = self.store(many)
+        self.assertEqual(doc["files_count"], 5000)
+        self.assertEqual(doc["files"][4999]["filename"], "f4999.txt")
+        more = mime(*[b"Content-Type: text/plain\r\n\r\nx" for _ in range(10000)])
+        self.assertIn(f"more than {mms.MIME_PARTS_MAX} parts: the rest are not looked into",
+                      self.store(more)["parsing_errors"])
+        deep = b"x"
+        for depth in range(2000):
+            deep = mime(b"Content-Type: text/plain\r\n\r\nlevel", deep[:0] + deep,
+                        boundary=f"d{depth}") if depth < 2000 else deep
+        doc = self.store(b"Subject: deep\r\n" + deep)
+        self.assertIn(f"parts nested deeper than {mms.MIME_DEPTH_MAX}: not looked into",
+                      doc["parsing_errors"])
+
+    def test_index_text_bounds_the_words_and_0_keeps_none(self):
+        self.server.cfg.index_text = 0
+        big = b"Subject: s\r\n\r\n" + (b"word " * 20 + b"\r\n") * 1000
+        self.assertNotIn("text", self.store(big))
+        self.server.cfg.index_text = 100
+        doc = self.store(big)
+        self.assertEqual((len(doc["text"]), doc["index_text"]), (99, 100))
+
+
 class TestWritePath(MongoCase):
     """What MongoDB refuses fails only the message it belongs to, and index builds
     never stand between a message and its 250."""
