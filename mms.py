@@ -1984,6 +1984,7 @@ PART_HEAD_MAX = 64 * 1024    # of one part's header
 PARSE_SECONDS = 5            # a parse that takes longer stops, and says so
 DECODE_BLOCK = 64 * 1024     # encoded bytes decoded at a time
 NOT_BASE64_RE = re.compile(rb"[^A-Za-z0-9+/]")
+WORD_RE = re.compile(r"\w+")   # a word, as the text field keeps it and --text finds it
 UNSAFE_CODECS = {"idna", "punycode", "unicode_escape", "raw_unicode_escape", "undefined",
                  "uu_codec"}   # codecs no mail is in (idna: CVE-2022-45061)
 
@@ -2040,7 +2041,7 @@ class MimeScan:
         self.text_size = 0
         self.parts = 0
         self.bounce = False
-        self.from_name = None
+        self.from_name = self.subject = None
         self.boundaries = []        # (--boundary, depth) of the open multiparts, outermost first
         self.part = MimePart(0)
         self.rest = b""
@@ -2115,8 +2116,9 @@ class MimeScan:
         ctype, params = content_type(fields.get(b"content-type"), part.default_type)
         disposition, dparams = content_type(fields.get(b"content-disposition"), "")
         if self.from_name is None:                      # the message's own header
-            self.from_name = display_name(header_values(bytes(part.head) + b"\n",
-                                                        (b"from",)).get(b"from"))
+            found = header_values(bytes(part.head) + b"\n", (b"from", b"subject"))
+            self.from_name = display_name(found.get(b"from"))
+            self.subject = decode_header_value(found.get(b"subject", b""))
         part.encoding = fields.get(b"content-transfer-encoding", b"").decode(
             "ascii", "replace").strip().lower()
         if ctype == "multipart/report" and params.get("report-type", "").lower() == \
@@ -2185,11 +2187,13 @@ class MimeScan:
             self.files.append(part.file)
 
     def fields(self):
-        """The from name, the text parts' words and the attachments' names."""
-        words = [self.from_name] + [plain_text(kind, charset, data) for kind, charset, data
-                                    in self.texts]
+        """text: the words of the subject, the From name, the text parts and the
+        attachments' names, one space apart (so that every server splits them
+        alike: Quarterly.PDF is two words)."""
+        words = [self.subject or "", self.from_name or ""] + [
+            plain_text(kind, charset, data) for kind, charset, data in self.texts]
         words += [f["filename"] for f in self.files if f["filename"]]
-        text = " ".join(word for word in words if word)[:self.text_max]
+        text = " ".join(WORD_RE.findall(" ".join(words)))[:self.text_max]
         return {"files": self.files, "files_count": len(self.files),
                 "is_bounce": int(self.bounce), "parsing_errors": self.errors,
                 "errors_count": len(self.errors), "completed": 1,
@@ -3849,11 +3853,16 @@ def is_held(doc):
 
 
 def all_of(*clauses):
-    """The clauses joined by one $and."""
-    flat = []
+    """The clauses joined by one $and; a $text beside it, at the top, where MongoDB
+    takes it as it would inside (nx-27017 finds nothing for a "phrase" in $and)."""
+    flat, words = [], {}
     for clause in clauses:
+        if "$text" in clause:
+            clause = dict(clause)
+            words = {"$text": clause.pop("$text")}
         flat += clause["$and"] if list(clause) == ["$and"] else [clause] if clause else []
-    return {} if not flat else flat[0] if len(flat) == 1 else {"$and": flat}
+    joined = {} if not flat else flat[0] if len(flat) == 1 else {"$and": flat}
+    return {**words, **joined}
 
 
 def as_date(field):
@@ -4627,9 +4636,9 @@ class Filters:
         if self.attachment:
             clauses.append(attachment_clause(self.attachment))
         if self.attachment_type:
-            clauses.append({"files.content_type": self.attachment_type.lower()})
+            clauses.append(file_clause("content_type", self.attachment_type.lower()))
         if self.attachment_sha256:
-            clauses.append({"files.sha256": self.attachment_sha256.lower()})
+            clauses.append(file_clause("sha256", self.attachment_sha256.lower()))
         if self.bounce:
             clauses.append({"is_bounce": 1})
         if self.held is not None:
@@ -4647,38 +4656,52 @@ TEXT_TERM_RE = re.compile(r'(-?)(?:"([^"]*)"|(\S+))')
 
 def text_clauses(search):
     """--text as clauses: every word and "phrase" must be there, as in piler and
-    mailpit (each one a phrase of $text: MongoDB joins phrases with AND, and bare
-    words with OR), and -word must not. A word left out is a test of the fields
-    the text index holds, made on the documents $text found: nx-27017 takes -word
-    as a word to find, and MongoDB reads the same documents either way."""
+    mailpit, and -word must not. The text index finds the messages with the
+    longest word asked (one word: $text joins words with OR); each term is then a
+    test of the fields that index holds, on those messages alone. MongoDB reads
+    the same documents for a "phrase" of $text; nx-27017 answers one word right,
+    but not a phrase beside another condition, two words, or -word."""
     wanted, unwanted = [], []
     for minus, phrase, word in TEXT_TERM_RE.findall(search[:1000]):
-        term = (phrase or word).replace('"', "").strip()
-        if term:
-            (unwanted if minus else wanted).append(term)
+        words = WORD_RE.findall(phrase or word)
+        if words:
+            (unwanted if minus else wanted).append(words)
     if not wanted:
         raise UsageError("text: at least one word to find (-word only leaves words out)")
-    clauses = [{"$text": {"$search": " ".join(f'"{term}"' for term in wanted)}}]
-    for term in unwanted:
-        found = {"$regex": rf"(?<!\w){re.escape(term)}(?!\w)", "$options": "i"}
-        clauses += [{"subject": {"$not": found}}, {"text": {"$not": found}}]
+    longest = max((word for words in wanted for word in words), key=len)
+    clauses = [{"$text": {"$search": longest}}]
+    for words in wanted:
+        clauses.append({"$or": [{"subject": term_found(words)}, {"text": term_found(words)}]})
+    for words in unwanted:
+        clauses.append({"$nor": [{"subject": term_found(words)}, {"text": term_found(words)}]})
     return clauses
+
+
+def term_found(words):
+    """The words, one after another, whole, in any case."""
+    return {"$regex": r"(?<!\w)" + r"\W+".join(map(re.escape, words)) + r"(?!\w)",
+            "$options": "i"}
 
 
 def attachment_clause(pattern):
     """*.zip is a look-up of files.ext, a name one of files.filename (both
     indexed); any other pattern (invoice*) a case-insensitive match, which no
-    index serves (README, "At scale"). $elemMatch for the expression: nx-27017
-    does not apply one to a field of an array of documents otherwise."""
+    index serves (README, "At scale")."""
     extension = re.fullmatch(r"\*\.([^*?./]+)", pattern)
     if extension:
-        return {"files.ext": extension.group(1).lower()}
+        return file_clause("ext", extension.group(1).lower())
     if "*" not in pattern and "?" not in pattern:
-        return {"files.filename": pattern}
+        return file_clause("filename", pattern)
     expression = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
                          for c in pattern)
-    return {"files": {"$elemMatch": {"filename": {"$regex": f"^{expression}$",
-                                                  "$options": "i"}}}}
+    return file_clause("filename", {"$regex": f"^{expression}$", "$options": "i"})
+
+
+def file_clause(field, condition):
+    """An attachment whose field is so: $elemMatch, which MongoDB serves from the
+    index on files.<field> as it would files.<field>: value, and which nx-27017
+    answers right where it misses a match of files.<field> on a one-field index."""
+    return {"files": {"$elemMatch": {field: condition}}}
 
 
 def address_clause(address, fields, domain_field):
