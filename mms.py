@@ -4360,9 +4360,9 @@ class Archive:
         many were written."""
         from pymongo import UpdateOne
         fields = [{**self.parsed(doc, text_max), **search_fields(doc)} for doc in docs]
-        result = self.collection.bulk_write([UpdateOne(
-            {**self.its(doc), **reindex_wanted(text_max)}, {"$set": more})
-            for doc, more in zip(docs, fields)], ordered=False)
+        result = self.collection.bulk_write([UpdateOne(    # $and: nx-27017 updates the
+            {"$and": [self.its(doc), reindex_wanted(text_max)]}, {"$set": more})  # first
+            for doc, more in zip(docs, fields)], ordered=False)   # $or match beside _id
         counts = tallied({**doc, **more} for doc, more in zip(docs, fields)
                          if "verdict" not in doc)
         if counts:

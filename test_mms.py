@@ -4636,6 +4636,7 @@ class TestArchiveQueries(ArchiveCase):
              "is_bounce", "parsing_errors", "errors_count", "completed", "index_text",
              "text"), "")})
         self.assertEqual(self.mms("count", "--sender", "@x.org"), (0, "0", ""))
+        self.assertEqual(self.mms("count", "--text", "body"), (0, "0", ""))
 
         def cut(command):    # the second batch's write never arrives: a kill
             if command.get("update") == "message" and tap.sent("update", "message"):
@@ -4647,8 +4648,9 @@ class TestArchiveQueries(ArchiveCase):
         [first] = tap.sent("update", "message")[:1]
         self.assertEqual(len(first["updates"]), 3)
         for statement in first["updates"]:
-            self.assertEqual(set(statement["q"]), {"_id", "store_key", "$or"})
-            self.assertIn({"verdict": {"$exists": False}}, statement["q"]["$or"])
+            its, wanted = statement["q"]["$and"]
+            self.assertEqual(set(its), {"_id", "store_key"})
+            self.assertIn({"verdict": {"$exists": False}}, wanted["$or"])
         self.assertEqual(self.mms("count", "--sender", "@x.org"), (0, "2", ""))  # newest 3
         code, out, err = self.mms("reindex")
         self.assertEqual(code, 0, err)
@@ -4656,11 +4658,27 @@ class TestArchiveQueries(ArchiveCase):
         self.assertEqual(self.mms("count", "--sender", "@x.org"), (0, "3", ""))
         self.assertEqual(self.mms("count", "--rcpt", "@y.com"), (0, "3", ""))
         self.assertEqual(self.mms("count", "--verdict", "clean"), (0, "4", ""))
+        self.assertEqual(self.mms("count", "--text", "body"), (0, "4", ""))   # parsed again
+        [doc] = self.db["message"].find({"store_key": self.keys[0]})
+        self.assertEqual((doc["completed"], doc["text"], doc["files"]), (1, "Msg 0 body 0", []))
         verdicts = list(self.db["message_daily"].find({"by": "verdict"}))
         self.assertEqual(sum(d["messages"] for d in verdicts), 4)   # each counted once
         self.assertTrue(self.mms("reindex")[1].startswith("reindex: 0 message(s)"))
         self.assertEqual(sum(d["messages"] for d in self.db["message_daily"].find(
             {"by": "verdict"})), 4)
+
+    def test_reindex_after_a_change_of_index_text_parses_again_and_counts_nothing(self):
+        self.server.mode.store.tally.flush()
+        counted = sorted((d["_id"], d["messages"]) for d in self.db["message_daily"].find())
+        code, out, err = self.mms("reindex", "--index-text", "5")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("reindex: 4 message(s)"), out)
+        self.assertEqual({(d["index_text"], d["text"]) for d in self.db["message"].find(
+            {"store_key": self.keys[0]})}, {(5, "Msg 0")})
+        self.assertEqual(sorted((d["_id"], d["messages"]) for d in self.db["message_daily"]
+                                .find()), counted)
+        self.assertTrue(self.mms("reindex", "--index-text", "5")[1].startswith(
+            "reindex: 0 message(s)"))
 
     def test_archive_commands_wait_for_a_slow_query(self):
         """Longer than the SMTP path's 20 s socket timeout: a query over millions."""
@@ -6726,6 +6744,54 @@ class SessionGrammar:
                 steps.append(("data", self.message()))
         steps.append(self.pick([("quit", None), ("close", None), ("cut", self.message())], 7, 2, 1))
         return steps
+
+
+class TestParserFuzz(unittest.TestCase):
+    """The MIME reader on generated, mutated messages: never an exception, the same
+    fields whatever pieces the message comes in, and within its bounds."""
+
+    PARTS = [b"Content-Type: text/plain; charset=utf-8\r\n\r\nplain words",
+             b"Content-Type: text/html; charset=\"iso-8859-1\"\r\n\r\n<p>html <script>x</script>",
+             b"Content-Type: text/plain; charset=idna\r\nContent-Transfer-Encoding: base64"
+             b"\r\n\r\n!!not base64",
+             b"Content-Type: application/pdf; name*=utf-8''%E2%82%AC.pdf\r\n"
+             b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQ=",
+             b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body",
+             b"Content-Type: message/delivery-status\r\n\r\nAction: failed",
+             b"Content-Disposition: attachment; filename=\"a\\\"b.exe\"\r\n"
+             b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=E9t=\r\n=C3=A9",
+             b"Content-Type: multipart/mixed\r\n\r\nno boundary", b"", b"\r\n\r\n"]
+
+    def message(self, rng, depth=0):
+        if depth > 3 or rng.random() < 0.4:
+            return rng.choice(self.PARTS)
+        boundary = rng.choice(["b", "=_x", "a b", "", "--", "b" * 80])
+        parts = [self.message(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+        return mime(*parts, boundary=boundary, kind=rng.choice(
+            ["mixed", "alternative", "report; report-type=delivery-status"]))
+
+    def mutate(self, rng, data):
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randrange(len(data) + 1)
+            data = data[:at] + rng.choice([b"", b"\r\n", b"\n", b"--b", b"=", b"\x00\xff",
+                                           b";", b'"', b"*0*="]) + data[at + rng.randint(0, 5):]
+        return data
+
+    def test_any_message_in_any_pieces(self):
+        rng = random.Random(FUZZ_SEED)
+        for n in range(max(1, FUZZ_SESSIONS // 2)):
+            data = self.mutate(rng, b"Subject: fuzz\r\n" + self.message(rng))
+            whole = mms.completed_fields([data], 200, "a@example.org")
+            cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, 5)))
+            pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+            with self.subTest(n=n, data=data[:300]):
+                self.assertEqual(mms.completed_fields(pieces, 200, "a@example.org"), whole)
+                self.assertLessEqual(len(whole.get("text", "")), 200)
+                self.assertEqual(whole["errors_count"], len(whole["parsing_errors"]))
+                self.assertFalse([e for e in whole["parsing_errors"] if "parse failed" in e])
+                for f in whole["files"]:
+                    self.assertEqual(set(f), {"filename", "ext", "size", "content_type",
+                                              "sha256"})
 
 
 class FuzzDownstream(ScriptedDownstream):
