@@ -370,6 +370,9 @@ OPTIONS = [
      "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
     ("--index-text", "MMS_INDEX_TEXT", str(INDEX_TEXT), _count,
      "bytes of each message's words kept for `--text` searches (0: none)"),
+    ("--text-search", "MMS_TEXT_SEARCH", "index", _choice("index", "atlas"),
+     "how `--text` finds words: MongoDB's text index, or Atlas Search ($search on the "
+     "index mms_words)"),
 ]
 
 
@@ -3900,6 +3903,7 @@ def verdict_of(names):
 
 
 WORDS_LEFT_OUT = {"text": 0}   # what a read of a message's document does not bring back
+ATLAS_INDEX = "mms_words"      # --text-search atlas: its definition is in the README
 
 
 def search_fields(metadata):
@@ -4186,6 +4190,11 @@ class Archive:
         comes from the index, not from a sort of every match. by_score: the best
         --text match first. The words kept for --text (up to 32 KiB a message) are
         left on the server unless asked for."""
+        if "$text" in query and self.cfg.text_search == "atlas":
+            return self.aggregate(self.atlas(query) + [
+                {"$sort": {"score": {"$meta": "searchScore"}} if by_score else
+                 {"received": -1}}, *([{"$limit": limit}] if limit else []),
+                {"$project": projection or WORDS_LEFT_OUT}])
         projection = projection or dict(WORDS_LEFT_OUT)
         if by_score:
             projection["score"] = {"$meta": "textScore"}
@@ -4198,6 +4207,8 @@ class Archive:
     def count(self, query):
         if not query:  # the collection's own count, not a scan of every document
             return self.collection.estimated_document_count(**self.bound())
+        if "$text" in query and self.cfg.text_search == "atlas":
+            return next(self.aggregate(self.atlas(query) + [{"$count": "n"}]), {}).get("n", 0)
         return self.collection.count_documents(query, **self.bound())
 
     def pieces(self, doc, file=None):
@@ -4307,6 +4318,17 @@ class Archive:
         return totals, [{"group": group_name(row["_id"]), "messages": row.get("messages") or 0,
                          "bytes": row.get("bytes") or 0}
                         for row in self.aggregate(pipeline)]
+
+    @staticmethod
+    def atlas(query):
+        """--text-search atlas: the word $text would look up, asked of Atlas Search
+        first (a $search stage must be); the rest of the query, each term's test
+        included, on what it finds."""
+        rest = dict(query)
+        word = rest.pop("$text")["$search"]
+        return [{"$search": {"index": ATLAS_INDEX, "text": {"query": word,
+                                                            "path": ["subject", "text"]}}},
+                *([{"$match": rest}] if rest else [])]
 
     def aggregate(self, pipeline):
         """A $group may pass its 100 MB of memory on a large window: it spills to disk."""

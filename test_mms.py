@@ -4393,6 +4393,36 @@ class TestContentSearch(ArchiveCase):
         self.assertEqual(find["sort"], {"score": {"$meta": "textScore"}})
         self.assertEqual(self.mms("list", "--sort", "score")[:2], (1, ""))  # it needs --text
 
+    def test_atlas_search_is_asked_a_search_stage_first(self):
+        """No mongot can run here: the stage is read off the wire, and the answer is
+        written as Atlas Search would give it (the message that holds the word)."""
+        doc = self.db["message"].find_one({"store_key": self.found["invoice"]}, {"text": 0})
+
+        def reply(command, answer):
+            if command.get("aggregate") == "message" and "$search" in command["pipeline"][0]:
+                last = command["pipeline"][-1]
+                batch = [{"n": 1}] if "$count" in last else [doc]
+                return {"cursor": {"firstBatch": batch, "id": 0,
+                                   "ns": f"{self.dbname}.message"}, "ok": 1.0}
+
+        tap = WireTap(self.uri, reply=reply)
+        self.addCleanup(tap.close)
+        uri = f"mongodb://127.0.0.1:{tap.port}/?directConnection=true"
+        code, out, err = self.mms("list", "--text", "invoice", "--text-search", "atlas",
+                                  uri=uri)
+        self.assertEqual((code, out.split()[0]), (0, self.found["invoice"]), err)
+        [pipeline] = [c["pipeline"] for c in tap.sent("aggregate", "message")]
+        self.assertEqual(pipeline[0], {"$search": {"index": "mms_words", "text": {
+            "query": "invoice", "path": ["subject", "text"]}}})
+        self.assertEqual(pipeline[1], {"$match": {"$or": [
+            {"subject": mms.term_found(["invoice"])}, {"text": mms.term_found(["invoice"])}]}})
+        self.assertEqual(pipeline[2:], [{"$sort": {"received": -1}}, {"$limit": 20},
+                                        {"$project": {"text": 0}}])
+        self.assertEqual(self.mms("count", "--text", "invoice", "--text-search", "atlas",
+                                  uri=uri), (0, "1", ""))
+        self.assertEqual(tap.sent("aggregate", "message")[-1]["pipeline"][-1], {"$count": "n"})
+        self.assertEqual(tap.sent("find", "message"), [])
+
     def test_the_console_and_the_api_search_the_same(self):
         cfg = mms.parse_config(["web", "--mongo-host", self.uri, "--mongo-database", self.dbname])
         archive = mms.Archive(cfg, max_time_ms=mms.WEB_QUERY_MS).connect()

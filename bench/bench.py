@@ -19,7 +19,9 @@ with mms's thread model, with and without added Python work, beside mms-debug),
 archive (count, verify and purge on 60,000 stored messages, time and peak RSS;
 `--baseline REV` runs the mms.py of a git revision beside it), or console (the web
 console's pages and `stats` on archives of 10,000, 50,000 and 200,000 messages,
-and SMTP while two reviewers use the console).
+and SMTP while two reviewers use the console), or parse (storing with the
+completed document and its words, against --index-text 0 and --baseline REV;
+reindex and list --text on 200,000 messages).
 
 For each cell it prints msg/s, the server's CPU in ms per message, its peak RSS,
 and MongoDB commands per message (counted by a pymongo CommandListener that this
@@ -202,9 +204,9 @@ class Bench:
         self.servers["peer"] = Server("peer", [PEER, "--port", str(port), "--mongo", self.uri,
                                                "--database", "bench_peer"], port)
 
-    def mms(self, mode, *args, workers=1):
+    def mms(self, mode, *args, workers=1, program=MMS):
         port = free_port()
-        return Server(f"mms-{mode}", [MMS, "--server", mode, "--host", "127.0.0.1",
+        return Server(f"mms-{mode}", [program, "--server", mode, "--host", "127.0.0.1",
                                       "--port", str(port), "--hostname", "bench.test",
                                       "--max-connections", "5000", "--workers", str(workers),
                                       "--data-size-limit", "0",
@@ -381,11 +383,7 @@ class Bench:
         count = self.args.archive_count
         versions = {"mms": MMS}
         if self.args.baseline:
-            versions["baseline"] = os.path.join(tempfile.mkdtemp(prefix="bench-base-"), "mms.py")
-            with open(versions["baseline"], "wb") as f:
-                f.write(subprocess.run(["git", "show", f"{self.args.baseline}:mms.py"],
-                                       cwd=os.path.dirname(MMS), check=True,
-                                       capture_output=True).stdout)
+            versions["baseline"] = self.baseline()
         print(f"## archive: {count} messages; seconds and peak RSS of each command")
         print(f"{'version':<10} {'command':<34} {'time':>10} {'peak RSS':>11}")
         for name, version in versions.items():  # purge empties the archive: one each
@@ -481,6 +479,49 @@ class Bench:
         print(f"### SMTP, 20 sessions, 1 KB, archive of {archived}: "
               f"{alone['rate']:.0f} msg/s alone, {loaded['rate']:.0f} msg/s with two "
               f"reviewers ({loaded['rate'] / alone['rate']:.0%})")
+
+    def parse(self):
+        """What parsing and the words cost the SMTP path: quarantine mode storing 1 KB
+        and 100 KB messages at 20 sessions, with --index-text at its default, with
+        --index-text 0, and (--baseline REV) the mms.py of that revision; then
+        reindex and `list --text` on an archive of --parse-count messages."""
+        servers = {"mms-store": self.servers["mms-store"],
+                   "index-text 0": self.mms("mongo-quarantine", "--mongo-host", self.uri,
+                                            "--mongo-database", "bench_notext",
+                                            "--index-text", "0")}
+        if self.args.baseline:
+            servers["baseline"] = self.mms("mongo-quarantine", "--mongo-host", self.uri,
+                                           "--mongo-database", "bench_base",
+                                           program=self.baseline())
+        try:
+            print("## parse: 20 sessions, new connections; msg/s, CPU ms/msg, peak RSS")
+            for size in (1024, 102400):
+                results = {name: measure(server, 20, self.args.count, size, False)
+                           for name, server in servers.items()}
+                for name, r in results.items():
+                    print(f"{size // 1024:>4} KB {name:<14} {r['rate']:7.0f} msg/s "
+                          f"{r['cpu_ms']:6.2f} ms {r['rss_mb']:5.0f} MB "
+                          f"{r['rate'] / results['mms-store']['rate']:5.0%} of mms-store",
+                          flush=True)
+        finally:
+            for name, server in servers.items():
+                if name != "mms-store":
+                    server.stop()
+        count = self.args.parse_count
+        self.fill_console(count)
+        for command in (["reindex"], ["list", "--text", "invoice", "--limit", "1"],
+                        ["list", "--text", "invoice", "--limit", "1", "--since", "1d"]):
+            seconds, rss = self.run_command(MMS, command, "bench_console")
+            rate = f", {count / seconds:.0f} msg/s" if command == ["reindex"] else ""
+            print(f"{' '.join(command):<48} {seconds:8.1f} s {rss / 1024:5.0f} MB{rate}")
+
+    def baseline(self):
+        path = os.path.join(tempfile.mkdtemp(prefix="bench-base-"), "mms.py")
+        with open(path, "wb") as f:
+            f.write(subprocess.run(["git", "show", f"{self.args.baseline}:mms.py"],
+                                   cwd=os.path.dirname(MMS), check=True,
+                                   capture_output=True).stdout)
+        return path
 
     def web_console(self):
         sys.path.insert(0, os.path.dirname(MMS))
@@ -580,7 +621,7 @@ class Bench:
 
 
 PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics", "floor",
-         "archive", "console")
+         "archive", "console", "parse")
 CONSOLE_WORDS = ("invoice", "meeting", "report", "delivery", "password", "holiday")
 CONSOLE_SEARCHES = [   # (name, query string): one for each kind of filter
     ("sender=@domain", "sender=%40sender7.example"),
@@ -608,8 +649,10 @@ def main():
     parser.add_argument("--console-counts", type=lambda text: [int(n) for n in text.split(",")],
                         default=[10000, 50000, 200000],
                         help="console part: the archives' sizes (10000,50000,200000)")
+    parser.add_argument("--parse-count", type=int, default=200000,
+                        help="parse part: messages reindex and list --text read (200000)")
     parser.add_argument("--baseline", metavar="REV",
-                        help="archive part: also run the mms.py of this git revision")
+                        help="archive and parse parts: also run the mms.py of this git revision")
     parser.add_argument("--only", action="append", choices=PARTS,
                         help="run only this part (repeatable; default: all)")
     args = parser.parse_args()
@@ -617,6 +660,7 @@ def main():
         args.count = args.peer_count = 500
         args.archive_count = 6000
         args.console_counts = [10000]
+        args.parse_count = 10000
     for tool in ("smtp-source", "smtp-sink", "nx-27017"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (see the docstring for what to install)")
