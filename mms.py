@@ -2056,16 +2056,20 @@ class MimeScan:
             self.errors.append(text)
 
     def feed(self, piece):
-        lines = (self.rest + piece).split(b"\n")
-        self.rest = lines.pop()
-        for line in lines:
-            self.line(line + b"\n")
-        self.lines += len(lines)
-        if self.lines > 10000:
-            self.lines = 0
-            if time.monotonic() > self.deadline:
+        """A line at a time, each made when it is read: a megabyte of two-byte lines
+        is never a list of half a million."""
+        data, at = self.rest + piece, 0
+        while (end := data.find(b"\n", at)) >= 0:
+            self.line(data[at:end + 1])
+            at = end + 1
+            self.lines += 1
+            if self.lines % 10000 == 0 and time.monotonic() > self.deadline:
                 raise StopParse(f"parsing stopped after {PARSE_SECONDS} s: the rest is "
                                 f"not looked into")
+        self.rest = data[at:]
+        if len(self.rest) > PART_HEAD_MAX:       # a line with no end: read in pieces
+            self.line(self.rest)
+            self.rest = b""
 
     def close(self):
         if self.rest:
@@ -2203,7 +2207,7 @@ class MimeScan:
                 "index_text": self.text_max, **({"text": text} if text else {})}
 
 
-PARAM_RE = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)')
+MIME_PARAM_RE = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)')
 
 
 def content_type(raw, default):
@@ -2214,7 +2218,7 @@ def content_type(raw, default):
     value, _, rest = text.partition(";")
     kind = value.strip().lower()[:100] or default
     params, pieces = {}, {}
-    for match in itertools.islice(PARAM_RE.finditer(rest), 100):
+    for match in itertools.islice(MIME_PARAM_RE.finditer(rest), 100):
         name, value = match.group(1).lower(), match.group(2).strip()
         if value.startswith('"'):
             value = re.sub(r"\\(.)", r"\1", value[1:-1])

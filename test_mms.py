@@ -1950,7 +1950,8 @@ class TestQuarantineStorage(MongoCase):
             "verdict": "clean", "client_hex": "00000000000000000000ffff8b81ec44",
             # the seed's "completed" document, and the words --text finds
             "files": [], "files_count": 0, "is_bounce": 0, "parsing_errors": [],
-            "errors_count": 0, "completed": 1, "index_text": 32768, "text": "hi"})
+            "errors_count": 0, "completed": 1, "index_text": 32768,
+            "text": "Provident tempora hi"})
 
     def test_every_metadata_field_without_xforward(self):
         reply = self.send_message(self.raw(), b"no headers at all\r\n")
@@ -4433,6 +4434,10 @@ class TestContentSearch(ArchiveCase):
         for name in ("text", "attachment", "attachment_type", "attachment_sha256", "bounce"):
             self.assertIn(f'name="{name}"', form)
         self.assertIn('value="zanzibar"', form)
+        self.server.mode.store.tally.flush()
+        top = mms.dashboard_data(archive)["top"]["attachment-type"]
+        self.assertEqual(top[0], {"group": "application/pdf", "messages": 2})
+        self.assertIn("Top attachment types", mms.render_dashboard(mms.dashboard_data(archive)))
 
 
 class TestCheck(MongoCase):
