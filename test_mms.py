@@ -4570,6 +4570,23 @@ class TestArchiveQueries(ArchiveCase):
             self.assertEqual(field, "received")
             self.assertIsInstance(window["$gte"], datetime.datetime)
 
+    def test_stats_spill_to_disk_and_the_digest_reads_what_it_prints(self):
+        tap, uri = self.tapped()
+        self.assertEqual(self.mms("stats", "--by", "sender", uri=uri)[0], 0)
+        aggregates = tap.sent("aggregate", "message")
+        self.assertEqual(len(aggregates), 2)
+        self.assertTrue(all(c["allowDiskUse"] for c in aggregates))
+        secret = os.path.join(tempfile.mkdtemp(), "web-secret")
+        self.addCleanup(shutil.rmtree, os.path.dirname(secret))
+        with mms.private(secret) as f:
+            f.write(base64.b64encode(os.urandom(32)))
+        code, out, err = self.mms("digest", "--url", "https://quarantine.example.org/",
+                                  "--rcpt-domain", "y.com", "--web-secret", secret,
+                                  "--dry-run", uri=uri)
+        self.assertEqual(code, 0, err)
+        [find] = tap.sent("find", "message")
+        self.assertEqual(set(find["projection"]), set(mms.DIGEST_FIELDS))
+
     def test_stats_of_a_document_another_tool_wrote(self):
         self.db["message"].insert_one({"store_key": "k" * 64, "received": "yesterday",
                                        "size": "big"})

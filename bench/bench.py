@@ -482,13 +482,13 @@ class Bench:
 
     def parse(self):
         """What parsing and the words cost the SMTP path: quarantine mode storing 1 KB
-        and 100 KB messages at 20 sessions, with --index-text at its default, with
-        --index-text 0, and (--baseline REV) the mms.py of that revision; then
+        and 100 KB messages at 20 sessions, with --index-text at its default, 8192
+        and 0, and (--baseline REV) the mms.py of that revision; then
         reindex and `list --text` on an archive of --parse-count messages."""
         servers = {"mms-store": self.servers["mms-store"],
-                   "index-text 0": self.mms("mongo-quarantine", "--mongo-host", self.uri,
-                                            "--mongo-database", "bench_notext",
-                                            "--index-text", "0")}
+                   **{f"index-text {n}": self.mms("mongo-quarantine", "--mongo-host", self.uri,
+                                                   "--mongo-database", f"bench_text{n}",
+                                                   "--index-text", str(n)) for n in (8192, 0)}}
         if self.args.baseline:
             servers["baseline"] = self.mms("mongo-quarantine", "--mongo-host", self.uri,
                                            "--mongo-database", "bench_base",
