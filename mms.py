@@ -272,7 +272,7 @@ def _write_concern(value):
     return text
 
 
-INDEX_TEXT = 32 * 1024   # --index-text: a message's words kept for searches (README, "Words")
+INDEX_TEXT = 8 * 1024    # --index-text: a message's words kept for searches (README, "Words")
 
 # (flag, variable, default, type, help). The variable gives the default; the flag wins.
 OPTIONS = [
@@ -4212,7 +4212,7 @@ class Archive:
     def search(self, query, limit=0, projection=None, by_score=False):
         """Newest first, from the index: the limit goes to MongoDB, so the first line
         comes from the index, not from a sort of every match. by_score: the best
-        --text match first. The words kept for --text (up to 32 KiB a message) are
+        --text match first. The words kept for --text (up to 8 KiB a message) are
         left on the server unless asked for."""
         if "$text" in query and self.cfg.text_search == "atlas":
             return self.aggregate(self.atlas(query) + [

@@ -1950,7 +1950,7 @@ class TestQuarantineStorage(MongoCase):
             "verdict": "clean", "client_hex": "00000000000000000000ffff8b81ec44",
             # the seed's "completed" document, and the words --text finds
             "files": [], "files_count": 0, "is_bounce": 0, "parsing_errors": [],
-            "errors_count": 0, "completed": 1, "index_text": 32768,
+            "errors_count": 0, "completed": 1, "index_text": 8192,
             "text": "Provident tempora hi"})
 
     def test_every_metadata_field_without_xforward(self):
