@@ -252,6 +252,18 @@ def _choice(*choices):
     return check
 
 
+def _zone(value):
+    """A time zone by its IANA name, from the system's tz database."""
+    import zoneinfo
+    if not isinstance(value, str):
+        return value
+    try:
+        return UTC if value.strip().upper() == "UTC" else zoneinfo.ZoneInfo(value.strip())
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        raise argparse.ArgumentTypeError(f"not a time zone of /usr/share/zoneinfo: {value!r}") \
+            from None
+
+
 def _names(value):
     return value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -323,6 +335,8 @@ OPTIONS = [
     ("--web-key", "MMS_WEB_KEY", "", str, "`mms.py web`: the key of --web-cert, if apart"),
     ("--web-secret", "MMS_WEB_SECRET", "", str,
      "`mms.py web` and `digest`: the file of the key that signs quarantine report links"),
+    ("--web-timezone", "MMS_WEB_TIMEZONE", "UTC", _zone,
+     "`mms.py web`: the time zone the console shows times in, e.g. Europe/Paris"),
     ("--web-allow", "MMS_WEB_ALLOW", "", _networks,
      "`mms.py web`: clients allowed to connect, IPs or CIDRs (default: everyone)"),
     ("--statsd", "MMS_STATSD", "", _scanner,
@@ -5278,7 +5292,7 @@ def mbox_entries(archive, docs):
 
 WEB_HEADERS = {  # on every HTML answer: no script, no framing, nothing guessed
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; "
-                               "form-action 'self'; frame-ancestors 'none'",
+                               "form-action 'self'; frame-ancestors 'none'; frame-src 'self'",
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store"}
 WEB_SESSION_SECONDS = 8 * 3600
@@ -5360,6 +5374,7 @@ class WebServer(BoundedHTTPServer):
         self.users = read_web_users(cfg.web_users)
         self.secret = web_secret(cfg.web_secret) if cfg.web_secret else None
         self.sessions, self.failures, self.cache = {}, {}, {}
+        self.zone = cfg.web_timezone
         self.lock, self.hashing = threading.Lock(), threading.BoundedSemaphore(WEB_HASHING_MAX)
         self.closed, self.login_key = threading.Event(), os.urandom(32)
         super().__init__("--web", cfg.web, WebHandler, cfg.web_allow)
@@ -5498,7 +5513,9 @@ table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.25em 
 text-align:left;vertical-align:top}pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;
 word-break:break-all;max-height:30em;overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:2em}
 .error{color:#a00}form.inline{display:inline}input,button{font:inherit}
-.totals td{font-size:1.3em}.muted{color:#777}td,th,pre,h1,bdi{unicode-bidi:isolate}"""
+.totals td{font-size:1.3em}.muted{color:#777}td,th,pre,h1,bdi{unicode-bidi:isolate}
+.warning{background:#fff0c0}iframe.preview{width:100%;height:28em;border:1px solid #ccc}
+details{margin:.5em 0}summary{cursor:pointer;font-weight:600}"""
 
 
 WEB_ROUTES = []   # (method, path as a regular expression, handler name, who may), by @route
@@ -5518,6 +5535,7 @@ class WebHandler(BoundedHandler):
 
     timeout, HEAD_SECONDS = 10, 10
     BODY_MAX, BODY_SECONDS = 64 * 1024, 30      # a form or an API request
+    policy = None                               # a Content-Security-Policy of its own
 
     def handle(self):
         if self.server.tls and not self.handshake(time.monotonic() + self.HEAD_SECONDS):
@@ -5545,9 +5563,11 @@ class WebHandler(BoundedHandler):
                 self.request.settimeout(self.timeout)
 
     def end_headers(self):
-        """Every answer, the stdlib's own errors too, carries the security headers."""
+        """Every answer, the stdlib's own errors too, carries the security headers;
+        the HTML preview its own policy (self.policy) instead of the console's."""
         for name, value in self.server.headers:
-            self.send_header(name, value)
+            self.send_header(name, self.policy if name == "Content-Security-Policy"
+                             and self.policy else value)
         super().end_headers()
         self.answering = True
 
@@ -5560,7 +5580,7 @@ class WebHandler(BoundedHandler):
     def dispatch(self, method):
         path, _, query = self.path.partition("?")
         self.params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
-        self.answering = False
+        self.answering, self.policy = False, None
         try:
             for verb, pattern, name, open_to in WEB_ROUTES:
                 match = pattern.fullmatch(path)
@@ -5685,9 +5705,33 @@ class WebHandler(BoundedHandler):
     @route("GET", r"/messages/([0-9a-f]{64})")
     def get_message(self, key):
         doc = self.doc(key)
-        head, parts = message_parts(self.server.archive, doc)
+        view = MimeView(self.server.archive, doc)
         csrf = self.user["csrf"] if self.user["role"] == "admin" else None
-        self.page(doc.get("subject") or key, render_message(key, doc, head, parts, csrf))
+        self.page(doc.get("subject") or key, render_message(key, doc, view, csrf,
+                                                            self.server.zone))
+
+    @route("GET", r"/messages/([0-9a-f]{64})/preview")
+    def get_preview(self, key):
+        """The HTML part, in a sandbox of its own: no script, form, remote load or
+        navigation, whatever the HTML says (PREVIEW_CSP, Preview)."""
+        view = MimeView(self.server.archive, self.doc(key))
+        if view.html is None:
+            raise HTTPError(404, "this message has no HTML part")
+        self.policy = PREVIEW_CSP
+        self.send(200, Preview(view.html, view.images).html.encode("utf-8", "replace"),
+                  "text/html; charset=utf-8")
+
+    @route("GET", r"/messages/([0-9a-f]{64})/parts/([0-9]{1,5})")
+    def get_part(self, key, number):
+        """An attachment on its own, as bytes to save, never to open in the browser."""
+        files = MimeView(self.server.archive, self.doc(key)).files
+        if int(number) >= len(files):
+            raise HTTPError(404, "no such attachment")
+        name = BIDI_CONTROL_RE.sub("", files[int(number)]["name"] or "attachment")
+        plain = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "attachment"
+        self.send(200, files[int(number)]["payload"], "application/octet-stream", [
+            ("Content-Disposition", f"attachment; filename=\"{plain}\"; "
+                                    f"filename*=UTF-8''{urllib.parse.quote(name[:200])}")])
 
     @route("GET", r"/messages/([0-9a-f]{8,63})")
     def get_prefix(self, prefix):
@@ -5952,21 +5996,6 @@ def render_search(params, page, docs, more):
 <th></th></tr>{rows}</table>{link}"""
 
 
-def render_message(key, doc, head, parts, csrf=None):
-    """One message: an admin's actions (given the CSRF token), the fields, the header,
-    the parts."""
-    release = ('<input name="to" placeholder="to (optional)"><label><input type="checkbox" '
-               'name="again" value="1"> again</label>')
-    actions = "".join(render_form(
-        f"/messages/{key}/{name}", csrf, extra,
-        f'<button type="submit" name="do" value="{name}">{name}</button>', "inline") + " "
-        for name, extra in (("hold", ""), ("unhold", ""), ("delete", ""),
-                            ("release", release))) if csrf else ""
-    return f"""<p>{actions}
-<a href="/messages/{h(key)}/raw">Download the message</a></p>
-{field_table(doc)}<h3>Header</h3><pre>{h(head)}</pre>{parts}"""
-
-
 def web_when(value, name):
     if not value:
         return None
@@ -6088,48 +6117,294 @@ def field_table(doc):
     return f"<table>{rows}</table>"
 
 
+class MimeView:
+    """A stored message as the console shows it, read once (at most WEB_VIEW_MAX):
+    its header as text, its text parts, its first HTML part and the images it
+    names by cid:, and its attachments with what their first bytes say they are.
+    Hostile MIME never stops the page (a sender would hide a message from
+    review): a part that cannot be decoded is shown as its bytes with the reason,
+    and a message nested too deep for the parser as its text."""
 
+    def __init__(self, archive, doc):
+        import email
+        import email.policy
+        data, cut = bytearray(), False
+        for piece in archive.pieces(doc):
+            data += piece
+            if len(data) > WEB_VIEW_MAX:
+                data, cut = data[:WEB_VIEW_MAX], True
+                break
+        data = bytes(data)
+        head = header_block(data)
+        self.fields = header_values(head, (b"from", b"to", b"cc"))
+        self.head = "\n".join(f"{name}: {decode_header_value(value)}" for name, value in
+                              header_pairs(head))
+        self.notes = [f"Shown: the first {WEB_VIEW_MAX} bytes; download the message for the "
+                      f"rest."] if cut else []
+        self.texts, self.files, self.html, self.images = [], [], None, {}
+        try:
+            message = email.message_from_bytes(data, policy=email.policy.compat32)
+        except RecursionError:
+            self.texts.append(("Body, as text", f"<pre>{h(data[len(head):].decode('utf-8', 'replace'))}</pre>"))
+            self.notes.append("Its MIME parts are nested too deep to be shown one by one.")
+            return
+        for part in mime_leaves(message, self.notes):
+            self.add(part)
 
-def message_parts(archive, doc):
-    """(the header as text, HTML for the text parts and the attachments): text/plain
-    decoded, HTML as escaped source, never rendered; at most WEB_VIEW_MAX read.
-    Hostile MIME never stops the page (a sender would hide a message from review):
-    a part that cannot be decoded is shown as its bytes with the reason, and a
-    message nested too deep for the parser as its text."""
-    import email
-    import email.policy
-    data, cut = bytearray(), False
-    for piece in archive.pieces(doc):
-        data += piece
-        if len(data) > WEB_VIEW_MAX:
-            data, cut = data[:WEB_VIEW_MAX], True
-            break
-    data = bytes(data)
-    head = header_block(data)
-    text = "\n".join(f"{name}: {decode_header_value(value)}" for name, value in
-                     header_pairs(head))
-    notes = [f"Shown: the first {WEB_VIEW_MAX} bytes; download the message for the rest."
-             ] if cut else []
-    try:
-        message = email.message_from_bytes(data, policy=email.policy.compat32)
-    except RecursionError:
-        body = data[len(head):].decode("utf-8", "replace")
-        return text, (f"<h3>Body, as text</h3><pre>{h(body)}</pre><p class=\"error\">Its MIME "
-                      f"parts are nested too deep to be shown one by one.</p>")
-    parts, files = [], []
-    for part in mime_leaves(message, notes):
+    def add(self, part):
         kind, payload = part.get_content_type(), part.get_payload(decode=True) or b""
         name = part_filename(part)
+        cid = str(part.get("Content-ID") or "").strip().strip("<>").lower()
+        if cid and kind.startswith("image/") and len(self.images) < 100:
+            self.images[cid] = (kind, payload)
         if name or kind not in ("text/plain", "text/html"):
-            files.append(f"<tr><td>{h(name)}</td><td>{h(kind)}</td><td>{len(payload)}</td></tr>")
-            continue
-        label = "Text" if kind == "text/plain" else "HTML, as source (not rendered)"
-        parts.append(f"<h3>{h(label)}</h3>{part_text(part, payload)}")
-    if files:
-        parts.append("<h3>Attachments</h3><table><tr><th>name</th><th>type</th><th>bytes</th>"
-                     "</tr>" + "".join(files) + "</table>")
-    parts += [f'<p class="muted">{h(note)}</p>' for note in notes]
-    return text, "".join(parts)
+            sniff = sniffed(payload[:16])
+            self.files.append({"name": name, "kind": kind, "size": len(payload),
+                               "sha256": hashlib.sha256(payload).hexdigest(), "sniff": sniff,
+                               "warning": file_warning(name, kind, sniff), "payload": payload})
+        elif kind == "text/plain":
+            self.texts.append(("Text", part_text(part, payload)))
+        else:
+            if self.html is None:
+                self.html = decoded(payload, part.get_content_charset() or "utf-8")
+            self.texts.append(("HTML source", part_text(part, payload)))
+
+
+def render_message(key, doc, view, csrf=None, zone=UTC):
+    """One message as a mail client shows it (who, when, what the scanners said, what
+    was done with it), the HTML part in a sandboxed preview with its links and
+    remote images told, the attachments; the stored fields, the header and each
+    part's source one click away. An admin's actions come with the CSRF token."""
+    release = ('<input name="to" placeholder="to (optional)" aria-label="release to">'
+               '<label><input type="checkbox" name="again" value="1"> again</label>')
+    held = is_held(doc)
+    actions = "".join(render_form(
+        f"/messages/{key}/{name}", csrf, extra,
+        f'<button type="submit" name="do" value="{name}">{name}</button>', "inline") + " "
+        for name, extra in (("unhold" if held else "hold", ""), ("delete", ""),
+                            ("release", release))) if csrf else ""
+    texts = "".join(f"<details{' open' if label == 'Text' else ''}><summary>{h(label)}"
+                    f"</summary>{body}</details>" for label, body in view.texts)
+    notes = "".join(f'<p class="muted">{h(note)}</p>' for note in view.notes)
+    return f"""<p>{actions}
+<a href="/messages/{h(key)}/raw">Download the message</a></p>
+{summary_table(doc, view, zone)}{preview_section(key, view)}{files_table(key, view.files)}
+{texts}<details><summary>Header</summary><pre>{h(view.head)}</pre></details>
+<details><summary>All stored fields</summary>{field_table(doc)}</details>{notes}"""
+
+
+def summary_table(doc, view, zone):
+    """What a reviewer reads first, as sentences and names, not JSON."""
+    def when(value):
+        return f"{value.astimezone(zone):%d %b %Y %H:%M} {zone}" \
+            if isinstance(value, datetime.datetime) else "-"
+    header = {name.decode(): decode_header_value(value) for name, value in view.fields.items()}
+    rcpts = ", ".join(map(str, doc.get("rcpt") or [])) or "-"
+    rows = [("From", f"{header.get('from', '-')} (envelope: {doc.get('sender') or '<>'})"),
+            ("To", f"{header.get('to', '-')} (envelope: {rcpts})"),
+            ("Subject", doc.get("subject") or "-"), ("Date", when(doc.get("sent"))),
+            ("Received", f"{when(doc.get('received'))} from {doc.get('client_address', '-')}"),
+            ("Size", human_size(doc.get("size"))), ("Verdict", verdict_sentence(doc))]
+    if doc.get("quarantine") or doc.get("quarantine_id"):
+        rows.append(("Quarantine", f"{doc.get('quarantine', '-')}, ID "
+                                   f"{doc.get('quarantine_id') or '-'}"))
+    rows += [("History", line) for line in history(doc, when)]
+    cells = "".join(f"<tr><th>{h(name)}</th><td>{h(value)}</td></tr>" for name, value in rows)
+    return f'<table class="summary">{cells}</table>'
+
+
+def verdict_sentence(doc):
+    said = [verdict(doc)]
+    if doc.get("virus"):
+        said.append("virus " + ", ".join(map(str, doc["virus"] if isinstance(doc["virus"], list)
+                                             else [doc["virus"]])))
+    if doc.get("spam_score") is not None:
+        said.append(f"spam score {doc['spam_score']}")
+    if doc.get("spam_tests"):
+        said.append(f"rules {doc['spam_tests']}")
+    return "; ".join(said)
+
+
+def history(doc, when):
+    """Holds and releases as sentences: 'released to bob@example.com by alice, ...'."""
+    lines = []
+    for field, done in (("held_by", "held"), ("unheld_by", "unheld")):
+        record = doc.get(field)
+        if isinstance(record, dict):
+            lines.append(f"{done} by {record.get('user', '?')}, {when(record.get('at'))}")
+    for record in doc.get("released") or []:
+        if isinstance(record, dict):
+            to = ", ".join(map(str, record.get("to") or [])) or "its recipients"
+            lines.append(f"released to {to} by {record.get('by', '?')}, "
+                         f"{when(record.get('at'))} ({str(record.get('reply', ''))[:60]})")
+    return lines
+
+
+def preview_section(key, view):
+    if view.html is None:
+        return ""
+    preview = Preview(view.html, view.images)
+    remote = (f'<p class="warning">{preview.remote} remote image(s) not loaded</p>'
+              if preview.remote else "")
+    rows = "".join(f'<tr{" class=warning" if wrong else ""}><td>{h(text)}</td>'
+                   f"<td>{h(target)}</td><td>{h(wrong)}</td></tr>"
+                   for text, target, wrong in preview.links)
+    links = (f"<h3>Links</h3><table><tr><th>text</th><th>goes to</th><th></th></tr>{rows}"
+             f"</table>") if rows else ""
+    return (f'<h3>HTML preview</h3><iframe class="preview" sandbox title="HTML preview" '
+            f'referrerpolicy="no-referrer" src="/messages/{h(key)}/preview"></iframe>'
+            f"{remote}{links}")
+
+
+def files_table(key, files):
+    if not files:
+        return ""
+    rows = "".join(
+        f'<tr{" class=warning" if f["warning"] else ""}><td>{h(f["name"] or "(no name)")}</td>'
+        f'<td>{h(f["kind"])}</td><td>{h(f["sniff"] or "-")}</td><td>{h(human_size(f["size"]))}'
+        f'</td><td><code>{h(f["sha256"][:16])}</code></td><td>{h(f["warning"])}</td>'
+        f'<td><a href="/messages/{h(key)}/parts/{n}">download</a></td></tr>'
+        for n, f in enumerate(files))
+    return ("<h3>Attachments</h3><table><tr><th>name</th><th>declared</th><th>its bytes say"
+            "</th><th>size</th><th>sha256</th><th></th><th></th></tr>" + rows + "</table>")
+
+
+PREVIEW_CSP = ("sandbox; default-src 'none'; img-src data: cid:; style-src 'unsafe-inline'; "
+               "frame-ancestors 'self'")   # no script, form, remote load or navigation
+PREVIEW_INLINE_MAX = 2 * 2**20    # bytes of cid: images put into one preview
+LINKS_MAX = 500                   # links a message's page lists
+TAG_NAME_RE = re.compile(r"(/?)([A-Za-z][A-Za-z0-9-]{0,30})")
+ATTRIBUTE_RE = re.compile(r"""([^\s"'<>/=]+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s"'>]+))?""")
+REMOTE_CSS_RE = re.compile(r"""(?i)url\(\s*['"]?\s*(?:https?:)?//""")
+HREF_RE = re.compile(r"(?i)(\s)(href|action|formaction)(\s*=)")
+REMOTE_SRC_RE = re.compile(r"""(?i)(\s)(src|background|poster)(\s*=\s*["']?\s*(?:https?:)?//)""")
+CID_RE = re.compile(r"""(?i)cid:([^\s"'>)]+)""")
+HOST_IN_TEXT_RE = re.compile(r"(?i)^\s*(?:https?://)?((?:[a-z0-9-]+\.)+[a-z]{2,})(?:[/:?#]|\s*$)")
+RISKY_EXTENSIONS = {"exe", "scr", "com", "pif", "bat", "cmd", "js", "jse", "vbs", "vbe", "wsf",
+                    "hta", "msi", "jar", "ps1", "lnk", "iso", "img", "cpl", "reg", "dll"}
+MAGIC = [(b"%PDF-", "application/pdf"), (b"PK\x03\x04", "application/zip"),
+         (b"MZ", "application/x-msdownload"), (b"\x7fELF", "application/x-executable"),
+         (b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+         (b"GIF8", "image/gif"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "application/x-ole-storage"),
+         (b"Rar!\x1a\x07", "application/vnd.rar"), (b"7z\xbc\xaf\x27\x1c", "application/x-7z-compressed"),
+         (b"\x1f\x8b", "application/gzip"), (b"{\\rtf", "application/rtf")]
+
+
+def html_tags(text):
+    """(start, end, name, closing, attributes) of each tag, in one forward pass: a
+    '<' with no '>' after it ends the tags, so hostile HTML costs its length."""
+    at = 0
+    while (start := text.find("<", at)) >= 0:
+        end = text.find(">", start)
+        if end < 0:
+            return
+        found = TAG_NAME_RE.match(text, start + 1, end)
+        if found:
+            yield start, end + 1, found.group(2).lower(), bool(found.group(1)), \
+                text[found.end():end]
+        at = end + 1 if found else start + 1
+
+
+def attributes(text):
+    return {name.lower(): html.unescape(value.strip("\"'")) if value else ""
+            for name, value in ATTRIBUTE_RE.findall(text[:8192])}
+
+
+class Preview:
+    """An HTML part made safe to look at: links kept as text (their targets listed
+    beside, with the ones whose text names another host flagged), cid: images
+    put in as data: URIs, remote images counted (the sandbox's policy loads none),
+    refresh, base and form tags taken out."""
+
+    def __init__(self, text, images):
+        self.images, self.inlined = images, 0
+        self.links, self.remote, out, at, anchor = [], 0, [], 0, None
+        for start, end, name, closing, attrs in html_tags(text):
+            if anchor is not None and len(anchor[1]) < 200:
+                anchor[1] += " " + text[at:start][:200]
+            out.append(text[at:start])
+            out.append(self.tag(text[start:end], name, closing, attributes(attrs)
+                                if not closing else {}))
+            if name in ("a", "area") and not closing and len(self.links) < LINKS_MAX:
+                anchor = self.close(anchor)
+                anchor = [attributes(attrs).get("href"), ""]
+            elif name == "a" and closing:
+                anchor = self.close(anchor)
+            at = end
+        self.close(anchor)
+        out.append(text[at:])
+        self.remote += len(REMOTE_CSS_RE.findall(text))
+        self.html = "".join(out)
+
+    def close(self, anchor):
+        if anchor is not None and anchor[0] is not None:
+            shown = " ".join(html.unescape(anchor[1]).split())[:200]
+            self.links.append(link_row(shown, anchor[0][:2000]))
+        return None
+
+    def tag(self, tag, name, closing, attrs):
+        if closing:
+            return tag
+        if name in ("base", "form") or (name == "meta" and "http-equiv" in attrs):
+            return ""
+        for attribute in ("src", "background", "poster"):
+            value = attrs.get(attribute, "").strip().lower()
+            if value.startswith(("http:", "https:", "//")):
+                self.remote += 1
+        tag = REMOTE_SRC_RE.sub(r"\1data-mms-\2\3", tag)   # not even asked (the policy
+        return CID_RE.sub(self.cid, HREF_RE.sub(r"\1data-mms-\2\3", tag))   # blocks it too)
+
+    def cid(self, match):
+        found = self.images.get(urllib.parse.unquote(match.group(1)).strip("<>").lower())
+        if found is None or self.inlined + len(found[1]) > PREVIEW_INLINE_MAX:
+            return match.group(0)
+        self.inlined += len(found[1])
+        return f"data:{found[0]};base64,{base64.b64encode(found[1]).decode()}"
+
+
+def link_row(shown, target):
+    """(text, target, what is wrong): a text that names a host the target is not
+    on, or a target that is not a web address."""
+    try:
+        parts = urllib.parse.urlsplit(target.strip())
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return shown, target, "not a web address"
+    if parts.scheme.lower() not in ("http", "https", "mailto"):
+        return shown, target, f"not a web address ({parts.scheme or 'relative'})"
+    named = HOST_IN_TEXT_RE.match(shown)
+    named = named.group(1).lower() if named else ""
+    if named and host and host != named and not host.endswith("." + named):
+        return shown, target, f"text says {named}, goes to {host}"
+    return shown, target, ""
+
+
+def sniffed(head):
+    return next((kind for magic, kind in MAGIC if head.startswith(magic)), "")
+
+
+def file_warning(name, declared, sniff):
+    """Why an attachment deserves a second look, or ''."""
+    base = BIDI_CONTROL_RE.sub("", name).lower().rstrip(". ")
+    pieces = base.rsplit(".", 2)
+    if BIDI_CONTROL_RE.search(name):
+        return "its name hides its end (a bidi control)"
+    if len(pieces) > 1 and pieces[-1] in RISKY_EXTENSIONS:
+        double = f" behind .{pieces[-2]}" if len(pieces) > 2 and len(pieces[-2]) <= 4 else ""
+        return f"a program (.{pieces[-1]}){double}"
+    if sniff in ("application/x-msdownload", "application/x-executable") and \
+            sniff != declared:
+        return f"a program, declared {declared}"
+    return ""
+
+
+def human_size(size):
+    if not isinstance(size, int):
+        return "-"
+    for unit, scale in (("MB", 2**20), ("KB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def mime_leaves(message, notes):

@@ -5296,7 +5296,7 @@ class TestWebConsole(WebCase):
                 self.assertEqual(status, 200)
                 self.assertEqual(headers["Content-Security-Policy"],
                                  "default-src 'none'; style-src 'self'; img-src 'self' data:; "
-                                 "form-action 'self'; frame-ancestors 'none'")
+                                 "form-action 'self'; frame-ancestors 'none'; frame-src 'self'")
                 self.assertEqual((headers["X-Content-Type-Options"], headers["Referrer-Policy"]),
                                  ("nosniff", "no-referrer"))
                 text = body.decode()
@@ -5932,6 +5932,116 @@ class TestConsoleAtScale(WebCase):
             self.assertIsInstance(q["_id"], bson.ObjectId)
             self.assertEqual(q["store_key"], self.plain, q)
         self.assertEqual(len(self.tap.sent("findAndModify", "message")), 1)
+
+
+PNG_1PX = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
+PHISH = mime(
+    mime(b"Content-Type: text/plain\r\n\r\nYour account is locked.",
+         b"Content-Type: text/html; charset=utf-8\r\n\r\n"
+         b"<html><head><meta http-equiv=\"refresh\" content=\"0;url=http://198.51.100.7/go\">"
+         b"<base href=\"http://198.51.100.7/\"></head><body>"
+         b"<script>alert('preview')</script><img src=x onerror=\"alert('img')\">"
+         b"<p>Dear customer, sign in at <a href=\"http://paypa1.example/login\">www.paypal.com"
+         b"</a> or <a href='https://www.paypal.com/help'>help</a>.</p>"
+         b"<img id=\"logo\" src=\"cid:logo@x\" alt=\"logo\">"
+         b"<img src=\"http://198.51.100.7/track.png\"><div style=\"background:url("
+         b"'https://198.51.100.7/bg.png')\">x</div>"
+         b"<form action=\"http://198.51.100.7/steal\"><input name=p></form></body></html>",
+         b"Content-Type: image/png\r\nContent-ID: <logo@x>\r\nContent-Transfer-Encoding: "
+         b"base64\r\n\r\n" + base64.b64encode(PNG_1PX),
+         kind="related", boundary="rel"),
+    attachment(b'filename="invoice.pdf.exe"', b"MZ\x90\x00 a program", b"application/pdf"),
+    head=b"From: \"PayPal\" <service@paypa1.example>\r\nTo: <bob@example.com>\r\n"
+         b"Subject: Your account\r\nDate: Fri, 04 Dec 2026 14:54:08 +0000\r\n")
+
+
+class TestMessageView(WebCase):
+    """The message as a reviewer judges it: who and when in words, the HTML in a
+    sandbox that runs and loads nothing, its links with their real targets, its
+    attachments with what their bytes say, each one downloadable as bytes."""
+
+    def web_args(self):
+        return ["--web-timezone", "Europe/Paris"]
+
+    def setUp(self):
+        super().setUp()
+        self.phish = self.key(self.send_message(self.raw(), PHISH, sender="bounce@paypa1.example",
+                                                rcpts=("bob@example.com",)))
+
+    def test_the_summary_reads_like_a_mail_client(self):
+        cookie = self.login()
+        self.assertEqual(self.http("POST", f"/messages/{self.phish}/release",
+                                   {"csrf": self.csrf(cookie)}, cookie=cookie)[0], 303)
+        page = self.http("GET", f"/messages/{self.phish}", cookie=cookie)[2].decode()
+        rows = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)</td></tr>",
+                               page.split('<table class="summary">')[1].split("</table>")[0]))
+        self.assertEqual(rows["From"], "&quot;PayPal&quot; &lt;service@paypa1.example&gt; "
+                                       "(envelope: bounce@paypa1.example)")
+        self.assertEqual(rows["Date"], "04 Dec 2026 15:54 Europe/Paris")
+        self.assertRegex(rows["Size"], r"^[0-9.]+ KB$")
+        self.assertEqual(rows["Verdict"], "clean")
+        self.assertRegex(rows["History"], r"^released to bob@example.com by admin, "
+                                          r"[0-9]{2} \w{3} 20[0-9]{2} [0-9:]{5} Europe/Paris \(250")
+        self.assertIn("<summary>All stored fields</summary>", page)
+
+    def test_the_preview_runs_nothing_loads_nothing_and_tells_the_links(self):
+        cookie = self.login("viewer")
+        status, headers, body = self.http("GET", f"/messages/{self.phish}/preview", cookie=cookie)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Security-Policy"], mms.PREVIEW_CSP)
+        preview = body.decode()
+        self.assertIn("data:image/png;base64," + base64.b64encode(PNG_1PX).decode(), preview)
+        for gone in ("http-equiv", "<base", "<form", " href="):
+            self.assertNotIn(gone, preview)
+        page = self.http("GET", f"/messages/{self.phish}", cookie=cookie)[2].decode()
+        self.assertIn('<iframe class="preview" sandbox', page)
+        self.assertIn("2 remote image(s) not loaded", page)
+        self.assertIn("<td>www.paypal.com</td><td>http://paypa1.example/login</td>"
+                      "<td>text says www.paypal.com, goes to paypa1.example</td>", page)
+        self.assertIn("<td>help</td><td>https://www.paypal.com/help</td><td></td>", page)
+
+    def test_in_chromium_the_preview_runs_nothing_and_loads_nothing_remote(self):
+        page = TestWebConsoleInBrowser.browser(self)
+        asked, failed = [], {}
+        page.on("request", lambda request: asked.append(request.url))
+        page.on("requestfailed", lambda request: failed.__setitem__(request.url,
+                                                                     request.failure))
+        base = f"http://127.0.0.1:{self.web_port}"
+        page.goto(base + "/login")
+        page.fill("input[name=user]", "viewer")
+        page.fill("input[name=password]", self.PASSWORDS["viewer"])
+        page.click("button[type=submit]")
+        page.wait_for_url(base + "/")
+        page.goto(f"{base}/messages/{self.phish}")
+        frame = page.frame_locator("iframe.preview")
+        self.assertEqual(frame.locator("a").first.inner_text(), "www.paypal.com")
+        self.assertEqual(frame.locator("#logo").evaluate("img => img.naturalWidth"), 1)  # cid:
+        frame.locator("a").first.click()                  # a link in the preview goes nowhere
+        page.wait_for_timeout(300)
+        self.assertEqual(page.url, f"{base}/messages/{self.phish}")
+        remote = [url for url in asked if "198.51.100.7" in url or "paypa1" in url]
+        self.assertEqual(remote, ["https://198.51.100.7/bg.png"])   # a CSS url(): the
+        self.assertEqual(failed[remote[0]], "csp")          # browser refused it
+        self.assertEqual(self.dialogs, [])                # no script ran
+        TestWebConsoleInBrowser.shoot(self, page, "preview.png")
+
+    def test_attachments_say_what_their_bytes_are_and_download_as_bytes(self):
+        cookie = self.login("viewer")
+        page = self.http("GET", f"/messages/{self.phish}", cookie=cookie)[2].decode()
+        self.assertIn("<td>invoice.pdf.exe</td><td>application/pdf</td>"
+                      "<td>application/x-msdownload</td>", page)
+        self.assertIn("a program (.exe) behind .pdf", page)
+        files = re.findall(rf'href="(/messages/{self.phish}/parts/[0-9]+)"', page)
+        status, headers, body = self.http("GET", files[-1], cookie=cookie)
+        self.assertEqual((status, body), (200, b"MZ\x90\x00 a program"))
+        self.assertEqual(headers["Content-Type"], "application/octet-stream")
+        self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+        self.assertEqual(headers["Content-Disposition"],
+                         "attachment; filename=\"invoice.pdf.exe\"; "
+                         "filename*=UTF-8''invoice.pdf.exe")
+        self.assertEqual(self.http("GET", f"/messages/{self.phish}/parts/99",
+                                   cookie=cookie)[0], 404)
 
 
 class TestConsoleDownloads(WebCase):
