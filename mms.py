@@ -503,7 +503,8 @@ def build_parser():
                          help="release: the SMTP server to send through (default 127.0.0.1:25; "
                               "in filter mode --remote-host and --remote-port)")
     archive("--force", action="store_true", help="release: again")
-    archive("--role", choices=("admin", "viewer"), default="admin",
+    archive("--domains", help="web-user: only mail for these domains (example.com,example.net)")
+    archive("--role", choices=("admin", "reviewer", "viewer"), default="admin",
             help="web-user: admin (the default) may hold, release and delete; viewer reads")
     archive("--format", choices=("mbox", "eml"), default="mbox",
             help="export: one mbox on stdout (mboxrd), or one .eml per message in --output")
@@ -5331,9 +5332,13 @@ def password_matches(stored, password):
 NOBODY = hash_password("")  # compared for an unknown name, so that it takes as long
 
 
+ROLES = {"viewer": 0, "reviewer": 1, "admin": 2}   # each may what the one before may
+
+
 def read_web_users(path):
-    """{name: (hash, role)} from lines 'name:hash' or 'name:hash:role', in a file
-    only its owner may read: the hashes are worth guessing at offline."""
+    """{name: (hash, role, domains)} from lines 'name:hash[:role[:domains]]', in a
+    file only its owner may read: the hashes are worth guessing at offline.
+    domains (example.com,example.net) limits the user to mail for them."""
     users = {}
     lines = read_private("--web-users", path).decode("utf-8", "replace").splitlines()
     for number, line in enumerate(lines, 1):
@@ -5341,16 +5346,22 @@ def read_web_users(path):
         if not line or line.startswith(("#", ";")):
             continue
         name, _, rest = line.partition(":")
-        digest, _, role = rest.partition(":")
-        if not name or not digest.startswith("scrypt$") or role not in ("", "admin", "viewer"):
-            raise ConfigError(f"--web-users {path}, line {number}: not name:hash or name:hash:role "
+        digest, _, rest = rest.partition(":")
+        role, _, domains = rest.partition(":")
+        domains = tuple(d.strip().lower() for d in domains.split(",") if d.strip())
+        if not name or not digest.startswith("scrypt$") or (role or "admin") not in ROLES \
+                or not all(DOMAIN_RE.fullmatch(d) for d in domains):
+            raise ConfigError(f"--web-users {path}, line {number}: not name:hash[:role[:domains]] "
                               f"(see mms.py web-user)")
-        users[name] = (digest, role or "admin")
+        users[name] = (digest, role or "admin", domains)
     return users
 
 
-@command("web-user", "the users file's line for NAME, the password read from stdin", ("role",),
-         key="NAME", opens_archive=False)
+DOMAIN_RE = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)+")
+
+
+@command("web-user", "the users file's line for NAME, the password read from stdin",
+         ("role", "domains"), key="NAME", opens_archive=False)
 def archive_web_user(cfg, archive=None):
     """The users file's line for NAME: the password from stdin, never shown."""
     import getpass
@@ -5359,8 +5370,11 @@ def archive_web_user(cfg, archive=None):
     if not password or not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", cfg.key or ""):
         raise ConfigError(
             "web-user NAME, with a name of letters, digits and _.@- and a password on stdin")
-    role = "" if cfg.role == "admin" else ":" + cfg.role
-    print(f"{cfg.key}:{hash_password(password)}{role}")
+    domains = ",".join(d.strip().lower() for d in (cfg.domains or "").split(",") if d.strip())
+    if not all(DOMAIN_RE.fullmatch(d) for d in domains.split(",") if d):
+        raise ConfigError(f"--domains: not a list of domains: {cfg.domains}")
+    role = ":" + cfg.role if cfg.role != "admin" or domains else ""
+    print(f"{cfg.key}:{hash_password(password)}{role}{':' + domains if domains else ''}")
     return 0
 
 
@@ -5414,7 +5428,7 @@ class WebServer(BoundedHTTPServer):
             if len(recent) >= WEB_FAILURES_MAX:
                 self.failures[address].pop()
                 raise HTTPError(429, "too many failed logins from your address: wait")
-        digest, role = self.users.get(name, (NOBODY, None))
+        digest, role, domains = self.users.get(name, (NOBODY, None, ()))
         if not self.hashing.acquire(timeout=WEB_HASHING_WAIT):
             raise HTTPError(503, "too many logins at once: try again")
         try:
@@ -5424,14 +5438,15 @@ class WebServer(BoundedHTTPServer):
         if role and matches:
             with self.lock, contextlib.suppress(KeyError, ValueError):
                 self.failures[address].remove(now)
-            return name, role
+            return name, role, domains
         log.warning("web: failed login for %r from %s", name[:64], address)
         return None
 
-    def open_session(self, user, role):
+    def open_session(self, user, role, domains):
         token = os.urandom(24).hex()
         with self.lock:
-            self.sessions[token] = {"user": user, "role": role, "csrf": os.urandom(16).hex(),
+            self.sessions[token] = {"user": user, "role": role, "domains": domains,
+                                    "csrf": os.urandom(16).hex(),
                                     "expires": time.monotonic() + WEB_SESSION_SECONDS}
             while len(self.sessions) > WEB_SESSIONS_MAX:
                 del self.sessions[next(iter(self.sessions))]
@@ -5522,7 +5537,8 @@ WEB_ROUTES = []   # (method, path as a regular expression, handler name, who may
 
 
 def route(method, path, who="user"):
-    """Register a console page beside its handler: who is anyone, user or admin."""
+    """Register a console page beside its handler: who is anyone, user (any role),
+    or the least of ROLES it takes."""
     def register(handler):
         WEB_ROUTES.append((method, re.compile(path), handler.__name__, who))
         return handler
@@ -5586,8 +5602,8 @@ class WebHandler(BoundedHandler):
                 match = pattern.fullmatch(path)
                 if verb == method and match:
                     self.user = None if open_to == "anyone" else self.authenticate(path)
-                    if open_to == "admin" and self.user["role"] != "admin":
-                        raise HTTPError(403, "this takes an admin")
+                    if open_to in ROLES and ROLES[self.user["role"]] < ROLES[open_to]:
+                        raise HTTPError(403, f"this takes a {open_to}")
                     return getattr(self, name)(*match.groups())
             raise HTTPError(404, "no such page")
         except (ConnectionError, TimeoutError):
@@ -5628,7 +5644,8 @@ class WebHandler(BoundedHandler):
                     name, _, password = base64.b64decode(basic[6:]).decode().partition(":")
                     found = self.server.login(self.client_address[0], name, password)
                     if found:
-                        return {"user": found[0], "role": found[1], "csrf": None}
+                        return {"user": found[0], "role": found[1], "domains": found[2],
+                                "csrf": None}
             raise HTTPError(401, "log in, or send HTTP Basic credentials")
         raise WebRedirect("/login")
 
@@ -5682,6 +5699,8 @@ class WebHandler(BoundedHandler):
 
     @route("GET", r"/")
     def get_dashboard(self):
+        if self.user.get("domains"):       # the figures are of all the mail: not theirs
+            return self.redirect("/messages")
         data = self.server.cached("dashboard", lambda: dashboard_data(self.server.archive))
         self.page("Dashboard", render_dashboard(data))
 
@@ -5706,9 +5725,9 @@ class WebHandler(BoundedHandler):
     def get_message(self, key):
         doc = self.doc(key)
         view = MimeView(self.server.archive, doc)
-        csrf = self.user["csrf"] if self.user["role"] == "admin" else None
-        self.page(doc.get("subject") or key, render_message(key, doc, view, csrf,
-                                                            self.server.zone))
+        self.page(doc.get("subject") or key, render_message(
+            key, doc, view, self.user["csrf"], self.server.zone,
+            [action for action in ACTIONS if may(self.user["role"], action, doc)]))
 
     @route("GET", r"/messages/([0-9a-f]{64})/preview")
     def get_preview(self, key):
@@ -5736,7 +5755,8 @@ class WebHandler(BoundedHandler):
     @route("GET", r"/messages/([0-9a-f]{8,63})")
     def get_prefix(self, prefix):
         """A unique prefix of a store key, as `mms.py show` takes it: the message's page."""
-        self.redirect(f"/messages/{self.server.archive.resolve(prefix)['store_key']}")
+        key = self.server.archive.resolve(prefix)["store_key"]
+        self.redirect(f"/messages/{self.doc(key)['store_key']}")
 
     @route("GET", r"/messages/([0-9a-f]{64})/raw")
     def get_raw(self, key):
@@ -5748,10 +5768,11 @@ class WebHandler(BoundedHandler):
         for piece in self.server.archive.pieces(doc):
             self.wfile.write(piece)
 
-    @route("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete)", "admin")
+    @route("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete)", "reviewer")
     def post_action(self, key, action):
         fields, archive, user = self.form(), self.server.archive, self.user["user"]
         doc = self.doc(key)
+        allowed(self.user["role"], action, doc)
         by = {"user": user, "at": datetime.datetime.now(UTC), "via": "web"}
         if action in ("hold", "unhold"):
             archive.hold(doc, action == "hold", by=by)
@@ -5850,6 +5871,8 @@ class WebHandler(BoundedHandler):
 
     @route("GET", r"/api/stats")
     def get_api_stats(self):
+        if self.user.get("domains"):
+            raise HTTPError(403, "statistics are of all the mail: not for a user of some domains")
         since = web_when(self.params.get("since"), "since")
         by = self.params.get("by") or None
         if by is not None and by not in STATS_GROUPS:
@@ -5866,18 +5889,26 @@ class WebHandler(BoundedHandler):
         return docs[:WEB_PAGE], len(docs) > WEB_PAGE
 
     def doc(self, key):
+        """The message, if this user may see it: one outside a scoped user's domains
+        is not there for them (404, as a key that does not exist)."""
         if not STORE_KEY_RE.fullmatch(key):
             raise HTTPError(404, "no such message")
         doc = self.server.archive.find(key)
-        if doc is None:
+        domains = (self.user or {}).get("domains")
+        if doc is None or (domains and not set(doc.get("rcpt_domain") or ()) & set(domains)):
             raise HTTPError(404, f"no message with store_key {key}")
         return doc
+
+    def scope(self):
+        """A scoped user's searches: only mail for their domains, in the query."""
+        domains = self.user.get("domains")
+        return {"rcpt_domain": {"$in": list(domains)}} if domains else {}
 
     def search(self):
         """(the query, the filters as given) from the URL, from the page's start on."""
         page = {name: self.params[name].strip() for name in FILTERS
                 if (self.params.get(name) or "").strip()}
-        query = Filters.parse(page).query()
+        query = all_of(Filters.parse(page).query(), self.scope())
         after = web_when(self.params.get("before"), "before") if self.params.get("before") else None
         if after:
             skip = [i for i in (self.params.get("skip") or "").split(",") if re.fullmatch(
@@ -5952,6 +5983,23 @@ def render_page(title, body, nav="", said=None):
             f'{h(title)} - mms</title><link rel="stylesheet" href="/style.css"></head>'
             f'<body><header><strong>mms</strong>{nav}</header><main><h1>{h(title)}</h1>'
             f'{notice}{body}</main></body></html>')
+
+
+ACTIONS = ("hold", "unhold", "release", "delete")
+
+
+def may(role, action, doc):
+    """A reviewer holds and releases (but not a virus or banned mail); an admin does
+    everything; a viewer reads."""
+    if role == "admin":
+        return True
+    return role == "reviewer" and action in ("hold", "release") and \
+        (action == "hold" or verdict(doc) not in ("virus", "banned"))
+
+
+def allowed(role, action, doc):
+    if not may(role, action, doc):
+        raise HTTPError(403, f"a {role} cannot {action} this message: ask an admin")
 
 
 def render_form(action, csrf, inside, button, css=""):
@@ -6170,19 +6218,19 @@ class MimeView:
             self.texts.append(("HTML source", part_text(part, payload)))
 
 
-def render_message(key, doc, view, csrf=None, zone=UTC):
+def render_message(key, doc, view, csrf=None, zone=UTC, actions=ACTIONS):
     """One message as a mail client shows it (who, when, what the scanners said, what
     was done with it), the HTML part in a sandboxed preview with its links and
     remote images told, the attachments; the stored fields, the header and each
     part's source one click away. An admin's actions come with the CSRF token."""
     release = ('<input name="to" placeholder="to (optional)" aria-label="release to">'
                '<label><input type="checkbox" name="again" value="1"> again</label>')
-    held = is_held(doc)
+    shown = [name for name in ("unhold" if is_held(doc) else "hold", "delete", "release")
+             if name in actions]
     actions = "".join(render_form(
-        f"/messages/{key}/{name}", csrf, extra,
+        f"/messages/{key}/{name}", csrf, release if name == "release" else "",
         f'<button type="submit" name="do" value="{name}">{name}</button>', "inline") + " "
-        for name, extra in (("unhold" if held else "hold", ""), ("delete", ""),
-                            ("release", release))) if csrf else ""
+        for name in shown) if csrf else ""
     texts = "".join(f"<details{' open' if label == 'Text' else ''}><summary>{h(label)}"
                     f"</summary>{body}</details>" for label, body in view.texts)
     notes = "".join(f'<p class="muted">{h(note)}</p>' for note in view.notes)
