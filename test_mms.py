@@ -5203,7 +5203,8 @@ class WebCase(MongoCase):
         fd, users = tempfile.mkstemp(prefix="mms-users-")
         with os.fdopen(fd, "w") as f:
             f.write(f"admin:{mms.hash_password(self.PASSWORDS['admin'])}\n"
-                    f"viewer:{mms.hash_password(self.PASSWORDS['viewer'])}:viewer\n")
+                    f"viewer:{mms.hash_password(self.PASSWORDS['viewer'])}:viewer\n"
+                    + "".join(self.more_users()))
         self.addCleanup(os.unlink, users)
         self.users_file = users
         self.web_port = free_port()
@@ -5220,6 +5221,9 @@ class WebCase(MongoCase):
         self.addCleanup(self.web.shutdown)
 
     def web_args(self):
+        return []
+
+    def more_users(self):
         return []
 
     def web_uri(self):
@@ -5259,7 +5263,7 @@ class WebCase(MongoCase):
         return headers["Set-Cookie"].split(";")[0]
 
     def csrf(self, cookie):
-        body = self.http("GET", "/", cookie=cookie)[2].decode()
+        body = self.http("GET", "/messages", cookie=cookie)[2].decode()
         return re.search(r'name="csrf" value="([0-9a-f]+)"', body).group(1)
 
 
@@ -6042,6 +6046,71 @@ class TestMessageView(WebCase):
                          "filename*=UTF-8''invoice.pdf.exe")
         self.assertEqual(self.http("GET", f"/messages/{self.phish}/parts/99",
                                    cookie=cookie)[0], 404)
+
+
+class TestConsoleRoles(WebCase):
+    """viewer reads, reviewer holds and releases (never a virus or banned mail),
+    admin does everything; a user scoped to domains finds, counts and opens only
+    their mail, by page, by URL and by API alike."""
+
+    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor", "scoped": "hunter2 hunter2"}
+
+    def more_users(self):
+        return [f"reviewer:{mms.hash_password(self.PASSWORDS['reviewer'])}:reviewer\n",
+                f"scoped:{mms.hash_password(self.PASSWORDS['scoped'])}:reviewer:"
+                f"example.net,example.org\n"]
+
+    def setUp(self):
+        super().setUp()
+        self.virus = self.key(self.send_message(self.raw(), amavis_copy(
+            "invoice", ["alice@example.com"], alert="INFECTED, message contains virus: Eicar"),
+            rcpts=("virus-quarantine@example.net",)))
+        self.theirs = self.key(self.send_message(self.raw(), SIMPLE, rcpts=("c@example.org",)))
+
+    def act(self, cookie, key, action):
+        return self.http("POST", f"/messages/{key}/{action}", {"csrf": self.csrf(cookie)},
+                         cookie=cookie)[0]
+
+    def test_a_reviewer_holds_and_releases_but_no_virus(self):
+        cookie = self.login("reviewer")
+        self.assertEqual(self.act(cookie, self.plain, "hold"), 303)
+        self.assertEqual(self.act(cookie, self.plain, "unhold"), 403)
+        self.assertEqual(self.act(cookie, self.plain, "delete"), 403)
+        self.assertEqual(self.act(cookie, self.virus, "release"), 403)
+        self.assertEqual(self.down.messages, [])
+        page = self.http("GET", f"/messages/{self.virus}", cookie=cookie)[2].decode()
+        self.assertIn('value="hold"', page)
+        self.assertNotIn('value="release"', page)
+        self.assertNotIn('value="delete"', page)
+        viewer = self.login("viewer")
+        self.assertEqual(self.act(viewer, self.plain, "hold"), 403)
+        self.assertNotIn("<button", self.http("GET", f"/messages/{self.plain}",
+                                              cookie=viewer)[2].decode().split("</header>")[1])
+
+    def test_a_scoped_user_sees_only_their_domains(self):
+        cookie = self.login("scoped")
+        listed = set(re.findall(r'href="/messages/([0-9a-f]{64})"',
+                                self.http("GET", "/messages", cookie=cookie)[2].decode()))
+        self.assertEqual(listed, {self.virus, self.theirs})   # example.net and example.org
+        for key in (self.plain, self.hostile):                 # example.com: not there
+            with self.subTest(key=key):
+                self.assertEqual(self.http("GET", f"/messages/{key}", cookie=cookie)[0], 404)
+                self.assertEqual(self.http("GET", f"/messages/{key[:12]}", cookie=cookie)[0], 404)
+                self.assertEqual(self.http("GET", f"/api/messages/{key}", cookie=cookie)[0], 404)
+                self.assertEqual(self.http("GET", f"/messages/{key}/raw", cookie=cookie)[0], 404)
+                self.assertEqual(self.act(cookie, key, "hold"), 404)
+        api = json.loads(self.http("GET", "/api/messages", cookie=cookie)[2])
+        self.assertEqual({d["store_key"] for d in api["messages"]}, {self.virus, self.theirs})
+        self.assertEqual(self.http("GET", "/", cookie=cookie)[:2][0], 303)   # no global figures
+        self.assertEqual(self.http("GET", "/api/stats", cookie=cookie)[0], 403)
+
+    def test_web_user_writes_the_role_and_the_domains(self):
+        done = subprocess.run([sys.executable, MMS, "web-user", "helpdesk", "--role", "reviewer",
+                               "--domains", "Example.com, example.net"], input="pw\n",
+                              capture_output=True, text=True, timeout=60)
+        name, digest, role, domains = done.stdout.strip().split(":")
+        self.assertEqual((name, role, domains), ("helpdesk", "reviewer", "example.com,example.net"))
+        self.assertTrue(digest.startswith("scrypt$"))
 
 
 class TestConsoleDownloads(WebCase):
