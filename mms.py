@@ -335,6 +335,8 @@ OPTIONS = [
     ("--web-key", "MMS_WEB_KEY", "", str, "`mms.py web`: the key of --web-cert, if apart"),
     ("--web-secret", "MMS_WEB_SECRET", "", str,
      "`mms.py web` and `digest`: the file of the key that signs quarantine report links"),
+    ("--audit-retention", "MMS_AUDIT_RETENTION", "400", _count,
+     "`mms.py web`: days the console's audit log is kept (0: forever), apart from the mail"),
     ("--web-timezone", "MMS_WEB_TIMEZONE", "UTC", _zone,
      "`mms.py web`: the time zone the console shows times in, e.g. Europe/Paris"),
     ("--web-allow", "MMS_WEB_ALLOW", "", _networks,
@@ -503,6 +505,9 @@ def build_parser():
                          help="release: the SMTP server to send through (default 127.0.0.1:25; "
                               "in filter mode --remote-host and --remote-port)")
     archive("--force", action="store_true", help="release: again")
+    archive("--user", help="audit: this console user's entries")
+    archive("--action", help="audit: login, view, preview, download, hold, unhold, release, "
+            "delete, report-release")
     archive("--domains", help="web-user: only mail for these domains (example.com,example.net)")
     archive("--role", choices=("admin", "reviewer", "viewer"), default="admin",
             help="web-user: admin (the default) may hold, release and delete; viewer reads")
@@ -4076,6 +4081,7 @@ class Archive:
         self.collection = self.db[self.cfg.mongo_collection]
         self.files, self.chunks = self.db["fs.files"], self.db["fs.chunks"]
         self.counts = self.db[f"{self.cfg.mongo_collection}_daily"]
+        self.audits = self.db[f"{self.cfg.mongo_collection}_audit"]
         return self
 
     def write_concern(self):
@@ -4446,6 +4452,30 @@ class Archive:
             {"$inc": {"messages": messages, "bytes": size},
              "$setOnInsert": {"by": by, "day": day, "group": group}}, upsert=True)
             for (by, day, group), (messages, size) in counts.items()], ordered=False)
+
+    # The console's audit log ###############################################
+
+    def audit_indexes(self, days):
+        """at: a TTL index, the log's own retention (never purged with the mail);
+        user and action for its searches. A retention changed since is set by collMod."""
+        from pymongo.errors import OperationFailure
+        self.audits.create_index([("user", 1), ("at", -1)])
+        self.audits.create_index([("action", 1), ("at", -1)])
+        ttl = {"expireAfterSeconds": days * 86400} if days else {}
+        try:
+            self.audits.create_index([("at", -1)], name="audit_at", **ttl)
+        except OperationFailure as exc:
+            if exc.code not in (85, 86):      # IndexOptionsConflict, IndexKeySpecsConflict
+                raise
+            self.db.command("collMod", self.audits.name,
+                            index={"name": "audit_at", "expireAfterSeconds": days * 86400})
+
+    def write_audits(self, entries):
+        self.audits.insert_many(entries, ordered=False)
+
+    def audit_trail(self, query, limit):
+        return list(self.bounded(self.audits.find(query, {"_id": 0}).sort("at", -1)
+                                 .limit(limit)))
 
     # Changes ################################################################
 
@@ -5232,6 +5262,21 @@ class Progress:
             self.stream.write("\n")
 
 
+@command("audit", "the web console's audit log, newest first",
+         ("user", "action", "since", "limit", "json") + MONGO)
+def archive_audit(cfg, archive):
+    """Who logged in, read, downloaded, held, released or deleted what, and how it went."""
+    for entry in archive.audit_trail(audit_query(cfg.user, cfg.action, cfg.since),
+                                     cfg.limit or 10**9):
+        if cfg.json:
+            sys.stdout.write(json_line(entry))
+        else:
+            print(f"{entry.get('at'):%Y-%m-%d %H:%M:%S} {entry.get('user') or '-'} "
+                  f"({entry.get('role') or '-'}) from {entry.get('client')} "
+                  f"{entry.get('action')} {entry.get('key') or '-'}: {entry.get('result')}")
+    return 0
+
+
 @command("replay", "store what proxy and filter modes spooled while MongoDB was down",
          ("spool_dir",) + MONGO)
 def archive_replay(cfg, archive):
@@ -5378,6 +5423,54 @@ def archive_web_user(cfg, archive=None):
     return 0
 
 
+class AuditLog:
+    """Who did what in the console, written by a thread of its own, a batch at a
+    time: a page never waits for it. While MongoDB is away the entries wait, up
+    to PENDING_MAX, and past it are dropped and the log says how many."""
+
+    PENDING_MAX, BATCH = 10_000, 500
+
+    def __init__(self, archive):
+        self.archive = archive
+        self.pending = queue.Queue(self.PENDING_MAX)
+        self.dropped, self.failing = 0, False
+        threading.Thread(target=self.write_forever, name="mms-audit", daemon=True).start()
+
+    def record(self, entry):
+        try:
+            self.pending.put_nowait(entry)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped in (1, 100, 10_000):
+                log.error("web: the audit log cannot be written: %d entries dropped",
+                          self.dropped)
+
+    def write_forever(self):
+        while True:
+            batch = [self.pending.get()]
+            while len(batch) < self.BATCH and not self.pending.empty():
+                batch.append(self.pending.get_nowait())
+            self.write(batch)
+
+    def write(self, batch):
+        while True:
+            try:
+                self.archive.write_audits(batch)
+                self.failing = False
+                break
+            except Exception as exc:
+                if not self.failing:
+                    log.warning("web: the audit log waits: %s", mongo_error(exc))
+                self.failing = True
+                time.sleep(1)
+        for _ in batch:
+            self.pending.task_done()
+
+    def flush(self):
+        """Until every entry so far is written (the tests, and a clean stop)."""
+        self.pending.join()
+
+
 class WebServer(BoundedHTTPServer):
     """The console: the archive for the people who review it, over HTTP(S)."""
 
@@ -5389,6 +5482,12 @@ class WebServer(BoundedHTTPServer):
         self.secret = web_secret(cfg.web_secret) if cfg.web_secret else None
         self.sessions, self.failures, self.cache = {}, {}, {}
         self.zone = cfg.web_timezone
+        self.audit = AuditLog(archive)
+        try:
+            archive.audit_indexes(cfg.audit_retention)
+        except Exception as exc:
+            log.warning("web: the audit log's indexes cannot be made (%s): it is kept "
+                        "forever, and its searches read all of it", mongo_error(exc))
         self.lock, self.hashing = threading.Lock(), threading.BoundedSemaphore(WEB_HASHING_MAX)
         self.closed, self.login_key = threading.Event(), os.urandom(32)
         super().__init__("--web", cfg.web, WebHandler, cfg.web_allow)
@@ -5677,8 +5776,11 @@ class WebHandler(BoundedHandler):
         found = self.server.login(self.client_address[0], fields.get("user", ""),
                                   fields.get("password", ""))
         if not found:
+            self.audit("login", result="failed", user=fields.get("user", ""))
             return self.get_login('<p class="error">Wrong name or password.</p>', code=401)
         token = self.server.open_session(*found)
+        self.user = {"user": found[0], "role": found[1]}
+        self.audit("login")
         self.redirect("/", cookie=f"mms_session={token}; Path=/; HttpOnly; SameSite=Strict"
                                   f"; Max-Age={WEB_SESSION_SECONDS}{self.secure()}")
 
@@ -5714,6 +5816,7 @@ class WebHandler(BoundedHandler):
     def get_mbox(self):
         query, _ = self.search()
         docs = self.server.archive.search(query, limit=WEB_MBOX_MAX)
+        self.audit("download", result="mbox of " + urllib.parse.urlencode(self.params)[:400])
         self.send_response(200)
         self.send_header("Content-Type", "application/mbox")
         self.send_header("Content-Disposition", 'attachment; filename="mms-export.mbox"')
@@ -5725,6 +5828,7 @@ class WebHandler(BoundedHandler):
     def get_message(self, key):
         doc = self.doc(key)
         view = MimeView(self.server.archive, doc)
+        self.audit("view", key)
         self.page(doc.get("subject") or key, render_message(
             key, doc, view, self.user["csrf"], self.server.zone,
             [action for action in ACTIONS if may(self.user["role"], action, doc)]))
@@ -5736,6 +5840,7 @@ class WebHandler(BoundedHandler):
         view = MimeView(self.server.archive, self.doc(key))
         if view.html is None:
             raise HTTPError(404, "this message has no HTML part")
+        self.audit("preview", key)
         self.policy = PREVIEW_CSP
         self.send(200, Preview(view.html, view.images).html.encode("utf-8", "replace"),
                   "text/html; charset=utf-8")
@@ -5746,6 +5851,7 @@ class WebHandler(BoundedHandler):
         files = MimeView(self.server.archive, self.doc(key)).files
         if int(number) >= len(files):
             raise HTTPError(404, "no such attachment")
+        self.audit("download", key, f"attachment {number}")
         name = BIDI_CONTROL_RE.sub("", files[int(number)]["name"] or "attachment")
         plain = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "attachment"
         self.send(200, files[int(number)]["payload"], "application/octet-stream", [
@@ -5761,6 +5867,7 @@ class WebHandler(BoundedHandler):
     @route("GET", r"/messages/([0-9a-f]{64})/raw")
     def get_raw(self, key):
         doc = self.doc(key)
+        self.audit("download", key, "the message")
         self.send_response(200)
         self.send_header("Content-Type", "message/rfc822")
         self.send_header("Content-Disposition", f'attachment; filename="{key}.eml"')
@@ -5772,7 +5879,10 @@ class WebHandler(BoundedHandler):
     def post_action(self, key, action):
         fields, archive, user = self.form(), self.server.archive, self.user["user"]
         doc = self.doc(key)
-        allowed(self.user["role"], action, doc)
+        if not may(self.user["role"], action, doc):
+            self.audit(action, key, "refused: not for a " + self.user["role"])
+            raise HTTPError(403, f"a {self.user['role']} cannot {action} this message: ask "
+                                 f"an admin")
         by = {"user": user, "at": datetime.datetime.now(UTC), "via": "web"}
         if action in ("hold", "unhold"):
             archive.hold(doc, action == "hold", by=by)
@@ -5796,6 +5906,7 @@ class WebHandler(BoundedHandler):
             if refused:
                 result += "; refused: " + "; ".join(f"{r} {a}" for r, a in refused.items())
         log.info("web: %s %s %s: %s", user, action, key, result)
+        self.audit(action, key, result)
         if action == "delete":
             return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
         self.server.tell(self.user.get("token"), result)
@@ -5810,6 +5921,14 @@ class WebHandler(BoundedHandler):
 {render_form(f"/messages/{key}/release", self.user["csrf"], kept,
              '<button type="submit" name="confirm" value="virus">Release it all the same'
              '</button>')}<p><a href="/messages/{h(key)}">Back to the message</a></p>""")
+
+    @route("GET", r"/audit", "admin")
+    def get_audit(self):
+        """Who did what: the newest first, by user, action and since."""
+        trail = self.server.archive.audit_trail(audit_query(
+            self.params.get("user"), self.params.get("action"),
+            web_when(self.params.get("since"), "since")), WEB_PAGE * 4)
+        self.page("Audit log", render_audit(self.params, trail, self.server.zone))
 
     # A recipient's link from a quarantine report ###########################
 
@@ -5851,6 +5970,8 @@ class WebHandler(BoundedHandler):
                                           again=True, by=by, once_for=rcpt)
         log.info("web: %s released %s from a report: %s", rcpt, doc["store_key"],
                  record["reply"] if record else refused)
+        self.audit("report-release", doc["store_key"], record["reply"] if record else refused,
+                   user=rcpt)
         if not record or refused:
             raise HTTPError(502, "it could not be delivered now: try again later")
         self.page("Delivered", f"<p>The message is on its way to <bdi>{h(rcpt)}</bdi>.</p>")
@@ -5899,6 +6020,15 @@ class WebHandler(BoundedHandler):
             raise HTTPError(404, f"no message with store_key {key}")
         return doc
 
+    def audit(self, action, key=None, result="ok", user=None):
+        """An entry of the audit log: who (a report's recipient, a failed login's
+        name), as what, from where, when, on what, and how it went."""
+        who = self.user or {}
+        self.server.audit.record({
+            "at": datetime.datetime.now(UTC), "user": str(user or who.get("user") or "")[:64],
+            "role": who.get("role"), "client": self.client_address[0], "action": action,
+            "key": key, "result": str(result)[:500]})
+
     def scope(self):
         """A scoped user's searches: only mail for their domains, in the query."""
         domains = self.user.get("domains")
@@ -5922,7 +6052,9 @@ class WebHandler(BoundedHandler):
         user = self.user if user is False else user
         nav = ""
         if user:
-            nav = ('<a href="/">Dashboard</a><a href="/messages">Search</a>' + render_form(
+            nav = ('<a href="/">Dashboard</a><a href="/messages">Search</a>' +
+                   ('<a href="/audit">Audit</a>' if user.get("role") == "admin" else "") +
+                   render_form(
                 "/logout", user["csrf"], f'{h(user["user"])} ({h(user["role"])}) ',
                 '<button type="submit">Log out</button>'))
         said = self.server.told(user.get("token")) if user else None
@@ -5997,11 +6129,6 @@ def may(role, action, doc):
         (action == "hold" or verdict(doc) not in ("virus", "banned"))
 
 
-def allowed(role, action, doc):
-    if not may(role, action, doc):
-        raise HTTPError(403, f"a {role} cannot {action} this message: ask an admin")
-
-
 def render_form(action, csrf, inside, button, css=""):
     """A POST form with its CSRF token: every form that changes something."""
     css = f' class="{css}"' if css else ""
@@ -6042,6 +6169,26 @@ def render_search(params, page, docs, more):
 <p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
 <table><tr><th>received</th><th>from</th><th>to</th><th>subject</th><th>size</th>
 <th></th></tr>{rows}</table>{link}"""
+
+
+def render_audit(params, trail, zone):
+    form = "".join(f'<label>{name} <input name="{name}" value="{h(params.get(name, ""))}" '
+                   f'size="14"></label> ' for name in ("user", "action", "since"))
+    rows = "".join(
+        f"<tr><td>{h(entry['at'].astimezone(zone).strftime('%d %b %Y %H:%M:%S'))}</td>"
+        f"<td>{h(entry.get('user'))}</td><td>{h(entry.get('role') or '-')}</td>"
+        f"<td>{h(entry.get('client'))}</td><td>{h(entry.get('action'))}</td>"
+        f"<td>{h(entry.get('key') or '')}</td><td>{h(entry.get('result'))}</td></tr>"
+        for entry in trail if isinstance(entry.get("at"), datetime.datetime))
+    return (f'<form method="get" action="/audit">{form}<button type="submit">Search</button>'
+            f"</form><table><tr><th>when ({h(zone)})</th><th>user</th><th>role</th>"
+            f"<th>from</th><th>action</th><th>message</th><th>result</th></tr>{rows}</table>")
+
+
+def audit_query(user, action, since):
+    """The audit log's filter: each clause on its index (user, at; action, at; at)."""
+    return all_of({"user": user} if user else {}, {"action": action} if action else {},
+                  {"at": {"$gte": since}} if since else {})
 
 
 def web_when(value, name):

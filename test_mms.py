@@ -6113,6 +6113,54 @@ class TestConsoleRoles(WebCase):
         self.assertTrue(digest.startswith("scrypt$"))
 
 
+class TestAuditLog(WebCase):
+    """Every login and its failure, read, download and change, with who, as what,
+    from where and how it went, in a collection of its own kept --audit-retention
+    days; searched in the console by admins and with `mms.py audit`."""
+
+    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor"}
+
+    def more_users(self):
+        return [f"reviewer:{mms.hash_password(self.PASSWORDS['reviewer'])}:reviewer\n"]
+
+    def test_who_did_what(self):
+        self.assertEqual(self.post_login("admin", "wrong")[0], 401)
+        admin, reviewer = self.login(), self.login("reviewer")
+        self.http("GET", f"/messages/{self.plain}", cookie=admin)
+        self.http("GET", f"/messages/{self.plain}/raw", cookie=admin)
+        self.http("POST", f"/messages/{self.plain}/hold", {"csrf": self.csrf(admin)}, cookie=admin)
+        self.assertEqual(self.http("POST", f"/messages/{self.plain}/delete",
+                                   {"csrf": self.csrf(reviewer)}, cookie=reviewer)[0], 403)
+        self.web.audit.flush()
+        trail = [(e["user"], e["role"], e["client"], e["action"], e.get("key"), e["result"])
+                 for e in self.db["message_audit"].find().sort("at", 1)]
+        self.assertEqual(trail, [
+            ("admin", None, "127.0.0.1", "login", None, "failed"),
+            ("admin", "admin", "127.0.0.1", "login", None, "ok"),
+            ("reviewer", "reviewer", "127.0.0.1", "login", None, "ok"),
+            ("admin", "admin", "127.0.0.1", "view", self.plain, "ok"),
+            ("admin", "admin", "127.0.0.1", "download", self.plain, "the message"),
+            ("admin", "admin", "127.0.0.1", "hold", self.plain, "held"),
+            ("reviewer", "reviewer", "127.0.0.1", "delete", self.plain,
+             "refused: not for a reviewer")])
+        page = self.http("GET", "/audit?action=hold", cookie=admin)[2].decode()
+        self.assertEqual(page.count(f"<td>{self.plain}</td>"), 1)
+        self.assertEqual(self.http("GET", "/audit", cookie=reviewer)[0], 403)
+        done = self.archive_command("audit", "--user", "reviewer", "--since", "1h")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(lines[0].endswith(f"(reviewer) from 127.0.0.1 delete {self.plain}: "
+                                          f"refused: not for a reviewer"), lines[0])
+
+    def test_the_log_has_its_own_retention(self):
+        ttl = {spec["name"]: spec for spec in self.db["message_audit"].list_indexes()}
+        if os.environ.get("MMS_TEST_MONGODB_URI"):    # nx-27017 keeps no TTL option
+            self.assertEqual(ttl["audit_at"]["expireAfterSeconds"], 400 * 86400)
+        self.assertLessEqual({("user", "at"), ("action", "at")},
+                             {tuple(spec["key"]) for spec in ttl.values()})
+
+
 class TestConsoleDownloads(WebCase):
     """A download that breaks off mid-stream, and a client that hangs up: the
     connection ends, and the log gets one line, never a traceback."""
