@@ -1883,6 +1883,7 @@ AMAVIS_FIELDS = (b"x-quarantine-id", b"x-amavis-alert", b"x-envelope-from",
 # An alert's first words, and the quarantine it means, in amavisd-new's own order.
 AMAVIS_ALERTS = (("INFECTED", "virus"), ("BANNED", "banned"), ("SPAM", "spam"),
                  ("BAD HEADER", "bad-header"))
+QUARANTINES = tuple(kind for _, kind in AMAVIS_ALERTS) + ("archive",)   # --quarantine
 
 
 def amavis_fields(head):
@@ -4686,6 +4687,8 @@ class Filters:
             values[field.name] = value
         if values.get("verdict") and values["verdict"] not in VERDICTS:
             raise UsageError(f"verdict: one of {', '.join(VERDICTS)}")
+        if values.get("quarantine") and values["quarantine"] not in QUARANTINES:
+            raise UsageError(f"quarantine: one of {', '.join(QUARANTINES)}")
         if values.get("client"):
             try:
                 ipaddress.ip_network(values["client"], strict=False)
@@ -6104,6 +6107,12 @@ LOGIN_FORM = """{error}<form method="post" action="/login">
 required></label></p><p><button type="submit">Log in</button></p></form>"""
 
 DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released")
+DASHBOARD_SEARCHES = {   # each figure of the dashboard, the search that lists it
+    "messages": "since=30d", "bytes": "since=30d", "virus": "verdict=virus&since=30d",
+    "spam": "verdict=spam&since=30d", "banned": "verdict=banned&since=30d",
+    "held": "held=1", "released": "released=1"}
+TOP_SEARCHES = {"sender-domain": ("sender", "@"), "rcpt-domain": ("rcpt", "@"),
+                "client": ("client", ""), "attachment-type": ("attachment_type", "")}
 DASHBOARD_TOPS = (("sender-domain", "sender domains"), ("rcpt-domain", "recipient domains"),
                   ("client", "clients"), ("attachment-type", "attachment types"))  # TALLIES
 
@@ -6138,7 +6147,8 @@ def render_form(action, csrf, inside, button, css=""):
 
 def render_dashboard(data):
     totals = data["totals"]
-    cells = "".join(f"<td>{shown(totals[k])}</td>" for k in DASHBOARD_TOTALS)
+    cells = "".join(f'<td><a href="/messages?{h(DASHBOARD_SEARCHES[k])}">{shown(totals[k])}'
+                    f"</a></td>" for k in DASHBOARD_TOTALS)
     heads = "".join(f"<th>{h(k)}</th>" for k in DASHBOARD_TOTALS)
     tops = "".join(f'<div><h3>Top {h(title)}, 7 days</h3>'
                    f'{NOT_NOW if data["top"][by] is None else top_table(data["top"][by], by)}'
@@ -6168,7 +6178,8 @@ def render_search(params, page, docs, more):
     return f"""{search_form(params)}
 <p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
 <table><tr><th>received</th><th>from</th><th>to</th><th>subject</th><th>size</th>
-<th></th></tr>{rows}</table>{link}"""
+<th>verdict</th><th>score</th><th>held, released</th><th>attachments</th><th></th></tr>
+{rows}</table>{link}"""
 
 
 def render_audit(params, trail, zone):
@@ -6269,25 +6280,38 @@ def day_chart(days, width=720, height=180):
 
 
 def top_table(groups, by):
-    rows = "".join(f"<tr><td>{h(g['group'])}</td><td>{h(g['messages'])}</td></tr>"
-                   for g in groups)
+    """A top table, each group a link to its week's search."""
+    field, prefix = TOP_SEARCHES[by]
+    searches = [urllib.parse.urlencode({field: prefix + str(g["group"]), "since": "7d"})
+                for g in groups]
+    rows = "".join(f'<tr><td><a href="/messages?{h(search)}">{h(g["group"])}</a></td>'
+                   f"<td>{h(g['messages'])}</td></tr>" for g, search in zip(groups, searches))
     return f"<table><tr><th>{h(by)}</th><th>messages</th></tr>{rows}</table>"
 
 
+SEARCH_CHOICES = {   # the filters a select box offers: (value, shown), "" being any
+    "verdict": [(v, v) for v in VERDICTS],
+    "quarantine": [(q, q) for q in QUARANTINES],
+    "held": [("1", "held"), ("0", "not held")],
+}
+
+
 def search_form(params):
+    """Every filter of `list`: a box to type in, a choice, or a tick."""
     inputs = "".join(
+        select_box(name, SEARCH_CHOICES[name], params) if name in SEARCH_CHOICES else
         f'<label>{h(name)} <input type="checkbox" name="{name}" value="1"'
         f'{" checked" if params.get(name) else ""}></label> '
-        if name in ("held", "released", "bounce") else select_box(name, VERDICTS, params)
-        if name == "verdict" else
+        if name in ("released", "bounce") else
         f'<label>{h(name)} <input name="{name}" value="{h(params.get(name, ""))}" size="14">'
         f"</label> " for name in FILTERS if name not in ("virus", "spam"))
     return f'<form method="get" action="/messages">{inputs}<button type="submit">Search</button></form>'
 
 
 def select_box(name, choices, params):
-    options = "".join(f'<option{" selected" if params.get(name) == choice else ""}>{h(choice)}'
-                      f"</option>" for choice in choices)
+    options = "".join(f'<option value="{h(value)}"'
+                      f'{" selected" if params.get(name) == value else ""}>{h(shown)}</option>'
+                      for value, shown in choices)
     return f'<label>{h(name)} <select name="{name}"><option value="">any</option>{options}' \
            f"</select></label> "
 
@@ -6300,9 +6324,13 @@ def message_row(doc):
     rcpt = ", ".join(map(str, rcpt[:3])) + (" ..." if len(rcpt) > 3 else "") \
         if isinstance(rcpt, list) else str(rcpt or "")
     link = f'<a href="/messages/{h(key)}">open</a>' if STORE_KEY_RE.fullmatch(key) else ""
+    state = " ".join(mark for mark in marks(doc) if mark in ("held", "released"))
+    score = doc.get("spam_score")
     return (f"<tr><td>{h(when)}</td><td>{h(doc.get('sender', ''))}</td><td>{h(rcpt)}</td>"
-            f"<td>{h(doc.get('subject', ''))}</td><td>{h(doc.get('size', ''))}</td>"
-            f"<td>{h(' '.join(marks(doc)))} {link}</td></tr>")
+            f"<td>{h(doc.get('subject', ''))}</td><td>{h(human_size(doc.get('size')))}</td>"
+            f"<td>{h(verdict(doc))}</td><td>{h(score if score is not None else '')}</td>"
+            f"<td>{h(state)}</td><td>{h(doc.get('files_count') or '')}</td>"
+            f"<td>{link}</td></tr>")
 
 
 def field_table(doc):

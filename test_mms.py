@@ -5762,6 +5762,24 @@ class TestConsoleVerdicts(WebCase):
         self.assertIn("[banned]", out)
         self.assertIn("[virus]", out)
 
+    def test_the_list_has_the_columns_a_reviewer_sorts_by_eye(self):
+        self.server.mode.store.tally.flush()
+        cookie = self.login()
+        page = self.http("GET", "/messages", cookie=cookie)[2].decode()
+        rows = {key: re.findall(r"<td>([^<]*)</td>", row) for row, key in re.findall(
+            r'(?s)<tr>(.*?href="/messages/([0-9a-f]{64})".*?)</tr>', page)}
+        self.assertEqual(rows[self.virus][5:8], ["virus", "", ""])
+        self.assertEqual(rows[self.plain][5], "clean")
+        self.assertRegex(rows[self.plain][4], r"^[0-9]+ bytes$")
+        for name in ("verdict", "quarantine", "held"):
+            self.assertIn(f'<select name="{name}">', page)
+        self.assertIn('<option value="0">not held</option>', page)
+        self.assertEqual(self.http("GET", "/messages?quarantine=spma", cookie=cookie)[0], 400)
+        dashboard = self.http("GET", "/", cookie=cookie)[2].decode()
+        self.assertIn('<a href="/messages?verdict=virus&amp;since=30d">1</a>', dashboard)
+        self.assertIn('<a href="/messages?client=127.0.0.1&amp;since=7d">127.0.0.1</a>',
+                      dashboard)
+
     def mms_list(self):
         done = self.archive_command("list")
         return done.returncode, done.stdout, done.stderr
