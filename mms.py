@@ -5887,6 +5887,9 @@ class WebHandler(BoundedHandler):
             raise HTTPError(403, f"a {self.user['role']} cannot {action} this message: ask "
                                  f"an admin")
         by = {"user": user, "at": datetime.datetime.now(UTC), "via": "web"}
+        danger = verdict(doc) if verdict(doc) in ("virus", "banned") else None
+        if danger and action in ("release", "delete") and fields.get("confirm") != danger:
+            return self.confirm(key, action, doc, fields)
         if action in ("hold", "unhold"):
             archive.hold(doc, action == "hold", by=by)
             result = "held" if action == "hold" else "hold lifted"
@@ -5901,8 +5904,6 @@ class WebHandler(BoundedHandler):
                 refused, record = release_message(
                     self.server.cfg, archive, doc, to, again=bool(fields.get("again")),
                     virus=fields.get("confirm") == "virus", by=user)
-            except VirusRelease as exc:
-                return self.confirm_virus(key, exc.names, fields)
             except AlreadyReleased as exc:
                 raise HTTPError(409, exc.in_console) from None
             result = f"released: {record['reply']}" if record else "not released"
@@ -5915,15 +5916,22 @@ class WebHandler(BoundedHandler):
         self.server.tell(self.user.get("token"), result)
         self.redirect(f"/messages/{key}")
 
-    def confirm_virus(self, key, names, fields):
-        """A virus is released only from this page: it names the virus, and asks."""
+    def confirm(self, key, action, doc, fields):
+        """A virus or banned message is released or deleted only from this page: it
+        names what the message holds and what will happen, and asks."""
+        kind = verdict(doc)
         kept = "".join(f'<input type="hidden" name="{name}" value="{h(fields[name])}">'
                        for name in ("to", "again") if fields.get(name))
-        self.page("Release a virus?", f"""<p class="error">This message holds
-<bdi>{h(names)}</bdi>. Released, it goes to its recipients as it is.</p>
-{render_form(f"/messages/{key}/release", self.user["csrf"], kept,
-             '<button type="submit" name="confirm" value="virus">Release it all the same'
-             '</button>')}<p><a href="/messages/{h(key)}">Back to the message</a></p>""")
+        held = ", ".join(map(str, doc.get("virus") or [])) or doc.get("banned") or kind
+        then = (f"Released, it goes to {fields.get('to') or 'its recipients'} as it is."
+                if action == "release" else
+                "Deleted, it is gone from the archive, its file too: nobody can release it.")
+        self.page(f"{action.capitalize()} a {kind} message?", f"""<p class="error">This message
+holds <bdi>{h(held)}</bdi>. {h(then)}</p>
+{render_form(f"/messages/{key}/{action}", self.user["csrf"], kept,
+             f'<button type="submit" name="confirm" value="{kind}">{action.capitalize()} it '
+             f'all the same</button>')}
+<p><a href="/messages/{h(key)}">Back to the message</a></p>""")
 
     @route("GET", r"/audit", "admin")
     def get_audit(self):
@@ -6368,7 +6376,8 @@ class MimeView:
         try:
             message = email.message_from_bytes(data, policy=email.policy.compat32)
         except RecursionError:
-            self.texts.append(("Body, as text", f"<pre>{h(data[len(head):].decode('utf-8', 'replace'))}</pre>"))
+            body = data[len(head):].decode("utf-8", "replace")
+            self.texts.append(("Body, as text", f"<pre>{h(body)}</pre>"))
             self.notes.append("Its MIME parts are nested too deep to be shown one by one.")
             return
         for part in mime_leaves(message, self.notes):
@@ -6509,7 +6518,8 @@ MAGIC = [(b"%PDF-", "application/pdf"), (b"PK\x03\x04", "application/zip"),
          (b"MZ", "application/x-msdownload"), (b"\x7fELF", "application/x-executable"),
          (b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
          (b"GIF8", "image/gif"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "application/x-ole-storage"),
-         (b"Rar!\x1a\x07", "application/vnd.rar"), (b"7z\xbc\xaf\x27\x1c", "application/x-7z-compressed"),
+         (b"Rar!\x1a\x07", "application/vnd.rar"),
+         (b"7z\xbc\xaf\x27\x1c", "application/x-7z-compressed"),
          (b"\x1f\x8b", "application/gzip"), (b"{\\rtf", "application/rtf")]
 
 

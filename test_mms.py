@@ -5762,6 +5762,26 @@ class TestConsoleVerdicts(WebCase):
         self.assertIn("[banned]", out)
         self.assertIn("[virus]", out)
 
+    def test_a_virus_or_banned_message_is_deleted_or_released_only_when_confirmed(self):
+        cookie = self.login()
+        status, _, body = self.http("POST", f"/messages/{self.virus}/delete",
+                                    {"csrf": self.csrf(cookie)}, cookie=cookie)
+        self.assertEqual(status, 200)
+        self.assertIn(b"Eicar", body)
+        self.assertIn(b"Deleted, it is gone from the archive", body)
+        self.assertIn(b'name="confirm" value="virus"', body)
+        self.assertEqual(len(self.records()), 4)                   # nothing done yet
+        status, _, body = self.http("POST", f"/messages/{self.virus}/delete",
+                                    {"csrf": self.csrf(cookie), "confirm": "virus"}, cookie=cookie)
+        self.assertEqual((status, len(self.records())), (200, 3))
+        path = f"/messages/{self.banned}/release"
+        status, _, body = self.http("POST", path, {"csrf": self.csrf(cookie)}, cookie=cookie)
+        self.assertIn(b'name="confirm" value="banned"', body)
+        self.assertEqual(self.down.messages, [])
+        self.assertEqual(self.http("POST", path, {"csrf": self.csrf(cookie), "confirm": "banned"},
+                                   cookie=cookie)[0], 303)
+        self.assertEqual(len(self.down.messages), 1)
+
     def test_the_list_has_the_columns_a_reviewer_sorts_by_eye(self):
         self.server.mode.store.tally.flush()
         cookie = self.login()
