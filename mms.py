@@ -5630,9 +5630,17 @@ table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.25em 
 text-align:left;vertical-align:top}pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;
 word-break:break-all;max-height:30em;overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:2em}
 .error{color:#a00}form.inline{display:inline}input,button{font:inherit}
-.totals td{font-size:1.3em}.muted{color:#777}td,th,pre,h1,bdi{unicode-bidi:isolate}
-.warning{background:#fff0c0}iframe.preview{width:100%;height:28em;border:1px solid #ccc}
-details{margin:.5em 0}summary{cursor:pointer;font-weight:600}"""
+.totals td{font-size:1.3em}.muted{color:#595959}td,th,pre,h1,bdi{unicode-bidi:isolate}
+.warning{background:#fff0c0}iframe.preview{width:100%;height:28em;border:1px solid #ccc;
+background:#fff}details{margin:.5em 0}summary{cursor:pointer;font-weight:600}
+a:focus,button:focus,input:focus,select:focus,summary:focus{outline:2px solid #0a58ca}
+@media (max-width:600px){table,tbody,tr,td,th{display:block}tr{border:1px solid #ccc;
+margin:.5em 0;padding:.25em}td,th{border:0}header{flex-wrap:wrap}main{padding:.5em}
+tr.head{display:none}}
+@media (prefers-color-scheme:dark){body{background:#121212;color:#e6e6e6}
+a{color:#8ab4f8}pre{background:#1e1e1e}td,th{border-color:#333}.muted{color:#a8a8a8}
+.warning{background:#4a3b00}.error{color:#ff8a80}input,select,button{background:#1e1e1e;
+color:#e6e6e6;border:1px solid #555}}"""
 
 
 WEB_ROUTES = []   # (method, path as a regular expression, handler name, who may), by @route
@@ -6185,7 +6193,7 @@ def render_search(params, page, docs, more):
         link = f'<p><a href="/messages?{h(older)}">Older messages</a></p>'
     return f"""{search_form(params)}
 <p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
-<table><tr><th>received</th><th>from</th><th>to</th><th>subject</th><th>size</th>
+<table><tr class="head"><th>received</th><th>from</th><th>to</th><th>subject</th><th>size</th>
 <th>verdict</th><th>score</th><th>held, released</th><th>attachments</th><th></th></tr>
 {rows}</table>{link}"""
 

@@ -6348,6 +6348,33 @@ class TestWebConsoleInBrowser(WebCase):
         self.assertEqual(len(self.down.messages), 1)
 
 
+    def test_a_phone_and_a_dark_screen(self):
+        """390 px wide, rows become cards and every subject is on the screen; with
+        prefers-color-scheme: dark, dark; every control of the search has a label."""
+        page = self.browser()
+        base = f"http://127.0.0.1:{self.web_port}"
+        page.goto(base + "/login")
+        page.fill("input[name=user]", "viewer")
+        page.fill("input[name=password]", self.PASSWORDS["viewer"])
+        page.click("button[type=submit]")
+        page.wait_for_url(base + "/")
+        for width, scheme in ((390, "light"), (390, "dark"), (1280, "dark")):
+            page.set_viewport_size({"width": width, "height": 844})
+            page.emulate_media(color_scheme=scheme)
+            page.goto(base + "/messages")
+            cell = page.locator("td", has_text="test").first
+            box = cell.bounding_box()
+            self.assertLessEqual(box["x"] + min(box["width"], 50), width, (width, scheme))
+            background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+            self.assertEqual(background, "rgb(18, 18, 18)" if scheme == "dark"
+                             else "rgba(0, 0, 0, 0)")
+            self.shoot(page, f"search-{width}-{scheme}.png")
+        unlabelled = page.evaluate("""[...document.querySelectorAll('main input, main select')]
+            .filter(e => e.type != 'hidden' && !e.closest('label') && !e.getAttribute('aria-label'))
+            .length""")
+        self.assertEqual(unlabelled, 0)
+
+
 ###############################################################################
 # Quarantine reports ##########################################################
 ###############################################################################
