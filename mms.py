@@ -5351,6 +5351,7 @@ WEB_FAILING_MAX = 10_000                            # addresses whose failures a
 WEB_HASHING_MAX, WEB_HASHING_WAIT = 2, 10           # scrypt at once (16 MiB each), wait
 WEB_SWEEP_SECONDS = 60                              # expired sessions and failures go
 WEB_PAGE = 50                                       # messages a page
+WEB_BULK_MAX = 1000                                 # messages one bulk action changes
 WEB_MBOX_MAX = 1000                                 # messages in a search's mbox download
 WEB_QUERY_MS = 5000                                 # maxTimeMS of each console query
 WEB_VIEW_MAX = 4 * 2**20                            # of a message shown as a page
@@ -5398,14 +5399,14 @@ def read_web_users(path):
         role, _, domains = rest.partition(":")
         domains = tuple(d.strip().lower() for d in domains.split(",") if d.strip())
         if not name or not digest.startswith("scrypt$") or (role or "admin") not in ROLES \
-                or not all(DOMAIN_RE.fullmatch(d) for d in domains):
+                or not all(SCOPE_DOMAIN_RE.fullmatch(d) for d in domains):
             raise ConfigError(f"--web-users {path}, line {number}: not name:hash[:role[:domains]] "
                               f"(see mms.py web-user)")
         users[name] = (digest, role or "admin", domains)
     return users
 
 
-DOMAIN_RE = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)+")
+SCOPE_DOMAIN_RE = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)+")
 
 
 @command("web-user", "the users file's line for NAME, the password read from stdin",
@@ -5419,7 +5420,7 @@ def archive_web_user(cfg, archive=None):
         raise ConfigError(
             "web-user NAME, with a name of letters, digits and _.@- and a password on stdin")
     domains = ",".join(d.strip().lower() for d in (cfg.domains or "").split(",") if d.strip())
-    if not all(DOMAIN_RE.fullmatch(d) for d in domains.split(",") if d):
+    if not all(SCOPE_DOMAIN_RE.fullmatch(d) for d in domains.split(",") if d):
         raise ConfigError(f"--domains: not a list of domains: {cfg.domains}")
     role = ":" + cfg.role if cfg.role != "admin" or domains else ""
     print(f"{cfg.key}:{hash_password(password)}{role}{':' + domains if domains else ''}")
@@ -5762,8 +5763,8 @@ class WebHandler(BoundedHandler):
     def form(self, csrf=None):
         """The posted fields, with the CSRF token checked: the session's, or the one
         given (the login form's)."""
-        fields = {k: v[-1] for k, v in urllib.parse.parse_qs(
-            self.read_body().decode("utf-8", "replace")).items()}
+        self.posted = urllib.parse.parse_qs(self.read_body().decode("utf-8", "replace"))
+        fields = {k: v[-1] for k, v in self.posted.items()}
         expected = self.user.get("csrf") if self.user else csrf
         if (self.user or csrf is not None) and not (expected and hmac.compare_digest(
                 fields.get("csrf", "").encode(), expected.encode())):
@@ -5821,7 +5822,8 @@ class WebHandler(BoundedHandler):
     def get_messages(self):
         query, page = self.search()
         docs, more = self.one_page(query)
-        self.page("Search", render_search(self.params, page, docs, more))
+        csrf = self.user["csrf"] if ROLES[self.user["role"]] >= ROLES["reviewer"] else None
+        self.page("Search", render_search(self.params, page, docs, more, csrf))
 
     @route("GET", r"/messages\.mbox")
     def get_mbox(self):
@@ -5888,16 +5890,32 @@ class WebHandler(BoundedHandler):
 
     @route("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete)", "reviewer")
     def post_action(self, key, action):
-        fields, archive, user = self.form(), self.server.archive, self.user["user"]
+        fields = self.form()
         doc = self.doc(key)
         if not may(self.user["role"], action, doc):
             self.audit(action, key, "refused: not for a " + self.user["role"])
             raise HTTPError(403, f"a {self.user['role']} cannot {action} this message: ask "
                                  f"an admin")
-        by = {"user": user, "at": datetime.datetime.now(UTC), "via": "web"}
         danger = verdict(doc) if verdict(doc) in ("virus", "banned") else None
         if danger and action in ("release", "delete") and fields.get("confirm") != danger:
             return self.confirm(key, action, doc, fields)
+        to = [a.strip() for a in fields.get("to", "").split(",") if a.strip()]
+        if any(not valid_address(a) for a in to):
+            raise HTTPError(400, "not an address: " + ", ".join(to))
+        try:
+            result = self.act(action, doc, to, bool(fields.get("again")), danger == "virus")
+        except AlreadyReleased as exc:
+            raise HTTPError(409, exc.in_console) from None
+        if action == "delete":
+            return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
+        self.server.tell(self.user.get("token"), result)
+        self.redirect(f"/messages/{key}")
+
+    def act(self, action, doc, to=(), again=False, virus=False):
+        """One action on one message, through the archive commands' own calls; what
+        happened, logged and audited."""
+        archive, user, key = self.server.archive, self.user["user"], doc["store_key"]
+        by = {"user": user, "at": datetime.datetime.now(UTC), "via": "web"}
         if action in ("hold", "unhold"):
             archive.hold(doc, action == "hold", by=by)
             result = "held" if action == "hold" else "hold lifted"
@@ -5905,24 +5923,67 @@ class WebHandler(BoundedHandler):
             archive.delete(doc)
             result = "deleted"
         else:
-            to = [a.strip() for a in fields.get("to", "").split(",") if a.strip()]
-            if any(not valid_address(a) for a in to):
-                raise HTTPError(400, "not an address: " + ", ".join(to))
-            try:
-                refused, record = release_message(
-                    self.server.cfg, archive, doc, to, again=bool(fields.get("again")),
-                    virus=fields.get("confirm") == "virus", by=user)
-            except AlreadyReleased as exc:
-                raise HTTPError(409, exc.in_console) from None
+            refused, record = release_message(self.server.cfg, archive, doc, list(to),
+                                              again=again, virus=virus, by=user)
             result = f"released: {record['reply']}" if record else "not released"
             if refused:
                 result += "; refused: " + "; ".join(f"{r} {a}" for r, a in refused.items())
         log.info("web: %s %s %s: %s", user, action, key, result)
         self.audit(action, key, result)
-        if action == "delete":
-            return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
-        self.server.tell(self.user.get("token"), result)
-        self.redirect(f"/messages/{key}")
+        return result
+
+    def bulk(self, action, docs):
+        """[(key, what happened)] for one action on many messages, a message at a
+        time through act: a virus or banned message is released or deleted only on
+        its own page, and each refusal is said, never silently skipped."""
+        done = []
+        for doc in docs:
+            key, kind = doc["store_key"], verdict(doc)
+            if not may(self.user["role"], action, doc):
+                result = f"refused: not for a {self.user['role']}"
+            elif action in ("release", "delete") and kind in ("virus", "banned"):
+                result = f"skipped: a {kind} message is {action}d on its own page"
+            else:
+                try:
+                    result = self.act(action, doc)
+                except MMSError as exc:
+                    result = f"failed: {exc}"
+            done.append((key, result))
+        self.audit("bulk", result=f"{action} of {len(docs)}: " + ", ".join(
+            sorted({r.split(":")[0] for _, r in done}))[:400])
+        return done
+
+    @route("POST", r"/messages/bulk", "reviewer")
+    def post_bulk(self):
+        """One action on the rows ticked, or on all the messages a search finds (up
+        to WEB_BULK_MAX, once their number is confirmed on a page that says it)."""
+        fields = self.form()
+        action = fields.get("action")
+        if action not in ACTIONS:
+            raise HTTPError(400, f"action: one of {', '.join(ACTIONS)}")
+        if fields.get("all"):
+            query, page = self.search(fields)
+            count = self.server.archive.count(query)
+            if count > WEB_BULK_MAX:
+                raise HTTPError(400, f"{count} messages: at most {WEB_BULK_MAX} at once, "
+                                     f"narrow the search")
+            if fields.get("expect") != str(count):
+                return self.confirm_bulk(action, page, count)
+            docs = list(self.server.archive.search(query, limit=WEB_BULK_MAX))
+        else:
+            docs = [self.doc(key) for key in self.posted.get("key", [])[:WEB_BULK_MAX]]
+        self.page(f"{action.capitalize()}: {len(docs)} message(s)",
+                  render_bulk(self.bulk(action, docs)))
+
+    def confirm_bulk(self, action, page, count):
+        kept = "".join(f'<input type="hidden" name="{h(name)}" value="{h(value)}">'
+                       for name, value in {**page, "action": action, "all": "1",
+                                           "expect": str(count)}.items())
+        self.page(f"{action.capitalize()} {count} message(s)?", f"""<p>This will {h(action)}
+the {count} message(s) this search finds now, one at a time; a virus or banned message is
+released or deleted only on its own page.</p>
+{render_form("/messages/bulk", self.user["csrf"], kept,
+             f'<button type="submit">{h(action.capitalize())} {count} message(s)</button>')}""")
 
     def confirm(self, key, action, doc, fields):
         """A virus or banned message is released or deleted only from this page: it
@@ -6053,10 +6114,12 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         domains = self.user.get("domains")
         return {"rcpt_domain": {"$in": list(domains)}} if domains else {}
 
-    def search(self):
-        """(the query, the filters as given) from the URL, from the page's start on."""
-        page = {name: self.params[name].strip() for name in FILTERS
-                if (self.params.get(name) or "").strip()}
+    def search(self, params=None):
+        """(the query, the filters as given) from the URL (or a form's fields), from
+        the page's start on."""
+        params = self.params if params is None else params
+        page = {name: params[name].strip() for name in FILTERS
+                if (params.get(name) or "").strip()}
         query = all_of(Filters.parse(page).query(), self.scope())
         after = web_when(self.params.get("before"), "before") if self.params.get("before") else None
         if after:
@@ -6154,9 +6217,9 @@ def may(role, action, doc):
         (action == "hold" or verdict(doc) not in ("virus", "banned"))
 
 
-def render_form(action, csrf, inside, button, css=""):
+def render_form(action, csrf, inside, button, css="", name=""):
     """A POST form with its CSRF token: every form that changes something."""
-    css = f' class="{css}"' if css else ""
+    css = (f' class="{css}"' if css else "") + (f' id="{name}"' if name else "")
     return (f'<form{css} method="post" action="{h(action)}"><input type="hidden" name="csrf" '
             f'value="{h(csrf)}">{inside}{button}</form>')
 
@@ -6184,18 +6247,37 @@ def shown(value):
     return NOT_NOW if value is None else h(value)
 
 
-def render_search(params, page, docs, more):
-    """The search form, a page of rows, and the link to the next (older) page."""
-    rows = "".join(message_row(doc) for doc in docs)
+def render_search(params, page, docs, more, csrf=None):
+    """The search form, a page of rows (each with a tick for a bulk action, given
+    the CSRF token), the bulk form, and the link to the next (older) page."""
+    rows = "".join(message_row(doc, bool(csrf)) for doc in docs)
     link = ""
     if more:
         older = urllib.parse.urlencode({**page, **next_page(docs)})
         link = f'<p><a href="/messages?{h(older)}">Older messages</a></p>'
     return f"""{search_form(params)}
 <p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
-<table><tr class="head"><th>received</th><th>from</th><th>to</th><th>subject</th><th>size</th>
-<th>verdict</th><th>score</th><th>held, released</th><th>attachments</th><th></th></tr>
-{rows}</table>{link}"""
+<table><tr class="head">{"<th></th>" if csrf else ""}<th>received</th><th>from</th><th>to</th>
+<th>subject</th><th>size</th><th>verdict</th><th>score</th><th>held, released</th>
+<th>attachments</th><th></th></tr>
+{rows}</table>{bulk_form(page, csrf) if csrf else ""}{link}"""
+
+
+def bulk_form(page, csrf):
+    """The rows ticked (their boxes name this form), or all this search finds."""
+    kept = "".join(f'<input type="hidden" name="{h(name)}" value="{h(value)}">'
+                   for name, value in page.items())
+    options = "".join(f"<option>{name}</option>" for name in ACTIONS)
+    return render_form("/messages/bulk", csrf, kept + (
+        '<label><input type="checkbox" name="all" value="1"> not the rows ticked: all this '
+        f'search finds</label> <label>action <select name="action">{options}</select></label> '),
+        '<button type="submit">Apply</button>', name="bulk")
+
+
+def render_bulk(done):
+    rows = "".join(f'<tr><td><a href="/messages/{h(key)}">{h(key[:16])}</a></td>'
+                   f"<td>{h(result)}</td></tr>" for key, result in done)
+    return f"<table><tr><th>message</th><th>what happened</th></tr>{rows}</table>"
 
 
 def render_audit(params, trail, zone):
@@ -6332,7 +6414,7 @@ def select_box(name, choices, params):
            f"</select></label> "
 
 
-def message_row(doc):
+def message_row(doc, tick=False):
     key = str(doc.get("store_key", ""))
     received = doc.get("received")
     when = f"{received:%Y-%m-%d %H:%M:%S}" if isinstance(received, datetime.datetime) else "-"
@@ -6342,7 +6424,9 @@ def message_row(doc):
     link = f'<a href="/messages/{h(key)}">open</a>' if STORE_KEY_RE.fullmatch(key) else ""
     state = " ".join(mark for mark in marks(doc) if mark in ("held", "released"))
     score = doc.get("spam_score")
-    return (f"<tr><td>{h(when)}</td><td>{h(doc.get('sender', ''))}</td><td>{h(rcpt)}</td>"
+    box = (f'<td><input type="checkbox" name="key" value="{h(key)}" form="bulk" '
+           f'aria-label="select {h(key[:12])}"></td>') if tick else ""
+    return (f"<tr>{box}<td>{h(when)}</td><td>{h(doc.get('sender', ''))}</td><td>{h(rcpt)}</td>"
             f"<td>{h(doc.get('subject', ''))}</td><td>{h(human_size(doc.get('size')))}</td>"
             f"<td>{h(verdict(doc))}</td><td>{h(score if score is not None else '')}</td>"
             f"<td>{h(state)}</td><td>{h(doc.get('files_count') or '')}</td>"

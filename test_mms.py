@@ -6199,6 +6199,68 @@ class TestAuditLog(WebCase):
                              {tuple(spec["key"]) for spec in ttl.values()})
 
 
+class TestBulkActions(WebCase):
+    """Rows ticked, or all a search finds once their number is confirmed: one POST,
+    done a message at a time through the same calls as one by one, each result said."""
+
+    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor"}
+
+    def more_users(self):
+        return [f"reviewer:{mms.hash_password(self.PASSWORDS['reviewer'])}:reviewer\n"]
+
+    def setUp(self):
+        super().setUp()
+        client = self.raw()
+        self.bulk = [self.key(self.send_message(client, f"Subject: bulk {n}\r\n\r\nx\r\n"
+                                                .encode())) for n in range(120)]
+
+    def post(self, cookie, fields):
+        return self.http("POST", "/messages/bulk", {"csrf": self.csrf(cookie), **fields},
+                         cookie=cookie)
+
+    def test_the_rows_ticked(self):
+        cookie = self.login()
+        page = self.http("GET", "/messages", cookie=cookie)[2].decode()
+        self.assertEqual(len(re.findall(r'<input type="checkbox" name="key" value="[0-9a-f]{64}" '
+                                        r'form="bulk"', page)), mms.WEB_PAGE)
+        status, _, body = self.http("POST", "/messages/bulk", [
+            ("csrf", self.csrf(cookie)), ("action", "hold"), ("key", self.plain),
+            ("key", self.hostile)], cookie=cookie)
+        self.assertEqual(status, 200)
+        self.assertEqual(body.decode().count("<td>held</td>"), 2)
+        self.assertEqual(self.db["message"].count_documents({"held": True}), 2)
+        reviewer = self.login("reviewer")
+        status, _, body = self.http("POST", "/messages/bulk", [
+            ("csrf", self.csrf(reviewer)), ("action", "delete"), ("key", self.plain)],
+            cookie=reviewer)
+        self.assertIn(b"<td>refused: not for a reviewer</td>", body)
+        self.assertNotIn(b'name="key"', self.http("GET", "/messages",
+                                                  cookie=self.login("viewer"))[2])
+
+    def test_all_a_search_finds_once_confirmed(self):
+        cookie = self.login()
+        status, _, body = self.post(cookie, {"action": "release", "all": "1",
+                                             "subject": "bulk"})
+        self.assertEqual(status, 200)
+        self.assertIn(b"Release 120 message(s)?", body)
+        self.assertIn(b'name="expect" value="120"', body)
+        self.assertEqual(self.down.messages, [])
+        self.send_message(self.raw(), b"Subject: bulk late\r\n\r\nx\r\n")
+        status, _, body = self.post(cookie, {"action": "release", "all": "1",
+                                             "subject": "bulk", "expect": "120"})
+        self.assertIn(b"Release 121 message(s)?", body)   # the number changed: asked again
+        self.assertEqual(self.down.messages, [])
+        status, _, body = self.post(cookie, {"action": "release", "all": "1",
+                                             "subject": "bulk", "expect": "121"})
+        self.assertEqual(status, 200)
+        self.assertEqual(body.decode().count("<td>released: 250"), 121)
+        self.assertEqual(len(self.down.messages), 121)
+        self.web.audit.flush()
+        self.assertEqual(self.db["message_audit"].count_documents({"action": "release"}), 121)
+        [bulk] = self.db["message_audit"].find({"action": "bulk"})
+        self.assertEqual(bulk["result"], "release of 121: released")
+
+
 class TestConsoleDownloads(WebCase):
     """A download that breaks off mid-stream, and a client that hangs up: the
     connection ends, and the log gets one line, never a traceback."""
