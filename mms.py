@@ -5970,10 +5970,21 @@ class WebHandler(BoundedHandler):
             if fields.get("expect") != str(count):
                 return self.confirm_bulk(action, page, count)
             docs = list(self.server.archive.search(query, limit=WEB_BULK_MAX))
+            missing = []
         else:
-            docs = [self.doc(key) for key in self.posted.get("key", [])[:WEB_BULK_MAX]]
+            docs, missing = self.found(self.posted.get("key", [])[:WEB_BULK_MAX])
         self.page(f"{action.capitalize()}: {len(docs)} message(s)",
-                  render_bulk(self.bulk(action, docs)))
+                  render_bulk(missing + self.bulk(action, docs)))
+
+    def found(self, keys):
+        """(the documents of these keys, [(key, "not found")] for the others)."""
+        docs, missing = [], []
+        for key in map(str, keys):
+            try:
+                docs.append(self.doc(key))
+            except HTTPError:
+                missing.append((key[:64], "not found"))
+        return docs, missing
 
     def confirm_bulk(self, action, page, count):
         kept = "".join(f'<input type="hidden" name="{h(name)}" value="{h(value)}">'
@@ -6069,6 +6080,40 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
     def get_api_message(self, key):
         doc = self.doc(key)
         self.json(dict(doc, verdict=verdict(doc)))
+
+    @route("POST", r"/api/bulk", "reviewer")
+    def post_api_bulk(self):
+        """{"action", "keys": [...]} or {"action", "filters": {...}, "expect": N}: each
+        key's result. JSON only (a cross-site form cannot send it), and from a
+        session with its CSRF token in X-CSRF-Token, or with HTTP Basic."""
+        if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+            raise HTTPError(415, "send Content-Type: application/json")
+        token = self.user.get("csrf")
+        if token and not hmac.compare_digest((self.headers.get("X-CSRF-Token") or "").encode(),
+                                             token.encode()):
+            raise HTTPError(403, "X-CSRF-Token: the session's token, from any page's forms")
+        try:
+            asked = json.loads(self.read_body())
+            action, keys = asked["action"], asked.get("keys") or []
+            filters = {name: str(value) for name, value in (asked.get("filters") or {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HTTPError(400, 'a JSON object: {"action": ..., "keys": [...]} or '
+                                 '{"action": ..., "filters": {...}, "expect": N}') from None
+        if action not in ACTIONS:
+            raise HTTPError(400, f"action: one of {', '.join(ACTIONS)}")
+        if filters:
+            query, _ = self.search(filters)
+            count = self.server.archive.count(query)
+            if count > WEB_BULK_MAX or asked.get("expect") != count:
+                return self.json({"error": f"the filters find {count} message(s): send "
+                                           f"expect: {count} (at most {WEB_BULK_MAX})",
+                                  "count": count}, 409)
+            docs = list(self.server.archive.search(query, limit=WEB_BULK_MAX))
+            missing = []
+        else:
+            docs, missing = self.found(list(keys)[:WEB_BULK_MAX])
+        self.json({"action": action, "results": [
+            {"key": key, "result": result} for key, result in missing + self.bulk(action, docs)]})
 
     @route("GET", r"/api/stats")
     def get_api_stats(self):

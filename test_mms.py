@@ -6199,9 +6199,8 @@ class TestAuditLog(WebCase):
                              {tuple(spec["key"]) for spec in ttl.values()})
 
 
-class TestBulkActions(WebCase):
-    """Rows ticked, or all a search finds once their number is confirmed: one POST,
-    done a message at a time through the same calls as one by one, each result said."""
+class BulkCase(WebCase):
+    """120 more messages, and a reviewer."""
 
     PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor"}
 
@@ -6213,6 +6212,12 @@ class TestBulkActions(WebCase):
         client = self.raw()
         self.bulk = [self.key(self.send_message(client, f"Subject: bulk {n}\r\n\r\nx\r\n"
                                                 .encode())) for n in range(120)]
+
+
+
+class TestBulkActions(BulkCase):
+    """Rows ticked, or all a search finds once their number is confirmed: one POST,
+    done a message at a time through the same calls as one by one, each result said."""
 
     def post(self, cookie, fields):
         return self.http("POST", "/messages/bulk", {"csrf": self.csrf(cookie), **fields},
@@ -6259,6 +6264,48 @@ class TestBulkActions(WebCase):
         self.assertEqual(self.db["message_audit"].count_documents({"action": "release"}), 121)
         [bulk] = self.db["message_audit"].find({"action": "bulk"})
         self.assertEqual(bulk["result"], "release of 121: released")
+
+
+class TestApiBulk(BulkCase):
+    """POST /api/bulk: JSON only, with a session's CSRF token or HTTP Basic."""
+
+    def api(self, payload, kind="application/json", cookie=None, token=None, user=None):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.web_port, timeout=60)
+        self.addCleanup(conn.close)
+        headers = {"Content-Type": kind}
+        if cookie:
+            headers["Cookie"] = cookie
+        if token:
+            headers["X-CSRF-Token"] = token
+        if user:
+            headers["Authorization"] = "Basic " + base64.b64encode(
+                f"{user}:{self.PASSWORDS[user]}".encode()).decode()
+        conn.request("POST", "/api/bulk", json.dumps(payload).encode(), headers)
+        answer = conn.getresponse()
+        return answer.status, json.loads(answer.read() or b"{}")
+
+    def test_keys_by_session_and_by_basic(self):
+        cookie = self.login()
+        payload = {"action": "hold", "keys": [self.plain, "0" * 64]}
+        self.assertEqual(self.api(payload, cookie=cookie)[0], 403)              # no token
+        self.assertEqual(self.api(payload, "application/x-www-form-urlencoded",
+                                  cookie=cookie, token=self.csrf(cookie))[0], 415)
+        status, answer = self.api(payload, cookie=cookie, token=self.csrf(cookie))
+        self.assertEqual(status, 200)
+        self.assertEqual(answer["results"], [{"key": "0" * 64, "result": "not found"},
+                                             {"key": self.plain, "result": "held"}])
+        status, answer = self.api({"action": "delete", "keys": [self.hostile]}, user="reviewer")
+        self.assertEqual(answer["results"][0]["result"], "refused: not for a reviewer")
+        self.assertEqual(self.api({"action": "hold", "keys": []}, user="viewer")[0], 403)
+
+    def test_filters_with_the_count_expected(self):
+        payload = {"action": "hold", "filters": {"subject": "bulk"}}
+        status, answer = self.api(payload, user="admin")
+        self.assertEqual((status, answer["count"]), (409, 120))
+        status, answer = self.api({**payload, "expect": 120}, user="admin")
+        self.assertEqual((status, len(answer["results"])), (200, 120))
+        self.assertEqual(self.db["message"].count_documents({"held": True}), 120)
 
 
 class TestConsoleDownloads(WebCase):
