@@ -6069,6 +6069,11 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
 
     # The API ################################################################
 
+    @route("GET", r"/api/openapi\.json")
+    def get_openapi(self):
+        """The API described, as OpenAPI 3.1: what the tests check each answer against."""
+        self.json(openapi())
+
     @route("GET", r"/api/messages")
     def get_api_messages(self):
         query, page = self.search()
@@ -6317,6 +6322,56 @@ def bulk_form(page, csrf):
         '<label><input type="checkbox" name="all" value="1"> not the rows ticked: all this '
         f'search finds</label> <label>action <select name="action">{options}</select></label> '),
         '<button type="submit">Apply</button>', name="bulk")
+
+
+def openapi():
+    """The JSON API as OpenAPI 3.1 (JSON Schema 2020-12 for its bodies)."""
+    message = {"type": "object", "required": ["store_key", "verdict"], "properties": {
+        "store_key": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "sender": {"type": "string"}, "rcpt": {"type": "array", "items": {"type": "string"}},
+        "received": {"type": "string"}, "subject": {"type": "string"},
+        "size": {"type": "integer"}, "verdict": {"enum": list(VERDICTS)},
+        "files": {"type": "array", "items": {"type": "object"}}}}
+    error = {"type": "object", "required": ["error"], "properties": {
+        "error": {"type": "string"}, "count": {"type": "integer"}}}
+
+    def answer(schema, *codes):
+        return {"200": {"description": "done", "content": {"application/json": {
+            "schema": schema}}}, **{str(code): {"description": "refused", "content": {
+                "application/json": {"schema": error}}} for code in codes}}
+    filters = [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+               for name in FILTERS]
+    return {"openapi": "3.1.0", "info": {"title": "mms", "version": __version__},
+            "components": {"securitySchemes": {"basic": {"type": "http", "scheme": "basic"},
+                                               "session": {"type": "apiKey", "in": "cookie",
+                                                           "name": "mms_session"}}},
+            "security": [{"basic": []}, {"session": []}],
+            "paths": {
+        "/api/messages": {"get": {"parameters": filters + [
+            {"name": "before", "in": "query", "schema": {"type": "string"}},
+            {"name": "skip", "in": "query", "schema": {"type": "string"}}],
+            "responses": answer({"type": "object", "required": ["messages", "next"],
+                                 "properties": {"messages": {"type": "array", "items": message},
+                                                "next": {"type": ["object", "null"]}}},
+                                400, 401, 503)}},
+        "/api/messages/{key}": {"get": {"parameters": [
+            {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": answer(message, 401, 404)}},
+        "/api/stats": {"get": {"parameters": [
+            {"name": name, "in": "query", "schema": {"type": "string"}}
+            for name in ("since", "by", "top")],
+            "responses": answer({"type": "object", "required": ["totals", "groups"]},
+                                400, 401, 403, 503)}},
+        "/api/bulk": {"post": {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"type": "object", "required": ["action"],
+                                            "properties": {
+                "action": {"enum": list(ACTIONS)},
+                "keys": {"type": "array", "items": {"type": "string"}},
+                "filters": {"type": "object"}, "expect": {"type": "integer"}}}}}},
+            "responses": answer({"type": "object", "required": ["action", "results"],
+                                 "properties": {"results": {"type": "array", "items": {
+                                     "type": "object", "required": ["key", "result"]}}}},
+                                400, 401, 403, 409, 415)}}}}
 
 
 def render_bulk(done):

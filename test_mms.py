@@ -6285,6 +6285,33 @@ class TestApiBulk(BulkCase):
         answer = conn.getresponse()
         return answer.status, json.loads(answer.read() or b"{}")
 
+    def test_every_answer_is_what_the_openapi_document_says(self):
+        """Each answer of the API, validated against the document the API serves."""
+        import jsonschema
+        cookie = self.login()
+        status, _, body = self.http("GET", "/api/openapi.json", cookie=cookie)
+        spec = json.loads(body)
+        self.assertEqual((status, spec["openapi"]), (200, "3.1.0"))
+
+        def check(path, method, status, answer):
+            schema = spec["paths"][path][method]["responses"][str(status)]["content"][
+                "application/json"]["schema"]
+            jsonschema.Draft202012Validator(schema).validate(answer)
+        for path, template in (("/api/messages?subject=bulk&since=1d", "/api/messages"),
+                               (f"/api/messages/{self.plain}", "/api/messages/{key}"),
+                               ("/api/stats?since=1d&by=verdict", "/api/stats"),
+                               ("/api/messages?quarantine=spma", "/api/messages"),
+                               (f"/api/messages/{'0' * 64}", "/api/messages/{key}")):
+            with self.subTest(path):
+                status, _, body = self.http("GET", path, cookie=cookie)
+                check(template, "get", status, json.loads(body))
+        for payload in ({"action": "hold", "keys": [self.plain]},
+                        {"action": "hold", "filters": {"subject": "bulk"}}):
+            status, answer = self.api(payload, user="admin")
+            check("/api/bulk", "post", status, answer)
+        status, answer = self.api({"action": "hold"}, "text/plain", user="admin")
+        check("/api/bulk", "post", status, answer)
+
     def test_keys_by_session_and_by_basic(self):
         cookie = self.login()
         payload = {"action": "hold", "keys": [self.plain, "0" * 64]}
