@@ -4231,7 +4231,7 @@ class Archive:
             raise UsageError(f"store_key {key} is ambiguous: {keys}")
         return docs[0]
 
-    def search(self, query, limit=0, projection=None, by_score=False):
+    def search(self, query, limit=0, projection=None, by_score=False, oldest_first=False):
         """Newest first, from the index: the limit goes to MongoDB, so the first line
         comes from the index, not from a sort of every match. by_score: the best
         --text match first. The words kept for --text (up to 8 KiB a message) are
@@ -4247,7 +4247,8 @@ class Archive:
             cursor = self.collection.find(query, projection).sort(
                 [("score", {"$meta": "textScore"})])
         else:
-            cursor = self.collection.find(query, projection).sort("received", -1)
+            cursor = self.collection.find(query, projection).sort("received",
+                                                                  1 if oldest_first else -1)
         return self.bounded(cursor.limit(limit).batch_size(self.BATCH))  # never 16 MB at once
 
     def count(self, query):
@@ -5823,7 +5824,10 @@ class WebHandler(BoundedHandler):
         query, page = self.search()
         docs, more = self.one_page(query)
         csrf = self.user["csrf"] if ROLES[self.user["role"]] >= ROLES["reviewer"] else None
-        self.page("Search", render_search(self.params, page, docs, more, csrf))
+        newer = bool(self.params.get("after"))
+        self.page("Search", render_search(self.params, page, docs, csrf, {
+            "older": docs and (more if not newer else True),
+            "newer": docs and (more if newer else bool(self.params.get("before")))}))
 
     @route("GET", r"/messages\.mbox")
     def get_mbox(self):
@@ -6079,7 +6083,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         query, page = self.search()
         docs, more = self.one_page(query)
         self.json({"messages": [dict(doc, verdict=verdict(doc)) for doc in docs],
-                   "next": next_page(docs) if more else None})
+                   "next": edge_page(docs, "older") if more else None})
 
     @route("GET", r"/api/messages/([0-9a-f]{64})")
     def get_api_message(self, key):
@@ -6135,9 +6139,13 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
     # Helpers ################################################################
 
     def one_page(self, query):
-        """(up to WEB_PAGE documents, whether there are more): one more is asked for."""
-        docs = list(self.server.archive.search(query, limit=WEB_PAGE + 1))
-        return docs[:WEB_PAGE], len(docs) > WEB_PAGE
+        """(up to WEB_PAGE documents, newest first, whether there are more that way):
+        one more is asked for; a newer page (after=) is read oldest first, from the
+        index the same way, and turned round."""
+        newer = bool(self.params.get("after"))
+        docs = list(self.server.archive.search(query, limit=WEB_PAGE + 1, oldest_first=newer))
+        more = len(docs) > WEB_PAGE
+        return (docs[:WEB_PAGE][::-1] if newer else docs[:WEB_PAGE]), more
 
     def doc(self, key):
         """The message, if this user may see it: one outside a scoped user's domains
@@ -6171,13 +6179,14 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         page = {name: params[name].strip() for name in FILTERS
                 if (params.get(name) or "").strip()}
         query = all_of(Filters.parse(page).query(), self.scope())
-        after = web_when(self.params.get("before"), "before") if self.params.get("before") else None
-        if after:
-            skip = [i for i in (self.params.get("skip") or "").split(",") if re.fullmatch(
-                r"[0-9a-f]{24}", i)]
-            from bson import ObjectId
-            query = all_of(query, {"received": {"$lte": after}},
-                           {"_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
+        for edge, op in (("before", "$lte"), ("after", "$gte")):
+            when = web_when(params.get(edge), edge) if params.get(edge) else None
+            if when:
+                skip = [i for i in (params.get("skip") or "").split(",") if re.fullmatch(
+                    r"[0-9a-f]{24}", i)]
+                from bson import ObjectId
+                query = all_of(query, {"received": {op: when}},
+                               {"_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
         return query, page
 
     def page(self, title, body, user=False, code=200, extra=()):
@@ -6297,14 +6306,15 @@ def shown(value):
     return NOT_NOW if value is None else h(value)
 
 
-def render_search(params, page, docs, more, csrf=None):
+def render_search(params, page, docs, csrf=None, pages=None):
     """The search form, a page of rows (each with a tick for a bulk action, given
-    the CSRF token), the bulk form, and the link to the next (older) page."""
+    the CSRF token), the bulk form, and the links to the newer and older pages."""
     rows = "".join(message_row(doc, bool(csrf)) for doc in docs)
-    link = ""
-    if more:
-        older = urllib.parse.urlencode({**page, **next_page(docs)})
-        link = f'<p><a href="/messages?{h(older)}">Older messages</a></p>'
+    pages = pages or {}
+    link = "".join(
+        f'<a href="/messages?{h(urllib.parse.urlencode({**page, **edge_page(docs, name)}))}">'
+        f"{name.capitalize()} messages</a> " for name in ("newer", "older") if pages.get(name))
+    link = f"<p>{link}</p>" if link else ""
     return f"""{search_form(params)}
 <p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
 <table><tr class="head">{"<th></th>" if csrf else ""}<th>received</th><th>from</th><th>to</th>
@@ -6409,14 +6419,17 @@ def web_when(value, name):
         raise HTTPError(400, f"{name}: {exc}") from None
 
 
-def next_page(docs):
-    """The next page starts at the last row's received time, without the rows of that
-    same time shown already: a range on the index, never a skip."""
-    last = docs[-1].get("received")
-    if not isinstance(last, datetime.datetime):
+def edge_page(docs, way):
+    """The older page starts at the last row's received time (the newer at the
+    first's), without the rows of that same time shown already: a range on the
+    index, never a skip."""
+    row = docs[-1] if way == "older" else docs[0]
+    edge = row.get("received")
+    if not isinstance(edge, datetime.datetime):
         return {}
-    same = [str(d["_id"]) for d in docs if d.get("received") == last]
-    return {"before": last.astimezone(UTC).isoformat(), "skip": ",".join(same)}
+    same = [str(d["_id"]) for d in docs if d.get("received") == edge]
+    return {"before" if way == "older" else "after": edge.astimezone(UTC).isoformat(),
+            "skip": ",".join(same)}
 
 
 def dashboard_data(archive):

@@ -6242,6 +6242,22 @@ class TestBulkActions(BulkCase):
         self.assertNotIn(b'name="key"', self.http("GET", "/messages",
                                                   cookie=self.login("viewer"))[2])
 
+    def test_older_then_newer_comes_back_to_the_same_page(self):
+        cookie = self.login("viewer")
+
+        def visit(path):
+            page = self.http("GET", path, cookie=cookie)[2].decode()
+            links = dict((name, html.unescape(href)) for href, name in re.findall(
+                r'<a href="(/messages\?[^"]+)">(Newer|Older) messages</a>', page))
+            return re.findall(r'href="/messages/([0-9a-f]{64})"', page), links
+        first, links = visit("/messages")
+        self.assertEqual((len(first), set(links)), (mms.WEB_PAGE, {"Older"}))
+        second, links = visit(links["Older"])
+        self.assertEqual((len(second), set(links)), (mms.WEB_PAGE, {"Newer", "Older"}))
+        self.assertFalse(set(first) & set(second))
+        again, links = visit(links["Newer"])
+        self.assertEqual((again, set(links)), (first, {"Older"}))
+
     def test_all_a_search_finds_once_confirmed(self):
         cookie = self.login()
         status, _, body = self.post(cookie, {"action": "release", "all": "1",
