@@ -430,11 +430,12 @@ class Bench:
         print("## console: seconds per page (the console's own maxTimeMS is 5 s), and the "
               "web process's peak RSS")
         for count in self.args.console_counts:
-            self.fill_console(count)
+            newest = self.fill_console(count)
             web = self.web_console()
             try:
                 cookie = self.web_login(web.port)
                 pages = {"dashboard, cold": "/", "dashboard, warm": "/",
+                         "a message's page": f"/messages/{newest}",
                          **{f"search {name}": f"/messages?{query}"
                             for name, query in CONSOLE_SEARCHES},
                          "baseline: /api/stats?since=30d": "/api/stats?since=30d",
@@ -605,6 +606,7 @@ class Bench:
             archive.add_counts(mms.tallied(job.metadata for job in jobs))
         archive.close()
         print(f"({count} messages written in {time.monotonic() - started:.0f} s)")
+        return jobs[-1].metadata["store_key"]
 
     # The command's own peak (VmHWM) as it ends: ru_maxrss would count this process,
     # which it was forked from, before its exec.
