@@ -5262,6 +5262,43 @@ class WebCase(MongoCase):
         self.assertEqual(status, 303)
         return headers["Set-Cookie"].split(";")[0]
 
+    def browser(self):
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            if os.environ.get("CI"):
+                raise RuntimeError("playwright is not installed: .ci/run should install it")
+            raise missing("playwright is not installed (pip install playwright)")
+        if not os.path.exists("/usr/bin/chromium"):
+            if os.environ.get("CI"):
+                raise RuntimeError("chromium is not installed: .ci/run should install it")
+            raise missing("Debian's chromium is not installed")
+        playwright = sync_playwright().start()
+        self.addCleanup(playwright.stop)
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"])
+        self.addCleanup(browser.close)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        self.dialogs = []
+        page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+        return page
+
+    def log_in(self, page, user):
+        """As a helpdesk does, by the form; the console's base URL."""
+        base = f"http://127.0.0.1:{self.web_port}"
+        page.goto(base + "/login")
+        page.fill("input[name=user]", user)
+        page.fill("input[name=password]", self.PASSWORDS[user])
+        page.click("button[type=submit]")
+        page.wait_for_url(base + "/")
+        return base
+
+    def shoot(self, page, name):
+        folder = os.environ.get("MMS_SCREENSHOTS")
+        if folder:
+            page.screenshot(path=os.path.join(folder, name), full_page=True)
+
     def csrf(self, cookie):
         body = self.http("GET", "/messages", cookie=cookie)[2].decode()
         return re.search(r'name="csrf" value="([0-9a-f]+)"', body).group(1)
@@ -5712,7 +5749,7 @@ class TestHostileMime(WebCase):
         self.assertIn("unicode-bidi:isolate", self.http("GET", "/style.css")[2].decode())
 
     def test_in_chromium(self):
-        page = TestWebConsoleInBrowser.browser(self)
+        page = self.browser()
         base = f"http://127.0.0.1:{self.web_port}"
         page.goto(base + "/login")
         page.fill("input[name=user]", "viewer")
@@ -6044,17 +6081,12 @@ class TestMessageView(WebCase):
         self.assertIn("<td>help</td><td>https://www.paypal.com/help</td><td></td>", page)
 
     def test_in_chromium_the_preview_runs_nothing_and_loads_nothing_remote(self):
-        page = TestWebConsoleInBrowser.browser(self)
+        page = self.browser()
         asked, failed = [], {}
         page.on("request", lambda request: asked.append(request.url))
         page.on("requestfailed", lambda request: failed.__setitem__(request.url,
                                                                      request.failure))
-        base = f"http://127.0.0.1:{self.web_port}"
-        page.goto(base + "/login")
-        page.fill("input[name=user]", "viewer")
-        page.fill("input[name=password]", self.PASSWORDS["viewer"])
-        page.click("button[type=submit]")
-        page.wait_for_url(base + "/")
+        base = self.log_in(page, "viewer")
         page.goto(f"{base}/messages/{self.phish}")
         frame = page.frame_locator("iframe.preview")
         self.assertEqual(frame.locator("a").first.inner_text(), "www.paypal.com")
@@ -6066,7 +6098,7 @@ class TestMessageView(WebCase):
         self.assertEqual(remote, ["https://198.51.100.7/bg.png"])   # a CSS url(): the
         self.assertEqual(failed[remote[0]], "csp")          # browser refused it
         self.assertEqual(self.dialogs, [])                # no script ran
-        TestWebConsoleInBrowser.shoot(self, page, "preview.png")
+        self.shoot(page, "preview.png")
 
     def test_attachments_say_what_their_bytes_are_and_download_as_bytes(self):
         cookie = self.login("viewer")
@@ -6441,33 +6473,6 @@ class TestWebConsoleInBrowser(WebCase):
     """Debian's Chromium, driven by Playwright: what a helpdesk sees. With
     MMS_SCREENSHOTS=DIR, the README's screenshots are taken here."""
 
-    def browser(self):
-        try:
-            from playwright.sync_api import sync_playwright
-        except ImportError:
-            if os.environ.get("CI"):
-                raise RuntimeError("playwright is not installed: .ci/run should install it")
-            raise missing("playwright is not installed (pip install playwright)")
-        if not os.path.exists("/usr/bin/chromium"):
-            if os.environ.get("CI"):
-                raise RuntimeError("chromium is not installed: .ci/run should install it")
-            raise missing("Debian's chromium is not installed")
-        playwright = sync_playwright().start()
-        self.addCleanup(playwright.stop)
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"])
-        self.addCleanup(browser.close)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        self.dialogs = []
-        page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
-        return page
-
-    def shoot(self, page, name):
-        folder = os.environ.get("MMS_SCREENSHOTS")
-        if folder:
-            page.screenshot(path=os.path.join(folder, name), full_page=True)
-
     def test_a_helpdesk_session(self):
         page = self.browser()
         base = f"http://127.0.0.1:{self.web_port}"
@@ -6499,17 +6504,11 @@ class TestWebConsoleInBrowser(WebCase):
         self.assertEqual((doc["held"], doc["released"][0]["by"]), (True, "admin"))
         self.assertEqual(len(self.down.messages), 1)
 
-
     def test_a_phone_and_a_dark_screen(self):
         """390 px wide, rows become cards and every subject is on the screen; with
         prefers-color-scheme: dark, dark; every control of the search has a label."""
         page = self.browser()
-        base = f"http://127.0.0.1:{self.web_port}"
-        page.goto(base + "/login")
-        page.fill("input[name=user]", "viewer")
-        page.fill("input[name=password]", self.PASSWORDS["viewer"])
-        page.click("button[type=submit]")
-        page.wait_for_url(base + "/")
+        base = self.log_in(page, "viewer")
         for width, scheme in ((390, "light"), (390, "dark"), (1280, "dark")):
             page.set_viewport_size({"width": width, "height": 844})
             page.emulate_media(color_scheme=scheme)
@@ -6623,7 +6622,7 @@ class TestQuarantineReports(ReportCase):
         text = self.reports()["alice@example.com"].get_body(("plain",)).get_content()
         link = re.search(r"(http://\S+/q/\S+)", text.split("cheap")[1]).group(1)
         reports = len(self.down.messages)
-        page = TestWebConsoleInBrowser.browser(self)
+        page = self.browser()
         page.goto(link)                                 # a link scanner's GET: nothing sent
         self.assertIn("<b>cheap</b> pills", page.locator("main table").inner_text())
         self.assertEqual(len(self.down.messages), reports)
