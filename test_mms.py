@@ -5991,6 +5991,21 @@ class TestConsoleAtScale(WebCase):
             self.assertIn(b"Top sender domains", body)
         self.assertEqual(asked() - before, 1 + len(mms.DASHBOARD_TOPS))
 
+    def test_the_audit_log_and_a_bulk_search_are_asked_on_their_indexes(self):
+        cookie = self.login()
+        self.assertEqual(self.http("GET", "/audit?user=admin&action=hold&since=1d",
+                                   cookie=cookie)[0], 200)
+        [find] = self.tap.sent("find", "message_audit")
+        self.assertEqual(find["filter"]["$and"][:2], [{"user": "admin"}, {"action": "hold"}])
+        self.assertEqual((find["sort"], find["limit"], find["maxTimeMS"]),
+                         ({"at": -1}, 4 * mms.WEB_PAGE, mms.WEB_QUERY_MS))
+        self.assertNotIn("skip", find)
+        self.http("POST", "/messages/bulk", {"csrf": self.csrf(cookie), "action": "hold",
+                                             "all": "1", "sender": "@example.org"}, cookie=cookie)
+        [count] = [c for c in self.tap.sent("aggregate", "message")
+                   if c["pipeline"][0]["$match"] == {"sender_domain": {"$in": ["example.org"]}}]
+        self.assertEqual(count["maxTimeMS"], mms.WEB_QUERY_MS)
+
     def test_each_write_to_a_message_names_its_shard_key(self):
         """_id and store_key in every filter, so that on a collection sharded on a
         hashed store_key (the README's advice) a write goes to one shard."""
