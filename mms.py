@@ -39,7 +39,8 @@ symptom to a line, grep for the name on the right:
 * the archive commands: archive_NAME, each registered by @command beside it;
   Filters, the value every search is made of;
 * the web console: WebServer, WebHandler, one handler per page registered by
-  @route beside it;
+  @route beside it; ROLES and may (who may do what), AuditLog, MimeView and
+  Preview (a message as a reviewer sees it), render_* (the HTML), openapi;
 * quarantine reports: archive_digest, sign_link and open_link;
 * the command line: main, serve, run_workers, setup_logging.
 """
