@@ -473,8 +473,9 @@ def build_parser():
     archive("--subject", help="Subject contains this, in any case")
     archive("--text", help="words: each word and \"phrase\" must be in the subject, the "
             "text, the From name or an attachment's name; -word must not")
-    archive("--sort", choices=("date", "score"), default="date",
-            help="list, export: newest first (date), or best --text match first (score)")
+    archive("--sort", choices=("date", "size", "score"), default="date",
+            help="list, export: newest first (date), largest first (size), or best --text "
+                 "match first (score)")
     archive("--message-id", help="this Message-ID")
     archive("--quarantine-id", help="this amavisd-new quarantine id (X-Quarantine-ID)")
     archive("--client", help="client address: an IP or a CIDR")
@@ -3949,6 +3950,8 @@ def verdict_of(names):
 
 
 WORDS_LEFT_OUT = {"text": 0}   # what a read of a message's document does not bring back
+ORDERS = {"newest": [("received", -1)], "oldest": [("received", 1)],   # Archive.search
+          "size": [("size", -1), ("received", -1)], "score": [("score", {"$meta": "textScore"})]}
 ATLAS_INDEX = "mms_words"      # --text-search atlas: its definition is in the README
 
 
@@ -4232,24 +4235,20 @@ class Archive:
             raise UsageError(f"store_key {key} is ambiguous: {keys}")
         return docs[0]
 
-    def search(self, query, limit=0, projection=None, by_score=False, oldest_first=False):
-        """Newest first, from the index: the limit goes to MongoDB, so the first line
-        comes from the index, not from a sort of every match. by_score: the best
-        --text match first. The words kept for --text (up to 8 KiB a message) are
-        left on the server unless asked for."""
+    def search(self, query, limit=0, projection=None, order="newest"):
+        """Newest first (or oldest), from the index: the limit goes to MongoDB, so the
+        first line comes from the index, not from a sort of every match. By size, or
+        by score (the best --text match first), MongoDB sorts what the filters find,
+        keeping only the limit (the console bounds it by its maxTimeMS). The words
+        kept for --text (up to 8 KiB a message) are left on the server unless asked."""
         if "$text" in query and self.cfg.text_search == "atlas":
             return self.aggregate(self.atlas(query) + [
-                {"$sort": {"score": {"$meta": "searchScore"}} if by_score else
-                 {"received": -1}}, *([{"$limit": limit}] if limit else []),
+                {"$sort": {"score": {"$meta": "searchScore"}} if order == "score" else
+                 dict(ORDERS[order])}, *([{"$limit": limit}] if limit else []),
                 {"$project": projection or WORDS_LEFT_OUT}])
-        projection = projection or dict(WORDS_LEFT_OUT)
-        if by_score:
-            projection["score"] = {"$meta": "textScore"}
-            cursor = self.collection.find(query, projection).sort(
-                [("score", {"$meta": "textScore"})])
-        else:
-            cursor = self.collection.find(query, projection).sort("received",
-                                                                  1 if oldest_first else -1)
+        # By score without the score in the projection (MongoDB 4.4 and later sort by
+        # it as it is): nx-27017 would bring back the score alone.
+        cursor = self.collection.find(query, projection or WORDS_LEFT_OUT).sort(ORDERS[order])
         return self.bounded(cursor.limit(limit).batch_size(self.BATCH))  # never 16 MB at once
 
     def count(self, query):
@@ -4822,7 +4821,7 @@ def archive_count(cfg, archive):
          FILTERS + ("limit", "json", "sort") + MONGO)
 def archive_list(cfg, archive):
     out = sys.stdout
-    for doc in archive.search(cfg.filters.query(), limit=cfg.limit, by_score=by_score(cfg)):
+    for doc in archive.search(cfg.filters.query(), limit=cfg.limit, order=sort_order(cfg)):
         doc.pop("_id", None)
         if cfg.json:
             out.write(json_line(dict(doc, verdict=verdict(doc))))
@@ -4831,11 +4830,12 @@ def archive_list(cfg, archive):
     return 0
 
 
-def by_score(cfg):
-    """--sort score: the best --text match first; a score there is only with --text."""
+def sort_order(cfg):
+    """--sort: date (newest first), size (largest first), or score (the best --text
+    match first: a score there is only with --text)."""
     if cfg.sort == "score" and not cfg.filters.text:
         raise UsageError("--sort score ranks --text matches: give --text")
-    return cfg.sort == "score"
+    return "newest" if cfg.sort == "date" else cfg.sort
 
 
 def marks(doc):
@@ -5310,12 +5310,12 @@ def mbox_entry(doc, data):
          FILTERS + ("format", "output", "sort") + MONGO)
 def archive_export(cfg, archive):
     """The matching messages as one mbox on stdout, or one .eml each into --output."""
-    query, ranked = cfg.filters.query(), by_score(cfg)
+    query, order = cfg.filters.query(), sort_order(cfg)
     count = 0
     if cfg.format == "eml":
         if not cfg.output or not os.path.isdir(cfg.output):
             raise UsageError("export --format eml needs --output DIR, an existing directory")
-        for doc in archive.search(query, by_score=ranked):
+        for doc in archive.search(query, order=order):
             key = str(doc.get("store_key", ""))
             if STORE_KEY_RE.fullmatch(key):
                 with private(os.path.join(cfg.output, key + ".eml")) as f:
@@ -5325,7 +5325,7 @@ def archive_export(cfg, archive):
         print(f"exported {count} message(s) to {cfg.output}")
         return 0
     out = sys.stdout.buffer
-    for entry in mbox_entries(archive, archive.search(query, by_score=ranked)):
+    for entry in mbox_entries(archive, archive.search(query, order=order)):
         out.write(entry)
     out.flush()
     return 0
@@ -5826,7 +5826,8 @@ class WebHandler(BoundedHandler):
         docs, more = self.one_page(query)
         csrf = self.user["csrf"] if ROLES[self.user["role"]] >= ROLES["reviewer"] else None
         newer = bool(self.params.get("after"))
-        self.page("Search", render_search(self.params, page, docs, csrf, {
+        self.page("Search", render_search(self.params, page, docs, csrf, {} if self.order() !=
+                                          "newest" else {
             "older": docs and (more if not newer else True),
             "newer": docs and (more if newer else bool(self.params.get("before")))}))
 
@@ -6140,13 +6141,24 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
     # Helpers ################################################################
 
     def one_page(self, query):
-        """(up to WEB_PAGE documents, newest first, whether there are more that way):
-        one more is asked for; a newer page (after=) is read oldest first, from the
-        index the same way, and turned round."""
-        newer = bool(self.params.get("after"))
-        docs = list(self.server.archive.search(query, limit=WEB_PAGE + 1, oldest_first=newer))
-        more = len(docs) > WEB_PAGE
+        """(up to WEB_PAGE documents, whether there are more that way): one more is
+        asked for; a newer page (after=) is read oldest first, from the index the
+        same way, and turned round. By size or score, one page: the largest or the
+        best matches."""
+        order = self.order()
+        newer = order == "newest" and bool(self.params.get("after"))
+        docs = list(self.server.archive.search(query, limit=WEB_PAGE + 1,
+                                               order="oldest" if newer else order))
+        more = len(docs) > WEB_PAGE and order == "newest"
         return (docs[:WEB_PAGE][::-1] if newer else docs[:WEB_PAGE]), more
+
+    def order(self):
+        sort = self.params.get("sort") or "date"
+        if sort not in ("date", "size", "score"):
+            raise HTTPError(400, "sort: one of date, size, score")
+        if sort == "score" and not (self.params.get("text") or "").strip():
+            raise HTTPError(400, "sort=score ranks the matches of text: give words")
+        return "newest" if sort == "date" else sort
 
     def doc(self, key):
         """The message, if this user may see it: one outside a scoped user's domains
@@ -6517,15 +6529,17 @@ def search_form(params):
         if name in ("released", "bounce") else
         f'<label>{h(name)} <input name="{name}" value="{h(params.get(name, ""))}" size="14">'
         f"</label> " for name in FILTERS if name not in ("virus", "spam"))
+    inputs += select_box("sort", [("date", "newest first"), ("size", "largest first"),
+                                  ("score", "best match first")], params, blank=None)
     return f'<form method="get" action="/messages">{inputs}<button type="submit">Search</button></form>'
 
 
-def select_box(name, choices, params):
+def select_box(name, choices, params, blank="any"):
     options = "".join(f'<option value="{h(value)}"'
                       f'{" selected" if params.get(name) == value else ""}>{h(shown)}</option>'
                       for value, shown in choices)
-    return f'<label>{h(name)} <select name="{name}"><option value="">any</option>{options}' \
-           f"</select></label> "
+    blank = f'<option value="">{blank}</option>' if blank else ""
+    return f'<label>{h(name)} <select name="{name}">{blank}{options}</select></label> '
 
 
 def message_row(doc, tick=False):

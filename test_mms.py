@@ -4392,6 +4392,9 @@ class TestContentSearch(ArchiveCase):
         self.mms("list", "--text", "invoice", "--sort", "score", uri=uri)
         find = tap.sent("find", "message")[-1]
         self.assertEqual(find["sort"], {"score": {"$meta": "textScore"}})
+        self.assertEqual(find["projection"], {"text": 0})      # every field comes back
+        self.assertEqual(self.listed("--text", "invoice", "--sort", "score"),
+                         {"invoice", "draft"})
         self.assertEqual(self.mms("list", "--sort", "score")[:2], (1, ""))  # it needs --text
 
     def test_atlas_search_is_asked_a_search_stage_first(self):
@@ -6304,6 +6307,28 @@ class TestBulkActions(BulkCase):
         self.assertFalse(set(first) & set(second))
         again, links = visit(links["Newer"])
         self.assertEqual((again, set(links)), (first, {"Older"}))
+
+    def test_sorted_by_size_or_by_score_one_page(self):
+        cookie = self.login("viewer")
+        big = self.key(self.send_message(self.raw(), b"Subject: bulk big\r\n\r\n" +
+                                          b"bulk words here\r\n" * 500))
+        page = self.http("GET", "/messages?sort=size", cookie=cookie)[2].decode()
+        keys = re.findall(r'href="/messages/([0-9a-f]{64})"', page)
+        self.assertEqual(keys[0], big)
+        sizes = [self.db["message"].find_one({"store_key": k})["size"] for k in keys]
+        self.assertEqual(sizes, sorted(sizes, reverse=True))
+        self.assertNotIn("Older messages", page)                  # the largest: one page
+        page = self.http("GET", "/messages?text=bulk&sort=score", cookie=cookie)[2].decode()
+        # nx-27017 ranks by its own score (it ignores the weights): the page, not its order
+        self.assertEqual(len(re.findall(r'href="/messages/[0-9a-f]{64}"', page)), mms.WEB_PAGE)
+        self.assertEqual(self.http("GET", "/messages?sort=score", cookie=cookie)[0], 400)
+        self.assertEqual(self.http("GET", "/messages?sort=name", cookie=cookie)[0], 400)
+        code, out, _ = self.command_line("list", "--sort", "size", "--limit", "1")
+        self.assertEqual(out.split()[0], big)
+
+    def command_line(self, *args):
+        done = self.archive_command(*args)
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
 
     def test_all_a_search_finds_once_confirmed(self):
         cookie = self.login()
