@@ -510,6 +510,8 @@ def build_parser():
     archive("--user", help="audit: this console user's entries")
     archive("--action", help="audit: login, view, preview, download, hold, unhold, release, "
             "delete, report-release")
+    archive("--timezone", type=_zone, help="web-user: the time zone the console shows this "
+            "user times in (default: --web-timezone)")
     archive("--domains", help="web-user: only mail for these domains (example.com,example.net)")
     archive("--role", choices=("admin", "reviewer", "viewer"), default="admin",
             help="web-user: admin (the default) may hold, release and delete; viewer reads")
@@ -5387,9 +5389,10 @@ ROLES = {"viewer": 0, "reviewer": 1, "admin": 2}   # each may what the one befor
 
 
 def read_web_users(path):
-    """{name: (hash, role, domains)} from lines 'name:hash[:role[:domains]]', in a
-    file only its owner may read: the hashes are worth guessing at offline.
-    domains (example.com,example.net) limits the user to mail for them."""
+    """{name: (hash, {role, domains, zone})} from lines
+    'name:hash[:role[:domains[:zone]]]', in a file only its owner may read: the
+    hashes are worth guessing at offline. domains (example.com,example.net)
+    limits the user to mail for them; zone is the time zone they read times in."""
     users = {}
     lines = read_private("--web-users", path).decode("utf-8", "replace").splitlines()
     for number, line in enumerate(lines, 1):
@@ -5398,13 +5401,18 @@ def read_web_users(path):
             continue
         name, _, rest = line.partition(":")
         digest, _, rest = rest.partition(":")
-        role, _, domains = rest.partition(":")
+        role, _, rest = rest.partition(":")
+        domains, _, zone = rest.partition(":")
         domains = tuple(d.strip().lower() for d in domains.split(",") if d.strip())
+        try:
+            zone = _zone(zone) if zone else None
+        except argparse.ArgumentTypeError:
+            zone = False
         if not name or not digest.startswith("scrypt$") or (role or "admin") not in ROLES \
-                or not all(SCOPE_DOMAIN_RE.fullmatch(d) for d in domains):
-            raise ConfigError(f"--web-users {path}, line {number}: not name:hash[:role[:domains]] "
-                              f"(see mms.py web-user)")
-        users[name] = (digest, role or "admin", domains)
+                or not all(SCOPE_DOMAIN_RE.fullmatch(d) for d in domains) or zone is False:
+            raise ConfigError(f"--web-users {path}, line {number}: not "
+                              f"name:hash[:role[:domains[:zone]]] (see mms.py web-user)")
+        users[name] = (digest, {"role": role or "admin", "domains": domains, "zone": zone})
     return users
 
 
@@ -5412,7 +5420,7 @@ SCOPE_DOMAIN_RE = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)+")
 
 
 @command("web-user", "the users file's line for NAME, the password read from stdin",
-         ("role", "domains"), key="NAME", opens_archive=False)
+         ("role", "domains", "timezone"), key="NAME", opens_archive=False)
 def archive_web_user(cfg, archive=None):
     """The users file's line for NAME: the password from stdin, never shown."""
     import getpass
@@ -5424,8 +5432,10 @@ def archive_web_user(cfg, archive=None):
     domains = ",".join(d.strip().lower() for d in (cfg.domains or "").split(",") if d.strip())
     if not all(SCOPE_DOMAIN_RE.fullmatch(d) for d in domains.split(",") if d):
         raise ConfigError(f"--domains: not a list of domains: {cfg.domains}")
-    role = ":" + cfg.role if cfg.role != "admin" or domains else ""
-    print(f"{cfg.key}:{hash_password(password)}{role}{':' + domains if domains else ''}")
+    fields = [cfg.role, domains, str(cfg.timezone or "")]
+    while fields and fields[-1] in ("", "admin"):      # the defaults are left out
+        fields.pop()
+    print(":".join([cfg.key, hash_password(password), *fields]))
     return 0
 
 
@@ -5533,25 +5543,24 @@ class WebServer(BoundedHTTPServer):
             if len(recent) >= WEB_FAILURES_MAX:
                 self.failures[address].pop()
                 raise HTTPError(429, "too many failed logins from your address: wait")
-        digest, role, domains = self.users.get(name, (NOBODY, None, ()))
+        digest, profile = self.users.get(name, (NOBODY, None))
         if not self.hashing.acquire(timeout=WEB_HASHING_WAIT):
             raise HTTPError(503, "too many logins at once: try again")
         try:
             matches = password_matches(digest, password)
         finally:
             self.hashing.release()
-        if role and matches:
+        if profile and matches:
             with self.lock, contextlib.suppress(KeyError, ValueError):
                 self.failures[address].remove(now)
-            return name, role, domains
+            return name, profile
         log.warning("web: failed login for %r from %s", name[:64], address)
         return None
 
-    def open_session(self, user, role, domains):
+    def open_session(self, user, profile):
         token = os.urandom(24).hex()
         with self.lock:
-            self.sessions[token] = {"user": user, "role": role, "domains": domains,
-                                    "csrf": os.urandom(16).hex(),
+            self.sessions[token] = {"user": user, **profile, "csrf": os.urandom(16).hex(),
                                     "expires": time.monotonic() + WEB_SESSION_SECONDS}
             while len(self.sessions) > WEB_SESSIONS_MAX:
                 del self.sessions[next(iter(self.sessions))]
@@ -5757,8 +5766,7 @@ class WebHandler(BoundedHandler):
                     name, _, password = base64.b64decode(basic[6:]).decode().partition(":")
                     found = self.server.login(self.client_address[0], name, password)
                     if found:
-                        return {"user": found[0], "role": found[1], "domains": found[2],
-                                "csrf": None}
+                        return {"user": found[0], **found[1], "csrf": None}
             raise HTTPError(401, "log in, or send HTTP Basic credentials")
         raise WebRedirect("/login")
 
@@ -5793,7 +5801,7 @@ class WebHandler(BoundedHandler):
             self.audit("login", result="failed", user=fields.get("user", ""))
             return self.get_login('<p class="error">Wrong name or password.</p>', code=401)
         token = self.server.open_session(*found)
-        self.user = {"user": found[0], "role": found[1]}
+        self.user = {"user": found[0], **found[1]}
         self.audit("login")
         self.redirect("/", cookie=f"mms_session={token}; Path=/; HttpOnly; SameSite=Strict"
                                   f"; Max-Age={WEB_SESSION_SECONDS}{self.secure()}")
@@ -5849,7 +5857,7 @@ class WebHandler(BoundedHandler):
         view = MimeView(self.server.archive, doc)
         self.audit("view", key)
         self.page(doc.get("subject") or key, render_message(
-            key, doc, view, self.user["csrf"], self.server.zone,
+            key, doc, view, self.user["csrf"], self.zone(),
             [action for action in ACTIONS if may(self.user["role"], action, doc)]))
 
     @route("GET", r"/messages/([0-9a-f]{64})/preview")
@@ -6025,7 +6033,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         trail = self.server.archive.audit_trail(audit_query(
             self.params.get("user"), self.params.get("action"),
             web_when(self.params.get("since"), "since")), WEB_PAGE * 4)
-        self.page("Audit log", render_audit(self.params, trail, self.server.zone))
+        self.page("Audit log", render_audit(self.params, trail, self.zone()))
 
     # A recipient's link from a quarantine report ###########################
 
@@ -6179,6 +6187,10 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             "at": datetime.datetime.now(UTC), "user": str(user or who.get("user") or "")[:64],
             "role": who.get("role"), "client": self.client_address[0], "action": action,
             "key": key, "result": str(result)[:500]})
+
+    def zone(self):
+        """The user's time zone (web-user --timezone), else the console's."""
+        return self.user.get("zone") or self.server.zone
 
     def scope(self):
         """A scoped user's searches: only mail for their domains, in the query."""

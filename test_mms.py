@@ -6061,8 +6061,13 @@ class TestMessageView(WebCase):
     sandbox that runs and loads nothing, its links with their real targets, its
     attachments with what their bytes say, each one downloadable as bytes."""
 
+    PASSWORDS = {**WebCase.PASSWORDS, "tokyo": "sakura sakura"}
+
     def web_args(self):
         return ["--web-timezone", "Europe/Paris"]
+
+    def more_users(self):
+        return [f"tokyo:{mms.hash_password(self.PASSWORDS['tokyo'])}:viewer::Asia/Tokyo\n"]
 
     def setUp(self):
         super().setUp()
@@ -6084,6 +6089,8 @@ class TestMessageView(WebCase):
         self.assertRegex(rows["History"], r"^released to bob@example.com by admin, "
                                           r"[0-9]{2} \w{3} 20[0-9]{2} [0-9:]{5} Europe/Paris \(250")
         self.assertIn("<summary>All stored fields</summary>", page)
+        page = self.http("GET", f"/messages/{self.phish}", cookie=self.login("tokyo"))[2]
+        self.assertIn(b"<tr><th>Date</th><td>04 Dec 2026 23:54 Asia/Tokyo</td></tr>", page)
 
     def test_the_preview_runs_nothing_loads_nothing_and_tells_the_links(self):
         cookie = self.login("viewer")
@@ -6196,12 +6203,17 @@ class TestConsoleRoles(WebCase):
         self.assertEqual(self.http("GET", "/api/stats", cookie=cookie)[0], 403)
 
     def test_web_user_writes_the_role_and_the_domains(self):
-        done = subprocess.run([sys.executable, MMS, "web-user", "helpdesk", "--role", "reviewer",
-                               "--domains", "Example.com, example.net"], input="pw\n",
-                              capture_output=True, text=True, timeout=60)
-        name, digest, role, domains = done.stdout.strip().split(":")
-        self.assertEqual((name, role, domains), ("helpdesk", "reviewer", "example.com,example.net"))
-        self.assertTrue(digest.startswith("scrypt$"))
+        def line(*args):
+            done = subprocess.run([sys.executable, MMS, "web-user", "helpdesk", *args],
+                                  input="pw\n", capture_output=True, text=True, timeout=60)
+            name, digest, *rest = done.stdout.strip().split(":")
+            self.assertEqual(name, "helpdesk")
+            self.assertTrue(digest.startswith("scrypt$"))
+            return rest
+        self.assertEqual(line("--role", "reviewer", "--domains", "Example.com, example.net"),
+                         ["reviewer", "example.com,example.net"])
+        self.assertEqual(line("--timezone", "Europe/Paris"), ["admin", "", "Europe/Paris"])
+        self.assertEqual(line(), [])
 
 
 class TestAuditLog(WebCase):
