@@ -6683,9 +6683,11 @@ def verdict_sentence(doc):
         said.append("virus " + ", ".join(map(str, doc["virus"] if isinstance(doc["virus"], list)
                                              else [doc["virus"]])))
     if doc.get("spam_score") is not None:
-        said.append(f"spam score {doc['spam_score']}")
-    if doc.get("spam_tests"):
-        said.append(f"rules {doc['spam_tests']}")
+        required = doc.get("spam_required")
+        said.append(f"spam score {doc['spam_score']}" +
+                    (f" (required {required})" if required is not None else ""))
+    if isinstance(doc.get("spam_symbols"), list) and doc["spam_symbols"]:
+        said.append("rules " + ", ".join(map(str, doc["spam_symbols"][:50])))
     return "; ".join(said)
 
 

@@ -6092,6 +6092,15 @@ class TestMessageView(WebCase):
         page = self.http("GET", f"/messages/{self.phish}", cookie=self.login("tokyo"))[2]
         self.assertIn(b"<tr><th>Date</th><td>04 Dec 2026 23:54 Asia/Tokyo</td></tr>", page)
 
+    def test_the_verdict_says_what_the_scanners_said(self):
+        """filter mode's fields (spamd's score, required score and rules; clamd's names)."""
+        self.assertEqual(mms.verdict_sentence({
+            "is_spam": 1, "spam_score": 7.5, "spam_required": 5.0,
+            "spam_symbols": ["BAYES_99", "URIBL_BLOCKED"]}),
+            "spam; spam score 7.5 (required 5.0); rules BAYES_99, URIBL_BLOCKED")
+        self.assertEqual(mms.verdict_sentence({"is_virus": 1, "virus": ["Eicar-Signature"]}),
+                         "virus; virus Eicar-Signature")
+
     def test_the_preview_runs_nothing_loads_nothing_and_tells_the_links(self):
         cookie = self.login("viewer")
         status, headers, body = self.http("GET", f"/messages/{self.phish}/preview", cookie=cookie)
@@ -6564,7 +6573,7 @@ class TestWebConsoleInBrowser(WebCase):
         prefers-color-scheme: dark, dark; every control of the search has a label."""
         page = self.browser()
         base = self.log_in(page, "viewer")
-        for width, scheme in ((390, "light"), (390, "dark"), (1280, "dark")):
+        for width, scheme in ((390, "light"), (390, "dark"), (1280, "light"), (1280, "dark")):
             page.set_viewport_size({"width": width, "height": 844})
             page.emulate_media(color_scheme=scheme)
             page.goto(base + "/messages")
