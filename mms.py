@@ -2046,11 +2046,10 @@ class StopParse(Exception):
 class MimePart:
     """One entity of the message: its header, then how its body is read."""
 
-    def __init__(self, depth, default_type="text/plain"):
-        self.depth, self.default_type = depth, default_type
+    def __init__(self, depth):
+        self.depth = depth
         self.head = bytearray()
         self.in_head = True
-        self.kind = "leaf"          # or multipart, message
         self.encoded = bytearray()  # a leaf's body, not yet decoded
         self.encoding = ""
         self.file = None            # the files entry of an attachment
@@ -2164,13 +2163,13 @@ class MimeScan:
     def body_begins(self, part):
         part.in_head = False
         fields = header_values(bytes(part.head) + b"\n", (
-            b"content-type", b"content-disposition", b"content-transfer-encoding"))
-        ctype, params = content_type(fields.get(b"content-type"), part.default_type)
+            b"content-type", b"content-disposition", b"content-transfer-encoding",
+            *((b"from", b"subject") if self.from_name is None else ())))
+        ctype, params = content_type(fields.get(b"content-type"), "text/plain")
         disposition, dparams = content_type(fields.get(b"content-disposition"), "")
         if self.from_name is None:                      # the message's own header
-            found = header_values(bytes(part.head) + b"\n", (b"from", b"subject"))
-            self.from_name = display_name(found.get(b"from"))
-            self.subject = decode_header_value(found.get(b"subject", b""))
+            self.from_name = display_name(fields.get(b"from"))
+            self.subject = decode_header_value(fields.get(b"subject", b""))
         part.encoding = fields.get(b"content-transfer-encoding", b"").decode(
             "ascii", "replace").strip().lower()
         if ctype == "multipart/report" and params.get("report-type", "").lower() == \
@@ -2186,13 +2185,11 @@ class MimeScan:
             if not boundary:
                 self.error(f"a {ctype} without a boundary")
             else:
-                part.kind = "multipart"
                 self.boundaries.append((b"--" + boundary.encode("utf-8", "replace")[:200],
                                         part.depth))
                 self.part = None                      # its preamble, until a boundary
                 return
         if ctype == "message/rfc822" and part.encoding in ("", "7bit", "8bit", "binary"):
-            part.kind = "message"
             self.part = MimePart(part.depth + 1)     # the message inside: its header next
             return
         name = dparams.get("filename") or params.get("name")
@@ -2230,7 +2227,7 @@ class MimeScan:
 
     def end_part(self):
         part, self.part = self.part, None
-        if part is None or part.in_head or part.kind != "leaf":
+        if part is None or part.in_head:   # a multipart or a message is never self.part
             return
         if part.sha is not None or part.text:
             self.decode(part, last=True)
@@ -3934,8 +3931,6 @@ def day_format(text):
     return {"$dateToString": {"format": text, "date": as_date("$received")}}
 
 
-
-
 def verdict(doc):
     """A message's verdict, as stats, list, the console, the API and the reports all
     say it: virus, banned, spam, unchecked (in that order), or clean."""
@@ -4212,11 +4207,8 @@ class Archive:
     # Reads ##################################################################
 
     def find(self, store_key):
-        return self.collection.find_one({"store_key": store_key}, WORDS_LEFT_OUT,
-                                        **self.limit())
-
-    def limit(self):
-        return {"max_time_ms": self.max_time_ms} if self.max_time_ms else {}
+        return next(self.bounded(self.collection.find({"store_key": store_key},
+                                                      WORDS_LEFT_OUT).limit(1)), None)
 
     def resolve(self, key):
         """The one message a store_key or a unique prefix of it names, as git takes a
@@ -4379,9 +4371,10 @@ class Archive:
                                                             "path": ["subject", "text"]}}},
                 *([{"$match": rest}] if rest else [])]
 
-    def aggregate(self, pipeline):
+    def aggregate(self, pipeline, collection=None):
         """A $group may pass its 100 MB of memory on a large window: it spills to disk."""
-        return self.collection.aggregate(pipeline, allowDiskUse=True, **self.bound())
+        return (collection if collection is not None else self.collection).aggregate(
+            pipeline, allowDiskUse=True, **self.bound())
 
     @staticmethod
     def window(since, until=None):
@@ -4413,11 +4406,10 @@ class Archive:
         MongoDB: a busy MX sees a hundred thousand clients a day, and ten rows
         come back, not a row per client and day."""
         return [{"group": row["_id"], "messages": row["messages"]}
-                for row in self.counts.aggregate([
+                for row in self.aggregate([
                     {"$match": self.counted(by, since)},
                     {"$group": {"_id": "$group", "messages": {"$sum": "$messages"}}},
-                    {"$sort": {"messages": -1, "_id": 1}}, {"$limit": top}],
-                    allowDiskUse=True, **self.bound())]
+                    {"$sort": {"messages": -1, "_id": 1}}, {"$limit": top}], self.counts)]
 
     @staticmethod
     def counted(by, since):
@@ -5833,11 +5825,8 @@ class WebHandler(BoundedHandler):
         query, page = self.search()
         docs, more = self.one_page(query)
         csrf = self.user["csrf"] if ROLES[self.user["role"]] >= ROLES["reviewer"] else None
-        newer = bool(self.params.get("after"))
-        self.page("Search", render_search(self.params, page, docs, csrf, {} if self.order() !=
-                                          "newest" else {
-            "older": docs and (more if not newer else True),
-            "newer": docs and (more if newer else bool(self.params.get("before")))}))
+        self.page("Search", render_search(self.params, page, docs, csrf,
+                                          self.page_links(docs, more)))
 
     @route("GET", r"/messages\.mbox")
     def get_mbox(self):
@@ -5976,19 +5965,29 @@ class WebHandler(BoundedHandler):
         if action not in ACTIONS:
             raise HTTPError(400, f"action: one of {', '.join(ACTIONS)}")
         if fields.get("all"):
-            query, page = self.search(fields)
-            count = self.server.archive.count(query)
+            expect = fields.get("expect", "")
+            docs, page, count = self.all_matching(fields, int(expect) if expect.isdigit()
+                                                  else None)
             if count > WEB_BULK_MAX:
                 raise HTTPError(400, f"{count} messages: at most {WEB_BULK_MAX} at once, "
                                      f"narrow the search")
-            if fields.get("expect") != str(count):
+            if docs is None:
                 return self.confirm_bulk(action, page, count)
-            docs = list(self.server.archive.search(query, limit=WEB_BULK_MAX))
             missing = []
         else:
             docs, missing = self.found(self.posted.get("key", [])[:WEB_BULK_MAX])
         self.page(f"{action.capitalize()}: {len(docs)} message(s)",
                   render_bulk(missing + self.bulk(action, docs)))
+
+    def all_matching(self, params, expect):
+        """(the documents a bulk action's search finds, or None unless `expect` is
+        their number and that is at most WEB_BULK_MAX; the filters as given; their
+        number now): nothing is done to a set the user has not counted."""
+        query, page = self.search(params)
+        count = self.server.archive.count(query)
+        if count > WEB_BULK_MAX or expect != count:
+            return None, page, count
+        return list(self.server.archive.search(query, limit=WEB_BULK_MAX)), page, count
 
     def found(self, keys):
         """(the documents of these keys, [(key, "not found")] for the others)."""
@@ -6121,13 +6120,11 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         if action not in ACTIONS:
             raise HTTPError(400, f"action: one of {', '.join(ACTIONS)}")
         if filters:
-            query, _ = self.search(filters)
-            count = self.server.archive.count(query)
-            if count > WEB_BULK_MAX or asked.get("expect") != count:
+            docs, _, count = self.all_matching(filters, asked.get("expect"))
+            if docs is None:
                 return self.json({"error": f"the filters find {count} message(s): send "
                                            f"expect: {count} (at most {WEB_BULK_MAX})",
                                   "count": count}, 409)
-            docs = list(self.server.archive.search(query, limit=WEB_BULK_MAX))
             missing = []
         else:
             docs, missing = self.found(list(keys)[:WEB_BULK_MAX])
@@ -6159,6 +6156,16 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
                                                order="oldest" if newer else order))
         more = len(docs) > WEB_PAGE and order == "newest"
         return (docs[:WEB_PAGE][::-1] if newer else docs[:WEB_PAGE]), more
+
+    def page_links(self, docs, more):
+        """{older, newer}: which pages there are beside this one (by date only: by
+        size or score there is one page). One came from a newer or older page if it
+        was asked with after= or before=."""
+        if not docs or self.order() != "newest":
+            return {}
+        newer = bool(self.params.get("after"))
+        return {"older": more or newer, "newer": more if newer else
+                bool(self.params.get("before"))}
 
     def order(self):
         sort = self.params.get("sort") or "date"
@@ -6599,7 +6606,7 @@ class MimeView:
                 break
         data = bytes(data)
         head = header_block(data)
-        self.fields = header_values(head, (b"from", b"to", b"cc"))
+        self.fields = header_values(head, (b"from", b"to"))
         self.head = "\n".join(f"{name}: {decode_header_value(value)}" for name, value in
                               header_pairs(head))
         self.notes = [f"Shown: the first {WEB_VIEW_MAX} bytes; download the message for the "
@@ -6790,11 +6797,11 @@ class Preview:
             if anchor is not None and len(anchor[1]) < 200:
                 anchor[1] += " " + text[at:start][:200]
             out.append(text[at:start])
-            out.append(self.tag(text[start:end], name, closing, attributes(attrs)
-                                if not closing else {}))
+            found = attributes(attrs) if not closing else {}
+            out.append(self.tag(text[start:end], name, closing, found))
             if name in ("a", "area") and not closing and len(self.links) < LINKS_MAX:
                 anchor = self.close(anchor)
-                anchor = [attributes(attrs).get("href"), ""]
+                anchor = [found.get("href"), ""]
             elif name == "a" and closing:
                 anchor = self.close(anchor)
             at = end
