@@ -6538,6 +6538,7 @@ class TestWebConsoleInBrowser(WebCase):
     MMS_SCREENSHOTS=DIR, the README's screenshots are taken here."""
 
     def test_a_helpdesk_session(self):
+        self.server.mode.store.tally.flush()      # the daily counts, written each second
         page = self.browser()
         base = f"http://127.0.0.1:{self.web_port}"
         page.goto(base + "/")
