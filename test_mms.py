@@ -2845,6 +2845,7 @@ class ScriptedDownstream(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 100    # Postfix's backlog; socketserver's 5 drops SYNs under 20 sessions
 
     def __init__(self, **replies):
         self.replies = {
@@ -3776,7 +3777,9 @@ class TestFilterWithPostfix(TestProxyWithPostfix):
 class TestFilterLoad(FilterCase):
 
     def test_20_concurrent_sessions_of_mixed_mail(self):
-        self.start_filter()
+        # 60 sessions' threads share this process's GIL with clamd and spamd busy on two
+        # cores: the 2 s that tests of a stalled downstream use is not what is tested here.
+        self.start_filter("--remote-timeout", "30")
         kinds = [("clean", CLEAN), ("virus", VIRUS_INLINE), ("spam", SPAM), ("attached", VIRUS_ATTACHED)]
         sent, errors = [], []
 
