@@ -2845,7 +2845,7 @@ class ScriptedDownstream(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 100    # Postfix's backlog; socketserver's 5 drops SYNs under 20 sessions
+    request_queue_size = 100    # Postfix's backlog; socketserver's 5 is fewer than 20 sessions
 
     def __init__(self, **replies):
         self.replies = {
