@@ -5985,8 +5985,8 @@ class WebHandler(BoundedHandler):
         number now): nothing is done to a set the user has not counted."""
         query, page = self.search(params)
         count = self.server.archive.count(query)
-        if count > WEB_BULK_MAX or expect != count:
-            return None, page, count
+        if count > WEB_BULK_MAX or type(expect) is not int or expect != count:
+            return None, page, count     # JSON's true and 1.0 are not a count (True == 1)
         return list(self.server.archive.search(query, limit=WEB_BULK_MAX)), page, count
 
     def found(self, keys):

@@ -6445,6 +6445,9 @@ class TestApiBulk(BulkCase):
         payload = {"action": "hold", "filters": {"subject": "bulk"}}
         status, answer = self.api(payload, user="admin")
         self.assertEqual((status, answer["count"]), (409, 120))
+        one = {"action": "hold", "filters": {"subject": "bulk 119"}}
+        for unsaid in (True, 1.0, "1"):                  # a count is a JSON integer
+            self.assertEqual(self.api({**one, "expect": unsaid}, user="admin")[0], 409, unsaid)
         status, answer = self.api({**payload, "expect": 120}, user="admin")
         self.assertEqual((status, len(answer["results"])), (200, 120))
         self.assertEqual(self.db["message"].count_documents({"held": True}), 120)
