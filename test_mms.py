@@ -1874,6 +1874,11 @@ class MongoCase(ServerCase):
                                "--mongo-database", self.dbname], capture_output=True, text=True,
                               timeout=timeout)
 
+    def command_line(self, *args):
+        """(exit status, stdout, stderr) of `mms.py ARGS`, each stripped."""
+        done = self.archive_command(*args)
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
 
 class TestQuarantineStorage(MongoCase):
 
@@ -4078,10 +4083,6 @@ class ArchiveCase(MongoCase):
                 print(f"mms.py: error: {exc}", file=sys.stderr)
                 code = exc.exit_status
         return code, out.getvalue().strip(), err.getvalue().strip()
-
-    def command_line(self, *args):
-        done = self.archive_command(*args)
-        return done.returncode, done.stdout.strip(), done.stderr.strip()
 
 
 class TestArchiveCommands(ArchiveCase):
@@ -6351,11 +6352,7 @@ class TestBulkActions(BulkCase):
         self.assertEqual(self.http("GET", "/messages?sort=score", cookie=cookie)[0], 400)
         self.assertEqual(self.http("GET", "/messages?sort=name", cookie=cookie)[0], 400)
         code, out, _ = self.command_line("list", "--sort", "size", "--limit", "1")
-        self.assertEqual(out.split()[0], big)
-
-    def command_line(self, *args):
-        done = self.archive_command(*args)
-        return done.returncode, done.stdout.strip(), done.stderr.strip()
+        self.assertEqual((code, out.split()[0]), (0, big))
 
     def test_all_a_search_finds_once_confirmed(self):
         cookie = self.login()
