@@ -5884,9 +5884,15 @@ class TestConsoleVerdicts(WebCase):
              self.users_file, "--mongo-host", self.uri, "--via", "127.0.0.1:10025"],
             stderr=subprocess.PIPE, text=True)
         self.addCleanup(process.kill)
+        guard = threading.Timer(30, process.kill)       # no line at all: EOF, not a hang
+        guard.start()
+        self.addCleanup(guard.cancel)
+        err = ""       # the line is written just after the port opens: waited for, not the port
+        while "web console on" not in err and (line := process.stderr.readline()):
+            err += line
         wait_port(port)
         process.terminate()
-        err = process.communicate(timeout=30)[1]
+        err += process.communicate(timeout=30)[1]
         self.assertIn("releases via 127.0.0.1:10025", err)
         self.assertNotIn("('127.0.0.1'", err)
 
