@@ -103,6 +103,8 @@ RECV_SIZE = 64 * 1024
 ACCEPT_TICK = 1.0               # how often a thread waiting for a connection looks up
 SPOOL_THRESHOLD = 4 * 2**20     # larger messages wait in a temporary file while they arrive
 END_OF_DATA = b"\r\n.\r\n"
+SECONDS_MAX = 86400             # the longest timeout an option takes
+DAYS_MAX = 36500                # the longest time ago, or retention, in days (100 years)
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MODES = ("mongo-quarantine", "mongo-proxy", "mongo-filter", "debug")
@@ -174,9 +176,18 @@ def _port(value):
 
 
 def _positive(value):
+    """Seconds to wait: more than 0, at most a day (a socket's timeout has a range)."""
     number = _number(value, float)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0: {value!r}")
+    if not 0 < number <= SECONDS_MAX:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {SECONDS_MAX}: "
+                                         f"{value!r}")
+    return number
+
+
+def _days(value):
+    number = _count(value)
+    if number > DAYS_MAX:
+        raise argparse.ArgumentTypeError(f"days: 0 to {DAYS_MAX}: {value!r}")
     return number
 
 
@@ -231,17 +242,22 @@ def _address(value):
 
 
 def _when(value):
-    """An ISO date (UTC unless it says otherwise), or a time ago: 30m, 24h, 7d, 2w."""
+    """An ISO date (UTC unless it says otherwise) from 1970 to 2999, or a time ago
+    of at most DAYS_MAX days: 30m, 24h, 7d, 2w."""
     text = value.strip()
-    match = re.fullmatch(r"([0-9]+)\s*([mhdw])", text)
+    match = re.fullmatch(r"([0-9]{1,12})\s*([mhdw])", text)
     if match:
         minutes = int(match.group(1)) * {"m": 1, "h": 60, "d": 1440, "w": 10080}[match.group(2)]
+        if minutes > DAYS_MAX * 1440:
+            raise argparse.ArgumentTypeError(f"a time ago is at most {DAYS_MAX}d: {value!r}")
         return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=minutes)
     try:
         when = datetime.datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"not an ISO date, nor a time ago (30m, 24h, 7d, 2w): {value!r}") from None
+    if not 1970 <= when.year <= 2999:
+        raise argparse.ArgumentTypeError(f"a date from 1970 to 2999: {value!r}")
     return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
 
@@ -336,7 +352,7 @@ OPTIONS = [
     ("--web-key", "MMS_WEB_KEY", "", str, "`mms.py web`: the key of --web-cert, if apart"),
     ("--web-secret", "MMS_WEB_SECRET", "", str,
      "`mms.py web` and `digest`: the file of the key that signs quarantine report links"),
-    ("--audit-retention", "MMS_AUDIT_RETENTION", "400", _count,
+    ("--audit-retention", "MMS_AUDIT_RETENTION", "400", _days,
      "`mms.py web`: days the console's audit log is kept (0: forever), apart from the mail"),
     ("--web-timezone", "MMS_WEB_TIMEZONE", "UTC", _zone,
      "`mms.py web`: the time zone the console shows times in, e.g. Europe/Paris"),
@@ -382,7 +398,7 @@ OPTIONS = [
      "filter mode: what spam gets"),
     ("--on-scan-error", "MMS_ON_SCAN_ERROR", "tempfail", _choice("tempfail", "deliver"),
      "filter mode: what a message gets when a scanner is down or too slow"),
-    ("--retention", "MMS_RETENTION", "0", _count,
+    ("--retention", "MMS_RETENTION", "0", _days,
      "days a message is kept: once an hour, older ones not on hold are purged (0: forever)"),
     ("--real-rcpt", "MMS_REAL_RCPT", "0", _flag,
      "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
@@ -3663,12 +3679,17 @@ class Statsd:
 class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     """An HTTP server that shares the process's file descriptors with SMTP: only its
     allow-list may connect (others are disconnected unanswered; an empty list is
-    everyone), at most CONNECTIONS at once and PER_CLIENT from one address, the last
+    everyone). Request heads are read by one thread over a selector (HeadReader),
+    as nginx reads them, so that slow heads from any number of addresses hold no
+    worker: at most HEADS wait at once and HEADS_PER_CLIENT from one address (past
+    either, the one that has waited longest is closed). A complete head gets a
+    thread: at most CONNECTIONS at once and PER_CLIENT from one address, the last
     RESERVED of them only for an address that holds none (one more is closed at
-    once), each request bounded by its handler (BoundedHandler)."""
+    once); the rest of each request is bounded by its handler (BoundedHandler)."""
 
     daemon_threads = True
     CONNECTIONS, PER_CLIENT, RESERVED = 8, 4, 2
+    HEADS, HEADS_PER_CLIENT = 32, 4
 
     def __init__(self, option, address, handler, allow):
         self.option, self.allow = option, allow
@@ -3680,6 +3701,7 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
             super().__init__((self.host, int(port)), handler)
         except OSError as exc:
             raise ConfigError(f"{option} {address}: {exc}")
+        self.heads = HeadReader(self)
 
     def serve_in_background(self, name):
         threading.Thread(target=self.serve_forever, name=name, daemon=True).start()
@@ -3689,7 +3711,7 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
 
     def admit(self, address):
         """A slot for this address, or False: a few clients that hold many
-        connections (slowloris) never lock the others out."""
+        connections never lock the others out."""
         with self.slots:
             mine, free = self.held[address], self.CONNECTIONS - self.held.total()
             if free <= 0 or mine >= self.PER_CLIENT or (mine and free <= self.RESERVED):
@@ -3704,20 +3726,36 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
                 del self.held[address]
 
     def process_request(self, request, client_address):
+        """Accepted: its head is read by the head reader, without a thread."""
+        self.heads.add(request, client_address)
+
+    def serve_head(self, request, client_address, head):
+        """A complete head (or one over REQUEST_MAX): a thread for it, if a slot is
+        free for its address."""
         if not self.admit(client_address[0]):
             self.shutdown_request(request)
             return
         try:
+            request.setblocking(True)
+            self.heads.read[request] = head
             super().process_request(request, client_address)
         except Exception:
+            self.heads.read.pop(request, None)
             self.leave(client_address[0])
-            raise
+            self.shutdown_request(request)
+            log.warning("%s: no thread for a request from %s", self.option,
+                        client_address[0], exc_info=True)
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.heads.read.pop(request, None)
             self.leave(client_address[0])
+
+    def server_close(self):
+        self.heads.close()
+        super().server_close()
 
     def handle_error(self, request, client_address):
         """A client that hung up is one line in the log; anything else, a traceback."""
@@ -3727,6 +3765,141 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
         else:
             log.error("%s: a request from %s failed", self.option, client_address[0],
                       exc_info=True)
+
+
+class HeadReader:
+    """Request heads, read by one thread from every connection that is sending one
+    (non-blocking, over a selector; a TLS handshake too), each within its seconds
+    in all; a complete head (or one over its size) goes to server.serve_head.
+    What slowloris holds here is a file descriptor and a few KiB, never a thread."""
+
+    def __init__(self, server):
+        import selectors
+        self.server, self.handler = server, server.RequestHandlerClass
+        self.read = {}                      # socket: its head, for its handler
+        self.waiting = {}                   # socket: Waiting, the longest-waiting first
+        self.new, self.closed = queue.SimpleQueue(), threading.Event()
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        threading.Thread(target=self.run, name=f"mms-heads{server.option}", daemon=True).start()
+
+    def add(self, sock, address):
+        self.new.put((sock, address))
+        with contextlib.suppress(OSError):
+            self.wake_w.send(b"x")
+
+    def close(self):
+        self.closed.set()
+        with contextlib.suppress(OSError):
+            self.wake_w.send(b"x")
+
+    def run(self):
+        import ssl
+        self.want = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                     ssl.SSLWantWriteError)
+        try:
+            while not self.closed.is_set():
+                first = next(iter(self.waiting.values()), None)
+                wait = min(ACCEPT_TICK, max(0.0, first.deadline - time.monotonic())) \
+                    if first else ACCEPT_TICK
+                for key, _ in self.selector.select(wait):
+                    if key.fileobj is self.wake_r:
+                        self.take_new()
+                    else:
+                        self.advance(key.data)
+                self.expire()
+        finally:
+            for waiting in list(self.waiting.values()):
+                self.drop(waiting)
+            self.selector.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
+    def take_new(self):
+        import selectors
+        import ssl
+        with contextlib.suppress(OSError):
+            while self.wake_r.recv(4096):
+                pass
+        while True:
+            try:
+                sock, address = self.new.get_nowait()
+            except queue.Empty:
+                return
+            self.make_room(address[0])
+            waiting = Waiting(sock, address, time.monotonic() + self.handler.HEAD_SECONDS,
+                              isinstance(sock, ssl.SSLSocket))
+            try:
+                sock.setblocking(False)
+                self.selector.register(sock, selectors.EVENT_READ, waiting)
+            except (OSError, ValueError):
+                self.server.shutdown_request(sock)
+                continue
+            self.waiting[sock] = waiting
+            self.advance(waiting)
+
+    def make_room(self, address):
+        """Past HEADS_PER_CLIENT from this address, or HEADS in all, the head that has
+        waited longest (this address's, else anyone's) goes: the slowest first."""
+        mine = [w for w in self.waiting.values() if w.address[0] == address]
+        if len(mine) >= self.server.HEADS_PER_CLIENT:
+            self.drop(mine[0])
+        elif len(self.waiting) >= self.server.HEADS:
+            self.drop(next(iter(self.waiting.values())))
+
+    def advance(self, waiting):
+        """Read what has come; hand a head on once it is whole (or too long)."""
+        import selectors
+        sock = waiting.sock
+        try:
+            if waiting.handshaking:
+                sock.do_handshake()
+                waiting.handshaking = False
+                self.selector.modify(sock, selectors.EVENT_READ, waiting)
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return self.drop(waiting)
+                waiting.data += chunk
+                if HEAD_END_RE.search(waiting.data, max(0, len(waiting.data) - len(chunk) - 3)) \
+                        or len(waiting.data) > self.handler.REQUEST_MAX:
+                    break
+        except self.want as exc:
+            if waiting.handshaking:
+                import ssl
+                self.selector.modify(sock, selectors.EVENT_WRITE if isinstance(
+                    exc, ssl.SSLWantWriteError) else selectors.EVENT_READ, waiting)
+            return
+        except (OSError, ValueError):        # a bad handshake, a reset
+            return self.drop(waiting)
+        self.forget(waiting)
+        self.server.serve_head(sock, waiting.address, bytes(waiting.data))
+
+    def expire(self):
+        now = time.monotonic()
+        for waiting in [w for w in self.waiting.values() if w.deadline <= now]:
+            self.drop(waiting)
+
+    def forget(self, waiting):
+        self.waiting.pop(waiting.sock, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.selector.unregister(waiting.sock)
+
+    def drop(self, waiting):
+        self.forget(waiting)
+        self.server.shutdown_request(waiting.sock)
+
+
+@dataclasses.dataclass(eq=False)
+class Waiting:
+    """A connection whose request head is still coming."""
+    sock: socket.socket
+    address: tuple
+    deadline: float
+    handshaking: bool
+    data: bytearray = dataclasses.field(default_factory=bytearray)
 
 
 class MetricsServer(BoundedHTTPServer):
@@ -3778,24 +3951,17 @@ class BoundedHandler(http.server.BaseHTTPRequestHandler):
     BODY_MAX, BODY_SECONDS = 0, 10
 
     def handle(self):
-        """Read the request head (414 for a longer request line, 431 for a longer
-        header), then let the stdlib parse it; what came after it is the body's."""
-        deadline = time.monotonic() + self.HEAD_SECONDS
-        data = bytearray()
-        while not (end := HEAD_END_RE.search(data)) and len(data) <= self.REQUEST_MAX:
-            try:
-                chunk = self.receive(deadline, 4096)
-            except OSError:  # too slow, or gone
-                return
-            if not chunk:
-                return
-            data += chunk
+        """The request head the server's HeadReader read (414 for a longer request
+        line, 431 for a longer header), parsed by the stdlib; what came after it is
+        the body's."""
+        data = self.server.heads.read.pop(self.request, b"")
+        end = HEAD_END_RE.search(data)
         if not end or end.end() > self.REQUEST_MAX:
             self.command, self.requestline, self.request_version = None, "", "HTTP/1.0"
             self.send_error(431 if b"\n" in data[:self.REQUEST_MAX] else 414)
             return
-        self.rest = bytes(data[end.end():])
-        self.rfile = io.BytesIO(bytes(data[:end.end()]))
+        self.rest = data[end.end():]
+        self.rfile = io.BytesIO(data[:end.end()])
         self.handle_one_request()
 
     def receive(self, deadline, size):
@@ -4210,18 +4376,20 @@ class Archive:
         return next(self.bounded(self.collection.find({"store_key": store_key},
                                                       WORDS_LEFT_OUT).limit(1)), None)
 
-    def resolve(self, key):
+    def resolve(self, key, scope=None):
         """The one message a store_key or a unique prefix of it names, as git takes a
         commit; an ambiguous prefix lists what it matches (a prefix regular
-        expression is a range of the unique index)."""
+        expression is a range of the unique index). With a scope (a console user's
+        domains), a message outside it is not there, and never named."""
         key = (key or "").strip().lower()
         if len(key) < KEY_PREFIX_MIN or not re.fullmatch(r"[0-9a-f]+", key):
             raise UsageError(f"a store_key is 8 to 64 hex characters: {key!r}")
-        if len(key) == 64:
+        if len(key) == 64 and not scope:
             docs = [doc for doc in [self.find(key)] if doc]
         else:
             docs = list(self.bounded(self.collection.find(
-                {"store_key": {"$regex": "^" + key}}, WORDS_LEFT_OUT).limit(11)))
+                all_of({"store_key": {"$regex": "^" + key}}, scope or {}),
+                WORDS_LEFT_OUT).limit(11)))
         if not docs:
             raise NotFound(f"no message with store_key {key}")
         if len(docs) > 1:
@@ -4602,6 +4770,12 @@ class Escaped:
 
 def hexed(match):
     return f"\\x{ord(match.group()):02x}"
+
+
+def audit_value(value):
+    """An audit log's value as one line: a failed login's name is the stranger's
+    own text, and a line break in it would print a line of their choosing."""
+    return BIDI_CONTROL_RE.sub(named_char, CONTROL_RE.sub(hexed, str(value or "-")))
 
 
 def json_line(doc):
@@ -5270,9 +5444,10 @@ def archive_audit(cfg, archive):
         if cfg.json:
             sys.stdout.write(json_line(entry))
         else:
-            print(f"{entry.get('at'):%Y-%m-%d %H:%M:%S} {entry.get('user') or '-'} "
-                  f"({entry.get('role') or '-'}) from {entry.get('client')} "
-                  f"{entry.get('action')} {entry.get('key') or '-'}: {entry.get('result')}")
+            user, role, client, action, key, result = (audit_value(entry.get(name)) for name in (
+                "user", "role", "client", "action", "key", "result"))
+            print(f"{entry.get('at'):%Y-%m-%d %H:%M:%S} {user} ({role}) from {client} "
+                  f"{action} {key}: {result}")
     return 0
 
 
@@ -5483,6 +5658,7 @@ class WebServer(BoundedHTTPServer):
     """The console: the archive for the people who review it, over HTTP(S)."""
 
     CONNECTIONS, PER_CLIENT, RESERVED = 32, 8, 8
+    HEADS, HEADS_PER_CLIENT = 256, 8
 
     def __init__(self, cfg, archive):
         self.cfg, self.archive = cfg, archive
@@ -5510,7 +5686,7 @@ class WebServer(BoundedHTTPServer):
                 context.load_cert_chain(cfg.web_cert, cfg.web_key or None)
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"--web-cert {cfg.web_cert}: {exc}")
-            # The handshake is the session thread's, within its timeout: never the
+            # The handshake is the head reader's, without blocking: never the
             # accepting thread's, which one slow client would hold up.
             self.socket = context.wrap_socket(self.socket, server_side=True,
                                               do_handshake_on_connect=False)
@@ -5666,31 +5842,6 @@ class WebHandler(BoundedHandler):
     timeout, HEAD_SECONDS = 10, 10
     BODY_MAX, BODY_SECONDS = 64 * 1024, 30      # a form or an API request
     policy = None                               # a Content-Security-Policy of its own
-
-    def handle(self):
-        if self.server.tls and not self.handshake(time.monotonic() + self.HEAD_SECONDS):
-            return
-        super().handle()
-
-    def handshake(self, deadline):
-        """TLS's handshake within the head's deadline, however slowly it comes."""
-        import ssl
-        self.request.setblocking(False)
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    self.request.do_handshake()
-                    return True
-                except ssl.SSLWantReadError:
-                    select.select([self.request], [], [], deadline - time.monotonic())
-                except ssl.SSLWantWriteError:
-                    select.select([], [self.request], [], deadline - time.monotonic())
-            return False
-        except (OSError, ValueError):  # ssl.SSLError is one: a bad client
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                self.request.settimeout(self.timeout)
 
     def end_headers(self):
         """Every answer, the stdlib's own errors too, carries the security headers;
@@ -5852,8 +6003,16 @@ class WebHandler(BoundedHandler):
     @route("GET", r"/messages/([0-9a-f]{64})/preview")
     def get_preview(self, key):
         """The HTML part, in a sandbox of its own: no script, form, remote load or
-        navigation, whatever the HTML says (PREVIEW_CSP, Preview)."""
-        view = MimeView(self.server.archive, self.doc(key))
+        navigation, whatever the HTML says (PREVIEW_CSP, Preview). Only for the
+        message page's frame: a browser that opens it on its own (a link, a new tab)
+        says so in Sec-Fetch-Dest, and is sent to the message's page instead."""
+        doc = self.doc(key)
+        if self.headers.get("Sec-Fetch-Dest") != "iframe":
+            self.audit("preview", key, "refused: not in the message's page")
+            return self.page("Open the message", f'<p class="error">The HTML preview opens '
+                             f'only inside its message\'s page.</p><p><a href="/messages/'
+                             f'{h(key)}">Open the message</a></p>', code=403)
+        view = MimeView(self.server.archive, doc)
         if view.html is None:
             raise HTTPError(404, "this message has no HTML part")
         self.audit("preview", key)
@@ -5868,16 +6027,18 @@ class WebHandler(BoundedHandler):
         if int(number) >= len(files):
             raise HTTPError(404, "no such attachment")
         self.audit("download", key, f"attachment {number}")
-        name = BIDI_CONTROL_RE.sub("", files[int(number)]["name"] or "attachment")
-        plain = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "attachment"
+        name = BIDI_CONTROL_RE.sub("", files[int(number)]["name"] or "")
+        name = re.split(r"[/\\]", name)[-1].strip()       # a path: its last part
+        name = name if name.strip(".") else "attachment"
+        plain = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]
         self.send(200, files[int(number)]["payload"], "application/octet-stream", [
-            ("Content-Disposition", f"attachment; filename=\"{plain}\"; "
-                                    f"filename*=UTF-8''{urllib.parse.quote(name[:200])}")])
+            ("Content-Disposition", f"attachment; filename=\"{plain}\"; filename*=UTF-8''"
+                                    f"{urllib.parse.quote(name[:200], safe='')}")])   # RFC 5987
 
     @route("GET", r"/messages/([0-9a-f]{8,63})")
     def get_prefix(self, prefix):
         """A unique prefix of a store key, as `mms.py show` takes it: the message's page."""
-        key = self.server.archive.resolve(prefix)["store_key"]
+        key = self.server.archive.resolve(prefix, self.scope())["store_key"]
         self.redirect(f"/messages/{self.doc(key)['store_key']}")
 
     @route("GET", r"/messages/([0-9a-f]{64})/raw")
@@ -5905,6 +6066,12 @@ class WebHandler(BoundedHandler):
         to = [a.strip() for a in fields.get("to", "").split(",") if a.strip()]
         if any(not valid_address(a) for a in to):
             raise HTTPError(400, "not an address: " + ", ".join(to))
+        outside = self.outside_scope(to)
+        if outside:
+            self.audit(action, key, "refused: to " + ", ".join(outside) + ", outside the "
+                       "user's domains")
+            raise HTTPError(403, f"you release only to addresses in your domains, not to "
+                                 f"{', '.join(outside)}: ask an administrator")
         try:
             result = self.act(action, doc, to, bool(fields.get("again")), danger == "virus")
         except AlreadyReleased as exc:
@@ -5926,7 +6093,10 @@ class WebHandler(BoundedHandler):
             archive.delete(doc)
             result = "deleted"
         else:
-            refused, record = release_message(self.server.cfg, archive, doc, list(to),
+            domains = self.user.get("domains")
+            to = list(to) or [r for r in map(str, doc.get("rcpt") or []) if domains and
+                              r.rpartition("@")[2].lower() in domains]   # theirs only
+            refused, record = release_message(self.server.cfg, archive, doc, to,
                                               again=again, virus=virus, by=user)
             result = f"released: {record['reply']}" if record else "not released"
             if refused:
@@ -6091,12 +6261,15 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
     def get_api_messages(self):
         query, page = self.search()
         docs, more = self.one_page(query)
+        self.audit("list", result=f"{len(docs)} message(s) by the API: " +
+                   urllib.parse.urlencode(page)[:400])
         self.json({"messages": [dict(doc, verdict=verdict(doc)) for doc in docs],
                    "next": edge_page(docs, "older") if more else None})
 
     @route("GET", r"/api/messages/([0-9a-f]{64})")
     def get_api_message(self, key):
         doc = self.doc(key)
+        self.audit("view", key, "by the API")
         self.json(dict(doc, verdict=verdict(doc)))
 
     @route("POST", r"/api/bulk", "reviewer")
@@ -6114,11 +6287,15 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             asked = json.loads(self.read_body())
             action, keys = asked["action"], asked.get("keys") or []
             filters = {name: str(value) for name, value in (asked.get("filters") or {}).items()}
+            unknown = sorted(set(filters) - set(FILTERS))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise HTTPError(400, 'a JSON object: {"action": ..., "keys": [...]} or '
                                  '{"action": ..., "filters": {...}, "expect": N}') from None
         if action not in ACTIONS:
             raise HTTPError(400, f"action: one of {', '.join(ACTIONS)}")
+        if unknown:
+            raise HTTPError(400, f"no such filter: {', '.join(unknown)[:200]} (filters: "
+                                 f"{', '.join(FILTERS)})")
         if filters:
             docs, _, count = self.all_matching(filters, asked.get("expect"))
             if docs is None:
@@ -6186,6 +6363,13 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             raise HTTPError(404, f"no message with store_key {key}")
         return doc
 
+    def outside_scope(self, to):
+        """The addresses of a release's `to` that a user scoped to domains may not
+        send mail to: any outside those domains (a release elsewhere is an
+        administrator's of all domains)."""
+        domains = self.user.get("domains")
+        return [a for a in to if domains and a.rpartition("@")[2].lower() not in domains]
+
     def audit(self, action, key=None, result="ok", user=None):
         """An entry of the audit log: who (a report's recipient, a failed login's
         name), as what, from where, when, on what, and how it went."""
@@ -6208,6 +6392,10 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         """(the query, the filters as given) from the URL (or a form's fields), from
         the page's start on."""
         params = self.params if params is None else params
+        unknown = sorted(set(params) - set(FILTERS) - PAGE_FIELDS)
+        if unknown:
+            raise HTTPError(400, f"no such filter: {', '.join(unknown)[:200]} (filters: "
+                                 f"{', '.join(FILTERS)})")
         page = {name: params[name].strip() for name in FILTERS
                 if (params.get(name) or "").strip()}
         query = all_of(Filters.parse(page).query(), self.scope())
@@ -6297,6 +6485,9 @@ def render_page(title, body, nav="", said=None):
 
 
 ACTIONS = ("hold", "unhold", "release", "delete")
+# What a search's URL or a bulk form holds beside its filters: a page's edge and
+# order, and the bulk form's own fields.
+PAGE_FIELDS = {"before", "after", "skip", "sort", "csrf", "action", "all", "expect", "key"}
 
 
 def may(role, action, doc):
@@ -6426,10 +6617,9 @@ def render_audit(params, trail, zone):
     form = "".join(f'<label>{name} <input name="{name}" value="{h(params.get(name, ""))}" '
                    f'size="14"></label> ' for name in ("user", "action", "since"))
     rows = "".join(
-        f"<tr><td>{h(entry['at'].astimezone(zone).strftime('%d %b %Y %H:%M:%S'))}</td>"
-        f"<td>{h(entry.get('user'))}</td><td>{h(entry.get('role') or '-')}</td>"
-        f"<td>{h(entry.get('client'))}</td><td>{h(entry.get('action'))}</td>"
-        f"<td>{h(entry.get('key') or '')}</td><td>{h(entry.get('result'))}</td></tr>"
+        f"<tr><td>{h(entry['at'].astimezone(zone).strftime('%d %b %Y %H:%M:%S'))}</td>" +
+        "".join(f"<td>{h(audit_value(entry.get(name)))}</td>" for name in (
+            "user", "role", "client", "action", "key", "result")) + "</tr>"
         for entry in trail if isinstance(entry.get("at"), datetime.datetime))
     return (f'<form method="get" action="/audit">{form}<button type="submit">Search</button>'
             f"</form><table><tr><th>when ({h(zone)})</th><th>user</th><th>role</th>"
@@ -6746,12 +6936,30 @@ PREVIEW_CSP = ("sandbox; default-src 'none'; img-src data: cid:; style-src 'unsa
                "frame-ancestors 'self'")   # no script, form, remote load or navigation
 PREVIEW_INLINE_MAX = 2 * 2**20    # bytes of cid: images put into one preview
 LINKS_MAX = 500                   # links a message's page lists
-TAG_NAME_RE = re.compile(r"(/?)([A-Za-z][A-Za-z0-9-]{0,30})")
-ATTRIBUTE_RE = re.compile(r"""([^\s"'<>/=]+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s"'>]+))?""")
-REMOTE_CSS_RE = re.compile(r"""(?i)url\(\s*['"]?\s*(?:https?:)?//""")
-HREF_RE = re.compile(r"(?i)(\s)(href|action|formaction)(\s*=)")
-REMOTE_SRC_RE = re.compile(r"""(?i)(\s)(src|background|poster)(\s*=\s*["']?\s*(?:https?:)?//)""")
-CID_RE = re.compile(r"""(?i)cid:([^\s"'>)]+)""")
+# What the preview keeps of a sender's HTML: these tags, with these attributes, and
+# nothing else (a tag not named here goes, its text stays).
+PREVIEW_TAGS = frozenset(
+    "a abbr acronym address article aside b bdi bdo big blockquote br caption center cite "
+    "code col colgroup dd del dfn div dl dt em figcaption figure font footer h1 h2 h3 h4 h5 "
+    "h6 header hr i img ins kbd li main mark nav ol p pre q s samp section small span strike "
+    "strong sub summary sup table tbody td tfoot th thead tr tt u ul var wbr".split())
+PREVIEW_ATTRIBUTES = frozenset(
+    "align alt bgcolor border cellpadding cellspacing class color colspan dir face height "
+    "hspace id lang nowrap rowspan scope size span start style title type valign vspace "
+    "width".split())
+PREVIEW_IMAGE_TYPES = frozenset(("image/png", "image/jpeg", "image/gif", "image/webp"))
+# Elements whose content is raw text to a browser (it ends only at their end tag);
+# the first ones' content is not shown at all.
+RAW_DROPPED = frozenset(("script", "style", "title", "iframe", "noembed", "noframes"))
+RAW_TEXT = RAW_DROPPED | {"textarea", "xmp"}
+RAW_END_RE = {name: re.compile(rf"(?i)</{name}[\s/>]") for name in RAW_TEXT}
+TAG_OPEN_RE = re.compile(r"<(?:(!--)|([!?])|(/?)([A-Za-z][^\s/>]*))")
+ATTRIBUTE_RE = re.compile(r"""[\s/]*(?:(>)|([^\s/>][^\s/>=]*)(?:\s*=\s*(?:"([^"]*)(")?|"""
+                          r"""'([^']*)(')?|([^\s>]*)))?)""")
+CSS_URL_RE = re.compile(r"""(?i)(?:url|image-set|image|cross-fade|element)\(\s*['"]?\s*"""
+                        r"""([^'")\s]*)\s*['"]?\s*\)?|@import""")
+REMOTE_RE = re.compile(r"(?i)^\s*(?:(?:https?|ftp):)?//")
+DATA_IMAGE_RE = re.compile(r"(?i)data:image/(?:png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]*")
 HOST_IN_TEXT_RE = re.compile(r"(?i)^\s*(?:https?://)?((?:[a-z0-9-]+\.)+[a-z]{2,})(?:[/:?#]|\s*$)")
 RISKY_EXTENSIONS = {"exe", "scr", "com", "pif", "bat", "cmd", "js", "jse", "vbs", "vbe", "wsf",
                     "hta", "msi", "jar", "ps1", "lnk", "iso", "img", "cpl", "reg", "dll"}
@@ -6764,76 +6972,134 @@ MAGIC = [(b"%PDF-", "application/pdf"), (b"PK\x03\x04", "application/zip"),
          (b"\x1f\x8b", "application/gzip"), (b"{\\rtf", "application/rtf")]
 
 
-def html_tags(text):
-    """(start, end, name, closing, attributes) of each tag, in one forward pass: a
-    '<' with no '>' after it ends the tags, so hostile HTML costs its length."""
-    at = 0
-    while (start := text.find("<", at)) >= 0:
-        end = text.find(">", start)
-        if end < 0:
+def html_tokens(text):
+    """("text", data), ("tag", name, closing, {attribute: value}) and ("raw", name,
+    text) as a browser's tokenizer reads them (a quoted value may hold '>'; comments
+    and <! and <? declarations are skipped; a raw text element runs to its end tag),
+    in one forward pass of anchored matches: hostile HTML costs its length (the
+    stdlib's html.parser takes minutes over 250 KB of '<a<a<a'). A tag cut off by
+    the end of the text is dropped, as a browser drops it."""
+    at, size = 0, len(text)
+    while at < size:
+        found = TAG_OPEN_RE.search(text, at)
+        if not found:
+            yield "text", text[at:]
             return
-        found = TAG_NAME_RE.match(text, start + 1, end)
-        if found:
-            yield start, end + 1, found.group(2).lower(), bool(found.group(1)), \
-                text[found.end():end]
-        at = end + 1 if found else start + 1
-
-
-def attributes(text):
-    return {name.lower(): html.unescape(value.strip("\"'")) if value else ""
-            for name, value in ATTRIBUTE_RE.findall(text[:8192])}
+        if found.start() > at:
+            yield "text", text[at:found.start()]
+        at = found.end()
+        if found.group(1) or found.group(2):            # <!-- ... -->, <!...>, <?...>
+            empty = re.match(r"-?>", text[at:at + 2]) if found.group(1) else None
+            end = at + empty.end() - 3 if empty else \
+                text.find("-->" if found.group(1) else ">", at)
+            at = size if end < 0 else end + (3 if found.group(1) else 1)
+            continue
+        name, closing, attrs = found.group(4).lower(), bool(found.group(3)), {}
+        while (attribute := ATTRIBUTE_RE.match(text, at)) and not attribute.group(1):
+            at = attribute.end()
+            double, closed, single, ended = attribute.group(3, 4, 5, 6)
+            if (double is not None and closed is None) or (single is not None and ended is None):
+                return                                  # a quoted value cut off
+            value = next((v for v in attribute.group(3, 5, 7) if v is not None), "")
+            attrs.setdefault(attribute.group(2).lower(), html.unescape(value))
+        if attribute is None:
+            return                                      # cut off: no tag
+        at = attribute.end()
+        yield "tag", name, closing, attrs
+        if name in RAW_TEXT and not closing:
+            end = RAW_END_RE[name].search(text, at)
+            stop = size if end is None else end.start()
+            if name not in RAW_DROPPED or name == "style":
+                yield "raw", name, text[at:stop]
+            at = stop
 
 
 class Preview:
-    """An HTML part made safe to look at: links kept as text (their targets listed
-    beside, with the ones whose text names another host flagged), cid: images
-    put in as data: URIs, remote images counted (the sandbox's policy loads none),
-    refresh, base and form tags taken out."""
+    """An HTML part rebuilt to be looked at: a sender's text, every character of it
+    escaped, between tags of PREVIEW_TAGS rebuilt with PREVIEW_ATTRIBUTES' values
+    escaped; nothing of a sender's markup passes as it came. Links are kept as text
+    (their targets listed beside, those whose text names another host flagged);
+    cid: images of PREVIEW_IMAGE_TYPES are put in as data: URIs; remote images,
+    CSS url()s among them, are counted and taken out."""
 
     def __init__(self, text, images):
-        self.images, self.inlined = images, 0
-        self.links, self.remote, out, at, anchor = [], 0, [], 0, None
-        for start, end, name, closing, attrs in html_tags(text):
-            if anchor is not None and len(anchor[1]) < 200:
-                anchor[1] += " " + text[at:start][:200]
-            out.append(text[at:start])
-            found = attributes(attrs) if not closing else {}
-            out.append(self.tag(text[start:end], name, closing, found))
-            if name in ("a", "area") and not closing and len(self.links) < LINKS_MAX:
-                anchor = self.close(anchor)
-                anchor = [found.get("href"), ""]
-            elif name == "a" and closing:
-                anchor = self.close(anchor)
-            at = end
+        self.images, self.inlined, self.links, self.remote = images, 0, [], 0
+        out, anchor = [], None
+        for token in html_tokens(text):
+            if token[0] == "text":
+                out.append(html.escape(html.unescape(token[1]), quote=False))
+                if anchor is not None and len(anchor[1]) < 200:
+                    anchor[1] += " " + html.unescape(token[1])[:200]
+            elif token[0] == "raw":
+                out.append(self.raw(*token[1:]))
+            else:
+                _, name, closing, attrs = token
+                if name in ("a", "area") and (closing or len(self.links) < LINKS_MAX):
+                    anchor = self.close(anchor)
+                    if not closing:
+                        anchor = [attrs.get("href"), ""]
+                out.append(self.tag(name, closing, attrs))
         self.close(anchor)
-        out.append(text[at:])
-        self.remote += len(REMOTE_CSS_RE.findall(text))
         self.html = "".join(out)
 
     def close(self, anchor):
         if anchor is not None and anchor[0] is not None:
-            shown = " ".join(html.unescape(anchor[1]).split())[:200]
+            shown = " ".join(anchor[1].split())[:200]
             self.links.append(link_row(shown, anchor[0][:2000]))
         return None
 
-    def tag(self, tag, name, closing, attrs):
+    def tag(self, name, closing, attrs):
+        if name not in PREVIEW_TAGS:
+            if name == "style" and not closing:
+                return "<style>"
+            return "</style>" if name == "style" else ""
         if closing:
-            return tag
-        if name in ("base", "form") or (name == "meta" and "http-equiv" in attrs):
-            return ""
-        for attribute in ("src", "background", "poster"):
-            value = attrs.get(attribute, "").strip().lower()
-            if value.startswith(("http:", "https:", "//")):
-                self.remote += 1
-        tag = REMOTE_SRC_RE.sub(r"\1data-mms-\2\3", tag)   # not even asked (the policy
-        return CID_RE.sub(self.cid, HREF_RE.sub(r"\1data-mms-\2\3", tag))   # blocks it too)
+            return f"</{name}>"
+        kept = {key: value for key, value in attrs.items() if key in PREVIEW_ATTRIBUTES}
+        for key in ("background", "srcset", "poster", "lowsrc", "dynsrc"):
+            self.remote += bool(REMOTE_RE.match(attrs.get(key, "")))
+        if "style" in kept:
+            kept["style"] = self.css(kept["style"])
+        if name == "img":
+            src = self.image(attrs.get("src", ""))
+            if src:
+                kept["src"] = src
+        if name == "a" and attrs.get("href"):
+            kept["title"] = "goes to " + attrs["href"][:2000]
+        return f"<{name}" + "".join(f' {key}="{html.escape(value, quote=True)}"'
+                                    for key, value in kept.items()) + ">"
 
-    def cid(self, match):
-        found = self.images.get(urllib.parse.unquote(match.group(1)).strip("<>").lower())
-        if found is None or self.inlined + len(found[1]) > PREVIEW_INLINE_MAX:
-            return match.group(0)
-        self.inlined += len(found[1])
-        return f"data:{found[0]};base64,{base64.b64encode(found[1]).decode()}"
+    def raw(self, name, text):
+        """A textarea's or xmp's text, escaped; a style element's CSS without a '<'
+        (it cannot end the element) and without a url()."""
+        if name == "style":
+            return self.css(text).replace("<", "")
+        return html.escape(html.unescape(text), quote=False)
+
+    def css(self, text):
+        """CSS with each url() and its kin made a data: URI or none; no backslash
+        (u\\72l( is url( to a browser)."""
+        return CSS_URL_RE.sub(self.css_url, text[:65536].replace("\\", ""))
+
+    def css_url(self, match):
+        image = self.image(match.group(1) or "")
+        return f'url("{image}")' if image else "none"
+
+    def image(self, src):
+        """A data: URI for a cid: image of the message or an image's own data: URI;
+        '' for anything else (a remote one is counted)."""
+        src = src.strip()
+        if src[:4].lower() == "cid:":
+            found = self.images.get(urllib.parse.unquote(src[4:]).strip("<>").lower())
+            if found is None or found[0] not in PREVIEW_IMAGE_TYPES or \
+                    self.inlined + len(found[1]) > PREVIEW_INLINE_MAX:
+                return ""
+            self.inlined += len(found[1])
+            return f"data:{found[0]};base64,{base64.b64encode(found[1]).decode()}"
+        if DATA_IMAGE_RE.fullmatch(src):
+            return "".join(src.split())
+        self.remote += bool(REMOTE_RE.match(src))
+        return ""
 
 
 def link_row(shown, target):
