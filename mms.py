@@ -399,7 +399,7 @@ OPTIONS = [
     ("--on-scan-error", "MMS_ON_SCAN_ERROR", "tempfail", _choice("tempfail", "deliver"),
      "filter mode: what a message gets when a scanner is down or too slow"),
     ("--retention", "MMS_RETENTION", "0", _days,
-     "days a message is kept: once an hour, older ones not on hold are purged (0: forever)"),
+     "days a message is kept: once an hour, older ones not on legal hold are purged (0: forever)"),
     ("--real-rcpt", "MMS_REAL_RCPT", "0", _flag,
      "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
     ("--index-text", "MMS_INDEX_TEXT", str(INDEX_TEXT), _count,
@@ -446,6 +446,7 @@ FILTERS = ("sender", "rcpt", "since", "until", "subject", "text", "message_id", 
            "attachment_sha256", "bounce", "held", "released")
 VERDICT_FIELDS = ("virus", "banned", "spam", "unchecked")   # the first that is set wins
 VERDICTS = VERDICT_FIELDS + ("clean",)
+AWAITING = ("virus", "banned", "spam")       # the verdicts a quarantine holds for review
 MONGO = ("config", "mongo_host", "mongo_database", "mongo_collection", "mongo_timeout")
 
 
@@ -504,7 +505,7 @@ def build_parser():
     archive("--attachment-type", help="an attachment of this declared type: application/zip")
     archive("--attachment-sha256", help="an attachment with this sha256: who else got it?")
     archive("--bounce", action="store_true", help="only bounces: <> or a delivery report")
-    archive("--held", action="store_true", help="only messages on hold")
+    archive("--held", action="store_true", help="only messages on legal hold")
     archive("--released", action="store_true", help="only released messages")
     archive("--older-than", type=_when, help="purge: received before, e.g. 90d")
     archive("--dry-run", action="store_true", help="purge: count, delete nothing")
@@ -4413,12 +4414,23 @@ class Archive:
         cursor = self.collection.find(query, projection or WORDS_LEFT_OUT).sort(ORDERS[order])
         return self.bounded(cursor.limit(limit).batch_size(self.BATCH))  # never 16 MB at once
 
-    def count(self, query):
+    def count(self, query, limit=0):
+        """How many messages the query finds; with a limit, at most that many (the
+        index is read no further)."""
         if not query:  # the collection's own count, not a scan of every document
             return self.collection.estimated_document_count(**self.bound())
         if "$text" in query and self.cfg.text_search == "atlas":
             return next(self.aggregate(self.atlas(query) + [{"$count": "n"}]), {}).get("n", 0)
-        return self.collection.count_documents(query, **self.bound())
+        return self.collection.count_documents(query, **self.bound(),
+                                               **({"limit": limit} if limit else {}))
+
+    def quarantine(self, scope=None):
+        """What awaits a reviewer's judgement: spam, virus or banned, not released
+        (a deleted message is gone), within a scoped user's domains. Served by the
+        (verdict, received) index, three ranges merged newest first, so a page costs
+        its size; released quarantined mail is the rare row read and passed over."""
+        return all_of({"verdict": {"$in": list(AWAITING)}}, {"released": {"$exists": False}},
+                      scope or {})
 
     def pieces(self, doc, file=None):
         """The raw message, a piece at a time, from its chunks in order: a message is
@@ -4655,7 +4667,7 @@ class Archive:
         """Deleted only if not on hold, asked in the delete itself."""
         if not self.collection.delete_one({**self.its(doc), **NOT_HELD}).deleted_count:
             if self.collection.find_one(self.its(doc), {"_id": 1}) is not None:
-                raise Conflict(f"{doc['store_key']} is on hold: `mms.py unhold` it first")
+                raise Conflict(f"{doc['store_key']} is on legal hold: `mms.py unhold` it first")
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
         self.remove_files([doc.get("message")])
 
@@ -4721,7 +4733,7 @@ class Archive:
         if now is None:
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
         if unless_held and is_held(now):
-            raise Conflict(f"{doc['store_key']} is on hold: only an administrator can "
+            raise Conflict(f"{doc['store_key']} is on legal hold: only an administrator can "
                            f"release it")
         if now.get("releasing"):
             raise Conflict(f"{doc['store_key']} is being released by another "
@@ -4994,7 +5006,8 @@ def archive_list(cfg, archive):
         if cfg.json:
             out.write(json_line(dict(doc, verdict=verdict(doc))))
         else:
-            out.write(list_line(doc) + "".join(f" [{mark}]" for mark in marks(doc)) + "\n")
+            out.write(list_line(doc) + "".join(f" [{MARK_WORDS.get(mark, mark)}]"
+                                               for mark in marks(doc)) + "\n")
     return 0
 
 
@@ -5004,6 +5017,9 @@ def sort_order(cfg):
     if cfg.sort == "score" and not cfg.filters.text:
         raise UsageError("--sort score ranks --text matches: give --text")
     return "newest" if cfg.sort == "date" else cfg.sort
+
+
+MARK_WORDS = {"held": "legal hold"}          # the held field, as a person reads it
 
 
 def marks(doc):
@@ -5063,7 +5079,7 @@ def archive_release(cfg, archive):
     record is written afterwards, so a hold placed meanwhile stays."""
     doc = archive.resolve(cfg.key)
     refused, record = release_message(cfg, archive, doc, cfg.to, again=cfg.force,
-                                      virus=cfg.force)
+                                      virus=cfg.force, by=os_user())
     for rcpt, answer in refused.items():
         print(f"{rcpt}: {answer}")
     if record is not None:
@@ -5075,6 +5091,15 @@ def archive_release(cfg, archive):
 MMS_QUEUED_RE = re.compile(r"queued as ([0-9a-f]{64})\b")
 QUARANTINE_FIELD_RE = re.compile(
     rb"(?i)(x-mms-rcpt|x-envelope-[a-z-]*|x-quarantine-id|x-amavis-[a-z-]*|x-spam-[a-z-]*)[ \t]*:")
+
+
+def os_user():
+    """Who ran a command, as a release or a hold records it: the OS user's name."""
+    import getpass
+    try:
+        return f"{getpass.getuser()} (command line)"
+    except (KeyError, OSError):
+        return f"uid {os.getuid()} (command line)"
 
 
 def release_message(cfg, archive, doc, to=None, again=False, virus=False, by=None,
@@ -5161,10 +5186,13 @@ def send_message(via, sender, rcpts, data, hostname):
             code, text = client.data(data)
             return refused, f"{code} {text.decode(errors='replace')}"
     except (OSError, smtplib.SMTPException) as exc:
-        raise DeliveryError(f"release via {via[0]}:{via[1]} failed: {exc}") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or \
+            type(exc).__name__
+        raise DeliveryError(f"the mail server at {via[0]}:{via[1]} that releases go through "
+                            f"did not take the message ({why})") from None
 
 
-@command("delete", "delete KEY, unless it is on hold", MONGO, key="store_key")
+@command("delete", "delete KEY, unless it is on legal hold", MONGO, key="store_key")
 def archive_delete(cfg, archive):
     doc = archive.resolve(cfg.key)
     archive.delete(doc)
@@ -5172,21 +5200,23 @@ def archive_delete(cfg, archive):
     return 0
 
 
-@command("hold", "put KEY on hold: purge and delete leave it alone", MONGO, key="store_key")
+@command("hold", "put KEY on legal hold: delete, purge and --retention leave it alone",
+         MONGO, key="store_key")
 def archive_hold(cfg, archive, held=True):
     """A legal hold: purge and delete leave the message alone until unhold."""
     doc = archive.resolve(cfg.key)
-    archive.hold(doc, held)
-    print(f"{'held' if held else 'hold lifted from'} {doc['store_key']}")
+    archive.hold(doc, held, by={"user": os_user(), "at": datetime.datetime.now(UTC),
+                                "via": "command line"})
+    print(f"legal hold {'placed on' if held else 'lifted from'} {doc['store_key']}")
     return 0
 
 
-@command("unhold", "lift the hold from KEY", MONGO, key="store_key")
+@command("unhold", "lift the legal hold from KEY", MONGO, key="store_key")
 def archive_unhold(cfg, archive):
     return archive_hold(cfg, archive, held=False)
 
 
-@command("purge", "delete what is older than --older-than and not on hold",
+@command("purge", "delete what is older than --older-than and not on legal hold",
          FILTERS + ("older_than", "dry_run") + MONGO)
 def archive_purge(cfg, archive):
     """Delete what is older than --older-than, never what is held. The
@@ -5522,6 +5552,7 @@ WEB_FAILING_MAX = 10_000                            # addresses whose failures a
 WEB_HASHING_MAX, WEB_HASHING_WAIT = 2, 10           # scrypt at once (16 MiB each), wait
 WEB_SWEEP_SECONDS = 60                              # expired sessions and failures go
 WEB_PAGE = 50                                       # messages a page
+WEB_COUNT_MAX = 1000                                # a search counts this far ("more than")
 WEB_BULK_MAX = 1000                                 # messages one bulk action changes
 WEB_MBOX_MAX = 1000                                 # messages in a search's mbox download
 WEB_QUERY_MS = 5000                                 # maxTimeMS of each console query
@@ -5810,13 +5841,19 @@ table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.25em 
 text-align:left;vertical-align:top}pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;
 word-break:break-all;max-height:30em;overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:2em}
 .error{color:#a00}form.inline{display:inline}input,button{font:inherit}
-.totals td{font-size:1.3em}.muted{color:#595959}td,th,pre,h1,bdi{unicode-bidi:isolate}
+.figures{display:flex;flex-wrap:wrap;gap:.5em}.figure{display:flex;flex-direction:column;
+border:1px solid #ccc;padding:.4em .8em;min-width:6.5em;text-decoration:none}
+.figure strong{font-size:1.4em}svg{max-width:100%;height:auto}fieldset{display:inline;
+border:1px solid #ccc}form.search label{display:inline-block;margin:.2em .5em .2em 0}
+td{overflow-wrap:anywhere}.muted{color:#595959}td,th,pre,h1,bdi{unicode-bidi:isolate}
 .warning{background:#fff0c0}iframe.preview{width:100%;height:28em;border:1px solid #ccc;
 background:#fff}details{margin:.5em 0}summary{cursor:pointer;font-weight:600}
 a:focus,button:focus,input:focus,select:focus,summary:focus{outline:2px solid #0a58ca}
 @media (max-width:600px){table,tbody,tr,td,th{display:block}tr{border:1px solid #ccc;
 margin:.5em 0;padding:.25em}td,th{border:0}header{flex-wrap:wrap}main{padding:.5em}
-tr.head{display:none}}
+tr.head{display:none}td[data-label]::before{content:attr(data-label) ": ";font-weight:600}
+form.search label,form.search input,form.search select{display:block;width:100%;
+box-sizing:border-box}input,select{max-width:100%}}
 @media (prefers-color-scheme:dark){body{background:#121212;color:#e6e6e6}
 a{color:#8ab4f8}pre{background:#1e1e1e}td,th{border-color:#333}.muted{color:#a8a8a8}
 .warning{background:#4a3b00}.error{color:#ff8a80}input,select,button{background:#1e1e1e;
@@ -5965,9 +6002,23 @@ class WebHandler(BoundedHandler):
         self.send(200, STYLE.encode(), "text/css; charset=utf-8")
 
     @route("GET", r"/")
+    def get_quarantine(self):
+        """Where every role lands: the mail awaiting judgement, newest first, each row
+        with what a reviewer decides by, and release and delete at hand."""
+        if set(self.params) - {"before", "after", "skip"}:
+            raise HTTPError(400, "the quarantine takes no filters: search for them")
+        query = self.edges(self.server.archive.quarantine(self.scope()), self.params)
+        docs, more = self.one_page(query, "newest")
+        count = self.server.archive.count(self.server.archive.quarantine(self.scope()),
+                                          limit=WEB_COUNT_MAX + 1)
+        self.page("Quarantine", render_quarantine(docs, count, self.user, self.zone(),
+                                                  self.page_links(docs, more, "/")))
+
+    @route("GET", r"/dashboard")
     def get_dashboard(self):
         if self.user.get("domains"):       # the figures are of all the mail: not theirs
-            return self.redirect("/messages")
+            raise HTTPError(403, "the dashboard's figures are of all the mail, not only of "
+                                 "your domains: your quarantine is on the first page")
         data = self.server.cached("dashboard", lambda: dashboard_data(self.server.archive))
         self.page("Dashboard", render_dashboard(data))
 
@@ -5975,9 +6026,10 @@ class WebHandler(BoundedHandler):
     def get_messages(self):
         query, page = self.search()
         docs, more = self.one_page(query)
+        count = self.server.archive.count(query, limit=WEB_COUNT_MAX + 1) if page else None
         csrf = self.user["csrf"] if ROLES[self.user["role"]] >= ROLES["reviewer"] else None
         self.page("Search", render_search(self.params, page, docs, csrf,
-                                          self.page_links(docs, more)))
+                                          self.page_links(docs, more), count))
 
     @route("GET", r"/messages\.mbox")
     def get_mbox(self):
@@ -6076,6 +6128,10 @@ class WebHandler(BoundedHandler):
             result = self.act(action, doc, to, bool(fields.get("again")), danger == "virus")
         except AlreadyReleased as exc:
             raise HTTPError(409, exc.in_console) from None
+        except DeliveryError as exc:
+            raise HTTPError(502, f"Not delivered: {exc}. The message is still here, unchanged. "
+                                 f"Try again in a few minutes; if it fails again, ask your "
+                                 f"administrator to look at that mail server.") from None
         if action == "delete":
             return self.page("Deleted", f"<p>{h(key)} is deleted.</p>")
         self.server.tell(self.user.get("token"), result)
@@ -6088,7 +6144,7 @@ class WebHandler(BoundedHandler):
         by = {"user": user, "at": datetime.datetime.now(UTC), "via": "web"}
         if action in ("hold", "unhold"):
             archive.hold(doc, action == "hold", by=by)
-            result = "held" if action == "hold" else "hold lifted"
+            result = "legal hold placed" if action == "hold" else "legal hold lifted"
         elif action == "delete":
             archive.delete(doc)
             result = "deleted"
@@ -6226,7 +6282,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         doc, rcpt = self.linked(token)
         done = released_to(doc, rcpt)
         if is_held(doc):
-            button = "<p>It is on hold: only an administrator can release it.</p>"
+            button = "<p>It is on legal hold: only an administrator can release it.</p>"
         elif done:
             button = f"<p>It was delivered to <bdi>{h(rcpt)}</bdi> already.</p>"
         else:
@@ -6322,27 +6378,27 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
 
     # Helpers ################################################################
 
-    def one_page(self, query):
+    def one_page(self, query, order=None):
         """(up to WEB_PAGE documents, whether there are more that way): one more is
         asked for; a newer page (after=) is read oldest first, from the index the
         same way, and turned round. By size or score, one page: the largest or the
         best matches."""
-        order = self.order()
+        order = order or self.order()
         newer = order == "newest" and bool(self.params.get("after"))
         docs = list(self.server.archive.search(query, limit=WEB_PAGE + 1,
                                                order="oldest" if newer else order))
         more = len(docs) > WEB_PAGE and order == "newest"
         return (docs[:WEB_PAGE][::-1] if newer else docs[:WEB_PAGE]), more
 
-    def page_links(self, docs, more):
-        """{older, newer}: which pages there are beside this one (by date only: by
-        size or score there is one page). One came from a newer or older page if it
-        was asked with after= or before=."""
-        if not docs or self.order() != "newest":
+    def page_links(self, docs, more, where="/messages"):
+        """{older, newer, where}: which pages there are beside this one (by date only:
+        by size or score there is one page). One came from a newer or older page if
+        it was asked with after= or before=."""
+        if not docs or (where == "/messages" and self.order() != "newest"):
             return {}
         newer = bool(self.params.get("after"))
         return {"older": more or newer, "newer": more if newer else
-                bool(self.params.get("before"))}
+                bool(self.params.get("before")), "where": where}
 
     def order(self):
         sort = self.params.get("sort") or "date"
@@ -6398,7 +6454,12 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
                                  f"{', '.join(FILTERS)})")
         page = {name: params[name].strip() for name in FILTERS
                 if (params.get(name) or "").strip()}
-        query = all_of(Filters.parse(page).query(), self.scope())
+        return self.edges(all_of(Filters.parse(page).query(), self.scope()), params), page
+
+    @staticmethod
+    def edges(query, params):
+        """The query from a page's edge on (before= or after=, without the rows of
+        that same time shown already): a range on the index, never a skip."""
         for edge, op in (("before", "$lte"), ("after", "$gte")):
             when = web_when(params.get(edge), edge) if params.get(edge) else None
             if when:
@@ -6407,13 +6468,15 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
                 from bson import ObjectId
                 query = all_of(query, {"received": {op: when}},
                                {"_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
-        return query, page
+        return query
 
     def page(self, title, body, user=False, code=200, extra=()):
         user = self.user if user is False else user
         nav = ""
         if user:
-            nav = ('<a href="/">Dashboard</a><a href="/messages">Search</a>' +
+            nav = ('<a href="/">Quarantine</a>' +
+                   ("" if user.get("domains") else '<a href="/dashboard">Dashboard</a>') +
+                   '<a href="/messages">Search</a>' +
                    ('<a href="/audit">Audit</a>' if user.get("role") == "admin" else "") +
                    render_form(
                 "/logout", user["csrf"], f'{h(user["user"])} ({h(user["role"])}) ',
@@ -6446,11 +6509,29 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             extra = [("WWW-Authenticate", 'Basic realm="mms"')] if code == 401 else []
             return self.send(code, json_line({"error": text}).encode(), "application/json",
                              extra)
-        self.page("Error", f'<p class="error">{h(text)}</p>', user=getattr(self, "user", None),
-                  code=code)
+        back, where = way_back(self.path)
+        self.page(ERROR_TITLES.get(code, "Something went wrong"),
+                  f'<p class="error">{h(text)}</p><p><a href="{h(back)}">Back to {h(where)}</a>'
+                  f'</p>', user=getattr(self, "user", None), code=code)
 
     def log_message(self, format, *args):
         pass  # actions are logged as they are taken
+
+
+ERROR_TITLES = {400: "That cannot be asked", 401: "Log in first", 403: "Not for you",
+                404: "Not found", 409: "Not now", 413: "Too large", 429: "Too many tries",
+                502: "Not delivered", 503: "Not available now"}
+
+
+def way_back(path):
+    """(where a person who met an error came from, its name): the message, the
+    search, or the quarantine."""
+    found = re.match(r"/messages/([0-9a-f]{64})", path)
+    if found:
+        return f"/messages/{found.group(1)}", "the message"
+    if path.startswith(("/messages", "/api")):
+        return "/messages", "the search"
+    return "/", "the quarantine"
 
 
 class WebRedirect(HTTPError):
@@ -6465,6 +6546,7 @@ LOGIN_FORM = """{error}<form method="post" action="/login">
 required></label></p><p><button type="submit">Log in</button></p></form>"""
 
 DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released")
+FIGURE_WORDS = {"bytes": "size", "held": "on legal hold"}
 DASHBOARD_SEARCHES = {   # each figure of the dashboard, the search that lists it
     "messages": "since=30d", "bytes": "since=30d", "virus": "verdict=virus&since=30d",
     "spam": "verdict=spam&since=30d", "banned": "verdict=banned&since=30d",
@@ -6478,13 +6560,15 @@ DASHBOARD_TOPS = (("sender-domain", "sender domains"), ("rcpt-domain", "recipien
 def render_page(title, body, nav="", said=None):
     """A whole page: the header with its navigation, a notice shown once, the body."""
     notice = f'<p class="muted">{h(said)}</p>' if said else ""
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>'
-            f'{h(title)} - mms</title><link rel="stylesheet" href="/style.css"></head>'
-            f'<body><header><strong>mms</strong>{nav}</header><main><h1>{h(title)}</h1>'
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>'
+            f'{h(title)} - mms</title><link rel="stylesheet" href="/style.css"></head><body><header><strong>mms</strong>{nav}</header><main><h1>{h(title)}</h1>'
             f'{notice}{body}</main></body></html>')
 
 
 ACTIONS = ("hold", "unhold", "release", "delete")
+ACTION_WORDS = {"hold": "Place a legal hold", "unhold": "Lift the legal hold",
+                "release": "Release", "delete": "Delete"}
 # What a search's URL or a bulk form holds beside its filters: a page's edge and
 # order, and the bulk form's own fields.
 PAGE_FIELDS = {"before", "after", "skip", "sort", "csrf", "action", "all", "expect", "key"}
@@ -6508,15 +6592,17 @@ def render_form(action, csrf, inside, button, css="", name=""):
 
 def render_dashboard(data):
     totals = data["totals"]
-    cells = "".join(f'<td><a href="/messages?{h(DASHBOARD_SEARCHES[k])}">{shown(totals[k])}'
-                    f"</a></td>" for k in DASHBOARD_TOTALS)
-    heads = "".join(f"<th>{h(k)}</th>" for k in DASHBOARD_TOTALS)
+    figures = "".join(
+        f'<a class="figure" href="/messages?{h(DASHBOARD_SEARCHES[k])}"><span>'
+        f'{h(FIGURE_WORDS.get(k, k))}</span> <strong>'
+        f'{shown(human_size(totals[k]) if k == "bytes" and totals[k] is not None else totals[k])}'
+        f"</strong></a>" for k in DASHBOARD_TOTALS)
     tops = "".join(f'<div><h3>Top {h(title)}, 7 days</h3>'
                    f'{NOT_NOW if data["top"][by] is None else top_table(data["top"][by], by)}'
                    f"</div>" for by, title in DASHBOARD_TOPS)
     chart = NOT_NOW if data["days"] is None else day_chart(data["days"])
     return f"""<h2>Last 30 days</h2>
-<table class="totals"><tr>{heads}</tr><tr>{cells}</tr></table>
+<div class="figures">{figures}</div>
 <p class="muted">{shown(data['archived'])} messages in the archive in all. Counts are of mail
 received, by the day (UTC) it came.</p>
 <h3>Messages per day</h3>{chart}<div class="grid">{tops}</div>"""
@@ -6529,31 +6615,38 @@ def shown(value):
     return NOT_NOW if value is None else h(value)
 
 
-def render_search(params, page, docs, csrf=None, pages=None):
-    """The search form, a page of rows (each with a tick for a bulk action, given
-    the CSRF token), the bulk form, and the links to the newer and older pages."""
+def render_search(params, page, docs, csrf=None, pages=None, count=None):
+    """The search form, how many it found, a page of rows (each with a tick for a
+    bulk action, given the CSRF token), the bulk form, and the links to the newer
+    and older pages."""
     rows = "".join(message_row(doc, bool(csrf)) for doc in docs)
-    pages = pages or {}
-    link = "".join(
-        f'<a href="/messages?{h(urllib.parse.urlencode({**page, **edge_page(docs, name)}))}">'
-        f"{name.capitalize()} messages</a> " for name in ("newer", "older") if pages.get(name))
-    link = f"<p>{link}</p>" if link else ""
-    return f"""{search_form(params)}
+    found = "" if count is None else f"<p><strong>{h(matched(count))}</strong></p>"
+    return f"""{search_form(params)}{found}
 <p><a href="/messages.mbox?{h(urllib.parse.urlencode(page))}">Download these as mbox</a></p>
 <table><tr class="head">{"<th></th>" if csrf else ""}<th>received</th><th>from</th><th>to</th>
-<th>subject</th><th>size</th><th>verdict</th><th>score</th><th>held, released</th>
-<th>attachments</th><th></th></tr>
-{rows}</table>{bulk_form(page, csrf) if csrf else ""}{link}"""
+<th>subject</th><th>size</th><th>verdict</th><th>score</th><th>state</th>
+<th>attachments</th></tr>
+{rows}</table>{bulk_form(page, csrf, count) if csrf and rows else ""}{page_nav(docs, pages or {}, page)}"""
 
 
-def bulk_form(page, csrf):
+def matched(count):
+    if count > WEB_COUNT_MAX:
+        return f"More than {WEB_COUNT_MAX:,} messages"
+    return f"{count:,} message{'' if count == 1 else 's'}" if count else "No messages"
+
+
+def bulk_form(page, csrf, count=None):
     """The rows ticked (their boxes name this form), or all this search finds."""
     kept = "".join(f'<input type="hidden" name="{h(name)}" value="{h(value)}">'
                    for name, value in page.items())
-    options = "".join(f"<option>{name}</option>" for name in ACTIONS)
+    options = "".join(f'<option value="{name}">{ACTION_WORDS[name]}</option>'
+                      for name in ACTIONS)
+    every = matched(count).lower() if count is not None else "the messages"
     return render_form("/messages/bulk", csrf, kept + (
-        '<label><input type="checkbox" name="all" value="1"> not the rows ticked: all this '
-        f'search finds</label> <label>action <select name="action">{options}</select></label> '),
+        '<fieldset><legend>Apply to</legend><label><input type="radio" name="all" value="" '
+        'checked> the ticked rows</label> <label><input type="radio" name="all" value="1"> '
+        f'all {h(every)} this search finds</label></fieldset> <label>Action <select '
+        f'name="action">{options}</select></label> '),
         '<button type="submit">Apply</button>', name="bulk")
 
 
@@ -6608,21 +6701,23 @@ def openapi():
 
 
 def render_bulk(done):
-    rows = "".join(f'<tr><td><a href="/messages/{h(key)}">{h(key[:16])}</a></td>'
-                   f"<td>{h(result)}</td></tr>" for key, result in done)
-    return f"<table><tr><th>message</th><th>what happened</th></tr>{rows}</table>"
+    rows = "".join("<tr>" + cells((("Message", f'<a href="/messages/{h(key)}">{h(key[:16])}</a>'),
+                                   ("What happened", h(result)))) + "</tr>" for key, result in done)
+    return (f'<table><tr class="head"><th>message</th><th>what happened</th></tr>{rows}</table>'
+            f'<p><a href="/messages">Back to the search</a> <a href="/">Back to the quarantine</a>'
+            f"</p>")
 
 
 def render_audit(params, trail, zone):
     form = "".join(f'<label>{name} <input name="{name}" value="{h(params.get(name, ""))}" '
                    f'size="14"></label> ' for name in ("user", "action", "since"))
     rows = "".join(
-        f"<tr><td>{h(entry['at'].astimezone(zone).strftime('%d %b %Y %H:%M:%S'))}</td>" +
-        "".join(f"<td>{h(audit_value(entry.get(name)))}</td>" for name in (
-            "user", "role", "client", "action", "key", "result")) + "</tr>"
+        "<tr>" + cells((("When", h(entry['at'].astimezone(zone).strftime('%d %b %Y %H:%M:%S'))),
+                        *((name.capitalize(), h(audit_value(entry.get(name)))) for name in (
+                            "user", "role", "client", "action", "key", "result")))) + "</tr>"
         for entry in trail if isinstance(entry.get("at"), datetime.datetime))
     return (f'<form method="get" action="/audit">{form}<button type="submit">Search</button>'
-            f"</form><table><tr><th>when ({h(zone)})</th><th>user</th><th>role</th>"
+            f'</form><table><tr class="head"><th>when ({h(zone)})</th><th>user</th><th>role</th>'
             f"<th>from</th><th>action</th><th>message</th><th>result</th></tr>{rows}</table>")
 
 
@@ -6707,7 +6802,7 @@ def day_chart(days, width=720, height=180):
     legend = "".join(f'<text x="{10 + i * 110}" y="12" fill="{colour}">{h(v)}</text>'
                      for i, (v, colour) in enumerate(VERDICT_COLOURS.items()))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" '
-            f'role="img" aria-label="messages per day">{legend}{"".join(bars)}'
+            f'viewBox="0 0 {width} {height + 20}" role="img" aria-label="messages per day">{legend}{"".join(bars)}'
             f'<text x="0" y="{height + 15}">{h(dates[0])}</text><text x="{width - 80}" '
             f'y="{height + 15}">{h(dates[-1])}</text></svg>')
 
@@ -6715,59 +6810,152 @@ def day_chart(days, width=720, height=180):
 def top_table(groups, by):
     """A top table, each group a link to its week's search."""
     field, prefix = TOP_SEARCHES[by]
-    searches = [urllib.parse.urlencode({field: prefix + str(g["group"]), "since": "7d"})
-                for g in groups]
-    rows = "".join(f'<tr><td><a href="/messages?{h(search)}">{h(g["group"])}</a></td>'
-                   f"<td>{h(g['messages'])}</td></tr>" for g, search in zip(groups, searches))
-    return f"<table><tr><th>{h(by)}</th><th>messages</th></tr>{rows}</table>"
+    names = [str(g["group"] or "") or ("<>" if by == "sender-domain" else "-") for g in groups]
+    label = dict(DASHBOARD_TOPS)[by].rstrip("s").capitalize()
+    searches = [urllib.parse.urlencode({field: name if name == "<>" else prefix + name,
+                                        "since": "7d"}) for name in names]
+    rows = "".join("<tr>" + cells(((label, f'<a href="/messages?{h(search)}">{h(name)}</a>'),
+                                   ("Messages", h(g["messages"])))) + "</tr>"
+                   for g, name, search in zip(groups, names, searches))
+    return (f'<table><tr class="head"><th>{h(label)}</th><th>messages</th></tr>{rows}'
+            f"</table>")
 
 
 SEARCH_CHOICES = {   # the filters a select box offers: (value, shown), "" being any
     "verdict": [(v, v) for v in VERDICTS],
     "quarantine": [(q, q) for q in QUARANTINES],
-    "held": [("1", "held"), ("0", "not held")],
+    "held": [("1", "on legal hold"), ("0", "not on legal hold")],
+    "sort": [("date", "newest first"), ("size", "largest first"), ("score", "best match first")],
 }
+# Each filter as a helpdesk reads it; the first ones are shown, the rest folded.
+SEARCH_LABELS = {
+    "sender": "From (sender, or @domain)", "rcpt": "To (recipient, or @domain)",
+    "text": "Words", "verdict": "Verdict",
+    "since": "Received since (24h, 7d, 2026-12-01)", "until": "Received before",
+    "subject": "Subject contains", "message_id": "Message-ID",
+    "quarantine_id": "Quarantine ID", "client": "Client IP or network",
+    "quarantine": "Quarantine type", "attachment": "Attachment name (*.zip)",
+    "attachment_type": "Attachment type (application/zip)",
+    "attachment_sha256": "Attachment SHA-256", "bounce": "Bounces only",
+    "held": "Legal hold", "released": "Released only", "sort": "Order"}
+SEARCH_FIRST = ("sender", "rcpt", "text", "verdict")
 
 
 def search_form(params):
-    """Every filter of `list`: a box to type in, a choice, or a tick."""
-    inputs = "".join(
-        select_box(name, SEARCH_CHOICES[name], params) if name in SEARCH_CHOICES else
-        f'<label>{h(name)} <input type="checkbox" name="{name}" value="1"'
-        f'{" checked" if params.get(name) else ""}></label> '
-        if name in ("released", "bounce") else
-        f'<label>{h(name)} <input name="{name}" value="{h(params.get(name, ""))}" size="14">'
-        f"</label> " for name in FILTERS if name not in ("virus", "spam"))
-    inputs += select_box("sort", [("date", "newest first"), ("size", "largest first"),
-                                  ("score", "best match first")], params, blank=None)
-    return f'<form method="get" action="/messages">{inputs}<button type="submit">Search</button></form>'
+    """Sender, recipient, words and verdict, with every other filter of `list`
+    under "More filters" (open when one of them is set)."""
+    def field(name):
+        label = SEARCH_LABELS[name]
+        if name in SEARCH_CHOICES:
+            return select_box(name, SEARCH_CHOICES[name], params, label,
+                              blank=None if name == "sort" else "any")
+        if name in ("released", "bounce"):
+            return (f'<label><input type="checkbox" name="{name}" value="1"'
+                    f'{" checked" if params.get(name) else ""}> {h(label)}</label> ')
+        return (f'<label>{h(label)} <input name="{name}" value="{h(params.get(name, ""))}">'
+                f"</label> ")
+    more = [name for name in (*FILTERS, "sort") if name not in SEARCH_FIRST + ("virus", "spam")]
+    folded = " open" if any(params.get(name) for name in more if name != "sort") else ""
+    return (f'<form method="get" action="/messages" class="search">'
+            f'{"".join(field(name) for name in SEARCH_FIRST)}<details{folded}><summary>More '
+            f'filters</summary>{"".join(field(name) for name in more)}</details>'
+            f'<button type="submit">Search</button></form>')
 
 
-def select_box(name, choices, params, blank="any"):
+def select_box(name, choices, params, label, blank="any"):
     options = "".join(f'<option value="{h(value)}"'
                       f'{" selected" if params.get(name) == value else ""}>{h(shown)}</option>'
                       for value, shown in choices)
     blank = f'<option value="">{blank}</option>' if blank else ""
-    return f'<label>{h(name)} <select name="{name}">{blank}{options}</select></label> '
+    return f'<label>{h(label)} <select name="{name}">{blank}{options}</select></label> '
 
 
 def message_row(doc, tick=False):
     key = str(doc.get("store_key", ""))
     received = doc.get("received")
     when = f"{received:%Y-%m-%d %H:%M:%S}" if isinstance(received, datetime.datetime) else "-"
-    rcpt = doc.get("rcpt")
-    rcpt = ", ".join(map(str, rcpt[:3])) + (" ..." if len(rcpt) > 3 else "") \
-        if isinstance(rcpt, list) else str(rcpt or "")
-    link = f'<a href="/messages/{h(key)}">open</a>' if STORE_KEY_RE.fullmatch(key) else ""
-    state = " ".join(mark for mark in marks(doc) if mark in ("held", "released"))
+    state = ", ".join(MARK_WORDS.get(mark, mark) for mark in marks(doc)
+                      if mark in ("held", "released"))
     score = doc.get("spam_score")
     box = (f'<td><input type="checkbox" name="key" value="{h(key)}" form="bulk" '
            f'aria-label="select {h(key[:12])}"></td>') if tick else ""
-    return (f"<tr>{box}<td>{h(when)}</td><td>{h(doc.get('sender', ''))}</td><td>{h(rcpt)}</td>"
-            f"<td>{h(doc.get('subject', ''))}</td><td>{h(human_size(doc.get('size')))}</td>"
-            f"<td>{h(verdict(doc))}</td><td>{h(score if score is not None else '')}</td>"
-            f"<td>{h(state)}</td><td>{h(doc.get('files_count') or '')}</td>"
-            f"<td>{link}</td></tr>")
+    return f"<tr>{box}" + cells((
+        ("Received", h(when)), ("From", h(doc.get("sender") or "<>")),
+        ("To", h(rcpt_list(doc))), ("Subject", subject_link(doc)),
+        ("Size", h(human_size(doc.get("size")))), ("Verdict", h(verdict(doc))),
+        ("Score", h(score if score is not None else "-")), ("State", h(state or "-")),
+        ("Attachments", h(doc.get("files_count") or 0)))) + "</tr>"
+
+
+def cells(pairs):
+    """Table cells, each with its label, which a phone shows beside the value."""
+    return "".join(f'<td data-label="{label}">{value}</td>' for label, value in pairs)
+
+
+def rcpt_list(doc):
+    rcpt = doc.get("rcpt")
+    return ", ".join(map(str, rcpt[:3])) + (" ..." if len(rcpt) > 3 else "") \
+        if isinstance(rcpt, list) else str(rcpt or "")
+
+
+def subject_link(doc):
+    key = str(doc.get("store_key", ""))
+    subject = h(doc.get("subject") or "(no subject)")
+    return f'<a href="/messages/{h(key)}">{subject}</a>' if STORE_KEY_RE.fullmatch(key) \
+        else subject
+
+
+def quarantine_row(doc, user, now):
+    """A message awaiting judgement: who, what, why it is held, how old, and the
+    actions this user may take on it at hand."""
+    key, kind = doc["store_key"], verdict(doc)
+    why = report_verdict(doc).replace("held as ", "") + (
+        f": {', '.join(map(str, doc['virus']))}" if isinstance(doc.get("virus"), list) else "")
+    received = doc.get("received")
+    age = age_text(now - received) if isinstance(received, datetime.datetime) else "-"
+    shown = [a for a in ("release", "delete") if may(user["role"], a, doc)
+             and not (a == "delete" and is_held(doc))] if user.get("csrf") else []
+    buttons = " ".join(render_form(f"/messages/{key}/{action}", user["csrf"], "",
+                                   f'<button type="submit">{ACTION_WORDS[action]}</button>',
+                                   "inline") for action in shown)
+    hold = ' <span class="muted">(legal hold)</span>' if is_held(doc) else ""
+    return f'<tr class="{h(kind)}">' + cells((
+        ("From", h(doc.get("sender") or "<>")), ("To", h(rcpt_list(doc))),
+        ("Subject", subject_link(doc) + hold), ("Verdict", h(why)),
+        ("Attachments", h(doc.get("files_count") or 0)), ("Age", h(age)),
+        ("Actions", buttons or '<span class="muted">-</span>'))) + "</tr>"
+
+
+def age_text(delta):
+    minutes = max(0, int(delta.total_seconds() // 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" if minutes < 2880 else f"{minutes // 1440} days"
+
+
+def render_quarantine(docs, count, user, zone, pages):
+    """The landing page: how many messages wait, and a page of them."""
+    said = ("Nothing awaits judgement." if not count else
+            f"More than {WEB_COUNT_MAX:,} messages await judgement." if count > WEB_COUNT_MAX
+            else f"{count:,} message{'s' if count != 1 else ''} await{'s' if count == 1 else ''}"
+                 f" judgement.")
+    now = datetime.datetime.now(UTC)
+    rows = "".join(quarantine_row(doc, user, now) for doc in docs)
+    table = ('<table><tr class="head"><th>from</th><th>to</th><th>subject</th><th>verdict'
+             '</th><th>attachments</th><th>age</th><th></th></tr>' + rows + "</table>"
+             ) if rows else ""
+    return (f'<p>{h(said)} Spam, viruses and banned attachments that were not released, '
+            f'newest first. <a href="/messages">Search all mail</a></p>{table}'
+            f"{page_nav(docs, pages, {})}")
+
+
+def page_nav(docs, pages, page):
+    """The links to the newer and the older page, from this page's edges."""
+    where = pages.get("where", "/messages")
+    link = "".join(
+        f'<a href="{where}?{h(urllib.parse.urlencode({**page, **edge_page(docs, name)}))}">'
+        f"{name.capitalize()} messages</a> " for name in ("newer", "older") if pages.get(name))
+    return f"<p>{link}</p>" if link else ""
 
 
 def field_table(doc):
@@ -6842,16 +7030,30 @@ def render_message(key, doc, view, csrf=None, zone=UTC, actions=ACTIONS):
              if name in actions]
     actions = "".join(render_form(
         f"/messages/{key}/{name}", csrf, release if name == "release" else "",
-        f'<button type="submit" name="do" value="{name}">{name}</button>', "inline") + " "
-        for name in shown) if csrf else ""
+        f'<button type="submit" name="do" value="{name}">{ACTION_WORDS[name]}</button>',
+        "inline") + " " for name in shown) if csrf else ""
     texts = "".join(f"<details{' open' if label == 'Text' else ''}><summary>{h(label)}"
                     f"</summary>{body}</details>" for label, body in view.texts)
     notes = "".join(f'<p class="muted">{h(note)}</p>' for note in view.notes)
-    return f"""<p>{actions}
+    return f"""{legal_hold(doc, zone)}<p>{actions}
 <a href="/messages/{h(key)}/raw">Download the message</a></p>
 {summary_table(doc, view, zone)}{preview_section(key, view)}{files_table(key, view.files)}
 {texts}<details><summary>Header</summary><pre>{h(view.head)}</pre></details>
 <details><summary>All stored fields</summary>{field_table(doc)}</details>{notes}"""
+
+
+def legal_hold(doc, zone):
+    """A held message's state, said first: what a legal hold refuses, and what not."""
+    if not is_held(doc):
+        return ""
+    record = doc.get("held_by") if isinstance(doc.get("held_by"), dict) else {}
+    at = record.get("at")
+    since = f" since {at.astimezone(zone):%d %b %Y %H:%M} {zone}" \
+        if isinstance(at, datetime.datetime) else ""
+    by = f" by {record['user']}" if record.get("user") else ""
+    return (f'<p class="warning">On legal hold{h(since)}{h(by)}: delete, purge and '
+            f"--retention leave it alone, and a recipient's report link cannot release it. "
+            f"A release sends a copy; the message stays here, on hold.</p>")
 
 
 def summary_table(doc, view, zone):
@@ -6891,7 +7093,7 @@ def verdict_sentence(doc):
 def history(doc, when):
     """Holds and releases as sentences: 'released to bob@example.com by alice, ...'."""
     lines = []
-    for field, done in (("held_by", "held"), ("unheld_by", "unheld")):
+    for field, done in (("held_by", "legal hold placed"), ("unheld_by", "legal hold lifted")):
         record = doc.get(field)
         if isinstance(record, dict):
             lines.append(f"{done} by {record.get('user', '?')}, {when(record.get('at'))}")
@@ -6909,11 +7111,11 @@ def preview_section(key, view):
     preview = Preview(view.html, view.images)
     remote = (f'<p class="warning">{preview.remote} remote image(s) not loaded</p>'
               if preview.remote else "")
-    rows = "".join(f'<tr{" class=warning" if wrong else ""}><td>{h(text)}</td>'
-                   f"<td>{h(target)}</td><td>{h(wrong)}</td></tr>"
-                   for text, target, wrong in preview.links)
-    links = (f"<h3>Links</h3><table><tr><th>text</th><th>goes to</th><th></th></tr>{rows}"
-             f"</table>") if rows else ""
+    rows = "".join(f'<tr{" class=warning" if wrong else ""}>' + cells((
+        ("Text", h(text)), ("Goes to", h(target)), ("Warning", h(wrong or "-")))) + "</tr>"
+        for text, target, wrong in preview.links)
+    links = (f'<h3>Links</h3><table><tr class="head"><th>text</th><th>goes to</th><th></th>'
+             f"</tr>{rows}</table>") if rows else ""
     return (f'<h3>HTML preview</h3><iframe class="preview" sandbox title="HTML preview" '
             f'referrerpolicy="no-referrer" src="/messages/{h(key)}/preview"></iframe>'
             f"{remote}{links}")
@@ -6923,13 +7125,16 @@ def files_table(key, files):
     if not files:
         return ""
     rows = "".join(
-        f'<tr{" class=warning" if f["warning"] else ""}><td>{h(f["name"] or "(no name)")}</td>'
-        f'<td>{h(f["kind"])}</td><td>{h(f["sniff"] or "-")}</td><td>{h(human_size(f["size"]))}'
-        f'</td><td><code>{h(f["sha256"][:16])}</code></td><td>{h(f["warning"])}</td>'
-        f'<td><a href="/messages/{h(key)}/parts/{n}">download</a></td></tr>'
+        f'<tr{" class=warning" if f["warning"] else ""}>' + cells((
+            ("Name", h(f["name"] or "(no name)")), ("Declared", h(f["kind"])),
+            ("Its bytes say", h(f["sniff"] or "-")), ("Size", h(human_size(f["size"]))),
+            ("SHA-256", f'<code>{h(f["sha256"][:16])}</code>'),
+            ("Warning", h(f["warning"] or "-")),
+            ("File", f'<a href="/messages/{h(key)}/parts/{n}">download</a>'))) + "</tr>"
         for n, f in enumerate(files))
-    return ("<h3>Attachments</h3><table><tr><th>name</th><th>declared</th><th>its bytes say"
-            "</th><th>size</th><th>sha256</th><th></th><th></th></tr>" + rows + "</table>")
+    return ('<h3>Attachments</h3><table><tr class="head"><th>name</th><th>declared</th><th>'
+            "its bytes say</th><th>size</th><th>sha256</th><th></th><th></th></tr>" + rows +
+            "</table>")
 
 
 PREVIEW_CSP = ("sandbox; default-src 'none'; img-src data: cid:; style-src 'unsafe-inline'; "
