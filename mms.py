@@ -6909,8 +6909,9 @@ def quarantine_row(doc, user, now):
     """A message awaiting judgement: who, what, why it is held, how old, and the
     actions this user may take on it at hand."""
     key, kind = doc["store_key"], verdict(doc)
+    names = doc.get("virus") if isinstance(doc.get("virus"), list) else []
     why = report_verdict(doc).replace("held as ", "") + (
-        f": {', '.join(map(str, doc['virus']))}" if isinstance(doc.get("virus"), list) else "")
+        f": {', '.join(map(str, names))}" if names else "")
     received = doc.get("received")
     age = age_text(now - received) if isinstance(received, datetime.datetime) else "-"
     shown = [a for a in ("release", "delete") if may(user["role"], a, doc)

@@ -5967,6 +5967,87 @@ class TestConsoleVerdicts(WebCase):
         self.assertNotIn("('127.0.0.1'", err)
 
 
+class TestQuarantinePage(WebCase):
+    """Where every role lands: the mail awaiting judgement (spam, virus, banned; not
+    released), newest first, asked on the (verdict, received) index with maxTimeMS,
+    a scoped user's within their domains; each row with what a reviewer decides by
+    and the actions their role allows."""
+
+    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor", "scoped": "hunter2 hunter2"}
+
+    def more_users(self):
+        return [f"reviewer:{mms.hash_password(self.PASSWORDS['reviewer'])}:reviewer\n",
+                f"scoped:{mms.hash_password(self.PASSWORDS['scoped'])}:reviewer:example.org\n"]
+
+    def web_uri(self):
+        self.tap = WireTap(self.uri)
+        self.addCleanup(self.tap.close)
+        return f"mongodb://127.0.0.1:{self.tap.port}/?directConnection=true"
+
+    def setUp(self):
+        super().setUp()
+        quarantine = ("spam-quarantine@example.net",)
+        self.spam = self.key(self.send_message(self.raw(), amavis_copy(
+            "cheap pills", ["bob@example.com"]), rcpts=quarantine))
+        self.released = self.key(self.send_message(self.raw(), amavis_copy(
+            "released pills", ["bob@example.com"]), rcpts=quarantine))
+        self.virus = self.key(self.send_message(self.raw(), amavis_copy(
+            "invoice", ["bob@example.com"], alert="INFECTED, message contains virus: Eicar"),
+            rcpts=("virus-quarantine@example.net",)))
+        self.banned = self.key(self.send_message(self.raw(), amavis_copy(
+            "photos", ["bob@example.com"], alert="BANNED, message contains .exe"),
+            rcpts=("banned@example.org",)))
+        cookie = self.login()
+        self.assertEqual(self.http("POST", f"/messages/{self.released}/release",
+                                   {"csrf": self.csrf(cookie)}, cookie=cookie)[0], 303)
+
+    def rows(self, user):
+        page = self.http("GET", "/", cookie=self.login(user))[2].decode()
+        return page, {key: row for row, key in re.findall(
+            r'(?s)<tr class="[a-z]+">(.*?href="/messages/([0-9a-f]{64})".*?)</tr>', page)}
+
+    def test_what_awaits_judgement_and_nothing_else(self):
+        page, rows = self.rows("reviewer")
+        self.assertEqual(list(rows), [self.banned, self.virus, self.spam])   # newest first
+        self.assertIn("3 messages await judgement.", page)
+        self.assertIn('<td data-label="Verdict">spam, score 12.5</td>', rows[self.spam])
+        self.assertIn('<td data-label="Subject"><a href="/messages/'
+                      f'{self.spam}">cheap pills</a></td>', rows[self.spam])
+        self.assertRegex(rows[self.spam], r'<td data-label="Age">[0-9]+ min</td>')
+        self.assertIn(f'action="/messages/{self.spam}/release"', rows[self.spam])
+        self.assertNotIn("/release", rows[self.virus])        # not a reviewer's to release
+        self.assertNotIn("<button", self.rows("viewer")[0].split("</header>")[1])
+        _, scoped = self.rows("scoped")                        # example.org's only
+        self.assertEqual(list(scoped), [self.banned])
+
+    def test_asked_on_its_index_with_max_time(self):
+        self.tap.commands.clear()
+        self.rows("scoped")
+        [find] = [c for c in self.tap.sent("find", "message") if "verdict" in str(c["filter"])]
+        self.assertEqual(find["filter"], {"$and": [
+            {"verdict": {"$in": ["virus", "banned", "spam"]}}, {"released": {"$exists": False}},
+            {"rcpt_domain": {"$in": ["example.org"]}}]})
+        self.assertEqual((find["sort"], find["limit"], find["maxTimeMS"]),
+                         ({"received": -1}, mms.WEB_PAGE + 1, mms.WEB_QUERY_MS))
+        [count] = self.tap.sent("aggregate", "message")
+        self.assertEqual(count["pipeline"][:2], [{"$match": find["filter"]},
+                                                 {"$limit": mms.WEB_COUNT_MAX + 1}])
+        self.assertEqual(count["maxTimeMS"], mms.WEB_QUERY_MS)
+
+    def test_a_failed_release_says_what_to_do_and_links_back(self):
+        self.down.close()                                      # nothing listens there now
+        cookie = self.login()
+        status, _, body = self.http("POST", f"/messages/{self.spam}/release",
+                                    {"csrf": self.csrf(cookie)}, cookie=cookie)
+        page = html.unescape(body.decode())
+        self.assertEqual(status, 502)
+        self.assertIn("<h1>Not delivered</h1>", page)
+        self.assertIn("did not take the message (Connection refused). The message is still "
+                      "here, unchanged. Try again in a few minutes", page)
+        self.assertIn(f'<a href="/messages/{self.spam}">Back to the message</a>', page)
+        self.assertEqual(self.http("GET", "/messages/" + "0" * 64, cookie=cookie)[0], 404)
+
+
 class TestConsoleAtScale(WebCase):
     """What the console asks MongoDB, read off the wire: each search in the form an
     index serves, every read bounded by maxTimeMS, and one that runs out said on
@@ -5984,7 +6065,7 @@ class TestConsoleAtScale(WebCase):
 
     def test_every_read_carries_the_consoles_max_time(self):
         cookie = self.login()
-        for path in ["/", "/messages", "/messages?sender=%40example.org&verdict=clean",
+        for path in ["/", "/dashboard", "/messages", "/messages?sender=%40example.org&verdict=clean",
                      "/messages?rcpt=%40example.com&client=127.0.0.0%2F8&subject=hi",
                      f"/messages/{self.plain}", f"/messages/{self.plain}/raw",
                      f"/messages/{self.plain[:12]}", "/messages.mbox?since=1d",
