@@ -452,10 +452,12 @@ MONGO = ("config", "mongo_host", "mongo_database", "mongo_collection", "mongo_ti
 
 def build_parser():
     parser = ArgumentParser(
-        prog="mms.py",
+        prog="mms.py", add_help=False,
         description="Mongo Mail Server: an SMTP server that records every message in MongoDB.",
         epilog="Every option can be set by the MMS_* variable shown; the flag wins.",
     )
+    parser.add_argument("-h", "--help", action=OverviewHelp, nargs=0,
+                        help="the commands and the server's options")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="a file of MMS_NAME=value lines, as for systemd's EnvironmentFile= "
@@ -553,7 +555,7 @@ def parse_config(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     check_flags(parser, argv)
-    cfg = parser.parse_args(argv)
+    cfg = parser.parse_intermixed_args(argv)   # `show --mongo-host URI KEY` as meant
     config = getattr(cfg, "config", None) or os.environ.get("MMS_CONFIG", "")
     settings = read_config(config) if config else {}
     cfg.given, cfg.source = set(), {}
@@ -611,6 +613,47 @@ def check_flags(parser, argv):
     if words and ("-h" in argv or "--help" in argv):
         print(command_help(parser, words[0]))
         raise SystemExit(0)
+
+
+class OverviewHelp(argparse.Action):
+    """`mms.py --help`: what each command does, in a line, and the server's own
+    options; a command's options are `mms.py help COMMAND`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(overview_help(parser))
+        raise SystemExit(0)
+
+
+def overview_help(parser):
+    width = max(map(len, COMMANDS)) + 2
+    lines = ["usage: mms.py [options]               start the server (the options below)",
+             "       mms.py COMMAND [KEY] [options]  run a command", "",
+             parser.description, "", "commands (mms.py help COMMAND for its options):",
+             f"  {'start':<{width}}the SMTP server (the default)",
+             *(f"  {name:<{width}}{command.what}" for name, command in COMMANDS.items()),
+             "", "options:", "  --config FILE", "      a file of MMS_NAME=value lines, as for "
+             "systemd's EnvironmentFile= [MMS_CONFIG]", "  --version", "  -h, --help"]
+    for flag, variable, default, _, text in OPTIONS:
+        lines += [f"  {flag} {variable.replace('MMS_', '')}",
+                  f"      {text} [{variable}, default: {default or 'none'}]"]
+    return "\n".join(lines + ["", parser.epilog])
+
+
+@command("help", "the commands; help COMMAND: that command's options", opens_archive=False)
+def archive_help(cfg, _):
+    """`mms.py help` is `mms.py --help`; `mms.py help list` is `mms.py list --help`."""
+    parser = build_parser()
+    if not cfg.key:
+        print(overview_help(parser))
+    elif cfg.key in COMMANDS:
+        print(command_help(parser, cfg.key))
+    elif cfg.key == "start":
+        print(overview_help(parser))
+    else:
+        close = difflib.get_close_matches(cfg.key, list(COMMANDS), n=1)
+        raise UsageError(f"no command {cfg.key!r}" + (f"; did you mean {close[0]}?" if close
+                                                        else "") + " (mms.py help lists them)")
+    return 0
 
 
 def command_help(parser, name):

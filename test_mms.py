@@ -708,6 +708,25 @@ class TestConfiguration(unittest.TestCase):
                 for flag in others:
                     self.assertNotRegex(done.stdout, rf"(?m)^  {flag}\b")
 
+    def test_help_lists_every_command_in_a_line(self):
+        overview = self.run_mms("help")
+        self.assertEqual(overview.returncode, 0)
+        self.assertEqual(overview.stdout, self.run_mms("--help").stdout)
+        for name, command in mms.COMMANDS.items():
+            self.assertRegex(overview.stdout, rf"(?m)^  {re.escape(name)} +"
+                                              rf"{re.escape(command.what)}$")
+        self.assertLess(len(overview.stdout.splitlines()), 150)
+        self.assertEqual(self.run_mms("help", "release").stdout,
+                         self.run_mms("release", "--help").stdout)
+        done = self.run_mms("help", "lst")
+        self.assertEqual((done.returncode, done.stderr.strip()), (1, "mms.py: error: no command "
+                         "'lst'; did you mean list? (mms.py help lists them)"))
+
+    def test_an_option_before_the_key_is_read_as_meant(self):
+        cfg = self.parse(["headers", "--mongo-host", "mongodb://db/x", "26d90b69"])
+        self.assertEqual((cfg.command, cfg.key, cfg.mongo_host),
+                         ("headers", "26d90b69", "mongodb://db/x"))
+
     def test_a_misspelt_option_is_named(self):
         done = self.run_mms("--sever", "debug")
         self.assertEqual(done.returncode, 2)
