@@ -1505,7 +1505,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.emptied = threading.Condition(self.lock)
         self.stopped = threading.Event()
         self.draining = False
-        self.probe_token = None   # set by serve(), which writes it to STATE
+        self.probe_token = None   # set by serve(), which writes it to its state file (state_path)
         super().__init__((cfg.host, cfg.port), SMTPSession)
         self.socket_family, self.socket_kind = int(self.socket.family), int(self.socket.type)
         self.member_cache = {}
@@ -1726,7 +1726,7 @@ PROBE_RE = re.compile(rb"X-MMS-Probe: ([0-9a-f]{32})\r\n")  # check's probe begi
 
 def is_probe(client, message, token):
     """The probe of `mms.py check`: from loopback, with the token this server wrote to
-    its state file (STATE), which only the user mms runs as can read."""
+    its state file (state_path), which only the user mms runs as can read."""
     if not token or not ipaddress.ip_address(client.peer).is_loopback:
         return False
     found = PROBE_RE.match(message.head(4096))   # one pass in C, for every message
@@ -5366,7 +5366,11 @@ def archive_check(cfg, archive):
     proxy and filter modes nothing is relayed, but MongoDB, the downstream server
     and the scanners are each asked, and MongoDB down is a WARNING (mail is
     relayed and spooled)."""
-    state = read_state() if cfg.source.get("port") != "--port" else None
+    try:
+        state = running_instance(cfg)
+    except UsageError as exc:
+        print(f"UNKNOWN: {exc}")
+        return 3
     if state:  # the server as it runs, whatever flags it was given
         target = Target(cfg.server if cfg.source.get("server") == "--server" else
                         state["server"], state["host"], state["port"], state["probe"])
@@ -5387,6 +5391,24 @@ def archive_check(cfg, archive):
         return 1
     print(f"OK: {done}")
     return 0
+
+
+def running_instance(cfg):
+    """The state of the instance check asks: the one on --port; else the only one
+    running here; else the only one that stores into the MongoDB check is given.
+    UsageError names them when that is not one."""
+    states = read_states()
+    if cfg.source.get("port") == "--port":
+        return states.get(cfg.port)
+    if len(states) > 1:
+        mine = {port: s for port, s in states.items() if s.get("mongo") == mongo_name(cfg)}
+        if len(mine) != 1:
+            ports = ", ".join(f"{port} ({s['server']})" for port, s in sorted(states.items()))
+            raise UsageError(f"{len(states)} mms instances run here, on ports {ports}, and "
+                             f"{len(mine) or 'none'} of them store into {mongo_name(cfg)}: "
+                             f"name one with --port")
+        states = mine
+    return next(iter(states.values()), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7686,37 +7708,48 @@ def serve(cfg):
     return run_process(server)
 
 
-# Where a running server says where it listens, for `mms.py check` to find it
+# Where each running server says where it listens, for `mms.py check` to find it
 # however it was started (flags after a container's image name, say), with the
-# token that marks check's probe as no mail. One per user: with several servers,
-# give check --port.
-STATE = os.path.join(tempfile.gettempdir(), f"mms-{os.geteuid()}.state")
+# token that marks check's probe as no mail and the MongoDB it stores into: one
+# file per instance (by port), so that check asks the instance whose MongoDB it is
+# asked about when a host runs several (a quarantine and a proxy, say).
+def state_path(port):
+    return os.path.join(tempfile.gettempdir(), f"mms-{os.geteuid()}-{port}.state")
+
+
+def mongo_name(cfg):
+    """The MongoDB collection an instance stores into, as check compares it."""
+    return f"{redact(cfg.mongo_host)} {cfg.mongo_database}.{cfg.mongo_collection}"
 
 
 def write_state(cfg, host, port, token):
     """Written whole (a new file renamed into place), readable by this user only."""
     state = {"pid": os.getpid(), "server": cfg.server, "host": host, "port": port,
-             "probe": token}
-    path = f"{STATE}.{os.getpid()}"
+             "probe": token, "mongo": mongo_name(cfg)}
+    path = f"{state_path(port)}.{os.getpid()}"
     try:
         with private(path) as f:
             f.write(json.dumps(state).encode())
-        os.replace(path, STATE)
+        os.replace(path, state_path(port))
     except OSError as exc:
-        log.warning("cannot write %s (%s): `mms.py check` needs --port", STATE, exc)
+        log.warning("cannot write %s (%s): `mms.py check` needs --port", state_path(port), exc)
 
 
-def read_state():
-    """The running server's state, if this user's server wrote it and still runs."""
-    try:
-        with open_regular(STATE) as f:
-            if os.fstat(f.fileno()).st_uid != os.geteuid():
-                return None
-            state = json.loads(f.read(4096))
-        os.kill(state["pid"], 0)
-        return state
-    except (OSError, ValueError, KeyError, TypeError, Refused):
-        return None
+def read_states():
+    """{port: state} of this user's servers that still run."""
+    import glob
+    states = {}
+    for path in glob.glob(state_path("*")):
+        try:
+            with open_regular(path) as f:
+                if os.fstat(f.fileno()).st_uid != os.geteuid():
+                    continue
+                state = json.loads(f.read(4096))
+            os.kill(state["pid"], 0)
+            states[int(state["port"])] = state
+        except (OSError, ValueError, KeyError, TypeError, Refused):
+            continue
+    return states
 
 
 def systemd_notify(state):

@@ -4528,6 +4528,44 @@ class TestCheck(MongoCase):
         self.assertEqual(self.check(*peers)[0], 2)
 
 
+class TestCheckInstances(MongoCase):
+    """Two instances on one host (a quarantine and another, each with its own
+    MongoDB database): `check` without --port asks the one whose MongoDB it is given,
+    and says which to name when it cannot tell."""
+
+    def test_check_asks_the_instance_of_its_mongodb(self):
+        state_dir = tempfile.mkdtemp(prefix="mms-state-")
+        self.addCleanup(shutil.rmtree, state_dir)
+        env = {"TMPDIR": state_dir}
+        instances = {}
+        for name in ("archive_a", "archive_b"):
+            process = MmsProcess("--mongo-host", self.uri, "--mongo-database", name, env=env)
+            self.addCleanup(process.stop)
+            instances[name] = process
+        deadline = time.monotonic() + 15
+        while len(os.listdir(state_dir)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        def check(database):
+            done = subprocess.run([sys.executable, MMS, "check", "--mongo-host", self.uri,
+                                   "--mongo-database", database, "--mongo-timeout", "5"],
+                                  capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, **env})
+            return done.returncode, done.stdout.strip()
+        for name in instances:
+            code, out = check(name)
+            self.assertEqual(code, 0, out)
+            self.assertRegex(out, r"^OK: probe [0-9a-f]{12} stored in MongoDB and deleted$")
+        code, out = check("archive_c")
+        ports = sorted(p.port for p in instances.values())
+        self.assertEqual((code, out), (3, f"UNKNOWN: 2 mms instances run here, on ports "
+                                          f"{ports[0]} (mongo-quarantine), {ports[1]} "
+                                          f"(mongo-quarantine), and none of them store into "
+                                          f"{self.uri} archive_c.message: name one with --port"))
+        instances["archive_b"].stop()                   # one runs: check asks that one
+        self.assertEqual(check("archive_a")[0], 0)
+
+
 def old_messages(db_uri, dbname, count, when):
     """`count` messages written straight into the archive as mms writes them, received
     at `when`: an archive's years, without sending each one over SMTP."""
