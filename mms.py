@@ -537,6 +537,8 @@ def build_parser():
     archive("--format", choices=("mbox", "eml"), default="mbox",
             help="export: one mbox on stdout (mboxrd), or one .eml per message in --output")
     archive("--output", help="export --format eml: the directory")
+    archive("--data", help=f"try: where the embedded store keeps its files (default {TRY_DATA})")
+    archive("--sample", action="store_true", help="try: send sample mail of every kind")
     archive("--url", help="digest: the web console's address, as recipients reach it")
     archive("--from", dest="mail_from", help="digest: the reports' sender "
                                               "(default quarantine@ this host's name)")
@@ -7666,6 +7668,213 @@ def one_line(value, limit=REPORT_VALUE_MAX):
 ###############################################################################
 # The command line ############################################################
 ###############################################################################
+
+# Trying it: `mms.py try` ####################################################
+
+TRY_DATA = os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"),
+                        "mms-try")
+TRY_WAIT = 30                    # seconds each part may take to listen
+
+
+@command("try", "try mms here: an embedded store, SMTP, the console and a catch-all for "
+         "releases, on loopback", ("port", "web", "data", "sample"), opens_archive=False)
+def archive_try(cfg, _):
+    """What mailpit's one command gives, for mms: nx-27017 as the store (kept in
+    --data between runs), quarantine mode with --real-rcpt on 127.0.0.1:--port, the
+    console on --web with a new admin password, and a debug-mode mms that releases
+    go to (its output in DATA/released.log); with --sample, mail of every kind sent
+    through SMTP as amavisd-new sends it. One process group; SIGINT or SIGTERM
+    stops every part. Loopback only: it is for trying, not for production."""
+    web_host = cfg.web.rpartition(":")[0].strip("[]")
+    if not is_loopback(web_host):
+        raise ConfigError(f"try serves on loopback only, not {cfg.web}: --web 127.0.0.1:PORT")
+    store = (shutil_which("nx-27017", os.path.dirname(sys.executable))
+             or shutil_which("nx-27017"))
+    if store is None:
+        raise ConfigError("try keeps its mail in nx-27017, an embedded MongoDB-wire store, "
+                          "which is not installed: pip install nx-27017")
+    data = os.path.abspath(cfg.data or TRY_DATA)
+    os.makedirs(data, mode=0o700, exist_ok=True)
+    parts = TryParts(data)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        uri, password = parts.start(cfg, store)
+        print(f"mms {__version__} try: for trying mms on this machine, not for production "
+              f"(everything listens on loopback)\n"
+              f"  SMTP      127.0.0.1:{cfg.port} (mongo-quarantine, --real-rcpt: as "
+              f"amavisd-new's target)\n"
+              f"  console   http://{cfg.web}/  user admin  password {password}\n"
+              f"  releases  go to a catch-all on 127.0.0.1:{parts.catch_all}: "
+              f"{os.path.join(data, 'released.log')}\n"
+              f"  store     {uri} (nx-27017, files in {os.path.join(data, 'store')})\n"
+              f"Ctrl-C stops everything.", flush=True)
+        if cfg.sample:
+            print(f"sent {send_samples(cfg.port)} sample messages", flush=True)
+        while not stop.wait(0.5) and parts.running():
+            pass
+    finally:
+        parts.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def shutil_which(name, path=None):
+    import shutil
+    return shutil.which(name, path=path)
+
+
+class TryParts:
+    """The processes of `mms.py try`, started in order and stopped together."""
+
+    def __init__(self, data):
+        self.data, self.processes, self.catch_all = data, [], None
+
+    def start(self, cfg, store):
+        mongo_port, self.catch_all = free_loopback_port(), free_loopback_port()
+        self.spawn("nx-27017", mongo_port, [
+            store, "--host", "127.0.0.1", "-p", str(mongo_port),
+            "--data-dir", os.path.join(self.data, "store"),
+            "--pid-file", os.path.join(self.data, "nx-27017.pid"),
+            "--log-file", os.path.join(self.data, "nx-27017.log")],
+            stdout=open(os.path.join(self.data, "nx-27017.out"), "ab"), stderr=True)
+        uri = f"mongodb://127.0.0.1:{mongo_port}/"
+        me, mongo = [sys.executable, os.path.abspath(__file__)], [
+            "--mongo-host", uri, "--mongo-database", "mms_try", "--hostname", "localhost"]
+        self.spawn("the catch-all", self.catch_all, [
+            *me, "--server", "debug", "--host", "127.0.0.1", "--port", str(self.catch_all),
+            "--hostname", "localhost"],
+            stdout=open(os.path.join(self.data, "released.log"), "ab"))
+        self.spawn("mms", cfg.port, [
+            *me, "--server", "mongo-quarantine", "--real-rcpt", "--host", "127.0.0.1",
+            "--port", str(cfg.port), *mongo])
+        password = os.urandom(12).hex()
+        users = os.path.join(self.data, "web-users")
+        with private(users) as f:
+            f.write(f"admin:{hash_password(password)}\n".encode())
+        self.spawn("the console", int(cfg.web.rpartition(":")[2]), [
+            *me, "web", "--web", cfg.web, "--web-users", users, "--via",
+            f"127.0.0.1:{self.catch_all}", *mongo])
+        return uri, password
+
+    def spawn(self, name, port, argv, stdout=None, stderr=False):
+        """A part, once it listens on its port (its output to stdout if given, its
+        errors too with stderr); ConfigError if it ends first."""
+        process = subprocess_popen(argv, stdout, stderr)
+        if stdout is not None:
+            stdout.close()                      # the part has its own
+        self.processes.append(process)
+        deadline = time.monotonic() + TRY_WAIT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ConfigError(f"{name} stopped as it started (exit {process.returncode}): "
+                                  f"is port {port} in use? The lines above say why")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            time.sleep(0.1)
+        raise ConfigError(f"{name} did not listen on port {port} within {TRY_WAIT} s")
+
+    def running(self):
+        return all(process.poll() is None for process in self.processes)
+
+    def stop(self):
+        """Each part asked to stop (SIGTERM), the last started first; killed after 10 s."""
+        import subprocess
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(self.processes):
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def subprocess_popen(argv, stdout, stderr):
+    import subprocess
+    return subprocess.Popen(argv, stdout=stdout, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT if stderr else None)
+
+
+def free_loopback_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# What --sample sends: mail of each kind, as amavisd-new passes it on (its fields on
+# quarantine copies, above its own Received:). The EICAR test file is kept encoded,
+# so that no scanner takes this file for a virus.
+EICAR = "WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo="
+SAMPLES = [   # (sender, recipients, amavisd-new's fields or None, the message)
+    ("alice@example.org", ["bob@example.com"], None,
+     "From: Alice <alice@example.org>\r\nTo: bob@example.com\r\nSubject: Minutes of Monday's "
+     "meeting\r\n\r\nHi Bob,\r\n\r\nthe minutes are below.\r\n"),
+    ("offers@cheap-watches.example", ["bob@example.com", "carol@example.com"],
+     "X-Spam-Flag: YES\r\nX-Spam-Score: 14.2",
+     "From: Watches <offers@cheap-watches.example>\r\nTo: bob@example.com\r\nSubject: "
+     "Replica watches, 90% off\r\n\r\nBuy now.\r\n"),
+    ("billing@example.net", ["carol@example.com"],
+     "X-Amavis-Alert: INFECTED, message contains virus: Eicar-Signature",
+     "From: billing@example.net\r\nTo: carol@example.com\r\nSubject: Your invoice\r\n"
+     "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+     "Content-Type: text/plain\r\n\r\nSee the attached invoice.\r\n--b\r\nContent-Type: "
+     "application/octet-stream; name=eicar.com\r\nContent-Disposition: attachment; "
+     f"filename=eicar.com\r\nContent-Transfer-Encoding: base64\r\n\r\n{EICAR}\r\n--b--\r\n"),
+    ("scanner@example.net", ["bob@example.com"],
+     "X-Amavis-Alert: BANNED, message contains invoice.pdf.exe",
+     "From: scanner@example.net\r\nTo: bob@example.com\r\nSubject: Scanned document\r\n"
+     "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+     "Content-Type: text/plain\r\n\r\nYour document.\r\n--b\r\nContent-Type: application/pdf; "
+     "name=invoice.pdf.exe\r\nContent-Disposition: attachment; filename=invoice.pdf.exe\r\n"
+     "Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n--b--\r\n"),
+    ("service@paypa1.example", ["carol@example.com"], "X-Spam-Flag: YES\r\nX-Spam-Score: 8.1",
+     "From: \"PayPal\" <service@paypa1.example>\r\nTo: carol@example.com\r\nSubject: Your "
+     "account is locked\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+     "<p>Dear customer, sign in at <a href=\"http://paypa1.example/login\">www.paypal.com</a> "
+     "to unlock your account.</p>\r\n"),
+    ("dave@example.org", ["bob@example.com"], None,
+     "From: Dave <dave@example.org>\r\nTo: bob@example.com\r\nSubject: Photos and the "
+     "report\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+     "Content-Type: text/plain\r\n\r\nAs promised.\r\n--b\r\nContent-Type: application/pdf\r\n"
+     "Content-Disposition: attachment; filename=report.pdf\r\nContent-Transfer-Encoding: "
+     "base64\r\n\r\nJVBERi0xLjQK\r\n--b\r\nContent-Type: image/png\r\nContent-Disposition: "
+     "attachment; filename=photo.png\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5E"
+     "rkJggg==\r\n--b--\r\n"),
+    ("", ["alice@example.org"], None,
+     "From: Mail Delivery System <MAILER-DAEMON@example.com>\r\nTo: alice@example.org\r\n"
+     "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\nContent-Type: "
+     "multipart/report; report-type=delivery-status; boundary=b\r\n\r\n--b\r\n"
+     "Content-Type: text/plain\r\n\r\nThe mail to nobody@example.com could not be delivered."
+     "\r\n--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; "
+     "mx.example.com\r\n\r\nFinal-Recipient: rfc822; nobody@example.com\r\nAction: failed\r\n"
+     "Status: 5.1.1\r\n--b--\r\n"),
+]
+
+
+def send_samples(port):
+    """SAMPLES, through mms's SMTP as amavisd-new sends them: a quarantine copy to a
+    quarantine address, its real recipients in X-Envelope-To (--real-rcpt)."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="amavis.localhost", timeout=30) as smtp:
+        for n, (sender, rcpts, fields, message) in enumerate(SAMPLES):
+            if fields:
+                kind = "virus" if "INFECTED" in fields else "banned" if "BANNED" in fields \
+                    else "spam"
+                head = (f"X-Envelope-From: <{sender}>\r\nX-Envelope-To: "
+                        f"{', '.join(f'<{r}>' for r in rcpts)}\r\nX-Quarantine-ID: "
+                        f"<{kind}-{os.urandom(6).hex()}>\r\n{fields}\r\n")
+                to = [f"{kind}-quarantine@localhost"]
+            else:
+                head, to = "", rcpts
+            received = (f"Received: from localhost by amavis.localhost (amavisd-new) id "
+                        f"sample{n}; {email.utils.formatdate()}\r\n")
+            smtp.sendmail(sender, to, (head + received + message).encode())
+    return len(SAMPLES)
+
 
 def open_server(cfg, mode=None, start=True):
     """Everything that can fail at start-up fails here, before the first client."""

@@ -7357,6 +7357,119 @@ class TestReportsUnderAttack(ReportCase):
 # The command line: logging, systemd, signals and workers ####################
 ###############################################################################
 
+class TestTry(unittest.TestCase):
+    """`mms.py try`, as a newcomer runs it: one command prints the console's address
+    and a login, SMTP answers, the sample mail is on the first page, a release
+    reaches the catch-all, and SIGTERM leaves nothing running."""
+
+    def start_try(self, *args):
+        data = tempfile.mkdtemp(prefix="mms-try-")
+        self.addCleanup(shutil.rmtree, data, True)
+        self.smtp_port, self.web_port = free_port(), free_port()
+        process = subprocess.Popen(
+            [sys.executable, MMS, "try", "--data", data, "--port", str(self.smtp_port),
+             "--web", f"127.0.0.1:{self.web_port}", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+        lines, deadline = [], time.monotonic() + 90
+        while time.monotonic() < deadline and not (lines and lines[-1].startswith(
+                ("sent", "Ctrl-C") if not args else "sent")):
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+        return process, data, "\n".join(lines)
+
+    def test_one_command_runs_it_all_and_stops_it_all(self):
+        process, data, said = self.start_try("--sample")
+        self.assertIn("not for production", said)
+        found = re.search(rf"console   http://127.0.0.1:{self.web_port}/  user admin  "
+                          rf"password ([0-9a-f]{{24}})", said)
+        self.assertIsNotNone(found, said)
+        self.assertIn("sent 7 sample messages", said)
+        parts = children(process.pid)
+        self.assertEqual(len(parts), 4, parts)        # the store, the catch-all, SMTP, console
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as smtp:
+            self.assertEqual(smtp.sendmail("a@example.org", ["b@example.com"],
+                                           b"Subject: hello\r\n\r\nhi\r\n"), {})
+        web = WebClient(self.web_port)
+        self.assertEqual(web.login("admin", found.group(1)), 303)
+        page = web.get("/")
+        for subject in ("Replica watches, 90% off", "Your invoice", "Scanned document",
+                        "Your account is locked"):
+            self.assertIn(html.escape(subject), page)
+        self.assertIn("4 messages await judgement.", page)
+        spam = re.search(r'href="/messages/([0-9a-f]{64})">Replica watches', page).group(1)
+        self.assertEqual(web.post(f"/messages/{spam}/release"), 303)
+        with open(os.path.join(data, "released.log"), "rb") as f:
+            released = f.read()
+        self.assertIn(b"Subject: Replica watches, 90% off", released)
+        self.assertNotIn(b"X-Spam-Flag", released)       # the quarantine's fields dropped
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(30), 0)
+        self.assertIn("stopped", process.stdout.read())
+        self.assertEqual([pid for pid in parts if os.path.exists(f"/proc/{pid}")], [])
+
+    def test_loopback_only(self):
+        done = subprocess.run([sys.executable, MMS, "try", "--web", "0.0.0.0:8025"],
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("try serves on loopback only, not 0.0.0.0:8025", done.stderr)
+
+
+def children(pid):
+    """The pids whose parent is pid, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+    return found
+
+
+class WebClient:
+    """A browser's session with the console, over http.client: its cookie and token."""
+
+    def __init__(self, port):
+        import http.client
+        self.connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.cookie, self.csrf = "", ""
+
+    def request(self, method, path, fields=None):
+        conn = self.connect()
+        headers = {"Cookie": self.cookie}
+        body = None
+        if fields is not None:
+            body = urllib.parse.urlencode(fields)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(method, path, body, headers)
+        answer = conn.getresponse()
+        data = answer.read().decode()
+        conn.close()
+        return answer, data
+
+    def login(self, user, password):
+        answer, page = self.request("GET", "/login")
+        self.cookie = answer.getheader("Set-Cookie").split(";")[0]
+        token = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+        answer, _ = self.request("POST", "/login", {"user": user, "password": password,
+                                                   "csrf": token})
+        self.cookie = answer.getheader("Set-Cookie").split(";")[0]
+        return answer.status
+
+    def get(self, path):
+        page = self.request("GET", path)[1]
+        self.csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+        return page
+
+    def post(self, path, fields=()):
+        return self.request("POST", path, {"csrf": self.csrf, **dict(fields)})[0].status
+
+
+
 class TestLogging(unittest.TestCase):
     """The log as an administrator reads it: under supervisord, or in a file logrotate moves."""
 
