@@ -5901,7 +5901,7 @@ def named_char(match):
     return f"[U+{ord(match.group()):04X}]"
 
 
-STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222}
+STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;overflow-wrap:break-word}
 header{background:#234;color:#fff;padding:.5em 1em;display:flex;gap:1em;align-items:center}
 header a{color:#fff}header form{margin-left:auto}main{padding:1em}
 table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.25em .5em;
@@ -5912,7 +5912,7 @@ word-break:break-all;max-height:30em;overflow:auto}.grid{display:flex;flex-wrap:
 border:1px solid #ccc;padding:.4em .8em;min-width:6.5em;text-decoration:none}
 .figure strong{font-size:1.4em}svg{max-width:100%;height:auto}fieldset{display:inline;
 border:1px solid #ccc}form.search label{display:inline-block;margin:.2em .5em .2em 0}
-td{overflow-wrap:anywhere}.muted{color:#595959}td,th,pre,h1,bdi{unicode-bidi:isolate}
+td,th{overflow-wrap:anywhere}.muted{color:#595959}td,th,pre,h1,bdi{unicode-bidi:isolate}
 .warning{background:#fff0c0}iframe.preview{width:100%;height:28em;border:1px solid #ccc;
 background:#fff}details{margin:.5em 0}summary{cursor:pointer;font-weight:600}
 a:focus,button:focus,input:focus,select:focus,summary:focus{outline:2px solid #0a58ca}
@@ -6076,8 +6076,8 @@ class WebHandler(BoundedHandler):
             raise HTTPError(400, "the quarantine takes no filters: search for them")
         query = self.edges(self.server.archive.quarantine(self.scope()), self.params)
         docs, more = self.one_page(query, "newest")
-        count = self.server.archive.count(self.server.archive.quarantine(self.scope()),
-                                          limit=WEB_COUNT_MAX + 1)
+        count = available(lambda: self.server.archive.count(
+            self.server.archive.quarantine(self.scope()), limit=WEB_COUNT_MAX + 1))
         self.page("Quarantine", render_quarantine(docs, count, self.user, self.zone(),
                                                   self.page_links(docs, more, "/")))
 
@@ -6093,7 +6093,8 @@ class WebHandler(BoundedHandler):
     def get_messages(self):
         query, page = self.search()
         docs, more = self.one_page(query)
-        count = self.server.archive.count(query, limit=WEB_COUNT_MAX + 1) if page else None
+        count = available(lambda: self.server.archive.count(query, limit=WEB_COUNT_MAX + 1)) \
+            if page else None                   # the rows, even when counting runs out
         csrf = self.user["csrf"] if ROLES[self.user["role"]] >= ROLES["reviewer"] else None
         self.page("Search", render_search(self.params, page, docs, csrf,
                                           self.page_links(docs, more), count))
@@ -7003,7 +7004,8 @@ def age_text(delta):
 
 def render_quarantine(docs, count, user, zone, pages):
     """The landing page: how many messages wait, and a page of them."""
-    said = ("Nothing awaits judgement." if not count else
+    said = ("Mail awaiting judgement." if count is None else
+            "Nothing awaits judgement." if not count else
             f"More than {WEB_COUNT_MAX:,} messages await judgement." if count > WEB_COUNT_MAX
             else f"{count:,} message{'s' if count != 1 else ''} await{'s' if count == 1 else ''}"
                  f" judgement.")

@@ -7088,17 +7088,19 @@ class TestWebConsoleInBrowser(WebCase):
                 for name, path in pages.items():
                     with self.subTest(device=device, scheme=scheme, page=name):
                         self.assertEqual(page.goto(base + path).status, 200)
-                        self.assertLessEqual(
+                        self.assertLessEqual(      # a phone would zoom out to fit it
                             page.evaluate("document.documentElement.scrollWidth"),
-                            page.evaluate("window.innerWidth"))
+                            page.viewport_size["width"])
                         self.assertEqual(page.evaluate(UNLABELLED_VALUES), [])
                         self.assertEqual(page.evaluate(UNLABELLED_CONTROLS), [])
                         background = page.evaluate(
                             "getComputedStyle(document.body).backgroundColor")
                         self.assertEqual(background, "rgb(18, 18, 18)" if scheme == "dark"
                                          else "rgba(0, 0, 0, 0)")
-                        if name == "message":        # the preview's frame, loaded
+                        if name == "message":        # the preview's frame, loaded, seen
                             page.frame_locator("iframe.preview").locator("b").wait_for()
+                            page.locator("iframe.preview").scroll_into_view_if_needed()
+                            page.evaluate("window.scrollTo(0, 0)")
                         if name in ("quarantine", "search", "message", "dashboard"):
                             self.shoot(page, f"{name}-{SHOTS[device]}-{scheme}.png")
 
