@@ -33,7 +33,8 @@ symptom to a line, grep for the name on the right:
   daily counts) and Spool (store);
 * the modes: Mode and its on_* steps; DebugMode, QuarantineMode, ProxyMode,
   FilterMode (MODE_CLASSES);
-* observability: Metrics, Statsd, MetricsServer (/metrics, /healthz);
+* observability: Metrics, Statsd, MetricsServer (/metrics, /healthz), and the
+  HTTP servers' bounds (BoundedHTTPServer, HeadReader, BoundedHandler);
 * the archive: Archive, the one class that asks and writes MongoDB (INDEXES),
   verdict, and search_fields (what the searches ask, in a form an index serves);
 * the archive commands: archive_NAME, each registered by @command beside it;
@@ -42,7 +43,8 @@ symptom to a line, grep for the name on the right:
   @route beside it; ROLES and may (who may do what), AuditLog, MimeView and
   Preview (a message as a reviewer sees it), render_* (the HTML), openapi;
 * quarantine reports: archive_digest, sign_link and open_link;
-* the command line: main, serve, run_workers, setup_logging.
+* the command line: main, serve, run_workers, setup_logging; `mms.py try`
+  (archive_try, TryParts, SAMPLES).
 """
 
 import argparse
@@ -4466,8 +4468,14 @@ class Archive:
             return self.collection.estimated_document_count(**self.bound())
         if "$text" in query and self.cfg.text_search == "atlas":
             return next(self.aggregate(self.atlas(query) + [{"$count": "n"}]), {}).get("n", 0)
-        return self.collection.count_documents(query, **self.bound(),
-                                               **({"limit": limit} if limit else {}))
+        if limit:
+            # The _ids of at most `limit`, counted here: on MongoDB the same index
+            # keys as count_documents with a limit, on nx-27017 (which answers a
+            # count by an aggregation) 15 times faster: 0.09 s against 1.4 s for
+            # 603 of 20,000 messages.
+            return len(list(self.bounded(self.collection.find(query, {"_id": 1}).limit(
+                limit).batch_size(limit))))
+        return self.collection.count_documents(query, **self.bound())
 
     def quarantine(self, scope=None):
         """What awaits a reviewer's judgement: spam, virus or banned, not released

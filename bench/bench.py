@@ -423,7 +423,7 @@ class Bench:
         """The web console and `stats` on archives of --console-counts messages in mms's
         own shape (Zipf-distributed senders and recipients over 30 days, 3% spam, 1%
         virus, 1% banned, with their daily counts), as a reviewer uses them: the
-        dashboard cold and warm, each search filter's first page, the old way of
+        quarantine, the dashboard cold and warm, each search filter's first page, the old way of
         counting (an aggregation over 30 days of messages, /api/stats) as the
         baseline, `verify --since 1d`; then SMTP into mms-store alone and while two
         reviewers click through the console."""
@@ -434,7 +434,8 @@ class Bench:
             web = self.web_console()
             try:
                 cookie = self.web_login(web.port)
-                pages = {"dashboard, cold": "/", "dashboard, warm": "/",
+                pages = {"quarantine (where every role lands)": "/",
+                         "dashboard, cold": "/dashboard", "dashboard, warm": "/dashboard",
                          "a message's page": f"/messages/{newest}",
                          **{f"search {name}": f"/messages?{query}"
                             for name, query in CONSOLE_SEARCHES},
@@ -464,7 +465,8 @@ class Bench:
             stop = threading.Event()
 
             def reviewer(n):
-                paths = ["/"] + [f"/messages?{query}" for _, query in CONSOLE_SEARCHES]
+                paths = ["/", "/dashboard"] + [f"/messages?{query}"
+                                               for _, query in CONSOLE_SEARCHES]
                 while not stop.is_set():
                     self.web_get(web.port, paths[n % len(paths)], cookie)
                     n += 1
