@@ -402,6 +402,9 @@ OPTIONS = [
      "filter mode: what a message gets when a scanner is down or too slow"),
     ("--retention", "MMS_RETENTION", "0", _days,
      "days a message is kept: once an hour, older ones not on legal hold are purged (0: forever)"),
+    ("--local-domains", "MMS_LOCAL_DOMAINS", "", _names,
+     "this site's domains: is_in is 1 for mail from outside them to one of them, else 0 "
+     "(not written without them)"),
     ("--real-rcpt", "MMS_REAL_RCPT", "0", _flag,
      "record the X-Envelope-To recipients of amavisd-new quarantine copies"),
     ("--index-text", "MMS_INDEX_TEXT", str(INDEX_TEXT), _count,
@@ -445,7 +448,7 @@ def command(name, what, reads=(), key="", opens_archive=True, bounded=False):
 
 FILTERS = ("sender", "rcpt", "since", "until", "subject", "text", "message_id", "quarantine_id",
            "client", "quarantine", "verdict", "virus", "spam", "attachment", "attachment_type",
-           "attachment_sha256", "bounce", "held", "released")
+           "attachment_sha256", "country", "bounce", "held", "released")
 VERDICT_FIELDS = ("virus", "banned", "spam", "unchecked")   # the first that is set wins
 VERDICTS = VERDICT_FIELDS + ("clean",)
 AWAITING = ("virus", "banned", "spam")       # the verdicts a quarantine holds for review
@@ -508,6 +511,7 @@ def build_parser():
     archive("--attachment", help="an attachment named so: a name, or *.zip, invoice*")
     archive("--attachment-type", help="an attachment of this declared type: application/zip")
     archive("--attachment-sha256", help="an attachment with this sha256: who else got it?")
+    archive("--country", help="client's country, ISO code (CN): with the geoip_country plugin")
     archive("--bounce", action="store_true", help="only bounces: <> or a delivery report")
     archive("--held", action="store_true", help="only messages on legal hold")
     archive("--released", action="store_true", help="only released messages")
@@ -2134,7 +2138,7 @@ class MimeScan:
         self.text_size = 0
         self.parts = 0
         self.bounce = False
-        self.from_name = self.subject = None
+        self.from_name = self.subject = self.headers = None
         self.boundaries = []        # (--boundary, depth) of the open multiparts, outermost first
         self.part = MimePart(0)
         self.rest = b""
@@ -2234,6 +2238,7 @@ class MimeScan:
         if self.from_name is None:                      # the message's own header
             self.from_name = display_name(fields.get(b"from"))
             self.subject = decode_header_value(fields.get(b"subject", b""))
+            self.headers = headers_document(bytes(part.head), self.error)
         part.encoding = fields.get(b"content-transfer-encoding", b"").decode(
             "ascii", "replace").strip().lower()
         if ctype == "multipart/report" and params.get("report-type", "").lower() == \
@@ -2307,13 +2312,56 @@ class MimeScan:
             plain_text(kind, charset, data) for kind, charset, data in self.texts]
         words += [f["filename"] for f in self.files if f["filename"]]
         text = NOT_WORD_RE.sub(" ", " ".join(words)).strip()[:self.text_max]
-        return {"files": self.files, "files_count": len(self.files),
+        return {"headers": self.headers or {}, "files": self.files, "files_count": len(self.files),
                 "is_bounce": int(self.bounce), "parsing_errors": self.errors,
                 "errors_count": len(self.errors), "completed": 1,
                 "index_text": self.text_max, **({"text": text} if text else {})}
 
 
 MIME_PARAM_RE = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)')
+HEADERS_MAX = 200                # fields of the message's own header kept in `headers`
+HEADERS_SIZE_MAX = 32 * 1024     # and their decoded names and values, in all (README)
+STRUCTURED_FIELDS = (b"content-type", b"content-disposition", b"content-transfer-encoding")
+
+
+def headers_document(head, error):
+    """The seed's `headers`: each field of the message's own header, its name as
+    the seed writes it (Mime-Version), its value decoded (RFC 2047), the
+    structured ones as [value, {parameter: value}], and a field that appears
+    several times as a list of its values. At most HEADERS_MAX fields and
+    HEADERS_SIZE_MAX of text: what is past them is left out, and said."""
+    found, repeated, size, left = {}, set(), 0, 0
+    for name, raw in header_pairs(head):
+        if len(found) >= HEADERS_MAX or size >= HEADERS_SIZE_MAX:
+            left += 1
+            continue
+        key = field_key("-".join(word.capitalize() for word in name.strip().split("-")))
+        if name.strip().lower().encode() in STRUCTURED_FIELDS:
+            kind, params = content_type(raw, "")
+            value = [kind, {field_key(k): v for k, v in params.items()}]
+            size += len(key) + len(kind) + sum(len(k) + len(str(v)) for k, v in params.items())
+        else:
+            value = decode_header_value(raw[:HEADER_VALUE_MAX])
+            size += len(key) + len(value)
+        if key not in found:
+            found[key] = value
+            continue
+        if key not in repeated:
+            found[key] = [found[key]]
+            repeated.add(key)
+        found[key].append(value)
+    if left:
+        error(f"headers: {left} field(s) past {HEADERS_MAX} fields or {HEADERS_SIZE_MAX} "
+              f"bytes are not in headers")
+    if len(head) >= PART_HEAD_MAX:
+        error(f"headers: the header is over {PART_HEAD_MAX} bytes; the rest is not in headers")
+    return found
+
+
+def field_key(name):
+    """A name as a MongoDB field's: no '.', no leading '$' (RFC 5322 allows both)."""
+    name = name.replace(".", "_").replace("\0", "")
+    return "_" + name[1:] if name.startswith("$") else name or "_"
 
 
 def content_type(raw, default):
@@ -4178,6 +4226,26 @@ def search_fields(metadata):
             "client_hex": client_hex(metadata.get("client_address"))}
 
 
+# The seed's completed document holds these where mms has nothing to say: a reader
+# of its model (mongo-mail-web's, strict) finds each, typed as the seed shows it.
+SEED_DEFAULTS = {"events": [], "tags": [], "group_name": "DEFAULT", "queue": 1,
+                 "mark_for_delete": 0, "internal_field": 0, "is_virus": 0, "is_banned": 0,
+                 "is_spam": 0, "is_unchecked": 0}
+
+
+def seed_fields(metadata, local_domains):
+    """The seed's fields a message lacks, with the seed's defaults (another tool's
+    value is kept), and is_in with --local-domains: 1 for mail from outside them
+    to one of them."""
+    fields = {name: copy.copy(value) for name, value in SEED_DEFAULTS.items()
+              if name not in metadata}
+    if local_domains:
+        local = {d.lower().lstrip("@") for d in local_domains}
+        rcpts = {domain(r) for r in metadata.get("rcpt") or []}
+        fields["is_in"] = int(bool(rcpts & local) and domain(metadata.get("sender")) not in local)
+    return fields
+
+
 def domain(address):
     address = str(address or "")
     return address.rpartition("@")[2].strip("<> ").lower()[:255] if "@" in address else ""
@@ -4208,6 +4276,7 @@ STATS_GROUPS = {
     "client": ("$client_address", None), "quarantine": ("$quarantine", None),
     "verdict": (verdict_of(VERDICT_FIELDS), None),
     "attachment-type": ("$files.content_type", "$files"),
+    "country": ("$country", None),
 }
 
 
@@ -4265,6 +4334,8 @@ class Archive:
         ([("is_bounce", 1), ("received", -1)], {"partialFilterExpression": {"is_bounce": 1}},
          "searches for bounces read every message"),
         ([("quarantine_id", 1)], {}, "searches by quarantine ID read every message"),
+        ([("country", 1), ("received", -1)], {"partialFilterExpression": {
+            "country": {"$exists": True}}}, "searches by country read every message"),
         ([("held", 1)], {"partialFilterExpression": {"held": True}}, "counting held mail "
          "reads every message"),
         ([("released", 1)], {"partialFilterExpression": {"released": {"$exists": True}}},
@@ -4369,6 +4440,7 @@ class Archive:
         file_id = ObjectId()
         metadata["message"] = file_id
         metadata.update(search_fields(metadata))
+        metadata.update(seed_fields(metadata, self.cfg.local_domains))
         storable(metadata, self.max_size)
         chunks, length = [], 0
         for n, piece in enumerate(gridfs_content(message, self.CHUNK_SIZE)):
@@ -4655,7 +4727,8 @@ class Archive:
         verdict (stored before mms 1.1, so never counted) to the daily counts. How
         many were written."""
         from pymongo import UpdateOne
-        fields = [{**self.parsed(doc, text_max), **search_fields(doc)} for doc in docs]
+        fields = [{**self.parsed(doc, text_max), **search_fields(doc),
+                   **seed_fields(doc, self.cfg.local_domains)} for doc in docs]
         result = self.collection.bulk_write([UpdateOne(    # $and: nx-27017 updates the
             {"$and": [self.its(doc), reindex_wanted(text_max)]}, {"$set": more})  # first
             for doc, more in zip(docs, fields)], ordered=False)   # $or match beside _id
@@ -4891,6 +4964,7 @@ class Filters:
     attachment: str = None
     attachment_type: str = None
     attachment_sha256: str = None
+    country: str = None
     bounce: bool = False
     held: bool = None          # True: only held; False: only not held (purge); None: any
     released: bool = False
@@ -4967,6 +5041,8 @@ class Filters:
             clauses.append(file_clause("content_type", self.attachment_type.lower()))
         if self.attachment_sha256:
             clauses.append(file_clause("sha256", self.attachment_sha256.lower()))
+        if self.country:
+            clauses.append({"country": self.country.upper()})
         if self.bounce:
             clauses.append({"is_bounce": 1})
         if self.held is not None:
@@ -5514,8 +5590,10 @@ def archive_reindex(cfg, archive):
 
 
 def reindex_wanted(text_max):
-    """Stored before mms 1.1 (no verdict; not parsed), or with another --index-text."""
-    return {"$or": [{"verdict": {"$exists": False}}, {"index_text": {"$ne": text_max}}]}
+    """Stored before mms 1.1 (no verdict; not parsed) or 1.2 (no headers), or with
+    another --index-text."""
+    return {"$or": [{"verdict": {"$exists": False}}, {"headers": {"$exists": False}},
+                    {"index_text": {"$ne": text_max}}]}
 
 
 class Progress:
@@ -6912,7 +6990,8 @@ SEARCH_LABELS = {
     "quarantine_id": "Quarantine ID", "client": "Client IP or network",
     "quarantine": "Quarantine type", "attachment": "Attachment name (*.zip)",
     "attachment_type": "Attachment type (application/zip)",
-    "attachment_sha256": "Attachment SHA-256", "bounce": "Bounces only",
+    "attachment_sha256": "Attachment SHA-256", "country": "Client's country (CN)",
+    "bounce": "Bounces only",
     "held": "Legal hold", "released": "Released only", "sort": "Order"}
 SEARCH_FIRST = ("sender", "rcpt", "text", "verdict")
 
@@ -7144,7 +7223,8 @@ def summary_table(doc, view, zone):
     rows = [("From", f"{header.get('from', '-')} (envelope: {doc.get('sender') or '<>'})"),
             ("To", f"{header.get('to', '-')} (envelope: {rcpts})"),
             ("Subject", doc.get("subject") or "-"), ("Date", when(doc.get("sent"))),
-            ("Received", f"{when(doc.get('received'))} from {doc.get('client_address', '-')}"),
+            ("Received", f"{when(doc.get('received'))} from {doc.get('client_address', '-')}"
+                         + (f" ({doc['country']})" if doc.get("country") else "")),
             ("Size", human_size(doc.get("size"))), ("Verdict", verdict_sentence(doc))]
     if doc.get("quarantine") or doc.get("quarantine_id"):
         rows.append(("Quarantine", f"{doc.get('quarantine', '-')}, ID "

@@ -4839,17 +4839,18 @@ def mongoengine_module():
 
 class TestMongoMailWeb(MongoCase):
     """The seed's reader, mongo-mail-web, loads messages with a mongoengine model of
-    the seed's field names and types: with meta strict False it loads, validates and
-    decodes every document mms writes; strict (its default) it refuses the fields
-    mms adds, as the README says."""
+    the seed's completed document: every field typed as the seed shows it, and the
+    fields mms adds (README, "The completed document"), with meta strict True. It
+    loads, validates and saves back every document mms writes, in every storing
+    mode: quarantine (an amavisd-new copy too), proxy and filter."""
 
-    def model(self, strict):
+    def model(self):
         me = mongoengine_module()
         alias = "mms-" + uuid.uuid4().hex[:8]
         me.connect(db=self.dbname, host=self.uri, alias=alias, tz_aware=True,
                    uuidRepresentation="standard")
         self.addCleanup(me.disconnect, alias)
-        fields = {name: me.IntField(default=0) for name in (
+        fields = {name: me.IntField(default=0) for name in (     # the seed's, as it types them
             "completed", "errors_count", "files_count", "internal_field", "is_banned",
             "is_bounce", "is_in", "is_spam", "is_unchecked", "is_virus", "mark_for_delete",
             "queue", "rcpt_count")}
@@ -4859,31 +4860,216 @@ class TestMongoMailWeb(MongoCase):
             client_address=me.StringField(), xforward=me.DictField(), server=me.StringField(),
             received=me.DateTimeField(), message=me.ObjectIdField(), size=me.LongField(),
             subject=me.StringField(), message_id=me.StringField(), sent=me.DateTimeField(),
-            country=me.StringField(), group_name=me.StringField(), headers=me.DictField(),
-            events=me.ListField(), files=me.ListField(), parsing_errors=me.ListField(),
-            tags=me.ListField(),
-            meta={"collection": "message", "strict": strict, "db_alias": alias})
+            country=me.StringField(), group_name=me.StringField(default="DEFAULT"),
+            headers=me.DictField(), events=me.ListField(), files=me.ListField(me.DictField()),
+            parsing_errors=me.ListField(me.StringField()), tags=me.ListField())
+        fields.update(                                          # mms's own (README)
+            sha256=me.StringField(), sender_domain=me.StringField(),
+            rcpt_domain=me.ListField(me.StringField()), verdict=me.StringField(),
+            client_hex=me.StringField(), text=me.StringField(), index_text=me.IntField(),
+            quarantine=me.StringField(), quarantine_id=me.StringField(),
+            quarantine_to=me.ListField(me.StringField()), envelope_from=me.StringField(),
+            rcpt_blocked=me.ListField(me.StringField()), virus=me.ListField(me.StringField()),
+            spam_score=me.FloatField(), spam_required=me.FloatField(),
+            spam_symbols=me.ListField(me.StringField()), scan=me.DictField(),
+            downstream_reply=me.StringField(), held=me.BooleanField(), held_by=me.DictField(),
+            unheld_by=me.DictField(), released=me.ListField(me.DictField()),
+            meta={"collection": "message", "strict": True, "db_alias": alias})
         return type("MessageStore" + alias[4:], (me.Document,), fields)
 
-    def test_every_document_mms_writes_loads_validates_and_decodes(self):
-        self.start_mongo("--real-rcpt")
+    def test_every_document_mms_writes_loads_strictly_and_saves_back(self):
+        self.start_mongo("--real-rcpt", "--local-domains", "example.com")
         keys = [self.key(self.send_message(self.raw(), body, rcpts=("q@example.net",)))
-                for body in (SIMPLE, TestRealRcpt.AMAVIS,
+                for body in (SIMPLE, TestRealRcpt.AMAVIS, PHISH, amavis_copy("pills", ["b@x.org"]),
                              b"Date: Wed, 08 Apr 2015 13:19:34 UTC\r\nSubject: dated\r\n\r\nx\r\n")]
         self.db["message"].update_one({"store_key": keys[0]}, {"$set": {"held": True}})
-        MessageStore = self.model(strict=False)
+        self.server.shutdown()
+        self.server.server_close()
+        down = ScriptedDownstream()
+        self.addCleanup(down.close)
+        clamd = FakeScanner(answer=b"stream: Test.Fake FOUND\0")
+        spamd = FakeScanner(answer=b"SPAMD/1.1 0 EX_OK\r\nContent-length: 10\r\nSpam: True ; "
+                                   b"15.0 / 5.0\r\n\r\nGTUBE,XYZ\r\n")
+        for fake in (clamd, spamd):
+            self.addCleanup(fake.close)
+        spool = tempfile.mkdtemp(prefix="mms-spool-")
+        self.addCleanup(shutil.rmtree, spool)
+        for mode, more in (("mongo-proxy", ()), ("mongo-filter", ("--clamd", clamd.address,
+                                                                  "--spamd", spamd.address))):
+            self.mode = mode
+            self.start_mongo("--remote-port", str(down.server_address[1]), "--spool-dir",
+                             spool, *more)
+            reply = self.send_message(self.raw(), SIMPLE, rcpts=("b@example.com",))
+            self.assertEqual(reply[0], 250, reply)
+            self.server.shutdown()
+            self.server.server_close()
+        MessageStore = self.model()
         docs = {doc.store_key: doc for doc in MessageStore.objects()}
-        self.assertEqual(sorted(docs), sorted(keys))
+        self.assertEqual(len(docs), 7)
+        self.assertLessEqual(set(keys), set(docs))
+        self.assertEqual({d.verdict for d in docs.values()}, {"clean", "spam", "virus"})
         from gridfs import GridFS
         for key, doc in docs.items():
             doc.validate()
             raw = zlib.decompress(base64.b64decode(GridFS(self.db).get(doc.message).read()))
             self.assertEqual(raw, self.stored(key)[1])
+            self.assertEqual((doc.group_name, doc.queue, doc.events, doc.tags), ("DEFAULT", 1,
+                                                                               [], []))
+            doc.tags = ["reviewed"]
+            doc.save()
+        self.assertEqual(self.db["message"].count_documents({"tags": "reviewed"}), 7)
         self.assertEqual(docs[keys[1]].rcpt, ["alice@example.com", "bob@example.com",
                                               "carol@example.com"])
-        Strict = self.model(strict=True)
-        with self.assertRaises(mongoengine_module().FieldDoesNotExist):
-            list(Strict.objects())
+        self.assertEqual(docs[keys[2]].headers["Subject"], "Your account")
+
+
+class TestCompletedDocument(MongoCase):
+    """headers, is_in and the seed's defaults, written at store time from the same
+    single pass as the rest of the completed document; reindex fills them in."""
+
+    def test_headers_as_the_seed_shows_them(self):
+        self.start_mongo()
+        message = (b"Content-Type: text/plain; charset=\"utf-8\"\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Transfer-Encoding: base64\r\nDate: Wed, 08 Apr 2015 13:19:34 UTC\r\n"
+                   b"From: \"Bertrand Auger\" <acollet@example.org>\r\n"
+                   b"Subject: =?utf-8?q?Caf=C3=A9?=\r\nTo: \"Thierry\" <jean91@example.com>\r\n"
+                   b"Message-Id: <20150408131934.10264.63423@admin-VAIO>\r\nX-Mailer: MessageFaker"
+                   b"\r\nReceived: from a\r\n\tby b\r\nReceived: from c\r\nX.Dotted: 1\r\n"
+                   b"$Dollar: 2\r\n\r\nYm9keQ==\r\n")
+        doc, stored = self.stored(self.key(self.send_message(self.raw(), message)))
+        self.assertEqual(stored, message)                        # the bytes untouched
+        self.assertEqual(doc["headers"], {
+            "Content-Type": ["text/plain", {"charset": "utf-8"}], "Mime-Version": "1.0",
+            "Content-Transfer-Encoding": ["base64", {}],
+            "Date": "Wed, 08 Apr 2015 13:19:34 UTC",
+            "From": '"Bertrand Auger" <acollet@example.org>', "Subject": "Café",
+            "To": '"Thierry" <jean91@example.com>',
+            "Message-Id": "<20150408131934.10264.63423@admin-VAIO>", "X-Mailer": "MessageFaker",
+            "Received": ["from a by b", "from c"], "X_dotted": "1", "_dollar": "2"})
+        self.assertEqual(doc["parsing_errors"], [])
+        for name, value in (("events", []), ("tags", []), ("group_name", "DEFAULT"),
+                            ("queue", 1), ("mark_for_delete", 0), ("internal_field", 0)):
+            self.assertEqual(doc[name], value, name)
+        self.assertNotIn("is_in", doc)                          # no --local-domains
+
+    def test_headers_are_bounded_and_say_what_they_left_out(self):
+        self.start_mongo()
+        many = b"".join(b"X-Field-%d: %s\r\n" % (n, b"v" * 100) for n in range(400))
+        doc, _ = self.stored(self.key(self.send_message(self.raw(), many + b"\r\nbody\r\n")))
+        self.assertEqual(len(doc["headers"]), mms.HEADERS_MAX)
+        self.assertEqual(doc["parsing_errors"], [
+            f"headers: 200 field(s) past {mms.HEADERS_MAX} fields or "
+            f"{mms.HEADERS_SIZE_MAX} bytes are not in headers"])
+        big = b"".join(b"X-Big-%d: %s\r\n" % (n, b"w" * 1000) for n in range(60))
+        doc, _ = self.stored(self.key(self.send_message(self.raw(), big + b"\r\nbody\r\n")))
+        self.assertLessEqual(sum(len(k) + len(v) for k, v in doc["headers"].items()),
+                             mms.HEADERS_SIZE_MAX + 1100)
+        self.assertEqual(doc["errors_count"], 1)
+
+    def test_is_in_from_the_local_domains(self):
+        self.start_mongo("--local-domains", "example.com,Example.NET")
+        cases = {("x@outside.org", ("b@example.com",)): 1,
+                 ("a@example.com", ("b@outside.org",)): 0,
+                 ("a@example.com", ("b@example.net",)): 0,
+                 ("", ("b@example.net",)): 1}
+        for (sender, rcpts), inbound in cases.items():
+            with self.subTest(sender=sender, rcpts=rcpts):
+                doc, _ = self.stored(self.key(self.send_message(self.raw(), SIMPLE, sender=sender,
+                                                                rcpts=rcpts)))
+                self.assertEqual(doc["is_in"], inbound)
+
+    def test_reindex_fills_them_in_for_messages_stored_before(self):
+        self.start_mongo()
+        key = self.key(self.send_message(self.raw(), SIMPLE))
+        self.db["message"].update_one({"store_key": key}, {"$unset": {
+            "headers": "", "tags": "", "group_name": "", "queue": ""}})
+        done = self.archive_command("reindex", "--local-domains", "example.com")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        doc = self.db["message"].find_one({"store_key": key})
+        self.assertEqual((doc["headers"]["Subject"], doc["tags"], doc["group_name"],
+                          doc["queue"], doc["is_in"]), ("test", [], "DEFAULT", 1, 1))
+
+
+class TestGeoipCountry(MongoCase):
+    """plugins/geoip_country: the client's ISO country (XFORWARD's ADDR first), from
+    geoip2fast's bundled data or a MaxMind .mmdb through maxminddb (the 2018
+    GeoLite2 City database maxminddb-geolite2 ships, in the tests); no country for
+    a private or loopback address; a missing package stops mms at start-up;
+    list --country and stats --by country on their index."""
+
+    def send_from(self, address, body=SIMPLE):
+        client = self.raw()
+        if address:
+            self.assertEqual(client.cmd(f"XFORWARD ADDR={address}")[0], 250)
+        return self.key(self.send_message(client, body))
+
+    def test_the_country_of_the_real_client(self):
+        geoip_packages()
+        self.start_mongo("--plugin", "plugins.geoip_country")
+        keys = {address: self.send_from(address) for address in (
+            "139.129.236.68", "8.8.8.8", "10.1.2.3", None)}
+        countries = {address: self.stored(key)[0].get("country") for address, key in keys.items()}
+        self.assertEqual(countries, {"139.129.236.68": "CN", "8.8.8.8": "US", "10.1.2.3": None,
+                                     None: None})
+        code, out, _ = self.command_line("list", "--country", "cn")
+        self.assertEqual((code, [line.split()[0] for line in out.splitlines()]),
+                         (0, [keys["139.129.236.68"]]))
+        code, out, _ = self.command_line("stats", "--by", "country")
+        self.assertRegex(out, r"(?m)^ +1 +[0-9]+ CN$")
+        self.assertRegex(out, r"(?m)^ +1 +[0-9]+ US$")
+
+    def test_a_maxmind_database_through_maxminddb(self):
+        database = geoip_packages()
+        process = MmsProcess("--mongo-host", self.uri, "--mongo-database", self.dbname,
+                             "--plugin", "plugins.geoip_country",
+                             env={"MMS_GEOIP_DB": database})
+        self.addCleanup(process.stop)
+        with smtplib.SMTP("127.0.0.1", process.port, timeout=30) as smtp:
+            smtp.ehlo()
+            self.assertEqual(smtp.docmd("XFORWARD", "ADDR=IPv6:2a00:1450:4001::1")[0], 250)
+            smtp.sendmail("a@example.org", ["b@example.com"], SIMPLE)
+        [doc] = self.records()
+        self.assertEqual(doc["country"], "DE")
+
+    def test_a_missing_package_or_database_stops_mms_at_start_up(self):
+        geoip_packages()
+        stub = tempfile.mkdtemp(prefix="mms-stub-")
+        self.addCleanup(shutil.rmtree, stub)
+        for name in ("geoip2fast", "maxminddb"):       # as if not installed
+            with open(os.path.join(stub, f"{name}.py"), "w") as f:
+                f.write("raise ImportError('not installed')\n")
+        for env, said in (({"PYTHONPATH": stub}, "pip install geoip2fast (its data is bundled)"),
+                          ({"PYTHONPATH": stub, "MMS_GEOIP_DB": "/x.mmdb"},
+                           "MMS_GEOIP_DB names a .mmdb database: pip install maxminddb"),
+                          ({"MMS_GEOIP_DB": "/nonexistent/GeoLite2-Country.mmdb"},
+                           "/nonexistent/GeoLite2-Country.mmdb")):
+            with self.subTest(env=env):
+                done = subprocess.run([sys.executable, MMS, "--server", "debug", "--port",
+                                       str(free_port()), "--plugin", "plugins.geoip_country"],
+                                      capture_output=True, text=True, timeout=30,
+                                      env={**os.environ, **env})
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn("plugin 'plugins.geoip_country' cannot be imported", done.stderr)
+                self.assertIn(said, done.stderr)
+
+    def command_line(self, *args):
+        done = self.archive_command(*args)
+        return done.returncode, done.stdout, done.stderr
+
+
+def geoip_packages():
+    """The path of maxminddb-geolite2's database; geoip2fast and maxminddb installed
+    (test-only, by .ci/run)."""
+    try:
+        import geoip2fast  # noqa: F401
+        import maxminddb   # noqa: F401
+        import _maxminddb_geolite2
+    except ImportError:
+        if os.environ.get("CI"):
+            raise RuntimeError("geoip2fast, maxminddb and maxminddb-geolite2: .ci/run should "
+                               "install them")
+        raise missing("pip install geoip2fast maxminddb maxminddb-geolite2") from None
+    return os.path.join(os.path.dirname(_maxminddb_geolite2.__file__), "GeoLite2-City.mmdb")
 
 
 class TestArchiveMemory(MongoCase):
