@@ -4163,6 +4163,12 @@ def is_held(doc):
     return doc.get("held") is True or type(doc.get("held")) is int and doc["held"] == 1
 
 
+def one_document(*clauses):
+    """Clauses on different fields as one document: MongoDB's implicit and, which
+    nx-27017 serves from an index where it reads an $and of the same row by row."""
+    return {name: value for clause in clauses for name, value in clause.items()}
+
+
 def all_of(*clauses):
     """The clauses joined by one $and; a $text beside it, at the top, where MongoDB
     takes it as it would inside (nx-27017 finds nothing for a "phrase" in $and)."""
@@ -4553,9 +4559,13 @@ class Archive:
         """What awaits a reviewer's judgement: spam, virus or banned, not released
         (a deleted message is gone), within a scoped user's domains. Served by the
         (verdict, received) index, three ranges merged newest first, so a page costs
-        its size; released quarantined mail is the rare row read and passed over."""
-        return all_of({"verdict": {"$in": list(AWAITING)}}, {"released": {"$exists": False}},
-                      scope or {})
+        its size; released quarantined mail is the rare row read and passed over.
+
+        One flat document, and `released: {$in: [null]}` (on MongoDB, as {$exists:
+        false} here: released is an array or absent): nx-27017 took 4.1 s for a page
+        of 200,000 messages with $and or $exists, 0.014 s in this form."""
+        return {"verdict": {"$in": list(AWAITING)}, "released": {"$in": [None]},
+                **(scope or {})}
 
     def pieces(self, doc, file=None):
         """The raw message, a piece at a time, from its chunks in order: a message is
@@ -6160,7 +6170,8 @@ class WebHandler(BoundedHandler):
         with what a reviewer decides by, and release and delete at hand."""
         if set(self.params) - {"before", "after", "skip"}:
             raise HTTPError(400, "the quarantine takes no filters: search for them")
-        query = self.edges(self.server.archive.quarantine(self.scope()), self.params)
+        query = self.edges(self.server.archive.quarantine(self.scope()), self.params,
+                           join=one_document)
         docs, more = self.one_page(query, "newest")
         count = available(lambda: self.server.archive.count(
             self.server.archive.quarantine(self.scope()), limit=WEB_COUNT_MAX + 1))
@@ -6611,17 +6622,18 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         return self.edges(all_of(Filters.parse(page).query(), self.scope()), params), page
 
     @staticmethod
-    def edges(query, params):
+    def edges(query, params, join=None):
         """The query from a page's edge on (before= or after=, without the rows of
-        that same time shown already): a range on the index, never a skip."""
+        that same time shown already): a range on the index, never a skip. `join`
+        joins the clauses (all_of, else the quarantine's one flat document)."""
         for edge, op in (("before", "$lte"), ("after", "$gte")):
             when = web_when(params.get(edge), edge) if params.get(edge) else None
             if when:
                 skip = [i for i in (params.get("skip") or "").split(",") if re.fullmatch(
                     r"[0-9a-f]{24}", i)]
                 from bson import ObjectId
-                query = all_of(query, {"received": {op: when}},
-                               {"_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
+                query = (join or all_of)(query, {"received": {op: when}}, {
+                    "_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
         return query
 
     def page(self, title, body, user=False, code=200, extra=()):

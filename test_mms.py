@@ -6268,14 +6268,27 @@ class TestQuarantinePage(WebCase):
         self.rows("scoped")
         [find, count] = [c for c in self.tap.sent("find", "message")
                          if "verdict" in str(c["filter"])]
-        self.assertEqual(find["filter"], {"$and": [
-            {"verdict": {"$in": ["virus", "banned", "spam"]}}, {"released": {"$exists": False}},
-            {"rcpt_domain": {"$in": ["example.org"]}}]})
+        self.assertEqual(find["filter"], {
+            "verdict": {"$in": ["virus", "banned", "spam"]}, "released": {"$in": [None]},
+            "rcpt_domain": {"$in": ["example.org"]}})
         self.assertEqual((find["sort"], find["limit"], find["maxTimeMS"]),
                          ({"received": -1}, mms.WEB_PAGE + 1, mms.WEB_QUERY_MS))
         self.assertEqual((count["filter"], count["projection"], count["limit"],
                           count["maxTimeMS"]),               # how many, up to 1,001
                          (find["filter"], {"_id": 1}, mms.WEB_COUNT_MAX + 1, mms.WEB_QUERY_MS))
+
+    def test_older_pages_are_ranges_of_the_same_query(self):
+        with mock.patch.object(mms, "WEB_PAGE", 2):
+            page, rows = self.rows("admin")
+            self.assertEqual(list(rows), [self.banned, self.virus])
+            older = html.unescape(re.search(r'<a href="(/\?[^"]+)">Older messages</a>',
+                                            page).group(1))
+            page = self.http("GET", older, cookie=self.login())[2].decode()
+        self.assertIn(f'href="/messages/{self.spam}"', page)
+        self.assertNotIn(f'href="/messages/{self.virus}"', page)
+        [find] = [c for c in self.tap.sent("find", "message") if "verdict" in str(
+            c["filter"]) and "received" in c["filter"] and "limit" in c and c["limit"] == 3]
+        self.assertEqual(set(find["filter"]), {"verdict", "released", "received", "_id"})
 
     def test_a_failed_release_says_what_to_do_and_links_back(self):
         self.down.close()                                      # nothing listens there now
