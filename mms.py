@@ -6695,6 +6695,8 @@ def way_back(path):
     found = re.match(r"/messages/([0-9a-f]{64})", path)
     if found:
         return f"/messages/{found.group(1)}", "the message"
+    if path.startswith("/q/"):                  # a recipient's link: theirs, no login
+        return path.split("?")[0], "the message"
     if path.startswith(("/messages", "/api")):
         return "/messages", "the search"
     return "/", "the quarantine"
@@ -7790,8 +7792,9 @@ def archive_try(cfg, _):
     web_host = cfg.web.rpartition(":")[0].strip("[]")
     if not is_loopback(web_host):
         raise ConfigError(f"try serves on loopback only, not {cfg.web}: --web 127.0.0.1:PORT")
-    store = (shutil_which("nx-27017", os.path.dirname(sys.executable))
-             or shutil_which("nx-27017"))
+    import shutil
+    store = (shutil.which("nx-27017", path=os.path.dirname(sys.executable))
+             or shutil.which("nx-27017"))
     if store is None:
         raise ConfigError("try keeps its mail in nx-27017, an embedded MongoDB-wire store, "
                           "which is not installed: pip install nx-27017")
@@ -7820,11 +7823,6 @@ def archive_try(cfg, _):
         parts.stop()
     print("stopped", flush=True)
     return 0
-
-
-def shutil_which(name, path=None):
-    import shutil
-    return shutil.which(name, path=path)
 
 
 class TryParts:
@@ -7863,7 +7861,9 @@ class TryParts:
     def spawn(self, name, port, argv, stdout=None, stderr=False):
         """A part, once it listens on its port (its output to stdout if given, its
         errors too with stderr); ConfigError if it ends first."""
-        process = subprocess_popen(argv, stdout, stderr)
+        import subprocess
+        process = subprocess.Popen(argv, stdout=stdout, stdin=subprocess.DEVNULL,
+                                   stderr=subprocess.STDOUT if stderr else None)
         if stdout is not None:
             stdout.close()                      # the part has its own
         self.processes.append(process)
@@ -7893,12 +7893,6 @@ class TryParts:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def subprocess_popen(argv, stdout, stderr):
-    import subprocess
-    return subprocess.Popen(argv, stdout=stdout, stdin=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT if stderr else None)
 
 
 def free_loopback_port():

@@ -1976,6 +1976,12 @@ class TestQuarantineStorage(MongoCase):
             # the seed's "completed" document, and the words --text finds
             "files": [], "files_count": 0, "is_bounce": 0, "parsing_errors": [],
             "errors_count": 0, "completed": 1, "index_text": 8192,
+            "headers": {"Subject": "Provident tempora", "Date": "Wed, 08 Apr 2015 13:19:34 UTC",
+                        "Message-Id": "<20150408131934.10264.63423@admin>"},
+            # the seed's defaults, where mms has nothing to say
+            "events": [], "tags": [], "group_name": "DEFAULT", "queue": 1, "mark_for_delete": 0,
+            "internal_field": 0, "is_virus": 0, "is_banned": 0, "is_spam": 0,
+            "is_unchecked": 0,
             "text": "Provident tempora hi"})
 
     def test_every_metadata_field_without_xforward(self):
@@ -1986,7 +1992,8 @@ class TestQuarantineStorage(MongoCase):
                                     "received", "message", "size", "sha256",
                                     "sender_domain", "rcpt_domain", "verdict", "client_hex",
                                     "files", "files_count", "is_bounce", "parsing_errors",
-                                    "errors_count", "completed", "index_text"})
+                                    "errors_count", "completed", "index_text", "headers",
+                                    *mms.SEED_DEFAULTS})
         self.assertEqual((doc["client_address"], doc["xforward"]), ("127.0.0.1", {}))
         self.assertEqual(doc["client_hex"], "00000000000000000000ffff7f000001")
 
@@ -6361,10 +6368,12 @@ class TestConsoleAtScale(WebCase):
             with self.subTest(query):
                 before = len(self.tap.sent("find", "message"))
                 self.assertEqual(self.http("GET", f"/messages?{query}", cookie=cookie)[0], 200)
-                [find] = self.tap.sent("find", "message")[before:]
+                [find, count] = self.tap.sent("find", "message")[before:]
                 self.assertEqual(find["filter"], expected)
                 self.assertEqual(find["sort"], {"received": -1})
                 self.assertEqual(find["limit"], mms.WEB_PAGE + 1)
+                self.assertEqual((count["filter"], count["projection"], count["limit"]),
+                                 (expected, {"_id": 1}, mms.WEB_COUNT_MAX + 1))   # how many
 
     def test_a_search_mongodb_stops_is_said_and_not_retried(self):
         """MaxTimeMSExpired (code 50), as MongoDB answers a query over its maxTimeMS."""
@@ -7546,11 +7555,11 @@ class TestReportsUnderAttack(ReportCase):
         self.assertEqual(self.archive_command("hold", self.spam2).returncode, 0)
         link = self.link(self.spam2)
         page = self.http("GET", link)[2].decode()
-        self.assertIn("on hold: only an administrator can release it", page)
+        self.assertIn("on legal hold: only an administrator can release it", page)
         self.assertNotIn("<button", page.split("</header>")[1])
         status, _, body = self.http("POST", link, {})
         self.assertEqual(status, 409)
-        self.assertIn(b"on hold", body)
+        self.assertIn(b"on legal hold", body)
         self.assertEqual(self.down.messages, [])
 
 
