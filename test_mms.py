@@ -7621,6 +7621,18 @@ class TestTry(unittest.TestCase):
         self.assertIn("stopped", process.stdout.read())
         self.assertEqual([pid for pid in parts if os.path.exists(f"/proc/{pid}")], [])
 
+    def test_without_nx_27017_one_line_says_what_to_install(self):
+        bare = tempfile.mkdtemp(prefix="mms-bare-")        # a Python with no nx-27017 beside
+        self.addCleanup(shutil.rmtree, bare)               # it, and none on PATH
+        os.symlink(sys.executable, os.path.join(bare, "python3"))
+        done = subprocess.run([os.path.join(bare, "python3"), MMS, "try", "--port",
+                               str(free_port()), "--web", f"127.0.0.1:{free_port()}"],
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PATH": "/usr/bin:/bin"})
+        self.assertEqual((done.returncode, done.stderr.strip()), (2, (
+            "mms.py: error: try keeps its mail in nx-27017, an embedded MongoDB-wire store, "
+            "which is not installed: pip install nx-27017")))
+
     def test_loopback_only(self):
         done = subprocess.run([sys.executable, MMS, "try", "--web", "0.0.0.0:8025"],
                               capture_output=True, text=True, timeout=30)
