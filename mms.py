@@ -147,6 +147,7 @@ R_RELAY_FAILED = "451 4.4.1 Error: downstream server unavailable, try again late
 R_SCAN_FAILED = "451 4.7.1 Error: message could not be scanned, try again later"
 R_VIRUS = "554 5.7.1 Virus found: {}"
 R_SPAM = "554 5.7.1 Message rejected as spam"
+R_BLOCKED = "550 5.7.1 <{}>: Sender address rejected: blocked for this recipient"
 
 
 def _flag(value):
@@ -532,6 +533,8 @@ def build_parser():
                          help="release: the SMTP server to send through (default 127.0.0.1:25; "
                               "in filter mode --remote-host and --remote-port)")
     archive("--force", action="store_true", help="release: again")
+    archive("--for", dest="for_rcpt", default="", help="allow, block, unlist, lists: for "
+            "this recipient (an address or @domain) only; default: everyone")
     archive("--user", help="audit: this console user's entries")
     archive("--action", help="audit: login, view, preview, download, hold, unhold, release, "
             "delete, report-release")
@@ -666,7 +669,8 @@ def archive_help(cfg, _):
 
 def command_help(parser, name):
     command = COMMANDS[name]
-    key = " KEY" if command.key else ""
+    key = "" if not command.key else " KEY" if command.key == "store_key" else \
+        f" {command.key.upper()}"
     lines = [f"usage: mms.py {name}{key} [options]", "", f"{name}: {command.what}.", "",
              "options:"]
     for action in parser._actions:
@@ -912,6 +916,7 @@ class Transaction:
         self.refused = {}             # address -> [code, text], from a downstream
         self.relay = None             # proxy mode's downstream session
         self.outcome = None           # filter mode's, when it kept the message instead
+        self.allowed = set()          # filter mode: recipients whose list allows the sender
 
 
 ADDRESS_RE = re.compile(r"^(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^<>\s]+))(?:\s+(?P<params>.*))?$")
@@ -2531,8 +2536,9 @@ def spamd_scan(address, message, timeout):
             "symbols": [s for s in body.strip().split(",") if s], "raw": match.group(0).strip()}
 
 
-def scan(cfg, message, metrics):
-    """Ask clamd and spamd at the same time, so the wait is the slower of the two.
+def scan(cfg, message, metrics, spam=True):
+    """Ask clamd and spamd (unless not spam) at the same time, so the wait is the
+    slower of the two.
 
     Returns the metadata fields mongo-mail-web knows, plus 'scan' with each
     scanner's own answer or error.
@@ -2553,7 +2559,7 @@ def scan(cfg, message, metrics):
                 f"{name} at {address[0]}:{address[1]}: {type(exc).__name__}: {exc}")
         metrics.observe("mms_scan_seconds", time.monotonic() - started, name)
 
-    jobs = [("clamd", clamd_scan, cfg.clamd), ("spamd", spamd_scan, cfg.spamd)]
+    jobs = [("clamd", clamd_scan, cfg.clamd), ("spamd", spamd_scan, cfg.spamd if spam else None)]
     threads = [threading.Thread(target=run, args=job, daemon=True) for job in jobs if job[2]]
     for thread in threads:
         thread.start()
@@ -3497,11 +3503,41 @@ class FilterMode(ProxyMode):
     reaches the downstream server. Every message is recorded, with its verdict.
     """
 
+    def __init__(self, cfg, metrics=None):
+        super().__init__(cfg, metrics)
+        self.lists = SenderLists(self.store.archive)
+
+    def start(self):
+        super().start()
+        self.lists.start()
+
+    def close(self):
+        self.lists.stop()
+        super().close()
+
+    def on_rcpt(self, client, tx, rcpt, params):
+        """A sender the lists block for this recipient is refused here, before the
+        downstream hears of it; one they allow is noted, and skips spamd."""
+        entry = self.lists.entry(tx.sender, rcpt)
+        if entry and entry["kind"] == "block":
+            self.metrics.count("mms_list_decisions_total", "blocked")
+            log.info("blocked from=<%s> to=<%s> client=%s: list entry %s -> %s", tx.sender,
+                     rcpt, client.peer, entry["sender"], entry["rcpt"] or "everyone")
+            return R_BLOCKED.format(tx.sender)
+        if entry:
+            tx.allowed.add(rcpt)
+        return super().on_rcpt(client, tx, rcpt, params)
+
     def on_data(self, client, tx):
         return None
 
     def on_message(self, client, tx, metadata, message):
-        metadata.update(scan(self.cfg, message, self.metrics))
+        allowed = sorted(tx.allowed & set(tx.rcpts))
+        if allowed:                     # all allowed: no spam check; some: one for all
+            metadata["allowed"] = allowed
+            self.metrics.count("mms_list_decisions_total", "allowed")
+        metadata.update(scan(self.cfg, message, self.metrics,
+                             spam=len(allowed) < len(tx.rcpts)))
         self.metrics.count("mms_scan_verdicts_total", verdict(metadata))
         action = self.action(metadata)
         if action == "deliver":
@@ -3526,6 +3562,48 @@ class FilterMode(ProxyMode):
         if metadata["is_unchecked"] and "skipped" not in metadata["scan"]:
             return "deliver" if self.cfg.on_scan_error == "deliver" else "tempfail"
         return "deliver"
+
+
+class SenderLists:
+    """The allow and block lists as filter mode asks them: read whole into memory at
+    start and every LISTS_REFRESH seconds by a thread of its own, never on a
+    message's path. The entry for a sender and a recipient is the most particular
+    one: the recipient's own, then its domain's, then everyone's; for each, the
+    sender's own, then its domain's. A reading that fails keeps the lists it had."""
+
+    def __init__(self, archive):
+        self.archive, self.entries = archive, {}
+        self.stopped = threading.Event()
+
+    def start(self):
+        threading.Thread(target=self.run, name="mms-lists", daemon=True).start()
+
+    def stop(self):
+        self.stopped.set()
+
+    def run(self):
+        while True:
+            try:
+                self.entries = {(e["sender"], e["rcpt"]): e for e in self.archive.list_entries()}
+                wait = LISTS_REFRESH
+            except Exception as exc:
+                log.warning("the allow and block lists cannot be read (%s): the last ones "
+                            "read stay in force", mongo_error(exc))
+                wait = MongoStore.PING_SECONDS
+            if self.stopped.wait(wait):
+                return
+
+    def entry(self, sender, rcpt):
+        if not self.entries:
+            return None
+        sender, rcpt = sender.lower(), rcpt.lower()
+        senders = (sender, "@" + sender.rpartition("@")[2]) if "@" in sender else (sender,)
+        for who in (rcpt, "@" + rcpt.rpartition("@")[2], ""):
+            for whom in senders:
+                found = self.entries.get((whom, who))
+                if found:
+                    return found
+        return None
 
 
 MODE_CLASSES = {"debug": DebugMode, "mongo-quarantine": QuarantineMode, "mongo-proxy": ProxyMode,
@@ -3562,6 +3640,7 @@ class Metrics:
         "mms_received_bytes_total": None, "mms_store_errors_total": None,
         "mms_relay_errors_total": None, "mms_probes_total": None,
         "mms_scan_verdicts_total": ("verdict", ("clean", "virus", "spam", "unchecked")),
+        "mms_list_decisions_total": ("decision", ("allowed", "blocked")),
     }
     HISTOGRAMS = {"mms_store_seconds": None, "mms_relay_seconds": None,
                   "mms_scan_seconds": ("scanner", ("clamd", "spamd"))}
@@ -3576,6 +3655,8 @@ class Metrics:
         "mms_relay_errors_total": "downstream sessions lost or broken",
         "mms_scan_seconds": "seconds each scanner took",
         "mms_scan_verdicts_total": "scanned messages, by verdict",
+        "mms_list_decisions_total": "filter mode: recipients refused (blocked) and messages "
+                                    "not spam-checked (allowed), by the lists",
         "mms_plugin_errors_total": "plugin runs that raised, hung or broke mms's fields",
         "mms_probes_total": "`mms.py check` probes taken (not counted as messages)",
         "mms_spooled_messages": "messages in --spool-dir waiting for `mms.py replay`",
@@ -4375,6 +4456,7 @@ class Archive:
         self.files, self.chunks = self.db["fs.files"], self.db["fs.chunks"]
         self.counts = self.db[f"{self.cfg.mongo_collection}_daily"]
         self.audits = self.db[f"{self.cfg.mongo_collection}_audit"]
+        self.lists = self.db[f"{self.cfg.mongo_collection}_lists"]
         return self
 
     def write_concern(self):
@@ -4399,7 +4481,11 @@ class Archive:
         wanted += [(self.files, [("filename", 1), ("uploadDate", 1)], {}, "GridFS reads "
                     "by name scan"),
                    (self.chunks, [("files_id", 1), ("n", 1)], {"unique": True}, "every "
-                    "message read scans the chunks")]
+                    "message read scans the chunks"),
+                   (self.lists, [("rcpt", 1), ("sender", 1)], {}, "lists --for reads every "
+                    "entry"),
+                   (self.lists, [("rcpt_domain", 1)], {}, "a new list entry counts every "
+                    "entry")]
         missing = {}
         for collection, keys, options, cost in wanted:
             name = f"{collection.name}: " + ", ".join(field for field, _ in keys)
@@ -4764,6 +4850,39 @@ class Archive:
             {"$inc": {"messages": messages, "bytes": size},
              "$setOnInsert": {"by": by, "day": day, "group": group}}, upsert=True)
             for (by, day, group), (messages, size) in counts.items()], ordered=False)
+
+    # The allow and block lists #############################################
+
+    def list_entry(self, kind, sender, rcpt, by, message=None):
+        """Allow or block mail from `sender` (an address or @domain) for `rcpt` (an
+        address, @domain, or "" for everyone): one document by that pair, replaced
+        whole. The entry it replaced, or None; Conflict past LISTS_MAX entries in
+        all or LISTS_DOMAIN_MAX for one recipient domain (asked before a new one)."""
+        key, domain = f"{sender} {rcpt}", rcpt.rpartition("@")[2]
+        before = self.lists.find_one({"_id": key}, **self.bound())
+        if before is None:
+            if self.lists.count_documents({}, limit=LISTS_MAX, **self.bound()) >= LISTS_MAX:
+                raise Conflict(f"the lists hold {LISTS_MAX} entries, their most: unlist some")
+            if rcpt and self.lists.count_documents(
+                    {"rcpt_domain": domain}, limit=LISTS_DOMAIN_MAX, **self.bound()) \
+                    >= LISTS_DOMAIN_MAX:
+                raise Conflict(f"{domain} has {LISTS_DOMAIN_MAX} list entries, its most: "
+                               f"unlist some")
+        self.lists.replace_one({"_id": key}, {
+            "_id": key, "kind": kind, "sender": sender, "rcpt": rcpt, "rcpt_domain": domain,
+            "by": by, "at": datetime.datetime.now(UTC), "message": message}, upsert=True)
+        return before
+
+    def unlist(self, sender, rcpt):
+        """Whether an entry for this pair was there, and is gone."""
+        return self.lists.delete_one({"_id": f"{sender} {rcpt}"}).deleted_count == 1
+
+    def list_entries(self, rcpt=None):
+        """The entries for one recipient (or @domain, or "" for everyone's), or all,
+        by recipient then sender: on the (rcpt, sender) index, at most LISTS_MAX."""
+        return self.lists.find({} if rcpt is None else {"rcpt": rcpt}).sort(
+            [("rcpt", 1), ("sender", 1)]).limit(LISTS_MAX).max_time_ms(
+            self.max_time_ms or LISTS_QUERY_MS)
 
     # The console's audit log ###############################################
 
@@ -5641,6 +5760,69 @@ def archive_audit(cfg, archive):
                 "user", "role", "client", "action", "key", "result"))
             print(f"{entry.get('at'):%Y-%m-%d %H:%M:%S} {user} ({role}) from {client} "
                   f"{action} {key}: {result}")
+    return 0
+
+
+LISTS_MAX = 100_000        # allow and block entries in all (filter mode holds them in memory)
+LISTS_DOMAIN_MAX = 10_000  # and for one recipient domain
+LISTS_REFRESH = 60         # seconds between filter mode's readings of the lists
+LISTS_QUERY_MS = 10_000    # maxTimeMS of a reading of the lists
+
+
+def list_address(value, what):
+    """An address or @domain, lower-cased; UsageError for anything else (no pattern)."""
+    text = (value or "").strip().lower()
+    if text.startswith("@") and DOMAIN_RE.match(text[1:]) and "." in text:
+        return text
+    if "@" in text[1:] and valid_address(text):
+        return text
+    raise UsageError(f"{what}: not an address or @domain (no patterns): {value!r}")
+
+
+def list_command(cfg, archive, kind):
+    sender = list_address(cfg.key, "SENDER")
+    rcpt = list_address(cfg.for_rcpt, "--for") if cfg.for_rcpt else ""
+    before = archive.list_entry(kind, sender, rcpt, os_user())
+    was = f" (it was {before['kind']}ed)" if before and before["kind"] != kind else ""
+    print(f"{kind}ed mail from {sender} to {rcpt or 'everyone'}{was}")
+    return 0
+
+
+@command("allow", "always accept mail from SENDER (address or @domain) in filter mode: no "
+         "spam check", ("for_rcpt",) + MONGO, key="sender")
+def archive_allow(cfg, archive):
+    return list_command(cfg, archive, "allow")
+
+
+@command("block", "refuse mail from SENDER (address or @domain) in filter mode (550 5.7.1)",
+         ("for_rcpt",) + MONGO, key="sender")
+def archive_block(cfg, archive):
+    return list_command(cfg, archive, "block")
+
+
+@command("unlist", "take SENDER off the allow or block list", ("for_rcpt",) + MONGO,
+         key="sender")
+def archive_unlist(cfg, archive):
+    sender = list_address(cfg.key, "SENDER")
+    rcpt = list_address(cfg.for_rcpt, "--for") if cfg.for_rcpt else ""
+    if not archive.unlist(sender, rcpt):
+        raise NotFound(f"{sender} is on no list for {rcpt or 'everyone'}")
+    print(f"unlisted mail from {sender} to {rcpt or 'everyone'}")
+    return 0
+
+
+@command("lists", "the allow and block lists (--for RCPT: that recipient's)",
+         ("for_rcpt", "json") + MONGO)
+def archive_lists(cfg, archive):
+    rcpt = None if not cfg.for_rcpt else list_address(cfg.for_rcpt, "--for")
+    for entry in archive.list_entries(rcpt):
+        if cfg.json:
+            sys.stdout.write(json_line(entry))
+        else:
+            at = entry.get("at")
+            when = f"{at:%Y-%m-%d %H:%M}" if isinstance(at, datetime.datetime) else "-"
+            print(f"{entry['kind']:<5} {entry['sender']} -> {entry['rcpt'] or 'everyone'} "
+                  f"(by {entry.get('by') or '?'}, {when})")
     return 0
 
 

@@ -2517,7 +2517,7 @@ class TestWritePath(MongoCase):
                               reply=reply)
             self.server.mode.store.contacted.wait()
             self.assertReply(self.send_message(self.raw(), SIMPLE), "queued")
-        self.assertEqual(len(tap.sent("createIndexes")), len(mms.Archive.INDEXES) + 2)
+        self.assertEqual(len(tap.sent("createIndexes")), len(mms.Archive.INDEXES) + 4)
         [said] = logs.output
         self.assertIn("cannot create the index on message: store_key", said)
         self.assertIn("show, release, hold and delete read every message", said)
@@ -3779,6 +3779,111 @@ class TestFilterScanErrors(FilterCase):
         reply, doc = self.deliver(CLEAN)
         self.assertEqual(reply[0], 250)
         self.assertEqual((doc["is_unchecked"], doc["spam_symbols"]), (0, ["RULE_A"]))
+
+
+class TestSenderLists(FilterCase):
+    """Allow and block lists (mms.py allow, block, unlist, lists), as filter mode
+    honours them: a blocked sender is refused at RCPT for the recipients it is
+    blocked for (550 5.7.1); an allowed one skips spamd but never clamd; read into
+    memory every LISTS_REFRESH seconds, never per message."""
+
+    def setUp(self):
+        patcher = mock.patch.object(mms, "LISTS_REFRESH", 0.2)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        super().setUp()
+        self.clamd = self.fake(answer=b"stream: OK\0")
+        self.spamd = self.fake(answer=b"SPAMD/1.1 0 EX_OK\r\nContent-length: 10\r\nSpam: True "
+                                      b"; 15.0 / 5.0\r\n\r\nGTUBE,XYZ\r\n")
+        self.start_filter(clamd=self.clamd.address, spamd=self.spamd.address)
+
+    def lists(self, *args):
+        done = self.archive_command(*args)
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    def settle(self):
+        """The lists as the server holds them, once it has read them again."""
+        self.server.mode.lists.entries = {}
+        deadline = time.monotonic() + 10
+        while not self.server.mode.lists.entries and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def test_the_commands(self):
+        self.assertEqual(self.lists("allow", "Partner@Example.org"),
+                         (0, "allowed mail from partner@example.org to everyone", ""))
+        self.assertEqual(self.lists("block", "@spam.example", "--for", "bob@example.com"),
+                         (0, "blocked mail from @spam.example to bob@example.com", ""))
+        self.assertEqual(self.lists("block", "partner@example.org")[1],
+                         "blocked mail from partner@example.org to everyone (it was allowed)")
+        code, out, _ = self.lists("lists")
+        self.assertEqual([line.split(" (by ")[0] for line in out.splitlines()], [
+            "block partner@example.org -> everyone", "block @spam.example -> bob@example.com"])
+        self.assertRegex(out, r"\(by [^ ]+ \(command line\), 20[0-9-]{8} [0-9:]{5}\)")
+        self.assertEqual(len(self.lists("lists", "--for", "bob@example.com")[1].splitlines()), 1)
+        for bad in ("example.org", "a@", "@nodot", "@", "<>"):
+            code, _, err = self.lists("allow", bad)
+            self.assertEqual(code, 1, bad)
+            self.assertIn("not an address or @domain (no patterns)", err)
+        self.assertEqual(self.lists("unlist", "@spam.example", "--for", "bob@example.com")[0], 0)
+        self.assertEqual(self.lists("unlist", "@spam.example", "--for", "bob@example.com")[:2],
+                         (1, ""))
+        self.assertEqual(self.db["message_lists"].count_documents({}), 1)
+
+    def test_bounded_and_read_on_their_index(self):
+        tap = WireTap(self.uri)
+        self.addCleanup(tap.close)
+        cfg = mms.parse_config(["--mongo-host", f"mongodb://127.0.0.1:{tap.port}/?"
+                                "directConnection=true", "--mongo-database", self.dbname])
+        archive = mms.Archive(cfg).connect()
+        self.addCleanup(archive.close)
+        with mock.patch.object(mms, "LISTS_DOMAIN_MAX", 2):
+            archive.list_entry("block", "a@x.org", "bob@example.com", "test")
+            archive.list_entry("block", "b@x.org", "carol@example.com", "test")
+            with self.assertRaisesRegex(mms.Conflict, "example.com has 2 list entries"):
+                archive.list_entry("block", "c@x.org", "dave@example.com", "test")
+            archive.list_entry("allow", "a@x.org", "bob@example.com", "test")   # a change
+        list(archive.list_entries("bob@example.com"))
+        [find] = [c for c in tap.sent("find", "message_lists") if "rcpt" in c["filter"]]
+        self.assertEqual((find["filter"], find["sort"], find["maxTimeMS"]),
+                         ({"rcpt": "bob@example.com"}, {"rcpt": 1, "sender": 1},
+                          mms.LISTS_QUERY_MS))
+        counts = [c["pipeline"][0] for c in tap.sent("aggregate", "message_lists")]
+        self.assertIn({"$match": {"rcpt_domain": "example.com"}}, counts)
+
+    def test_filter_mode_blocks_at_rcpt_and_allowed_mail_skips_spamd(self):
+        client = self.raw()
+        self.assertEqual(self.send_message(client, SIMPLE, sender="partner@example.org")[0], 250)
+        self.assertEqual(len(self.down.messages), 0)          # spam: kept, not delivered
+        self.lists("allow", "partner@example.org")
+        self.lists("block", "@spam.example", "--for", "bob@example.com")
+        self.settle()
+        asked = self.spamd.connections
+        reply = self.send_message(self.raw(), SIMPLE, sender="partner@example.org",
+                                  rcpts=("bob@example.com", "carol@example.com"))
+        self.assertEqual(reply[0], 250)
+        self.assertEqual(len(self.down.messages), 1)          # allowed: delivered
+        self.assertEqual(self.spamd.connections, asked)       # spamd not asked
+        doc = self.db["message"].find_one({"allowed": {"$exists": True}})
+        self.assertEqual(doc["allowed"], ["bob@example.com", "carol@example.com"])
+        self.assertEqual(doc["verdict"], "clean")
+        client = self.raw()
+        self.assertReply(client.cmd("MAIL FROM:<x@spam.example>"), "mail_ok")
+        code, text = client.cmd("RCPT TO:<bob@example.com>")
+        self.assertEqual((code, text), (550, "5.7.1 <x@spam.example>: Sender address "
+                                             "rejected: blocked for this recipient"))
+        self.assertReply(client.cmd("RCPT TO:<carol@example.com>"), "rcpt_ok")
+        last = " ".join(self.down.commands).rpartition("MAIL FROM:<x@spam.example>")[2]
+        self.assertEqual(last.split(), ["RCPT", "TO:<carol@example.com>"])   # bob never asked
+
+    def test_a_virus_from_an_allowed_sender_is_still_a_virus(self):
+        self.clamd.answer = b"stream: Eicar-Test-Signature FOUND\0"
+        self.lists("allow", "partner@example.org")
+        self.settle()
+        reply = self.send_message(self.raw(), SIMPLE, sender="partner@example.org")
+        self.assertEqual(reply[0], 250)
+        doc = self.db["message"].find_one({"sender": "partner@example.org"})
+        self.assertEqual((doc["verdict"], doc["quarantine"]), ("virus", "virus"))
+        self.assertEqual(self.down.messages, [])
 
 
 class TestFilterWithPostfix(TestProxyWithPostfix):
