@@ -508,7 +508,8 @@ def build_parser():
     archive("--verdict", choices=VERDICTS, help="only messages judged so (virus wins over "
             "banned, banned over spam, spam over unchecked)")
     archive("--virus", action="store_true", help="--verdict virus")
-    archive("--spam", action="store_true", help="--verdict spam")
+    archive("--spam", action="store_true", help="--verdict spam; learn: as spam")
+    archive("--ham", dest="learn_ham", action="store_true", help="learn: as not spam")
     archive("--attachment", help="an attachment named so: a name, or *.zip, invoice*")
     archive("--attachment-type", help="an attachment of this declared type: application/zip")
     archive("--attachment-sha256", help="an attachment with this sha256: who else got it?")
@@ -2520,6 +2521,19 @@ def clamd_scan(address, message, timeout):
 
 SPAMD_RESULT_RE = re.compile(r"^Spam: (True|False|Yes|No) ; (-?[\d.]+) / (-?[\d.]+)\s*$",
                              re.MULTILINE | re.IGNORECASE)
+
+
+def spamd_tell(address, data, kind, timeout):
+    """SPAMC/1.5 TELL, as `spamc -L spam|ham` sends it: spamd's Bayes learns the
+    message as spam or ham (Set: local). ScanError says why it did not."""
+    head = (f"TELL SPAMC/1.5\r\nMessage-class: {kind}\r\nSet: local\r\n"
+            f"Content-length: {len(data)}\r\n\r\n").encode()
+    status = ask(address, [head, data], timeout).decode("utf-8", "replace").partition("\r\n")[0]
+    if not status.startswith("SPAMD/") or " 0 " not in status:
+        more = " (spamd runs without --allow-tell)" if "allow-tell" in status else ""
+        raise ScanError(f"spamd at {address[0]}:{address[1]} did not learn it: "
+                        f"{status.strip()!r}{more}")
+    return status
 
 
 def spamd_scan(address, message, timeout):
@@ -4918,6 +4932,12 @@ class Archive:
         if not self.collection.update_one(self.its(doc), change).matched_count:
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
 
+    def learned(self, doc, kind, by):
+        """Note what spamd was taught of the message: {class, by, at}."""
+        if not self.collection.update_one(self.its(doc), {"$set": {"learned": {
+                "class": kind, "by": by, "at": datetime.datetime.now(UTC)}}}).matched_count:
+            raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
+
     def delete(self, doc):
         """Deleted only if not on hold, asked in the delete itself."""
         if not self.collection.delete_one({**self.its(doc), **NOT_HELD}).deleted_count:
@@ -5448,6 +5468,36 @@ def send_message(via, sender, rcpts, data, hostname):
             type(exc).__name__
         raise DeliveryError(f"the mail server at {via[0]}:{via[1]} that releases go through "
                             f"did not take the message ({why})") from None
+
+
+def learn_message(cfg, archive, doc, kind, by):
+    """(what was done, in words): spamd taught the message as `kind` (its copy as a
+    release sends it, without the quarantine's fields), and the document notes
+    it; the same class again is a no-op that says so. MMSError if spamd did not
+    learn it; then nothing is changed."""
+    learned = doc.get("learned") if isinstance(doc.get("learned"), dict) else {}
+    if learned.get("class") == kind:
+        return (f"{doc['store_key']} was learned as {kind} already, by "
+                f"{learned.get('by') or '?'}: nothing to do")
+    if not cfg.spamd:
+        raise UsageError("learning needs spamd: --spamd HOST:PORT")
+    try:
+        spamd_tell(cfg.spamd, release_copy(archive.read(doc)), kind, cfg.scan_timeout)
+    except ScanError as exc:
+        raise DeliveryError(f"{exc}; nothing was changed") from None
+    archive.learned(doc, kind, by)
+    return f"learned {doc['store_key']} as {kind}"
+
+
+@command("learn", "teach spamd's Bayes that KEY is spam (--spam) or not (--ham), as "
+         "spamc -L does", ("spam", "learn_ham", "spamd", "scan_timeout") + MONGO,
+         key="store_key")
+def archive_learn(cfg, archive):
+    if cfg.spam == cfg.learn_ham:
+        raise UsageError("learn KEY --spam, or learn KEY --ham")
+    print(learn_message(cfg, archive, archive.resolve(cfg.key), "spam" if cfg.spam else "ham",
+                        os_user()))
+    return 0
 
 
 @command("delete", "delete KEY, unless it is on legal hold", MONGO, key="store_key")

@@ -3532,6 +3532,28 @@ class Spamd(Daemon):
         return False
 
 
+class LearningSpamd(Spamd):
+    """spamd started as `mms.py learn` needs it: --allow-tell, Bayes on, its
+    database in a directory of its own that sa-learn reads back."""
+
+    def command(self):
+        os.chmod(self.dir, 0o777)          # spamd writes its Bayes files as debian-spamd
+        return ["spamd", f"--listen=127.0.0.1:{self.port}", "--allowed-ips=127.0.0.1", "--local",
+                "--nouser-config", "--allow-tell", "--cf=use_bayes 1",
+                f"--cf=bayes_path {self.dir}/bayes", "--cf=bayes_file_mode 0777",
+                "--max-children=2", f"--pidfile={self.dir}/pid", f"--syslog={self.dir}/log",
+                "--username=debian-spamd", "--groupname=debian-spamd",
+                f"--helper-home-dir={self.dir}"]
+
+    def learned(self):
+        """{"nspam": n, "nham": n}, as `sa-learn --dump magic` reads the database."""
+        done = subprocess.run(["sa-learn", "--dbpath", f"{self.dir}/bayes", "--dump", "magic"],
+                              capture_output=True, text=True, timeout=60)
+        found = dict((m.group(2), int(m.group(1))) for m in re.finditer(
+            r"^\S+\s+\S+\s+(\d+)\s+\S+\s+non-token data: (nspam|nham)$", done.stdout, re.M))
+        return {"nspam": found.get("nspam", 0), "nham": found.get("nham", 0)}
+
+
 class FakeScanner(socketserver.ThreadingTCPServer):
     """Stands in for a scanner where the real one cannot misbehave on demand: it reads
     the request, waits at `barrier` if given, then sends `answer` (or nothing)."""
@@ -5209,6 +5231,46 @@ class TestArchiveMemory(MongoCase):
         self.assertLess(rss["show"], 80, rss)
         self.assertLess(rss["verify"], 80, rss)
         self.assertLess(rss["show"] - rss["count"], 15, rss)
+
+
+class TestLearning(ArchiveCase):
+    """mms.py learn KEY --spam|--ham: the stored message taught to real spamd (Debian's,
+    with --allow-tell), as spamc -L does; its Bayes counts move, the message notes
+    it, the same class twice is a no-op, and a spamd that will not learn changes
+    nothing."""
+
+    def learn(self, key, kind, spamd):
+        done = self.archive_command("learn", key, f"--{kind}", "--spamd", spamd.address)
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    def test_spam_and_ham_move_the_bayes_counts(self):
+        spamd = LearningSpamd.get()
+        before = spamd.learned()
+        spam, ham = self.keys[0], self.keys[1]
+        self.assertEqual(self.learn(spam, "spam", spamd), (0, f"learned {spam} as spam", ""))
+        self.assertEqual(self.learn(ham, "ham", spamd), (0, f"learned {ham} as ham", ""))
+        self.assertEqual(spamd.learned(), {"nspam": before["nspam"] + 1,
+                                           "nham": before["nham"] + 1})
+        doc = self.db["message"].find_one({"store_key": spam})
+        self.assertEqual((doc["learned"]["class"], doc["learned"]["by"].endswith(
+            "(command line)")), ("spam", True))
+        code, out, _ = self.learn(spam, "spam", spamd)
+        self.assertEqual((code, out), (0, f"{spam} was learned as spam already, by "
+                                          f"{doc['learned']['by']}: nothing to do"))
+        self.assertEqual(spamd.learned()["nspam"], before["nspam"] + 1)
+
+    def test_a_spamd_that_will_not_learn_changes_nothing(self):
+        key = self.keys[0]
+        code, _, err = self.learn(key, "spam", Spamd.get())       # no --allow-tell
+        self.assertEqual(code, 1)
+        self.assertIn("did not learn it: 'SPAMD/1.0 69 Service Unavailable: TELL commands are "
+                      "not enabled, set the --allow-tell switch.' (spamd runs without "
+                      "--allow-tell); nothing was changed", err)
+        down = types.SimpleNamespace(address=f"127.0.0.1:{free_port()}")
+        code, _, err = self.learn(key, "ham", down)
+        self.assertEqual(code, 1)
+        self.assertIn("Connection refused; nothing was changed", err)
+        self.assertNotIn("learned", self.db["message"].find_one({"store_key": key}))
 
 
 class TestHoldsThatStick(ArchiveCase):
