@@ -4873,7 +4873,7 @@ class Archive:
         whole. The entry it replaced, or None; Conflict past LISTS_MAX entries in
         all or LISTS_DOMAIN_MAX for one recipient domain (asked before a new one)."""
         key, domain = f"{sender} {rcpt}", rcpt.rpartition("@")[2]
-        before = self.lists.find_one({"_id": key}, **self.bound())
+        before = next(self.bounded(self.lists.find({"_id": key}).limit(1)), None)
         if before is None:
             if self.lists.count_documents({}, limit=LISTS_MAX, **self.bound()) >= LISTS_MAX:
                 raise Conflict(f"the lists hold {LISTS_MAX} entries, their most: unlist some")
@@ -4891,10 +4891,14 @@ class Archive:
         """Whether an entry for this pair was there, and is gone."""
         return self.lists.delete_one({"_id": f"{sender} {rcpt}"}).deleted_count == 1
 
-    def list_entries(self, rcpt=None):
-        """The entries for one recipient (or @domain, or "" for everyone's), or all,
-        by recipient then sender: on the (rcpt, sender) index, at most LISTS_MAX."""
-        return self.lists.find({} if rcpt is None else {"rcpt": rcpt}).sort(
+    def list_entries(self, rcpt=None, domains=None):
+        """The entries for one recipient (or @domain, or "" for everyone's), for the
+        recipients of some domains, or all, by recipient then sender: on the (rcpt,
+        sender) index (rcpt_domain for domains), at most LISTS_MAX."""
+        query = {} if rcpt is None else {"rcpt": rcpt}
+        if domains:
+            query["rcpt_domain"] = {"$in": list(domains)}
+        return self.lists.find(query).sort(
             [("rcpt", 1), ("sender", 1)]).limit(LISTS_MAX).max_time_ms(
             self.max_time_ms or LISTS_QUERY_MS)
 
@@ -6092,6 +6096,7 @@ class WebServer(BoundedHTTPServer):
         self.secret = web_secret(cfg.web_secret) if cfg.web_secret else None
         self.sessions, self.failures, self.cache = {}, {}, {}
         self.zone = cfg.web_timezone
+        self.learning = "spamd" in cfg.given and bool(cfg.spamd)   # learn buttons shown
         self.audit = AuditLog(archive)
         try:
             archive.audit_indexes(cfg.audit_retention)
@@ -6290,6 +6295,9 @@ class WebHandler(BoundedHandler):
     def do_POST(self):
         self.dispatch("POST")
 
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
     def dispatch(self, method):
         path, _, query = self.path.partition("?")
         self.params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
@@ -6349,7 +6357,7 @@ class WebHandler(BoundedHandler):
         """The posted fields, with the CSRF token checked: the session's, or the one
         given (the login form's)."""
         self.posted = urllib.parse.parse_qs(self.read_body().decode("utf-8", "replace"))
-        fields = {k: v[-1] for k, v in self.posted.items()}
+        fields = self.fields = {k: v[-1] for k, v in self.posted.items()}
         expected = self.user.get("csrf") if self.user else csrf
         if (self.user or csrf is not None) and not (expected and hmac.compare_digest(
                 fields.get("csrf", "").encode(), expected.encode())):
@@ -6408,7 +6416,8 @@ class WebHandler(BoundedHandler):
         count = available(lambda: self.server.archive.count(
             self.server.archive.quarantine(self.scope()), limit=WEB_COUNT_MAX + 1))
         self.page("Quarantine", render_quarantine(docs, count, self.user, self.zone(),
-                                                  self.page_links(docs, more, "/")))
+                                                  self.page_links(docs, more, "/"),
+                                                  self.actions))
 
     @route("GET", r"/dashboard")
     def get_dashboard(self):
@@ -6446,8 +6455,7 @@ class WebHandler(BoundedHandler):
         view = MimeView(self.server.archive, doc)
         self.audit("view", key)
         self.page(doc.get("subject") or key, render_message(
-            key, doc, view, self.user["csrf"], self.zone(),
-            [action for action in ACTIONS if may(self.user["role"], action, doc)]))
+            key, doc, view, self.user["csrf"], self.zone(), self.actions(doc)))
 
     @route("GET", r"/messages/([0-9a-f]{64})/preview")
     def get_preview(self, key):
@@ -6501,9 +6509,18 @@ class WebHandler(BoundedHandler):
         for piece in self.server.archive.pieces(doc):
             self.wfile.write(piece)
 
-    @route("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete)", "reviewer")
-    def post_action(self, key, action):
-        fields = self.form()
+    @route("POST", r"/messages/([0-9a-f]{64})/learn", "reviewer")
+    def post_learn(self, key):
+        """Not spam or Spam: spamd's Bayes taught (class=ham|spam), as `mms.py learn`."""
+        kind = (self.form().get("class") or "").strip()
+        if kind not in ("spam", "ham"):
+            raise HTTPError(400, "class: spam or ham")
+        self.post_action(key, "learn-" + kind, self.fields)
+
+    @route("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete|allow|block)",
+           "reviewer")
+    def post_action(self, key, action, fields=None):
+        fields = self.form() if fields is None else fields
         doc = self.doc(key)
         if not may(self.user["role"], action, doc):
             self.audit(action, key, "refused: not for a " + self.user["role"])
@@ -6526,6 +6543,9 @@ class WebHandler(BoundedHandler):
         except AlreadyReleased as exc:
             raise HTTPError(409, exc.in_console) from None
         except DeliveryError as exc:
+            if action.startswith("learn-"):
+                raise HTTPError(502, f"Not learned: {exc}. Try again later, or ask your "
+                                     f"administrator to look at spamd.") from None
             raise HTTPError(502, f"Not delivered: {exc}. The message is still here, unchanged. "
                                  f"Try again in a few minutes; if it fails again, ask your "
                                  f"administrator to look at that mail server.") from None
@@ -6542,6 +6562,12 @@ class WebHandler(BoundedHandler):
         if action in ("hold", "unhold"):
             archive.hold(doc, action == "hold", by=by)
             result = "legal hold placed" if action == "hold" else "legal hold lifted"
+        elif action in ("allow", "block"):
+            result = self.list_sender(doc, action)
+        elif action.startswith("learn-"):
+            if not self.server.learning:
+                raise UsageError("learning needs the console's --spamd")
+            result = learn_message(self.server.cfg, archive, doc, action[6:], user)
         elif action == "delete":
             archive.delete(doc)
             result = "deleted"
@@ -6649,6 +6675,31 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
              f'all the same</button>')}
 <p><a href="/messages/{h(key)}">Back to the message</a></p>""")
 
+    @route("GET", r"/lists", "reviewer")
+    def get_lists(self):
+        """The allow and block entries this user may see and remove: a scoped user's,
+        for recipients in their domains; everyone's for the others."""
+        entries = list(self.server.archive.list_entries(domains=self.user.get("domains")))
+        self.page("Allow and block lists", render_lists(entries, self.user["csrf"]))
+
+    @route("POST", r"/lists/remove", "reviewer")
+    def post_unlist(self):
+        fields = self.form()
+        try:
+            sender = list_address(fields.get("sender"), "sender")
+            rcpt = list_address(fields["rcpt"], "recipient") if fields.get("rcpt") else ""
+        except UsageError as exc:
+            raise HTTPError(400, str(exc)) from None
+        domains = self.user.get("domains")
+        if domains and rcpt.rpartition("@")[2] not in domains:
+            self.audit("unlist", result=f"refused: {sender} -> {rcpt or 'everyone'}")
+            raise HTTPError(403, "that entry is not for your domains: ask an administrator")
+        done = self.server.archive.unlist(sender, rcpt)
+        result = f"unlisted {sender} -> {rcpt or 'everyone'}" if done else "not on a list"
+        self.audit("unlist", result=result)
+        self.server.tell(self.user.get("token"), result)
+        self.redirect("/lists")
+
     @route("GET", r"/audit", "admin")
     def get_audit(self):
         """Who did what: the newest first, by user, action and since."""
@@ -6725,10 +6776,8 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         self.audit("view", key, "by the API")
         self.json(dict(doc, verdict=verdict(doc)))
 
-    @route("POST", r"/api/bulk", "reviewer")
-    def post_api_bulk(self):
-        """{"action", "keys": [...]} or {"action", "filters": {...}, "expect": N}: each
-        key's result. JSON only (a cross-site form cannot send it), and from a
+    def json_body(self):
+        """A change's JSON object: JSON only (a cross-site form cannot send it), from a
         session with its CSRF token in X-CSRF-Token, or with HTTP Basic."""
         if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
             raise HTTPError(415, "send Content-Type: application/json")
@@ -6738,6 +6787,63 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             raise HTTPError(403, "X-CSRF-Token: the session's token, from any page's forms")
         try:
             asked = json.loads(self.read_body())
+        except ValueError:
+            raise HTTPError(400, "the body is not JSON") from None
+        if not isinstance(asked, dict):
+            raise HTTPError(400, "a JSON object")
+        return asked
+
+    def listed(self, asked):
+        """(sender, recipient or "") of an API list request, in this user's scope."""
+        try:
+            sender = list_address(str(asked.get("sender") or ""), "sender")
+            rcpt = list_address(str(asked["for"]), "for") if asked.get("for") else ""
+        except UsageError as exc:
+            raise HTTPError(400, str(exc)) from None
+        domains = self.user.get("domains")
+        if domains and rcpt.rpartition("@")[2] not in domains:
+            raise HTTPError(403, "for: a recipient (or @domain) of your domains")
+        return sender, rcpt
+
+    @route("POST", r"/api/lists", "reviewer")
+    def post_api_lists(self):
+        """{"kind": "allow"|"block", "sender", "for"}: the entry, and what it replaced."""
+        asked = self.json_body()
+        if asked.get("kind") not in ("allow", "block"):
+            raise HTTPError(400, "kind: allow or block")
+        sender, rcpt = self.listed(asked)
+        before = self.server.archive.list_entry(asked["kind"], sender, rcpt, self.user["user"])
+        self.audit(asked["kind"], result=f"{sender} -> {rcpt or 'everyone'}")
+        self.json({"kind": asked["kind"], "sender": sender, "for": rcpt,
+                   "replaced": before["kind"] if before else None})
+
+    @route("DELETE", r"/api/lists", "reviewer")
+    def delete_api_lists(self):
+        sender, rcpt = self.listed(self.json_body())
+        if not self.server.archive.unlist(sender, rcpt):
+            raise HTTPError(404, f"{sender} is on no list for {rcpt or 'everyone'}")
+        self.audit("unlist", result=f"{sender} -> {rcpt or 'everyone'}")
+        self.json({"sender": sender, "for": rcpt, "removed": True})
+
+    @route("POST", r"/api/messages/([0-9a-f]{64})/learn", "reviewer")
+    def post_api_learn(self, key):
+        """{"class": "spam"|"ham"}: what was done."""
+        kind = self.json_body().get("class")
+        if kind not in ("spam", "ham"):
+            raise HTTPError(400, "class: spam or ham")
+        doc = self.doc(key)
+        try:
+            result = self.act("learn-" + kind, doc)
+        except DeliveryError as exc:
+            raise HTTPError(502, str(exc)) from None
+        self.json({"key": key, "result": result})
+
+    @route("POST", r"/api/bulk", "reviewer")
+    def post_api_bulk(self):
+        """{"action", "keys": [...]} or {"action", "filters": {...}, "expect": N}: each
+        key's result (json_body)."""
+        asked = self.json_body()
+        try:
             action, keys = asked["action"], asked.get("keys") or []
             filters = {name: str(value) for name, value in (asked.get("filters") or {}).items()}
             unknown = sorted(set(filters) - set(FILTERS))
@@ -6816,6 +6922,31 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             raise HTTPError(404, f"no message with store_key {key}")
         return doc
 
+    def list_sender(self, doc, kind):
+        """Allow (and release) or block the message's sender for its recipients in
+        this user's scope: what was done, in words."""
+        sender = str(doc.get("sender") or "")
+        if not sender:
+            raise HTTPError(400, "a message from <> (a bounce) has no sender to list")
+        domains = self.user.get("domains")
+        rcpts = sorted({str(r).lower() for r in doc.get("rcpt") or []
+                        if not domains or str(r).rpartition("@")[2].lower() in domains})
+        for rcpt in rcpts:
+            self.server.archive.list_entry(kind, list_address(sender, "sender"),
+                                           list_address(rcpt, "recipient"), self.user["user"],
+                                           doc["store_key"])
+        said = f"{kind}ed {sender.lower()} for {', '.join(rcpts)}"
+        if kind == "allow" and not doc.get("released"):
+            said += "; " + self.act("release", doc)
+        return said
+
+    def actions(self, doc):
+        """The actions this user may take on this message, as its buttons offer them:
+        learning only with the console's --spamd, listing only a sender there is."""
+        return [action for action in ACTIONS if may(self.user["role"], action, doc)
+                and (self.server.learning or not action.startswith("learn-"))
+                and (doc.get("sender") or action not in ("allow", "block"))]
+
     def outside_scope(self, to):
         """The addresses of a release's `to` that a user scoped to domains may not
         send mail to: any outside those domains (a release elsewhere is an
@@ -6875,6 +7006,8 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             nav = ('<a href="/">Quarantine</a>' +
                    ("" if user.get("domains") else '<a href="/dashboard">Dashboard</a>') +
                    '<a href="/messages">Search</a>' +
+                   ('<a href="/lists">Lists</a>' if ROLES[user.get("role", "viewer")] >= 1
+                    else "") +
                    ('<a href="/audit">Audit</a>' if user.get("role") == "admin" else "") +
                    render_form(
                 "/logout", user["csrf"], f'{h(user["user"])} ({h(user["role"])}) ',
@@ -6966,21 +7099,36 @@ def render_page(title, body, nav="", said=None):
             f'{notice}{body}</main></body></html>')
 
 
-ACTIONS = ("hold", "unhold", "release", "delete")
+ACTIONS = ("hold", "unhold", "release", "delete", "allow", "block", "learn-spam", "learn-ham")
 ACTION_WORDS = {"hold": "Place a legal hold", "unhold": "Lift the legal hold",
-                "release": "Release", "delete": "Delete"}
+                "release": "Release", "delete": "Delete",
+                "allow": "Release and always allow this sender", "block": "Block this sender",
+                "learn-spam": "Spam (teach SpamAssassin)",
+                "learn-ham": "Not spam (teach SpamAssassin)"}
+LIST_ACTIONS = ("allow", "block", "learn-spam", "learn-ham")   # a reviewer's, for their scope
 # What a search's URL or a bulk form holds beside its filters: a page's edge and
 # order, and the bulk form's own fields.
 PAGE_FIELDS = {"before", "after", "skip", "sort", "csrf", "action", "all", "expect", "key"}
 
 
 def may(role, action, doc):
-    """A reviewer holds and releases (but not a virus or banned mail); an admin does
-    everything; a viewer reads."""
+    """A reviewer holds, releases, allows a sender (but not of a virus or banned
+    mail), blocks one and teaches SpamAssassin; an admin does everything; a viewer
+    reads."""
     if role == "admin":
-        return True
-    return role == "reviewer" and action in ("hold", "release") and \
-        (action == "hold" or verdict(doc) not in ("virus", "banned"))
+        return action != "allow" or verdict(doc) not in ("virus", "banned")
+    return role == "reviewer" and action in ("hold", "release", *LIST_ACTIONS) and \
+        (action not in ("release", "allow") or verdict(doc) not in ("virus", "banned"))
+
+
+def action_form(key, action, csrf, label, inside=""):
+    """The button of one action on one message: POST /messages/KEY/ACTION, or
+    /messages/KEY/learn with its class."""
+    path, inside = (f"/messages/{key}/learn", f'<input type="hidden" name="class" '
+                    f'value="{action[6:]}">' + inside) if action.startswith("learn-") else \
+        (f"/messages/{key}/{action}", inside)
+    return render_form(path, csrf, inside, f'<button type="submit" name="do" value="{action}">'
+                                           f"{h(label)}</button>", "inline")
 
 
 def render_form(action, csrf, inside, button, css="", name=""):
@@ -7097,7 +7245,27 @@ def openapi():
             "responses": answer({"type": "object", "required": ["action", "results"],
                                  "properties": {"results": {"type": "array", "items": {
                                      "type": "object", "required": ["key", "result"]}}}},
-                                400, 401, 403, 409, 415)}}}}
+                                400, 401, 403, 409, 415)}},
+        "/api/lists": {
+            "post": {"requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "required": ["kind", "sender"], "properties": {
+                    "kind": {"enum": ["allow", "block"]}, "sender": {"type": "string"},
+                    "for": {"type": "string"}}}}}},
+                "responses": answer({"type": "object", "required": ["kind", "sender", "for"]},
+                                    400, 401, 403, 409, 415)},
+            "delete": {"requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "required": ["sender"], "properties": {
+                    "sender": {"type": "string"}, "for": {"type": "string"}}}}}},
+                "responses": answer({"type": "object", "required": ["removed"]},
+                                    400, 401, 403, 404, 415)}},
+        "/api/messages/{key}/learn": {"post": {
+            "parameters": [{"name": "key", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["class"], "properties": {
+                    "class": {"enum": ["spam", "ham"]}}}}}},
+            "responses": answer({"type": "object", "required": ["key", "result"]},
+                                400, 401, 403, 404, 415, 502)}}}}
 
 
 def render_bulk(done):
@@ -7106,6 +7274,26 @@ def render_bulk(done):
     return (f'<table><tr class="head"><th>message</th><th>what happened</th></tr>{rows}</table>'
             f'<p><a href="/messages">Back to the search</a> <a href="/">Back to the quarantine</a>'
             f"</p>")
+
+
+def render_lists(entries, csrf):
+    """Each entry, with who added it, when and from which message, and a remove."""
+    rows = "".join("<tr>" + cells((
+        ("List", h(e.get("kind"))), ("Sender", h(e.get("sender"))),
+        ("For", h(e.get("rcpt") or "everyone")), ("By", h(e.get("by") or "-")),
+        ("Message", f'<a href="/messages/{h(e["message"])}">{h(e["message"][:12])}</a>'
+         if STORE_KEY_RE.fullmatch(str(e.get("message") or "")) else "-"),
+        ("Remove", render_form("/lists/remove", csrf, f'<input type="hidden" name="sender" '
+                               f'value="{h(e.get("sender"))}"><input type="hidden" name="rcpt" '
+                               f'value="{h(e.get("rcpt") or "")}">',
+                               '<button type="submit">Remove</button>', "inline")))) + "</tr>"
+        for e in entries)
+    return ("<p>Filter mode refuses mail from a blocked sender (550 5.7.1) and does not "
+            "ask SpamAssassin about an allowed one (ClamAV still scans it). "
+            "<code>mms.py lists</code> shows the same.</p>" + (
+                '<table><tr class="head"><th>list</th><th>sender</th><th>for</th><th>by</th>'
+                f"<th>message</th><th></th></tr>{rows}</table>" if rows else
+                "<p>No entries.</p>"))
 
 
 def render_audit(params, trail, zone):
@@ -7306,7 +7494,11 @@ def subject_link(doc):
         else subject
 
 
-def quarantine_row(doc, user, now):
+ROW_WORDS = {"allow": "Release + allow sender", "block": "Block sender", "learn-spam": "Spam",
+             "learn-ham": "Not spam"}     # a row's buttons, shorter
+
+
+def quarantine_row(doc, user, now, actions):
     """A message awaiting judgement: who, what, why it is held, how old, and the
     actions this user may take on it at hand."""
     key, kind = doc["store_key"], verdict(doc)
@@ -7315,11 +7507,10 @@ def quarantine_row(doc, user, now):
         f": {', '.join(map(str, names))}" if names else "")
     received = doc.get("received")
     age = age_text(now - received) if isinstance(received, datetime.datetime) else "-"
-    shown = [a for a in ("release", "delete") if may(user["role"], a, doc)
-             and not (a == "delete" and is_held(doc))] if user.get("csrf") else []
-    buttons = " ".join(render_form(f"/messages/{key}/{action}", user["csrf"], "",
-                                   f'<button type="submit">{ACTION_WORDS[action]}</button>',
-                                   "inline") for action in shown)
+    shown = [a for a in ("release", "delete", "allow", "block", "learn-spam", "learn-ham")
+             if a in actions and not (a == "delete" and is_held(doc))] if user.get("csrf") else []
+    buttons = " ".join(action_form(key, action, user["csrf"], ROW_WORDS.get(action, ACTION_WORDS[
+        action])) for action in shown)
     hold = ' <span class="muted">(legal hold)</span>' if is_held(doc) else ""
     return f'<tr class="{h(kind)}">' + cells((
         ("From", h(doc.get("sender") or "<>")), ("To", h(rcpt_list(doc))),
@@ -7335,7 +7526,7 @@ def age_text(delta):
     return f"{minutes // 60} h" if minutes < 2880 else f"{minutes // 1440} days"
 
 
-def render_quarantine(docs, count, user, zone, pages):
+def render_quarantine(docs, count, user, zone, pages, actions):
     """The landing page: how many messages wait, and a page of them."""
     said = ("Mail awaiting judgement." if count is None else
             "Nothing awaits judgement." if not count else
@@ -7343,7 +7534,7 @@ def render_quarantine(docs, count, user, zone, pages):
             else f"{count:,} message{'s' if count != 1 else ''} await{'s' if count == 1 else ''}"
                  f" judgement.")
     now = datetime.datetime.now(UTC)
-    rows = "".join(quarantine_row(doc, user, now) for doc in docs)
+    rows = "".join(quarantine_row(doc, user, now, actions(doc)) for doc in docs)
     table = ('<table><tr class="head"><th>from</th><th>to</th><th>subject</th><th>verdict'
              '</th><th>attachments</th><th>age</th><th></th></tr>' + rows + "</table>"
              ) if rows else ""
@@ -7429,12 +7620,11 @@ def render_message(key, doc, view, csrf=None, zone=UTC, actions=ACTIONS):
     part's source one click away. An admin's actions come with the CSRF token."""
     release = ('<input name="to" placeholder="to (optional)" aria-label="release to">'
                '<label><input type="checkbox" name="again" value="1"> again</label>')
-    shown = [name for name in ("unhold" if is_held(doc) else "hold", "delete", "release")
-             if name in actions]
-    actions = "".join(render_form(
-        f"/messages/{key}/{name}", csrf, release if name == "release" else "",
-        f'<button type="submit" name="do" value="{name}">{ACTION_WORDS[name]}</button>',
-        "inline") + " " for name in shown) if csrf else ""
+    shown = [name for name in ("unhold" if is_held(doc) else "hold", "delete", "release",
+                               "allow", "block", "learn-spam", "learn-ham") if name in actions]
+    actions = "".join(action_form(key, name, csrf, ACTION_WORDS[name],
+                                  release if name == "release" else "") + " "
+                      for name in shown) if csrf else ""
     texts = "".join(f"<details{' open' if label == 'Text' else ''}><summary>{h(label)}"
                     f"</summary>{body}</details>" for label, body in view.texts)
     notes = "".join(f'<p class="muted">{h(note)}</p>' for note in view.notes)
@@ -7820,7 +8010,8 @@ def header_pairs(head):
 
 
 @command("web", "the web console", ("web", "web_users", "web_cert", "web_key", "web_allow", "via",
-                                   "hostname", "server", "remote_host", "remote_port") + MONGO,
+                                   "hostname", "server", "remote_host", "remote_port", "spamd",
+                                   "scan_timeout") + MONGO,
          bounded=True)
 def archive_web(cfg, archive):
     """`mms.py web`: the console until SIGTERM or SIGINT."""

@@ -7047,6 +7047,111 @@ class TestConsoleRoles(WebCase):
         self.assertEqual(line(), [])
 
 
+class TestConsoleLists(WebCase):
+    """The reviewer's judgement teaches, from the console and the API: release and
+    always allow a sender, block one, teach SpamAssassin (real spamd, with
+    --allow-tell); each for the recipients in the user's scope, audited; a Lists
+    page to see and remove entries. Viewers see none of it."""
+
+    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor", "scoped": "hunter2 hunter2"}
+
+    def more_users(self):
+        return [f"reviewer:{mms.hash_password(self.PASSWORDS['reviewer'])}:reviewer\n",
+                f"scoped:{mms.hash_password(self.PASSWORDS['scoped'])}:reviewer:example.org\n"]
+
+    def web_args(self):
+        return ["--spamd", LearningSpamd.get().address]
+
+    def setUp(self):
+        super().setUp()
+        self.partner = self.key(self.send_message(self.raw(), SIMPLE, sender="Partner@x.org",
+                                                  rcpts=("bob@example.org", "carol@example.com")))
+
+    def post(self, user, path, fields=None):
+        cookie = self.login(user)
+        return self.http("POST", path, {"csrf": self.csrf(cookie), **(fields or {})},
+                         cookie=cookie)
+
+    def entries(self):
+        return sorted((e["kind"], e["sender"], e["rcpt"], e["by"], e["message"])
+                      for e in self.db["message_lists"].find())
+
+    def test_the_buttons_are_a_reviewers(self):
+        page = self.http("GET", f"/messages/{self.partner}", cookie=self.login("reviewer"))[2]
+        for label in (b"Release and always allow this sender", b"Block this sender",
+                      b"Spam (teach SpamAssassin)", b"Not spam (teach SpamAssassin)"):
+            self.assertIn(label, page)
+        page = self.http("GET", f"/messages/{self.partner}", cookie=self.login("viewer"))[2]
+        self.assertNotIn(b"Block this sender", page)
+        self.assertEqual(self.post("viewer", f"/messages/{self.partner}/block")[0], 403)
+        self.assertEqual(self.http("GET", "/lists", cookie=self.login("viewer"))[0], 403)
+
+    def test_release_and_allow_then_block_in_scope(self):
+        self.assertEqual(self.post("reviewer", f"/messages/{self.partner}/allow")[0], 303)
+        self.assertEqual(self.entries(), [
+            ("allow", "partner@x.org", "bob@example.org", "reviewer", self.partner),
+            ("allow", "partner@x.org", "carol@example.com", "reviewer", self.partner)])
+        self.assertEqual(len(self.down.messages), 1)                     # released too
+        self.assertEqual(self.post("scoped", f"/messages/{self.partner}/block")[0], 303)
+        self.assertEqual(self.entries()[0], ("allow", "partner@x.org", "carol@example.com",
+                                             "reviewer", self.partner))
+        self.assertEqual(self.entries()[1][:3], ("block", "partner@x.org", "bob@example.org"))
+        page = self.http("GET", "/lists", cookie=self.login("scoped"))[2].decode()
+        self.assertIn('<td data-label="For">bob@example.org</td>', page)
+        self.assertNotIn("carol@example.com", page)                       # not theirs
+        status, _, _ = self.post("scoped", "/lists/remove", {"sender": "partner@x.org",
+                                                             "rcpt": "carol@example.com"})
+        self.assertEqual(status, 403)
+        self.assertEqual(self.post("scoped", "/lists/remove", {
+            "sender": "partner@x.org", "rcpt": "bob@example.org"})[0], 303)
+        self.assertEqual(len(self.entries()), 1)
+        self.web.audit.flush()
+        said = [(e["user"], e["action"], e["result"]) for e in self.db["message_audit"].find(
+            {"action": {"$in": ["allow", "block", "unlist"]}}).sort("at", 1)]
+        self.assertEqual([s[:2] for s in said], [("reviewer", "allow"), ("scoped", "block"),
+                                                 ("scoped", "unlist"), ("scoped", "unlist")])
+        self.assertTrue(said[2][2].startswith("refused"))
+
+    def test_not_spam_teaches_spamd(self):
+        spamd = LearningSpamd.get()
+        before = spamd.learned()
+        self.assertEqual(self.post("reviewer", f"/messages/{self.partner}/learn",
+                                   {"class": "ham"})[0], 303)
+        self.assertEqual(spamd.learned()["nham"], before["nham"] + 1)
+        doc = self.db["message"].find_one({"store_key": self.partner})
+        self.assertEqual((doc["learned"]["class"], doc["learned"]["by"]), ("ham", "reviewer"))
+        self.assertEqual(self.post("reviewer", f"/messages/{self.partner}/learn",
+                                   {"class": "eggs"})[0], 400)
+
+    def test_the_api(self):
+        auth = {"Content-Type": "application/json", "Authorization": "Basic " +
+                base64.b64encode(b"scoped:" + self.PASSWORDS["scoped"].encode()).decode()}
+
+        def api(method, path, payload):
+            import http.client
+            conn = http.client.HTTPConnection("127.0.0.1", self.web_port, timeout=60)
+            self.addCleanup(conn.close)
+            conn.request(method, path, json.dumps(payload).encode(), auth)
+            answer = conn.getresponse()
+            return answer.status, json.loads(answer.read() or b"{}")
+        self.assertEqual(api("POST", "/api/lists", {"kind": "block", "sender": "@spam.example",
+                                                    "for": "@example.org"}),
+                         (200, {"kind": "block", "sender": "@spam.example",
+                                "for": "@example.org", "replaced": None}))
+        self.assertEqual(api("POST", "/api/lists", {"kind": "block", "sender": "@spam.example",
+                                                    "for": "@example.com"})[0], 403)
+        self.assertEqual(api("POST", "/api/lists", {"kind": "allow", "sender": "*"})[0], 400)
+        self.assertEqual(api("DELETE", "/api/lists", {"sender": "@spam.example",
+                                                      "for": "@example.org"})[0], 200)
+        self.assertEqual(api("DELETE", "/api/lists", {"sender": "@spam.example",
+                                                      "for": "@example.org"})[0], 404)
+        status, answer = api("POST", f"/api/messages/{self.partner}/learn", {"class": "spam"})
+        self.assertEqual((status, answer["result"]), (200, f"learned {self.partner} as spam"))
+        status, answer = api("POST", "/api/bulk", {"action": "block", "keys": [self.partner]})
+        self.assertEqual(answer["results"], [{"key": self.partner, "result":
+                                              "blocked partner@x.org for bob@example.org"}])
+
+
 class TestAuditLog(WebCase):
     """Every login and its failure, read, download and change, with who, as what,
     from where and how it went, in a collection of its own kept --audit-retention
