@@ -6736,14 +6736,24 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         else:
             button = (f'<form method="post" action="/q/{h(token)}"><button type="submit">'
                       f"Deliver this message to <bdi>{h(rcpt)}</bdi></button></form>")
+            if self.params.get("allow") and doc.get("sender"):
+                button += (f'<form method="post" action="/q/{h(token)}"><input type="hidden" '
+                           f'name="allow" value="1"><button type="submit">Deliver it, and always '
+                           f"allow mail from <bdi>{h(doc['sender'])}</bdi> to <bdi>{h(rcpt)}"
+                           f"</bdi></button></form>")
         self.page("A message held for you", link_summary(self.server.archive, doc, rcpt) +
                   button)
 
     @route("POST", r"/q/([A-Za-z0-9_.-]{1,2000})", "anyone")
     def post_link(self, token):
         doc, rcpt = self.linked(token)
-        self.form()
+        fields = self.form()
         by = f"{rcpt}, from a quarantine report, at {self.client_address[0]}"
+        if fields.get("allow") and doc.get("sender"):    # that recipient's own entry only
+            sender = list_address(doc["sender"], "sender")
+            self.server.archive.list_entry("allow", sender, rcpt, by, doc["store_key"])
+            self.audit("report-allow", doc["store_key"], f"allowed {sender} for {rcpt}",
+                       user=rcpt)
         refused, record = release_message(self.server.cfg, self.server.archive, doc, [rcpt],
                                           again=True, by=by, once_for=rcpt)
         log.info("web: %s released %s from a report: %s", rcpt, doc["store_key"],
@@ -8156,10 +8166,13 @@ def digest_message(sender, rcpt, links, cfg):
         when = f"{when:%Y-%m-%d %H:%M}" if isinstance(when, datetime.datetime) else ""
         verdict = report_verdict(doc)
         who, subject = one_line(doc.get("sender") or "<>"), one_line(doc.get("subject", ""))
-        lines.append(f"{when}  {who}  {subject}\n  {verdict}\n  {link}")
+        allow = f"{link}?allow=1" if doc.get("sender") else ""
+        lines.append(f"{when}  {who}  {subject}\n  {verdict}\n  {link}" + (
+            f"\n  release, and always allow this sender: {allow}" if allow else ""))
         rows.append(f"<tr><td>{h(when)}</td><td><bdi>{h(who)}</bdi></td><td><bdi>{h(subject)}"
-                    f"</bdi></td><td>{h(verdict)}</td><td><a href=\"{h(link)}\">review</a></td>"
-                    f"</tr>")
+                    f"</bdi></td><td>{h(verdict)}</td><td><a href=\"{h(link)}\">review</a>" + (
+                        f' <a href="{h(allow)}">release and always allow this sender</a>'
+                        if allow else "") + "</td></tr>")
     text = (f"These {len(links)} message(s) for {rcpt} were held. Open a link to see "
             f"one, and to have it delivered if it is yours:\n\n" + "\n\n".join(lines) +
             f"\n\nThe links expire in {cfg.expire_days:g} day(s).\n")

@@ -7682,7 +7682,8 @@ class TestQuarantineReports(ReportCase):
         self.assertIn("&lt;b&gt;cheap&lt;/b&gt; pills", page)        # escaped in the HTML
         self.assertIn("more pills", text)
         self.assertNotIn("invoice", text)                             # no virus
-        self.assertEqual(len(re.findall(r"/q/\S+", text)), 2)
+        self.assertEqual(len(re.findall(r"/q/\S+", text)), 4)       # review; release and allow
+        self.assertEqual(len(re.findall(r"/q/\S+\?allow=1", text)), 2)
         self.assertNotIn("more pills", reports["bob@example.com"].get_body(("plain",)).get_content())
         self.assertEqual(alice["Auto-Submitted"], "auto-generated")
         done = self.digest("--include", "virus", "--dry-run")
@@ -7712,6 +7713,24 @@ class TestQuarantineReports(ReportCase):
         self.assertEqual(status, 409)                   # once
         self.assertEqual(len(self.down.messages), reports + 1)
         self.assertEqual(self.dialogs, [])
+
+    def test_release_and_always_allow_from_the_report(self):
+        self.assertEqual(self.digest().returncode, 0)
+        text = self.reports()["alice@example.com"].get_body(("plain",)).get_content()
+        link = re.search(r"always allow this sender: (http://\S+)", text.split("more pills")[1]
+                         ).group(1)
+        reports = len(self.down.messages)
+        path = urllib.parse.urlparse(link)
+        page = self.http("GET", f"{path.path}?{path.query}")[2].decode()
+        self.assertIn("always allow mail from <bdi>a@example.org</bdi> to "
+                      "<bdi>alice@example.com</bdi>", page)
+        self.assertEqual(self.db["message_lists"].count_documents({}), 0)   # a GET does nothing
+        self.assertEqual(self.http("POST", path.path, {"allow": "1"})[0], 200)
+        self.assertEqual(len(self.down.messages), reports + 1)
+        [entry] = self.db["message_lists"].find()
+        self.assertEqual((entry["kind"], entry["sender"], entry["rcpt"], entry["message"]),
+                         ("allow", "a@example.org", "alice@example.com", self.spam2))
+        self.assertTrue(entry["by"].startswith("alice@example.com, from a quarantine report"))
 
     def test_tampered_expired_and_virus_links(self):
         with open(self.secret, "rb") as f:
