@@ -536,6 +536,8 @@ def build_parser():
     archive("--force", action="store_true", help="release: again")
     archive("--for", dest="for_rcpt", default="", help="allow, block, unlist, lists: for "
             "this recipient (an address or @domain) only; default: everyone")
+    archive("--amavis", metavar="DIR", help="lists: write the lists for everyone as "
+            "amavisd-new's read_hash() files in DIR")
     archive("--user", help="audit: this console user's entries")
     archive("--action", help="audit: login, view, preview, download, hold, unhold, release, "
             "delete, report-release")
@@ -5865,9 +5867,11 @@ def archive_unlist(cfg, archive):
     return 0
 
 
-@command("lists", "the allow and block lists (--for RCPT: that recipient's)",
-         ("for_rcpt", "json") + MONGO)
+@command("lists", "the allow and block lists (--for RCPT: that recipient's); --amavis DIR "
+         "writes the global ones for amavisd-new", ("for_rcpt", "json", "amavis") + MONGO)
 def archive_lists(cfg, archive):
+    if cfg.amavis:
+        return write_amavis_lists(archive, cfg.amavis)
     rcpt = None if not cfg.for_rcpt else list_address(cfg.for_rcpt, "--for")
     for entry in archive.list_entries(rcpt):
         if cfg.json:
@@ -5877,6 +5881,28 @@ def archive_lists(cfg, archive):
             when = f"{at:%Y-%m-%d %H:%M}" if isinstance(at, datetime.datetime) else "-"
             print(f"{entry['kind']:<5} {entry['sender']} -> {entry['rcpt'] or 'everyone'} "
                   f"(by {entry.get('by') or '?'}, {when})")
+    return 0
+
+
+AMAVIS_LISTS = {"allow": "mms-allow-senders", "block": "mms-block-senders"}
+
+
+def write_amavis_lists(archive, folder):
+    """The lists for everyone, as files amavisd-new reads with read_hash() into
+    @whitelist_sender_maps and @blacklist_sender_maps: a key a line, an address or
+    a domain (amavisd-new's hash lookups try user@domain, then the domain). Each
+    written whole and renamed into place, so amavisd-new never reads half a list."""
+    keys = {kind: [] for kind in AMAVIS_LISTS}
+    for entry in archive.list_entries(""):
+        keys[entry["kind"]].append(entry["sender"].lstrip("@"))
+    for kind, name in AMAVIS_LISTS.items():
+        path = os.path.join(folder, name)
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{name}.", delete=False) as f:
+            f.write(f"# mms.py lists --amavis: the {kind} list for every recipient\n")
+            f.writelines(f"{key}\n" for key in sorted(keys[kind]))
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, path)
+        print(f"{len(keys[kind])} sender(s) in {path}")
     return 0
 
 

@@ -2839,6 +2839,56 @@ class TestAmavisQuarantine(MongoCase):
             self.assertEqual(done.stdout.split()[:1], [doc["store_key"]], done.stdout)
 
 
+class AmavisWithLists(Amavis):
+    """amavisd-new reading mms's lists for everyone, as the README's amavisd.conf
+    lines say: `mms.py lists --amavis DIR` writes them from the archive `source`
+    names before it starts (it reads them as it starts)."""
+
+    source = None     # (MongoDB URI, database): set by the test before get()
+
+    def command(self):
+        argv = super().command()
+        folder = os.path.join(self.dir, "lists")
+        os.makedirs(folder)
+        done = subprocess.run([sys.executable, MMS, "lists", "--amavis", folder, "--mongo-host",
+                               self.source[0], "--mongo-database", self.source[1]],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        conf = argv[2]
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("\n1;", f"""
+@whitelist_sender_maps = (read_hash("{folder}/mms-allow-senders"));
+@blacklist_sender_maps = (read_hash("{folder}/mms-block-senders"));
+1;"""))
+        return argv
+
+
+class TestAmavisLists(MongoCase):
+    """The lists for everyone, written for amavisd-new (mms.py lists --amavis) and
+    read by the real amavisd-new: a blocked sender's clean mail arrives as spam, an
+    allowed sender's spam arrives as clean."""
+
+    def test_amavisd_new_honours_the_lists(self):
+        for args in (("allow", "friend@example.org"), ("block", "@foe.example"),
+                     ("block", "other@foe.example", "--for", "alice@example.com")):
+            self.assertEqual(self.archive_command(*args).returncode, 0)
+        AmavisWithLists.source = (self.uri, self.dbname)
+        amavis = AmavisWithLists.get()
+        with open(os.path.join(amavis.dir, "lists", "mms-block-senders")) as f:
+            self.assertEqual(f.read().splitlines()[1:], ["foe.example"])   # everyone's only
+        self.start_mongo("--real-rcpt", "--port", str(amavis.mms))
+        self.assertEqual(amavis.send("friend@example.org", ["alice@example.com"],
+                                     mail(b"gtube", GTUBE + b"\r\n")), {})
+        self.assertEqual(amavis.send("someone@foe.example", ["alice@example.com"], SIMPLE), {})
+        docs = {d["envelope_from"]: d for d in self.records()}
+        self.assertEqual(docs["friend@example.org"].get("is_spam"), 0)
+        self.assertNotEqual(docs["friend@example.org"]["quarantine"], "spam")
+        self.assertEqual((docs["someone@foe.example"]["is_spam"],
+                          docs["someone@foe.example"]["quarantine"]), (1, "spam"))
+
+
 class TestAmavisArchive(MongoCase):
     """amavisd-new, as Debian ships it, archiving every message into mms (--real-rcpt)."""
 
