@@ -3035,6 +3035,8 @@ def tally_keys(doc):
     files = doc.get("files") if isinstance(doc.get("files"), list) else ()
     for kind in {str(f.get("content_type"))[:100] for f in files if isinstance(f, dict)}:
         yield "attachment-type", day, kind
+    if doc.get("is_allowed"):
+        yield "list", day, "allowed"
 
 
 def mongo_error(exc):
@@ -3539,6 +3541,8 @@ class FilterMode(ProxyMode):
             self.metrics.count("mms_list_decisions_total", "blocked")
             log.info("blocked from=<%s> to=<%s> client=%s: list entry %s -> %s", tx.sender,
                      rcpt, client.peer, entry["sender"], entry["rcpt"] or "everyone")
+            self.store.tally.merge({("list", f"{datetime.datetime.now(UTC):%Y-%m-%d}",
+                                     "blocked"): [1, 0]})
             return R_BLOCKED.format(tx.sender)
         if entry:
             tx.allowed.add(rcpt)
@@ -3550,7 +3554,7 @@ class FilterMode(ProxyMode):
     def on_message(self, client, tx, metadata, message):
         allowed = sorted(tx.allowed & set(tx.rcpts))
         if allowed:                     # all allowed: no spam check; some: one for all
-            metadata["allowed"] = allowed
+            metadata.update(allowed=allowed, is_allowed=1)
             self.metrics.count("mms_list_decisions_total", "allowed")
         metadata.update(scan(self.cfg, message, self.metrics,
                              spam=len(allowed) < len(tx.rcpts)))
@@ -4759,11 +4763,13 @@ class Archive:
         """(totals, groups), counted by MongoDB from the received index's range."""
         head = self.window(since, until)
         sums = {"messages": {"$sum": 1}, "bytes": {"$sum": as_number("$size")}}
-        counted = {"messages": 0, "bytes": 0, **dict.fromkeys(VERDICT_FIELDS, 0)}
+        counted = {"messages": 0, "bytes": 0, **dict.fromkeys(VERDICT_FIELDS + ("allowed",), 0)}
         for row in self.aggregate(head + [{"$group": {"_id": None, **sums, **{
-                name: {"$sum": as_number(f"$is_{name}")} for name in VERDICT_FIELDS}}}]) \
-                if totals else ():
+                name: {"$sum": as_number(f"$is_{name}")} for name in (
+                    *VERDICT_FIELDS, "allowed")}}}]) if totals else ():
             counted.update({key: row.get(key) or 0 for key in counted})
+        if totals:      # refused at RCPT, never stored: the daily counts have them
+            counted["blocked"] = self.blocked(since, until)
         totals = counted
         if not by:
             return totals, []
@@ -4817,6 +4823,14 @@ class Archive:
             days[row.get("day")][row.get("group")] = [row.get("messages") or 0,
                                                       row.get("bytes") or 0]
         return dict(days)
+
+    def blocked(self, since, until):
+        """Recipients filter mode refused by the block lists, from the daily counts of
+        since's day to until's (days, UTC)."""
+        days = self.daily("list", since or datetime.datetime(1970, 1, 1, tzinfo=UTC))
+        last = f"{until:%Y-%m-%d}" if until else "~"
+        return sum(groups.get("blocked", [0])[0] for day, groups in days.items()
+                   if str(day) <= last)
 
     def top(self, by, since, top=10):
         """[{group, messages}], the groups with the most messages since then, summed by
@@ -7114,8 +7128,10 @@ LOGIN_FORM = """{error}<form method="post" action="/login">
 <p><label>Password <input name="password" type="password" autocomplete="current-password"
 required></label></p><p><button type="submit">Log in</button></p></form>"""
 
-DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released")
-FIGURE_WORDS = {"bytes": "size", "held": "on legal hold"}
+DASHBOARD_TOTALS = ("messages", "bytes", "virus", "spam", "banned", "held", "released",
+                    "allowed", "blocked")
+FIGURE_WORDS = {"bytes": "size", "held": "on legal hold", "allowed": "allowed by a list",
+                "blocked": "recipients blocked by a list"}
 DASHBOARD_SEARCHES = {   # each figure of the dashboard, the search that lists it
     "messages": "since=30d", "bytes": "since=30d", "virus": "verdict=virus&since=30d",
     "spam": "verdict=spam&since=30d", "banned": "verdict=banned&since=30d",
@@ -7177,10 +7193,11 @@ def render_form(action, csrf, inside, button, css="", name=""):
 def render_dashboard(data):
     totals = data["totals"]
     figures = "".join(
-        f'<a class="figure" href="/messages?{h(DASHBOARD_SEARCHES[k])}"><span>'
-        f'{h(FIGURE_WORDS.get(k, k))}</span> <strong>'
+        (f'<a class="figure" href="/messages?{h(DASHBOARD_SEARCHES[k])}">' if k in
+         DASHBOARD_SEARCHES else '<div class="figure">') + f'<span>{h(FIGURE_WORDS.get(k, k))}'
+        f'</span> <strong>'
         f'{shown(human_size(totals[k]) if k == "bytes" and totals[k] is not None else totals[k])}'
-        f"</strong></a>" for k in DASHBOARD_TOTALS)
+        f"</strong>" + ("</a>" if k in DASHBOARD_SEARCHES else "</div>") for k in DASHBOARD_TOTALS)
     tops = "".join(f'<div><h3>Top {h(title)}, 7 days</h3>'
                    f'{NOT_NOW if data["top"][by] is None else top_table(data["top"][by], by)}'
                    f"</div>" for by, title in DASHBOARD_TOPS)
@@ -7390,6 +7407,10 @@ def dashboard_data(archive):
                          for kind in ("virus", "spam", "banned")})
     totals.update(held=available(lambda: archive.count({"held": True})),
                   released=available(lambda: archive.count({"released": {"$exists": True}})))
+    listed = available(lambda: archive.daily("list", today - 29 * DAY))
+    totals.update({kind: None if listed is None else sum(
+        groups.get(kind, [0])[0] for groups in listed.values()) for kind in ("allowed",
+                                                                            "blocked")})
     return {"totals": totals, "archived": available(lambda: archive.count({})),
             "days": None if verdicts is None else {
                 day: {kind: n for kind, (n, _) in groups.items()}

@@ -3946,6 +3946,9 @@ class TestSenderLists(FilterCase):
         self.assertReply(client.cmd("RCPT TO:<carol@example.com>"), "rcpt_ok")
         last = " ".join(self.down.commands).rpartition("MAIL FROM:<x@spam.example>")[2]
         self.assertEqual(last.split(), ["RCPT", "TO:<carol@example.com>"])   # bob never asked
+        self.server.mode.store.tally.flush()
+        code, out, _ = self.lists("stats")
+        self.assertRegex(out.splitlines()[0], r", allowed 1, blocked 1$")
 
     def test_a_virus_from_an_allowed_sender_is_still_a_virus(self):
         self.clamd.answer = b"stream: Eicar-Test-Signature FOUND\0"
@@ -4477,7 +4480,8 @@ class TestStats(ArchiveCase):
         docs = self.records()
         result = self.stats("--by", "sender")
         self.assertEqual(result["totals"], {"messages": 6, "bytes": sum(d["size"] for d in docs),
-                                            "virus": 1, "banned": 1, "spam": 1, "unchecked": 0})
+                                            "virus": 1, "banned": 1, "spam": 1, "unchecked": 0,
+                                            "allowed": 0, "blocked": 0})
         self.assertEqual({g["group"]: g["messages"] for g in result["groups"]},
                          {"a@x.org": 4, "c@x.org": 1, "<>": 1})
         self.assertEqual(result["groups"][0]["bytes"],
@@ -4508,7 +4512,7 @@ class TestStats(ArchiveCase):
         self.assertEqual(code, 0)
         self.assertEqual(out.splitlines()[0], "messages 4, bytes "
                          f"{sum(d['size'] for d in self.records())}, virus 0, banned 0, spam 0, "
-                         f"unchecked 0")
+                         f"unchecked 0, allowed 0, blocked 0")
         self.assertTrue(out.splitlines()[1].split()[-1] == "127.0.0.1", out)
 
 
@@ -6640,7 +6644,7 @@ class TestConsoleAtScale(WebCase):
         for _, _, body in pages:
             self.assertIn(b"not available now", body)        # the verdicts' figures
             self.assertIn(b"Top sender domains", body)
-        self.assertEqual(asked() - before, 1 + len(mms.DASHBOARD_TOPS))
+        self.assertEqual(asked() - before, 2 + len(mms.DASHBOARD_TOPS))   # verdicts, lists
 
     def test_the_audit_log_and_a_bulk_search_are_asked_on_their_indexes(self):
         cookie = self.login()
