@@ -3537,10 +3537,10 @@ class FilterMode(ProxyMode):
         """A sender the lists block for this recipient is refused here, before the
         downstream hears of it; one they allow is noted, and skips spamd."""
         entry = self.lists.entry(tx.sender, rcpt)
-        if entry and entry["kind"] == "block":
+        if entry and entry[0] == "block":
             self.metrics.count("mms_list_decisions_total", "blocked")
             log.info("blocked from=<%s> to=<%s> client=%s: list entry %s -> %s", tx.sender,
-                     rcpt, client.peer, entry["sender"], entry["rcpt"] or "everyone")
+                     rcpt, client.peer, entry[1], entry[2] or "everyone")
             self.store.tally.merge({("list", f"{datetime.datetime.now(UTC):%Y-%m-%d}",
                                      "blocked"): [1, 0]})
             return R_BLOCKED.format(tx.sender)
@@ -3604,7 +3604,8 @@ class SenderLists:
     def run(self):
         while True:
             try:
-                self.entries = {(e["sender"], e["rcpt"]): e for e in self.archive.list_entries()}
+                self.entries = {(e["sender"], e["rcpt"]): e["kind"]   # strings: nothing for
+                                for e in self.archive.list_entries()}   # the GC to walk
                 wait = LISTS_REFRESH
             except Exception as exc:
                 log.warning("the allow and block lists cannot be read (%s): the last ones "
@@ -3614,15 +3615,16 @@ class SenderLists:
                 return
 
     def entry(self, sender, rcpt):
+        """(kind, sender, recipient) of the entry that decides, or None."""
         if not self.entries:
             return None
         sender, rcpt = sender.lower(), rcpt.lower()
         senders = (sender, "@" + sender.rpartition("@")[2]) if "@" in sender else (sender,)
         for who in (rcpt, "@" + rcpt.rpartition("@")[2], ""):
             for whom in senders:
-                found = self.entries.get((whom, who))
-                if found:
-                    return found
+                kind = self.entries.get((whom, who))
+                if kind:
+                    return kind, whom, who
         return None
 
 
