@@ -7177,6 +7177,27 @@ class TestConsoleLists(WebCase):
         self.assertEqual(self.post("reviewer", f"/messages/{self.partner}/learn",
                                    {"class": "eggs"})[0], 400)
 
+    def test_in_chromium(self):
+        page = self.browser()
+        base = self.log_in(page, "reviewer")
+        page.goto(f"{base}/messages/{self.partner}")
+        page.click("button:text('Block this sender')")
+        page.wait_for_load_state()
+        self.assertEqual(page.locator("main p.muted").first.inner_text(), "blocked "
+                         "partner@x.org for bob@example.org, carol@example.com")
+        page.click("button:text('Not spam (teach SpamAssassin)')")
+        page.wait_for_load_state()
+        self.assertEqual(page.locator("main p.muted").first.inner_text(),
+                         f"learned {self.partner} as ham")
+        page.click("header >> text=Lists")
+        self.assertEqual(page.locator("main table tr:not(.head)").count(), 2)
+        self.shoot(page, "lists.png")
+        page.locator("button:text('Remove')").first.click()
+        page.wait_for_load_state()
+        self.assertIn("unlisted partner@x.org", page.locator("main p.muted").first.inner_text())
+        self.assertEqual(page.locator("main table tr:not(.head)").count(), 1)
+        self.assertEqual(self.dialogs, [])
+
     def test_the_api(self):
         auth = {"Content-Type": "application/json", "Authorization": "Basic " +
                 base64.b64encode(b"scoped:" + self.PASSWORDS["scoped"].encode()).decode()}
