@@ -7225,6 +7225,18 @@ class TestConsoleLists(WebCase):
         status, answer = api("POST", "/api/bulk", {"action": "block", "keys": [self.partner]})
         self.assertEqual(answer["results"], [{"key": self.partner, "result":
                                               "blocked partner@x.org for bob@example.org"}])
+        import jsonschema
+        spec = json.loads(self.http("GET", "/api/openapi.json", cookie=self.login())[2])
+        for path, method, payload in (
+                ("/api/lists", "post", {"kind": "allow", "sender": "a@x.org", "for": "@example.org"}),
+                ("/api/lists", "delete", {"sender": "a@x.org", "for": "@example.org"})):
+            status, answer = api(method.upper(), path, payload)
+            operation = spec["paths"][path][method]
+            jsonschema.validate(payload, operation["requestBody"]["content"][
+                "application/json"]["schema"])
+            jsonschema.validate(answer, operation["responses"][str(status)]["content"][
+                "application/json"]["schema"])
+        self.assertIn("post", spec["paths"]["/api/messages/{key}/learn"])
 
 
 class TestAuditLog(WebCase):
