@@ -5300,7 +5300,9 @@ class TestLearning(ArchiveCase):
     def test_spam_and_ham_move_the_bayes_counts(self):
         spamd = LearningSpamd.get()
         before = spamd.learned()
-        spam, ham = self.keys[0], self.keys[1]
+        spam, ham = (self.key(self.send_message(self.raw(), f"Subject: {kind}\r\nMessage-ID: <"
+                                                f"{uuid.uuid4().hex}@x.org>\r\n\r\n{kind}\r\n"
+                                                .encode())) for kind in ("spam", "ham"))
         self.assertEqual(self.learn(spam, "spam", spamd), (0, f"learned {spam} as spam", ""))
         self.assertEqual(self.learn(ham, "ham", spamd), (0, f"learned {ham} as ham", ""))
         self.assertEqual(spamd.learned(), {"nspam": before["nspam"] + 1,
@@ -7118,7 +7120,9 @@ class TestConsoleLists(WebCase):
 
     def setUp(self):
         super().setUp()
-        self.partner = self.key(self.send_message(self.raw(), SIMPLE, sender="Partner@x.org",
+        unique = f"Message-ID: <{uuid.uuid4().hex}@x.org>\r\n".encode()   # spamd's Bayes learns
+        self.partner = self.key(self.send_message(self.raw(), unique + SIMPLE,  # a text once
+                                                  sender="Partner@x.org",
                                                   rcpts=("bob@example.org", "carol@example.com")))
 
     def post(self, user, path, fields=None):
