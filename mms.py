@@ -32,7 +32,7 @@ symptom to a line, grep for the name on the right:
   scan (clamd, spamd), Downstream (relay), MongoStore, Tally (the dashboard's
   daily counts) and Spool (store);
 * the modes: Mode and its on_* steps; DebugMode, QuarantineMode, ProxyMode,
-  FilterMode (MODE_CLASSES);
+  FilterMode and the allow and block lists it holds (SenderLists) (MODE_CLASSES);
 * observability: Metrics, Statsd, MetricsServer (/metrics, /healthz), and the
   HTTP servers' bounds (BoundedHTTPServer, HeadReader, BoundedHandler);
 * the archive: Archive, the one class that asks and writes MongoDB (INDEXES),
