@@ -2491,7 +2491,7 @@ class TestWritePath(MongoCase):
             replies = [self.send_message(self.raw(), SIMPLE) for _ in range(5)]
         self.assertEqual({code for code, _ in replies}, {250})
         self.assertEqual(len(self.records()), 5)
-        wanted = len(mms.Archive.INDEXES) + 2                  # and GridFS's two
+        wanted = len(mms.Archive.INDEXES) + 4      # and GridFS's two, the lists' two
         self.assertEqual(len(tap.sent("createIndexes")), wanted)  # none in the write path
         self.assertEqual(len(logs.output), wanted, logs.output)
         self.assertTrue(all("not authorized" in line for line in logs.output))
@@ -4918,13 +4918,16 @@ class TestArchiveQueries(ArchiveCase):
         matched = [c["pipeline"][0]["$match"] for c in tap.sent("aggregate", "message")]
         self.assertEqual(matched, [{"held": True}, {"released": {"$exists": True}}])
         self.assertEqual(tap.sent("find", "message"), [])
-        [days] = tap.sent("find", "message_daily")           # 30 days of verdicts
+        [days, listed] = tap.sent("find", "message_daily")   # 30 days of verdicts, of lists
+        self.assertEqual((days["filter"]["_id"]["$gte"][:8], listed["filter"]["_id"]["$gte"][:5]),
+                         ("verdict|", "list|"))
         tops = tap.sent("aggregate", "message_daily")        # 7 days, summed by MongoDB
         self.assertEqual(len(tops), len(mms.DASHBOARD_TOPS))
-        for read in [days["filter"]] + [top["pipeline"][0]["$match"] for top in tops]:
+        for read in [days["filter"], listed["filter"]] + [top["pipeline"][0]["$match"]
+                                                          for top in tops]:
             self.assertEqual(list(read), ["_id"])
             self.assertEqual(set(read["_id"]), {"$gte", "$lte"})
-        for command in [days] + tops:
+        for command in [days, listed] + tops:
             self.assertEqual(command["maxTimeMS"], mms.WEB_QUERY_MS)
         for top in tops:
             self.assertTrue(top["allowDiskUse"])
