@@ -6614,9 +6614,8 @@ class WebHandler(BoundedHandler):
             archive.delete(doc)
             result = "deleted"
         else:
-            domains = self.user.get("domains")
-            to = list(to) or [r for r in map(str, doc.get("rcpt") or []) if domains and
-                              r.rpartition("@")[2].lower() in domains]   # theirs only
+            to = list(to) or ([r for r in map(str, doc.get("rcpt") or []) if self.in_scope(r)]
+                              if self.user.get("domains") else [])      # theirs only
             refused, record = release_message(self.server.cfg, archive, doc, to,
                                               again=again, virus=virus, by=user)
             result = f"released: {record['reply']}" if record else "not released"
@@ -6732,8 +6731,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             rcpt = list_address(fields["rcpt"], "recipient") if fields.get("rcpt") else ""
         except UsageError as exc:
             raise HTTPError(400, str(exc)) from None
-        domains = self.user.get("domains")
-        if domains and rcpt.rpartition("@")[2] not in domains:
+        if not self.in_scope(rcpt):
             self.audit("unlist", result=f"refused: {sender} -> {rcpt or 'everyone'}")
             raise HTTPError(403, "that entry is not for your domains: ask an administrator")
         done = self.server.archive.unlist(sender, rcpt)
@@ -6852,8 +6850,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             rcpt = list_address(str(asked["for"]), "for") if asked.get("for") else ""
         except UsageError as exc:
             raise HTTPError(400, str(exc)) from None
-        domains = self.user.get("domains")
-        if domains and rcpt.rpartition("@")[2] not in domains:
+        if not self.in_scope(rcpt):
             raise HTTPError(403, "for: a recipient (or @domain) of your domains")
         return sender, rcpt
 
@@ -6980,9 +6977,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         sender = str(doc.get("sender") or "")
         if not sender:
             raise HTTPError(400, "a message from <> (a bounce) has no sender to list")
-        domains = self.user.get("domains")
-        rcpts = sorted({str(r).lower() for r in doc.get("rcpt") or []
-                        if not domains or str(r).rpartition("@")[2].lower() in domains})
+        rcpts = sorted({str(r).lower() for r in doc.get("rcpt") or [] if self.in_scope(str(r))})
         for rcpt in rcpts:
             self.server.archive.list_entry(kind, list_address(sender, "sender"),
                                            list_address(rcpt, "recipient"), self.user["user"],
@@ -6999,12 +6994,16 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
                 and (self.server.learning or not action.startswith("learn-"))
                 and (doc.get("sender") or action not in ("allow", "block"))]
 
+    def in_scope(self, address):
+        """Whether an address (or @domain; "" is everyone) is this user's to act for:
+        any for a user of all domains, one of their domains' for a scoped user."""
+        domains = self.user.get("domains")
+        return not domains or address.rpartition("@")[2].lower() in domains
+
     def outside_scope(self, to):
         """The addresses of a release's `to` that a user scoped to domains may not
-        send mail to: any outside those domains (a release elsewhere is an
-        administrator's of all domains)."""
-        domains = self.user.get("domains")
-        return [a for a in to if domains and a.rpartition("@")[2].lower() not in domains]
+        send mail to (a release elsewhere is an administrator's of all domains)."""
+        return [a for a in to if not self.in_scope(a)]
 
     def audit(self, action, key=None, result="ok", user=None):
         """An entry of the audit log: who (a report's recipient, a failed login's
