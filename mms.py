@@ -5195,7 +5195,7 @@ class Filters:
         if received:
             clauses.append({"received": received})
         if self.subject:
-            clauses.append({"subject": {"$regex": re.escape(self.subject), "$options": "i"}})
+            clauses.extend(subject_clauses(self.subject, narrowed=bool(self.text)))
         if self.text:
             clauses.extend(text_clauses(self.text))
         if self.message_id:
@@ -5250,6 +5250,25 @@ def text_clauses(search):
     for words in unwanted:
         clauses.append({"$nor": [{"subject": term_found(words)}, {"text": term_found(words)}]})
     return clauses
+
+
+SUBJECT_WORD_MIN = 3     # letters of the longest word a subject search narrows by
+
+
+def subject_clauses(subject, narrowed=False):
+    """--subject as clauses: the text index finds the messages with the subject's
+    longest word (as --text does), then the subject itself, in any case, is tested
+    on those alone. A subject of only shorter words cannot be searched so (it would
+    read most of the index): UsageError says so. With --text (one $text a query),
+    its word narrows instead, and the subject is only tested."""
+    test = {"subject": {"$regex": re.escape(subject), "$options": "i"}}
+    if narrowed:
+        return [test]
+    longest = max(WORD_RE.findall(subject[:1000]) or [""], key=len)
+    if len(longest) < SUBJECT_WORD_MIN:
+        raise UsageError(f"subject: a word of {SUBJECT_WORD_MIN} letters or more, which the "
+                         f"search finds on the text index: {subject!r} has none")
+    return [{"$text": {"$search": longest}}, test]
 
 
 def term_found(words):

@@ -6555,7 +6555,7 @@ class TestConsoleAtScale(WebCase):
     def test_every_read_carries_the_consoles_max_time(self):
         cookie = self.login()
         for path in ["/", "/dashboard", "/messages", "/messages?sender=%40example.org&verdict=clean",
-                     "/messages?rcpt=%40example.com&client=127.0.0.0%2F8&subject=hi",
+                     "/messages?rcpt=%40example.com&client=127.0.0.0%2F8&subject=test",
                      f"/messages/{self.plain}", f"/messages/{self.plain}/raw",
                      f"/messages/{self.plain[:12]}", "/messages.mbox?since=1d",
                      "/api/messages?quarantine=spam", f"/api/messages/{self.plain}",
@@ -6589,6 +6589,8 @@ class TestConsoleAtScale(WebCase):
             "client=127.0.0.0%2F8": {"client_hex": hex_range},
             "message_id=%3Cm1%40x.org%3E": {"message_id": "m1@x.org"},
             "quarantine=spam": {"quarantine": "spam"},
+            "subject=Invoice%20n%C2%BA%207": {"$text": {"$search": "Invoice"}, "subject": {
+                "$regex": re.escape("Invoice nº 7"), "$options": "i"}},   # its longest word
         }
         for query, expected in table.items():
             with self.subTest(query):
@@ -6600,6 +6602,12 @@ class TestConsoleAtScale(WebCase):
                 self.assertEqual(find["limit"], mms.WEB_PAGE + 1)
                 self.assertEqual((count["filter"], count["projection"], count["limit"]),
                                  (expected, {"_id": 1}, mms.WEB_COUNT_MAX + 1))   # how many
+
+    def test_a_subject_of_short_words_says_it_cannot_be_searched_so(self):
+        status, _, body = self.http("GET", "/messages?subject=re%3A%20hi", cookie=self.login())
+        self.assertEqual(status, 400)
+        self.assertIn(b"subject: a word of 3 letters or more", body)
+        self.assertEqual(self.tap.sent("find", "message"), [])
 
     def test_a_search_mongodb_stops_is_said_and_not_retried(self):
         """MaxTimeMSExpired (code 50), as MongoDB answers a query over its maxTimeMS."""
@@ -6615,7 +6623,7 @@ class TestConsoleAtScale(WebCase):
             self.assertIn(b"not available now", body)
             self.assertIn(b"Narrow it", body)
             self.assertEqual(len(self.tap.sent("find", "message")), before + 1)  # no retry
-            status, headers, body = self.http("GET", "/api/messages?subject=x", cookie=cookie)
+            status, headers, body = self.http("GET", "/api/messages?subject=xyz", cookie=cookie)
         self.assertEqual((status, headers["Retry-After"]), (503, "60"))
         self.assertIn("not available now", json.loads(body)["error"])
         self.tap.on_reply = None
