@@ -657,12 +657,10 @@ def overview_help(parser):
 def archive_help(cfg, _):
     """`mms.py help` is `mms.py --help`; `mms.py help list` is `mms.py list --help`."""
     parser = build_parser()
-    if not cfg.key:
+    if cfg.key in (None, "", "start"):
         print(overview_help(parser))
     elif cfg.key in COMMANDS:
         print(command_help(parser, cfg.key))
-    elif cfg.key == "start":
-        print(overview_help(parser))
     else:
         close = difflib.get_close_matches(cfg.key, list(COMMANDS), n=1)
         raise UsageError(f"no command {cfg.key!r}" + (f"; did you mean {close[0]}?" if close
@@ -4893,7 +4891,7 @@ class Archive:
         key, domain = f"{sender} {rcpt}", rcpt.rpartition("@")[2]
         before = next(self.bounded(self.lists.find({"_id": key}).limit(1)), None)
         if before is None:
-            if self.lists.count_documents({}, limit=LISTS_MAX, **self.bound()) >= LISTS_MAX:
+            if self.lists.estimated_document_count(**self.bound()) >= LISTS_MAX:
                 raise Conflict(f"the lists hold {LISTS_MAX} entries, their most: unlist some")
             if rcpt and self.lists.count_documents(
                     {"rcpt_domain": domain}, limit=LISTS_DOMAIN_MAX, **self.bound()) \
@@ -5870,9 +5868,14 @@ def list_address(value, what):
     raise UsageError(f"{what}: not an address or @domain (no patterns): {value!r}")
 
 
+def list_pair(sender, rcpt):
+    """(sender, recipient or "" for everyone) of a list entry, each an address or
+    @domain: as the commands, the console and the API take them."""
+    return list_address(sender, "sender"), list_address(rcpt, "for") if rcpt else ""
+
+
 def list_command(cfg, archive, kind):
-    sender = list_address(cfg.key, "SENDER")
-    rcpt = list_address(cfg.for_rcpt, "--for") if cfg.for_rcpt else ""
+    sender, rcpt = list_pair(cfg.key, cfg.for_rcpt)
     before = archive.list_entry(kind, sender, rcpt, os_user())
     was = f" (it was {before['kind']}ed)" if before and before["kind"] != kind else ""
     print(f"{kind}ed mail from {sender} to {rcpt or 'everyone'}{was}")
@@ -5894,8 +5897,7 @@ def archive_block(cfg, archive):
 @command("unlist", "take SENDER off the allow or block list", ("for_rcpt",) + MONGO,
          key="sender")
 def archive_unlist(cfg, archive):
-    sender = list_address(cfg.key, "SENDER")
-    rcpt = list_address(cfg.for_rcpt, "--for") if cfg.for_rcpt else ""
+    sender, rcpt = list_pair(cfg.key, cfg.for_rcpt)
     if not archive.unlist(sender, rcpt):
         raise NotFound(f"{sender} is on no list for {rcpt or 'everyone'}")
     print(f"unlisted mail from {sender} to {rcpt or 'everyone'}")
@@ -6418,7 +6420,7 @@ class WebHandler(BoundedHandler):
         """The posted fields, with the CSRF token checked: the session's, or the one
         given (the login form's)."""
         self.posted = urllib.parse.parse_qs(self.read_body().decode("utf-8", "replace"))
-        fields = self.fields = {k: v[-1] for k, v in self.posted.items()}
+        fields = {k: v[-1] for k, v in self.posted.items()}
         expected = self.user.get("csrf") if self.user else csrf
         if (self.user or csrf is not None) and not (expected and hmac.compare_digest(
                 fields.get("csrf", "").encode(), expected.encode())):
@@ -6471,11 +6473,10 @@ class WebHandler(BoundedHandler):
         with what a reviewer decides by, and release and delete at hand."""
         if set(self.params) - {"before", "after", "skip"}:
             raise HTTPError(400, "the quarantine takes no filters: search for them")
-        query = self.edges(self.server.archive.quarantine(self.scope()), self.params,
-                           join=one_document)
-        docs, more = self.one_page(query, "newest")
-        count = available(lambda: self.server.archive.count(
-            self.server.archive.quarantine(self.scope()), limit=WEB_COUNT_MAX + 1))
+        awaiting = self.server.archive.quarantine(self.scope())
+        docs, more = self.one_page(self.edges(awaiting, self.params, join=one_document),
+                                   "newest")
+        count = available(lambda: self.server.archive.count(awaiting, limit=WEB_COUNT_MAX + 1))
         self.page("Quarantine", render_quarantine(docs, count, self.user, self.zone(),
                                                   self.page_links(docs, more, "/"),
                                                   self.actions))
@@ -6573,10 +6574,11 @@ class WebHandler(BoundedHandler):
     @route("POST", r"/messages/([0-9a-f]{64})/learn", "reviewer")
     def post_learn(self, key):
         """Not spam or Spam: spamd's Bayes taught (class=ham|spam), as `mms.py learn`."""
-        kind = (self.form().get("class") or "").strip()
+        fields = self.form()
+        kind = (fields.get("class") or "").strip()
         if kind not in ("spam", "ham"):
             raise HTTPError(400, "class: spam or ham")
-        self.post_action(key, "learn-" + kind, self.fields)
+        self.post_action(key, "learn-" + kind, fields)
 
     @route("POST", r"/messages/([0-9a-f]{64})/(hold|unhold|release|delete|allow|block)",
            "reviewer")
@@ -6746,8 +6748,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
     def post_unlist(self):
         fields = self.form()
         try:
-            sender = list_address(fields.get("sender"), "sender")
-            rcpt = list_address(fields["rcpt"], "recipient") if fields.get("rcpt") else ""
+            sender, rcpt = list_pair(fields.get("sender"), fields.get("rcpt"))
         except UsageError as exc:
             raise HTTPError(400, str(exc)) from None
         if not self.in_scope(rcpt):
@@ -6865,8 +6866,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
     def listed(self, asked):
         """(sender, recipient or "") of an API list request, in this user's scope."""
         try:
-            sender = list_address(str(asked.get("sender") or ""), "sender")
-            rcpt = list_address(str(asked["for"]), "for") if asked.get("for") else ""
+            sender, rcpt = list_pair(str(asked.get("sender") or ""), str(asked.get("for") or ""))
         except UsageError as exc:
             raise HTTPError(400, str(exc)) from None
         if not self.in_scope(rcpt):
@@ -7076,8 +7076,8 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             nav = ('<a href="/">Quarantine</a>' +
                    ("" if user.get("domains") else '<a href="/dashboard">Dashboard</a>') +
                    '<a href="/messages">Search</a>' +
-                   ('<a href="/lists">Lists</a>' if ROLES[user.get("role", "viewer")] >= 1
-                    else "") +
+                   ('<a href="/lists">Lists</a>' if ROLES[user.get("role", "viewer")] >=
+                    ROLES["reviewer"] else "") +
                    ('<a href="/audit">Audit</a>' if user.get("role") == "admin" else "") +
                    render_form(
                 "/logout", user["csrf"], f'{h(user["user"])} ({h(user["role"])}) ',
