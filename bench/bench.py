@@ -376,6 +376,76 @@ class Bench:
             print(f"| {name} | {ratio:.0%} | {cpu:.2f} |")
 
 
+    def engine(self):
+        """Issue 39's table: 1 KB at 1, 20 and 100 sessions and 100 KB at 20, new
+        connections, for smtp-sink, the original (mongo-mail-server 0.1.1 from PyPI,
+        gevent, debug mode), the floor (../shared/bench/floor_sink.py, if present) and
+        mms-debug; then mms-store's CPU at 20 sessions. Rounds alternate the servers;
+        each cell is the median of --rounds, its ratio against the sink of its round."""
+        count, rounds = self.args.count, self.args.rounds
+        servers = {"sink": self.servers["sink"], "original": self.original()}
+        if os.path.exists(FLOOR):
+            port = free_port()
+            servers["floor"] = Server("floor", [FLOOR, str(port)], port)
+        servers["mms-debug"] = self.servers["mms-debug"]
+        cells = ((1024, 1), (1024, 20), (1024, 100), (102400, 20))
+        results = {(cell, name): [] for cell in cells for name in servers}
+        try:
+            for _ in range(rounds):
+                for cell in cells:
+                    sink = None
+                    for name, server in servers.items():
+                        r = measure(server, cell[1], count, cell[0], False)
+                        sink = sink or r["rate"]
+                        results[cell, name].append((r["rate"] / sink, r["rate"], r["cpu_ms"]))
+        finally:
+            for name in ("original", "floor"):
+                if name in servers:
+                    servers[name].stop()
+        print(f"| new connections, median of {rounds} | " + " | ".join(
+            f"{size // 1024} KB s{sessions}" for size, sessions in cells) + " | CPU ms/msg, 1 KB s20 |")
+        print("|---" * (len(cells) + 2) + "|")
+        for name in servers:
+            row = [sorted(results[cell, name])[rounds // 2] for cell in cells]
+            print(f"| {name} | " + " | ".join(f"{ratio:.2f} ({rate:,.0f}/s)" for ratio, rate, _ in row)
+                  + f" | {row[1][2]:.2f} |")
+        store = [measure(self.servers["mms-store"], 20, count, 1024, False) for _ in range(rounds)]
+        rate, cpu = sorted((r["rate"], r["cpu_ms"]) for r in store)[rounds // 2]
+        print(f"\nmms-store (mongo-quarantine into nx-27017), 1 KB, 20 sessions: {rate:.0f} msg/s, "
+              f"{sorted(r['cpu_ms'] for r in store)[rounds // 2]:.2f} ms CPU/msg (medians of {rounds})")
+
+    def original(self):
+        """The original, ported to Python 3 where it is run: lib2to3, and bytes on its
+        socket decoded and encoded as Latin-1; nothing else of it changed."""
+        home = os.path.join(tempfile.gettempdir(), "bench-original")
+        python, source = os.path.join(home, "bin", "python"), os.path.join(home, "original.py")
+        if not os.path.exists(source):
+            import venv
+            import zipfile
+            venv.create(home, with_pip=True)
+            pip = [python, "-m", "pip", "install", "-q"]
+            subprocess.run(pip + ["gevent", "python-dateutil", "python-decouple", "pymongo"],
+                           check=True)
+            subprocess.run([python, "-m", "pip", "download", "-q", "--no-deps", "-d", home,
+                            ORIGINAL], check=True)
+            archive = next(f for f in os.listdir(home) if f.startswith("mongo-mail-server"))
+            with zipfile.ZipFile(os.path.join(home, archive)) as z:
+                text = z.read(next(n for n in z.namelist() if n.endswith("/mongo_mail_server.py")))
+            with open(source + ".py2", "wb") as f:
+                f.write(text)
+            subprocess.run([sys.executable, "-m", "lib2to3", "-w", "-n", "-o", home,
+                            source + ".py2"], check=True, capture_output=True)
+            with open(source + ".py2") as f:
+                text = f.read()
+            for old, new in ORIGINAL_PORT:
+                text = text.replace(old, new)
+            with open(source, "w") as f:
+                f.write(text)
+        port = free_port()
+        return Server("original", [python, source, "--server", "debug", "--host", "127.0.0.1",
+                                   "--port", str(port), "--concurency", "5000",
+                                   "--max-connections", "5000", "start"], port, python=False)
+
     def archive(self):
         """purge and verify on an archive of --archive-count messages, written straight
         into nx-27017 as mms writes them: time and peak RSS, each beside a `count`
@@ -624,7 +694,16 @@ class Bench:
         return time.monotonic() - started, int(done.stderr.split("VmHWM:")[1].split()[0])
 
 
-PARTS = ("matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics", "floor",
+FLOOR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "bench", "floor_sink.py")
+ORIGINAL = "mongo-mail-server==0.1.1"
+ORIGINAL_PORT = (   # Python 2 to 3 beyond lib2to3: the module and argparse keyword gone
+    ("from UserDict import UserDict", "from collections import UserDict"),
+    ("version=__VERSION__,", ""),
+    ("self.conn.send(msg + '\\r\\n')", "self.conn.send((msg + '\\r\\n').encode('latin-1'))"),
+    ("data = self.conn.recv(self.ac_in_buffer_size)",
+     "data = self.conn.recv(self.ac_in_buffer_size).decode('latin-1')"),
+)
+PARTS = ("engine", "matrix", "halves", "idle", "large", "concurrent_large", "workers", "metrics", "floor",
          "archive", "console", "parse")
 CONSOLE_WORDS = ("invoice", "meeting", "report", "delivery", "password", "holiday")
 CONSOLE_SEARCHES = [   # (name, query string): one for each kind of filter
@@ -657,6 +736,7 @@ def main():
                         help="parse part: messages reindex and list --text read (200000)")
     parser.add_argument("--baseline", metavar="REV",
                         help="archive and parse parts: also run the mms.py of this git revision")
+    parser.add_argument("--rounds", type=int, default=3, help="engine part: rounds (3)")
     parser.add_argument("--only", action="append", choices=PARTS,
                         help="run only this part (repeatable; default: all)")
     args = parser.parse_args()
