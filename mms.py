@@ -4495,7 +4495,7 @@ class Archive:
         on a collection sharded on another key) leaves the others built; which are
         missing, with what that costs, is in self.missing. Built in the background
         on MongoDB 4.2 and later; never in the write path."""
-        from pymongo.errors import ConnectionFailure
+        from pymongo.errors import ConnectionFailure, PyMongoError
         self.ping()
         wanted = [(self.collection, keys, options, cost) for keys, options, cost in self.INDEXES]
         wanted += [(self.files, [("filename", 1), ("uploadDate", 1)], {}, "GridFS reads "
@@ -4517,6 +4517,8 @@ class Archive:
                 missing[name] = f"{cost} ({mongo_error(exc)})"
         self.missing = missing
         self.indexed = True if not missing else None   # None: asked again, but not at once
+        with contextlib.suppress(PyMongoError):       # if not, the dashboard counts them
+            self.states()                              # counted here if missing
 
     def missing_indexes(self):
         """{index: what goes without it} for the archive's indexes MongoDB does not
@@ -4945,12 +4947,49 @@ class Archive:
     # Changes ################################################################
 
     def hold(self, doc, held=True, by=None):
-        """held: true, or no held; `by` (who, when, how) is noted as held_by or unheld_by."""
+        """held: true, or no held; `by` (who, when, how) is noted as held_by or unheld_by.
+        The state before comes back from the same write, so the held counter moves
+        only when the message's state did."""
         change = {"$set": {"held": True}} if held else {"$unset": {"held": ""}}
         if by:
             change.setdefault("$set", {})["held_by" if held else "unheld_by"] = by
-        if not self.collection.update_one(self.its(doc), change).matched_count:
+        before = self.collection.find_one_and_update(self.its(doc), change, {"held": 1})
+        if before is None:
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
+        if is_held(before) != held:
+            self.add_state({"held": 1 if held else -1})
+
+    # The held and released figures: counters moved as holds, releases and deletes
+    # happen (as the daily counts are as mail arrives), not a count over the archive:
+    # one read of two documents however large it is. A missing counter (an archive
+    # from before mms 1.3) is counted once; `reindex` counts both again.
+    STATES = ("held", "released")
+    STATE_QUERIES = {"held": {"held": True}, "released": {"released": {"$exists": True}}}
+
+    def add_state(self, changes):
+        from pymongo import UpdateOne
+        moved = [UpdateOne({"_id": f"state|{name}"}, {
+            "$inc": {"messages": n}, "$setOnInsert": {"by": "state", "group": name}},
+            upsert=True) for name, n in changes.items() if n]
+        if moved:
+            self.counts.bulk_write(moved, ordered=False)
+
+    def states(self):
+        """{"held": n, "released": n} from the counters; one missing is counted now."""
+        found = {row["group"]: row.get("messages") or 0 for row in self.bounded(
+            self.counts.find({"_id": {"$in": [f"state|{name}" for name in self.STATES]}}))}
+        for name in self.STATES:
+            if name not in found:
+                found[name] = self.count_state(name, exact=False)
+        return found
+
+    def count_state(self, name, exact=True):
+        """Count one figure over the archive and write it as its counter: exact (reindex)
+        sets it; otherwise it is set only if no hold or release wrote it meanwhile."""
+        n = self.count(self.STATE_QUERIES[name])
+        self.counts.update_one({"_id": f"state|{name}"}, {"$set" if exact else "$setOnInsert": {
+            "messages": n, "by": "state", "group": name}}, upsert=True)
+        return n
 
     def learned(self, doc, kind, by):
         """Note what spamd was taught of the message: {class, by, at}."""
@@ -4960,10 +4999,13 @@ class Archive:
 
     def delete(self, doc):
         """Deleted only if not on hold, asked in the delete itself."""
-        if not self.collection.delete_one({**self.its(doc), **NOT_HELD}).deleted_count:
+        gone = self.collection.find_one_and_delete({**self.its(doc), **NOT_HELD},
+                                                   {"released": 1})
+        if gone is None:
             if self.collection.find_one(self.its(doc), {"_id": 1}) is not None:
                 raise Conflict(f"{doc['store_key']} is on legal hold: `mms.py unhold` it first")
             raise NotFound(f"{doc['store_key']} is gone: deleted or purged meanwhile")
+        self.add_state({"released": -1 if gone.get("released") else 0})
         self.remove_files([doc.get("message")])
 
     @staticmethod
@@ -4991,7 +5033,7 @@ class Archive:
         if dry_run:
             return self.count(query)
         purged = 0
-        cursor = self.collection.find(query, {"message": 1, "store_key": 1})
+        cursor = self.collection.find(query, {"message": 1, "store_key": 1, "released": 1})
         for docs in batched(cursor.batch_size(self.BATCH), self.BATCH):
             ids = {"_id": {"$in": [doc["_id"] for doc in docs]},
                    "store_key": {"$in": [doc.get("store_key") for doc in docs]}}
@@ -5000,6 +5042,7 @@ class Archive:
                 kept = {doc["_id"] for doc in self.collection.find(ids, {"_id": 1})}
                 docs = [doc for doc in docs if doc["_id"] not in kept]
             self.remove_files([doc.get("message") for doc in docs])
+            self.add_state({"released": -sum(1 for doc in docs if doc.get("released"))})
             purged += len(docs)
         return purged
 
@@ -5040,7 +5083,10 @@ class Archive:
         change = {"$unset": {"releasing": ""}}
         if record is not None:
             change["$set"] = {"released": [*(claimed.get("released") or []), record]}
-        self.collection.update_one({**self.its(claimed), "releasing.token": token}, change)
+        done = self.collection.update_one({**self.its(claimed), "releasing.token": token},
+                                          change)
+        if record is not None and done.modified_count and not claimed.get("released"):
+            self.add_state({"released": 1})
 
 
 def batched(iterable, size):
@@ -5802,6 +5848,8 @@ def archive_reindex(cfg, archive):
         done += archive.reindex(docs, cfg.index_text)
         progress.show(done)
     progress.end()
+    for name in archive.STATES:
+        archive.count_state(name)
     print(f"reindex: {done} message(s) given their search fields in "
           f"{time.monotonic() - started:.0f} s")
     return 0
@@ -7411,8 +7459,8 @@ def edge_page(docs, way):
 
 
 def dashboard_data(archive):
-    """The dashboard's figures, from the daily counts (Tally) and three counts the
-    held and released indexes and the collection's metadata answer. Each figure on
+    """The dashboard's figures, from the daily counts (Tally), the held and released
+    counters (Archive.states) and the collection's own count. Each figure on
     its own: one MongoDB cannot give within the console's maxTimeMS is None, shown
     as "not available now", and the others are shown."""
     today = datetime.datetime.now(UTC)
@@ -7425,8 +7473,8 @@ def dashboard_data(archive):
                       bytes=sum(size for _, _, size in counted),
                       **{kind: sum(n for k, n, _ in counted if k == kind)
                          for kind in ("virus", "spam", "banned")})
-    totals.update(held=available(lambda: archive.count({"held": True})),
-                  released=available(lambda: archive.count({"released": {"$exists": True}})))
+    states = available(archive.states)
+    totals.update(held=states and states["held"], released=states and states["released"])
     listed = available(lambda: archive.daily("list", today - 29 * DAY))
     totals.update({kind: None if listed is None else sum(
         groups.get(kind, [0])[0] for groups in listed.values()) for kind in ("allowed",
