@@ -895,10 +895,10 @@ class CloseSession(Exception):
         self.reply = reply
 
 
-@dataclasses.dataclass(frozen=True)
-class Client:
+class Client(typing.NamedTuple):
     """What the pipeline and the modes know of the client: a value the session makes
-    at each step, never the session itself."""
+    at each step, never the session itself (a tuple: half a frozen dataclass's cost,
+    and four are made a message)."""
     peer: str            # the connecting address
     port: int
     helo: str
@@ -993,10 +993,11 @@ class SMTPSession(socketserver.BaseRequestHandler):
         self.xforward = {}
         self.tx = None
         self.trusted = self.server.member(self.peer, self.cfg.xforward_hosts)
+        self.debug = self.cfg.debug
         self.waiting = False
         # The kernel times reads and writes out (SO_RCVTIMEO and SO_SNDTIMEO): no
         # poll before each call. The send timeout and ACCEPT_TICK come from the
-        # listening socket; the first read sets --timeout.
+        # listening socket (recv).
         self.read_timeout = ACCEPT_TICK
 
     # -- the connection ------------------------------------------------------
@@ -1046,7 +1047,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         """Replies to pipelined commands go out together (RFC 2920 section 3.2), once
         no whole command is left to answer: one write, and no reply held back by
         Nagle's algorithm until the client's delayed ACK."""
-        if self.cfg.debug:
+        if self.debug:
             for line in text.split("\r\n"):
                 log.debug("%s > %s", self.peer, line)
         self.out += text.encode() + b"\r\n"
@@ -1063,11 +1064,11 @@ class SMTPSession(socketserver.BaseRequestHandler):
                 self.out.clear()
 
     def fill(self, idle=False, deadline=None):
-        """Wait for more bytes, as long as --timeout and the deadline allow
-        (SO_RCVTIMEO: no poll call per read, and a setsockopt only near a deadline).
+        """Wait for more bytes, as long as --timeout and the deadline allow.
         A session idle between transactions says so, so that a draining server can
         wake it by shutting down its reading side."""
-        self.flush()
+        if self.out:
+            self.flush()
         if idle:
             self.waiting = True
             if self.server.draining:
@@ -1077,9 +1078,8 @@ class SMTPSession(socketserver.BaseRequestHandler):
             wait = min(wait, deadline - time.monotonic())
             if wait <= 0:
                 raise CloseSession(R_TIMEOUT.format(self.cfg.hostname))
-        self.set_read_timeout(wait)
         try:
-            chunk = self.request.recv(RECV_SIZE)
+            chunk = self.recv(wait)
         except BlockingIOError:
             raise CloseSession(R_TIMEOUT.format(self.cfg.hostname)) from None
         except OSError:
@@ -1092,10 +1092,25 @@ class SMTPSession(socketserver.BaseRequestHandler):
             raise ClientGone()
         return chunk
 
+    def recv(self, wait):
+        """Bytes within `wait` seconds, else BlockingIOError. The kernel times the read
+        (SO_RCVTIMEO): no poll call before it. The socket starts with the listening
+        socket's ACCEPT_TICK, and a read that outlasts it is given the rest of its
+        time then: a client that answers within a second, as nearly all do, costs
+        no setsockopt call."""
+        if wait < self.read_timeout:
+            self.set_read_timeout(wait)
+        try:
+            return self.request.recv(RECV_SIZE)
+        except BlockingIOError:
+            if self.read_timeout >= wait:
+                raise
+        self.set_read_timeout(wait - self.read_timeout)
+        return self.request.recv(RECV_SIZE)
+
     def set_read_timeout(self, seconds):
-        if seconds != self.read_timeout:
-            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, kernel_time(seconds))
-            self.read_timeout = seconds
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, kernel_time(seconds))
+        self.read_timeout = seconds
 
     def read_command(self):
         """The next command line, without its line ending; None if it was too long.
@@ -1125,16 +1140,15 @@ class SMTPSession(socketserver.BaseRequestHandler):
         if line is None:
             self.reply(R_LINE_TOO_LONG)
             return True
-        if self.cfg.debug:
+        if self.debug:
             log.debug("%s < %r", self.peer, line)
-        line = line.rstrip(b"\n")
-        line = line[:-1] if line.endswith(b"\r") else line
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
         verb, _, arg = line.partition(b" ")
-        verb = verb.upper().decode("ascii", "replace")
-        if len(line) + 2 > COMMAND_LINE_MAX and verb not in ("MAIL", "RCPT"):
+        verb = verb.upper()
+        if len(line) + 2 > COMMAND_LINE_MAX and verb not in (b"MAIL", b"RCPT"):
             self.reply(R_LINE_TOO_LONG)
             return True
-        handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        handler = self.HANDLERS.get(verb)
         if handler is None:
             self.reply(R_UNKNOWN)
             return True
@@ -1146,7 +1160,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         except UnicodeDecodeError:
             self.reply(R_SYNTAX.format("command is not UTF-8"))
             return True
-        return handler(arg) is not False
+        return handler(self, arg) is not False
 
     # -- verbs ---------------------------------------------------------------
 
@@ -1299,8 +1313,11 @@ class SMTPSession(socketserver.BaseRequestHandler):
             self.server.mode.on_reset(self.client(), self.tx)
         self.tx = None
 
-    # The verbs HELP names: those with an smtp_VERB method above, in their order.
-    VERBS = " ".join(name[5:] for name in list(locals()) if name.startswith("smtp_"))
+    # The verbs: those with an smtp_VERB method above, in their order, for HELP; and
+    # each one's method by the verb's bytes, for dispatch.
+    HANDLERS = {name[5:].encode(): method for name, method in list(locals().items())
+                if name.startswith("smtp_")}
+    VERBS = " ".join(verb.decode() for verb in HANDLERS)
 
     # -- DATA ----------------------------------------------------------------
 
@@ -1818,20 +1835,20 @@ def header_lists(head, names, stop=None):
     """
     found, current = {}, None
     for line in header_block(head).split(b"\n"):
-        line = line[:-1] if line.endswith(b"\r") else line
-        if line[:1] in (b" ", b"\t"):
+        if line.startswith((b" ", b"\t")):
             if current is not None and len(current) < HEADER_VALUE_MAX:
-                current += b" " + line[1:]
+                current += b" " + line[1:].removesuffix(b"\r")
             continue
         name, colon, value = line.partition(b":")
-        if not colon or not name or b" " in name.rstrip(b" \t"):
+        name = name.rstrip(b" \t")
+        if not colon or not name or b" " in name:
             break
-        name = name.rstrip(b" \t").lower()
+        name = name.lower()
         if name == stop:
             break
         current = None
         if name in names:
-            current = bytearray(value)
+            current = bytearray(value.removesuffix(b"\r"))
             found.setdefault(name, []).append(current)
     return {name: [bytes(value[:HEADER_VALUE_MAX]).strip() for value in values]
             for name, values in found.items()}
@@ -8782,11 +8799,17 @@ class LogLines(logging.StreamHandler):
 class LogFormat(logging.Formatter):
     """The stdlib's format, with the local time of a second written once for all the
     lines of that second, not by localtime and strftime for each (3 of a message's
-    8 us of logging)."""
+    8 us of logging), and the process id known, not asked of the kernel each line."""
 
     def __init__(self, fmt):
         super().__init__(fmt)
         self.second, self.stamp = None, ""
+        self.pid = os.getpid()
+        os.register_at_fork(after_in_child=lambda: setattr(self, "pid", os.getpid()))
+
+    def formatMessage(self, record):
+        record.process = self.pid
+        return super().formatMessage(record)
 
     def formatTime(self, record, datefmt=None):
         second = int(record.created)
@@ -8814,10 +8837,10 @@ def setup_logging(cfg):
         stream = open(cfg.log_file, "a", encoding="utf-8") if cfg.log_file else sys.stderr
     except OSError as exc:
         raise ConfigError(f"--log-file {cfg.log_file}: {exc}")
-    # No caller, thread or process name looked up for each record: the format uses
-    # none of them (the logging HOWTO's "Optimization").
+    # No caller, thread, process name or id looked up for each record (the logging
+    # HOWTO's "Optimization"): the format uses only the id, which LogFormat knows.
     logging._srcfile = None
-    logging.logThreads = logging.logMultiprocessing = False
+    logging.logThreads = logging.logMultiprocessing = logging.logProcesses = False
     handler = LogLines(stream)
     handler.setFormatter(LogFormat("%(asctime)s mms[%(process)d]: %(levelname)s %(message)s"))
     handler.addFilter(EscapeControls())

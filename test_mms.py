@@ -1271,6 +1271,19 @@ class TestSlowClients(ServerCase):
         self.assertLess(time.monotonic() - started, 4)   # the deadline is the behaviour
         self.assertEqual(self.messages(), [])
 
+    def test_a_pause_past_the_first_second_is_waited_out_to_the_timeout(self):
+        """A read begins with the accept tick (1 s) as its limit, and is given the rest
+        of --timeout once it outlasts it: a pause of 1.5 s is served, and silence is
+        answered 421 at --timeout, not at the tick."""
+        self.start("--timeout", "3")
+        client = self.raw()
+        time.sleep(1.5)
+        self.assertReply(self.send_message(client, SIMPLE), "queued")
+        started = time.monotonic()
+        self.assertReply(client.reply(), "timeout")
+        self.assertGreater(time.monotonic() - started, 2.5)
+        self.assertLess(time.monotonic() - started, 4.5)
+
     def test_an_honest_sender_is_not_cut_off(self):
         """Every read comes within --timeout, and the whole within --data-timeout."""
         self.start("--timeout", "1", "--data-timeout", "10")
