@@ -4931,14 +4931,14 @@ class TestArchiveQueries(ArchiveCase):
         self.assertEqual(data["top"]["rcpt-domain"][0], {"group": "y.com", "messages": 3})
         self.assertEqual(tap.sent("aggregate", "message"), [])
         self.assertEqual(tap.sent("find", "message"), [])
-        [days, states, listed] = tap.sent("find", "message_daily")   # verdicts, held and
-        self.assertEqual(list(states["filter"]["_id"]), ["$in"])       # released, lists
-        self.assertEqual((days["filter"]["_id"]["$gte"][:8], listed["filter"]["_id"]["$gte"][:5]),
-                         ("verdict|", "list|"))
-        tops = tap.sent("aggregate", "message_daily")        # 7 days, summed by MongoDB
+        [states] = tap.sent("find", "message_daily")          # held and released
+        self.assertEqual(list(states["filter"]["_id"]), ["$in"])
+        days, listed, *tops = tap.sent("aggregate", "message_daily")  # verdicts, lists;
+        self.assertEqual((days["pipeline"], listed["pipeline"][0]["$match"]["_id"]["$gte"][:5]),
+                         ([days["pipeline"][0]], "list|"))             # 7 days, summed
+        self.assertEqual(days["pipeline"][0]["$match"]["_id"]["$gte"][:8], "verdict|")
         self.assertEqual(len(tops), len(mms.DASHBOARD_TOPS))
-        for read in [days["filter"], listed["filter"]] + [top["pipeline"][0]["$match"]
-                                                          for top in tops]:
+        for read in [c["pipeline"][0]["$match"] for c in [days, listed] + tops]:
             self.assertEqual(list(read), ["_id"])
             self.assertEqual(set(read["_id"]), {"$gte", "$lte"})
         for command in [days, states, listed] + tops:
@@ -6611,9 +6611,13 @@ class TestQuarantinePage(WebCase):
             page = self.http("GET", older, cookie=self.login())[2].decode()
         self.assertIn(f'href="/messages/{self.spam}"', page)
         self.assertNotIn(f'href="/messages/{self.virus}"', page)
-        [find] = [c for c in self.tap.sent("find", "message") if "verdict" in str(
-            c["filter"]) and "received" in c["filter"] and "limit" in c and c["limit"] == 3]
-        self.assertEqual(set(find["filter"]), {"verdict", "released", "received", "_id"})
+        finds = [c for c in self.tap.sent("find", "message") if "received" in c["filter"]]
+        self.assertEqual(sorted(c["filter"]["verdict"] for c in finds), sorted(mms.AWAITING))
+        for find in finds:     # one range of (verdict, received) a verdict, merged by date
+            self.assertEqual(set(find["filter"]), {"verdict", "received"})
+            self.assertEqual(list(find["filter"]["received"]), ["$lte"])
+            self.assertEqual((find["sort"], find["maxTimeMS"]), ({"received": -1},
+                                                                 mms.WEB_QUERY_MS))
 
     def test_a_failed_release_says_what_to_do_and_links_back(self):
         self.down.close()                                      # nothing listens there now
@@ -6733,8 +6737,8 @@ class TestConsoleAtScale(WebCase):
                 gate.wait(10)
 
         def stopped(command, answer):
-            if command.get("find") == "message_daily" and \
-                    command["filter"]["_id"]["$gte"].startswith("verdict|"):
+            if command.get("aggregate") == "message_daily" and command["pipeline"][0][
+                    "$match"]["_id"].get("$gte", "").startswith("verdict|"):
                 return {"ok": 0.0, "code": 50, "codeName": "MaxTimeMSExpired",
                         "errmsg": "operation exceeded time limit"}
 
@@ -6749,7 +6753,8 @@ class TestConsoleAtScale(WebCase):
         for _, _, body in pages:
             self.assertIn(b"not available now", body)        # the verdicts' figures
             self.assertIn(b"Top sender domains", body)
-        self.assertEqual(asked() - before, 2 + len(mms.DASHBOARD_TOPS))   # verdicts, lists
+        self.assertEqual(asked() - before, 3 + len(mms.DASHBOARD_TOPS))   # verdicts, held
+        #                                                   and released, lists, the tops
 
     def test_the_audit_log_and_a_bulk_search_are_asked_on_their_indexes(self):
         cookie = self.login()
@@ -6785,7 +6790,8 @@ class TestConsoleAtScale(WebCase):
         for q in writes:
             self.assertIsInstance(q["_id"], bson.ObjectId)
             self.assertEqual(q["store_key"], self.plain, q)
-        self.assertEqual(len(self.tap.sent("findAndModify", "message")), 1)
+        # hold, unhold, the release's claim and delete: each gets the state before
+        self.assertEqual(len(self.tap.sent("findAndModify", "message")), 4)
 
 
 PNG_1PX = base64.b64decode(

@@ -678,7 +678,8 @@ class Bench:
         for start in range(0, count, batch):
             jobs = []
             for n in range(start, min(count, start + batch)):
-                data = (f"Subject: note {n} about {rng.choice(CONSOLE_WORDS)}\r\n\r\n".encode()
+                subject = f"note {n} about {rng.choice(CONSOLE_WORDS)}"
+                data = (f"Subject: {subject}\r\n\r\n".encode()
                         + base64.b64encode(rng.randbytes(rng.randrange(200, 3000))) + b"\r\n")
                 roll = rng.random()
                 flags = ({"is_spam": 1, "quarantine": "spam"} if roll < 0.03 else
@@ -690,7 +691,7 @@ class Bench:
                             "received": now - datetime.timedelta(seconds=rng.randrange(
                                 30 * 86400)),
                             "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                            "subject": f"note {n}", **flags}
+                            "subject": subject, **flags}
                 jobs.append(archive.prepare(metadata, mms.Message(data)))
             archive.insert(jobs)
             if any(job.error for job in jobs):
