@@ -4992,7 +4992,7 @@ class Archive:
     # The held and released figures: counters moved as holds, releases and deletes
     # happen (as the daily counts are as mail arrives), not a count over the archive:
     # one read of two documents however large it is. A missing counter (an archive
-    # from before mms 1.3) is counted once; `reindex` counts both again.
+    # an earlier mms wrote) is counted once; `reindex` counts both again.
     STATES = ("held", "released")
     STATE_QUERIES = {"held": {"held": True}, "released": {"released": {"$exists": True}}}
 

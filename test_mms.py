@@ -5415,7 +5415,7 @@ class TestHeldAndReleasedCounters(ArchiveCase):
         self.assertEqual(states["maxTimeMS"], mms.WEB_QUERY_MS)
 
     def test_an_archive_without_counters_is_counted_once_and_reindex_counts_again(self):
-        self.db["message_daily"].delete_many({"by": "state"})      # as before mms 1.3
+        self.db["message_daily"].delete_many({"by": "state"})      # as an earlier mms left it
         self.db["message"].update_one({"store_key": self.keys[1]}, {"$set": {"held": True}})
         self.assertEqual(self.figures(), (1, 0))
         self.assertEqual(self.db["message_daily"].find_one({"_id": "state|held"})["messages"], 1)

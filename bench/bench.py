@@ -12,8 +12,12 @@ Servers, each started fresh for the run on a loopback port:
 - mms-store: mms in quarantine mode, storing in nx-27017;
 - peer: bench/peer.py, aiosmtpd with pymongo's GridFS.put, storing in the same nx-27017.
 
-`--only PART` runs one part: matrix, halves, idle, large (5 and 50 MB, time and
-peak RSS), concurrent_large (4 x 100 MB at once, peak RSS), workers, metrics (msg/s
+`--only PART` runs one part: engine (1 KB at 1, 20 and 100 sessions and 100 KB at
+20, against smtp-sink, the original mongo-mail-server 0.1.1 from PyPI in debug mode,
+and the floor, ../shared/bench/floor_sink.py; --baseline REV adds that revision's
+mms), matrix, halves, idle, large (5 and 50 MB, time and
+peak RSS), concurrent_large (4 x 100 MB at once, peak RSS), workers (debug,
+quarantine and proxy modes with --workers 1 and 2), metrics (msg/s
 with --metrics and --statsd on and off), floor (bench/bare.py, a bare responder
 with mms's thread model, with and without added Python work, beside mms-debug),
 archive (count, verify and purge on 60,000 stored messages, time and peak RSS;
@@ -338,15 +342,25 @@ class Bench:
               f"best of 2 each)")
 
     def workers(self):
-        count = self.args.count
-        for workers in (1, 2):
-            server = self.mms("debug", workers=workers)
-            try:
-                r = measure(server, 100, count, 1024, False)
-            finally:
-                server.stop()
-            print(f"mms-debug --workers {workers}, 1 KB, 100 sessions, new connections: "
-                  f"{r['rate']:.0f} msg/s, {r['cpu_ms']:.2f} ms CPU/msg")
+        """What one process does at most, and what --workers 2 adds, in each mode that
+        needs no scanner: 1 KB, 20 and 100 sessions, new connections. The proxy relays
+        to smtp-sink and stores what it accepted in nx-27017."""
+        count, sink = self.args.count, self.servers["sink"].port
+        modes = {"debug": (), "mongo-quarantine": ("--mongo-host", self.uri,
+                                                   "--mongo-database", "bench_workers"),
+                 "mongo-proxy": ("--mongo-host", self.uri, "--mongo-database", "bench_proxy",
+                                 "--remote-host", "127.0.0.1", "--remote-port", str(sink))}
+        print("| mode | --workers | 20 sessions | 100 sessions | CPU ms/msg at 100 |")
+        print("|---|---|---|---|---|")
+        for mode, args in modes.items():
+            for workers in (1, 2):
+                server = self.mms(mode, *args, workers=workers)
+                try:
+                    rows = [measure(server, sessions, count, 1024, False) for sessions in (20, 100)]
+                finally:
+                    server.stop()
+                print(f"| {mode} | {workers} | {rows[0]['rate']:,.0f} msg/s | "
+                      f"{rows[1]['rate']:,.0f} msg/s | {rows[1]['cpu_ms']:.2f} |", flush=True)
 
     def floor(self):
         """What Python work costs against the GIL at 20 sessions: bench/bare.py, with
@@ -388,6 +402,8 @@ class Bench:
             port = free_port()
             servers["floor"] = Server("floor", [FLOOR, str(port)], port)
         servers["mms-debug"] = self.servers["mms-debug"]
+        if self.args.baseline:
+            servers[f"mms-debug {self.args.baseline}"] = self.mms("debug", program=self.baseline())
         cells = ((1024, 1), (1024, 20), (1024, 100), (102400, 20))
         results = {(cell, name): [] for cell in cells for name in servers}
         try:
@@ -399,9 +415,9 @@ class Bench:
                         sink = sink or r["rate"]
                         results[cell, name].append((r["rate"] / sink, r["rate"], r["cpu_ms"]))
         finally:
-            for name in ("original", "floor"):
-                if name in servers:
-                    servers[name].stop()
+            for name, server in servers.items():
+                if name not in ("sink", "mms-debug"):
+                    server.stop()
         print(f"| new connections, median of {rounds} | " + " | ".join(
             f"{size // 1024} KB s{sessions}" for size, sessions in cells) + " | CPU ms/msg, 1 KB s20 |")
         print("|---" * (len(cells) + 2) + "|")
@@ -409,10 +425,26 @@ class Bench:
             row = [sorted(results[cell, name])[rounds // 2] for cell in cells]
             print(f"| {name} | " + " | ".join(f"{ratio:.2f} ({rate:,.0f}/s)" for ratio, rate, _ in row)
                   + f" | {row[1][2]:.2f} |")
-        store = [measure(self.servers["mms-store"], 20, count, 1024, False) for _ in range(rounds)]
-        rate, cpu = sorted((r["rate"], r["cpu_ms"]) for r in store)[rounds // 2]
-        print(f"\nmms-store (mongo-quarantine into nx-27017), 1 KB, 20 sessions: {rate:.0f} msg/s, "
-              f"{sorted(r['cpu_ms'] for r in store)[rounds // 2]:.2f} ms CPU/msg (medians of {rounds})")
+        stores = {"mms-store": self.servers["mms-store"]}
+        if self.args.baseline:
+            stores[f"mms-store {self.args.baseline}"] = self.mms(
+                "mongo-quarantine", "--mongo-host", self.uri, "--mongo-database", "bench_base",
+                program=self.baseline())
+        try:
+            runs = {name: [] for name in stores}
+            for _ in range(rounds):
+                for name, server in stores.items():
+                    runs[name].append(measure(server, 20, count, 1024, False))
+        finally:
+            for name, server in stores.items():
+                if name != "mms-store":
+                    server.stop()
+        print()
+        for name, rows in runs.items():
+            print(f"{name} (mongo-quarantine into nx-27017), 1 KB, 20 sessions: "
+                  f"{sorted(r['rate'] for r in rows)[rounds // 2]:.0f} msg/s, "
+                  f"{sorted(r['cpu_ms'] for r in rows)[rounds // 2]:.2f} ms CPU/msg "
+                  f"(medians of {rounds})")
 
     def original(self):
         """The original, ported to Python 3 where it is run: lib2to3, and bytes on its
@@ -757,7 +789,8 @@ def main():
     parser.add_argument("--parse-count", type=int, default=200000,
                         help="parse part: messages reindex and list --text read (200000)")
     parser.add_argument("--baseline", metavar="REV",
-                        help="archive and parse parts: also run the mms.py of this git revision")
+                        help="engine, archive and parse parts: also run the mms.py of this git "
+                             "revision")
     parser.add_argument("--rounds", type=int, default=3, help="engine part: rounds (3)")
     parser.add_argument("--only", action="append", choices=PARTS,
                         help="run only this part (repeatable; default: all)")
