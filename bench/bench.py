@@ -349,7 +349,8 @@ class Bench:
         modes = {"debug": (), "mongo-quarantine": ("--mongo-host", self.uri,
                                                    "--mongo-database", "bench_workers"),
                  "mongo-proxy": ("--mongo-host", self.uri, "--mongo-database", "bench_proxy",
-                                 "--remote-host", "127.0.0.1", "--remote-port", str(sink))}
+                                 "--remote-host", "127.0.0.1", "--remote-port", str(sink),
+                                 "--spool-dir", tempfile.mkdtemp(prefix="bench-spool-"))}
         print("| mode | --workers | 20 sessions | 100 sessions | CPU ms/msg at 100 |")
         print("|---|---|---|---|---|")
         for mode, args in modes.items():
