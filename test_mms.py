@@ -5298,10 +5298,10 @@ class TestArchiveMemory(MongoCase):
         key = self.key(self.send_message(self.raw(), body))
         rss = {command: self.peak_rss(command, *([key] if command != "count" else []))
                for command in ("count", "headers", "show", "verify")}
-        self.assertLess(rss["headers"], 60, rss)
-        self.assertLess(rss["show"], 80, rss)
-        self.assertLess(rss["verify"], 80, rss)
-        self.assertLess(rss["show"] - rss["count"], 15, rss)
+        # Against a count's peak in the same run (mms and pymongo alone, about 60 MB
+        # here): the message whole in memory would add 30 MB, its base64 40.
+        for command in ("headers", "show", "verify"):
+            self.assertLess(rss[command] - rss["count"], 15, rss)
 
 
 class TestLearning(ArchiveCase):
