@@ -995,7 +995,6 @@ class SMTPSession(socketserver.BaseRequestHandler):
         self.xforward = {}
         self.tx = None
         self.trusted = self.server.member(self.peer, self.cfg.xforward_hosts)
-        self.debug = self.cfg.debug
         self.waiting = False
         # The kernel times reads and writes out (SO_RCVTIMEO and SO_SNDTIMEO): no
         # poll before each call. The send timeout and ACCEPT_TICK come from the
@@ -1049,7 +1048,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         """Replies to pipelined commands go out together (RFC 2920 section 3.2), once
         no whole command is left to answer: one write, and no reply held back by
         Nagle's algorithm until the client's delayed ACK."""
-        if self.debug:
+        if self.cfg.debug:
             for line in text.split("\r\n"):
                 log.debug("%s > %s", self.peer, line)
         self.out += text.encode() + b"\r\n"
@@ -1069,8 +1068,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         """Wait for more bytes, as long as --timeout and the deadline allow.
         A session idle between transactions says so, so that a draining server can
         wake it by shutting down its reading side."""
-        if self.out:
-            self.flush()
+        self.flush()
         if idle:
             self.waiting = True
             if self.server.draining:
@@ -1142,7 +1140,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         if line is None:
             self.reply(R_LINE_TOO_LONG)
             return True
-        if self.debug:
+        if self.cfg.debug:
             log.debug("%s < %r", self.peer, line)
         line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
         verb, _, arg = line.partition(b" ")
@@ -4691,15 +4689,15 @@ class Archive:
         return {"verdict": {"$in": list(AWAITING)}, "released": {"$in": [None]},
                 **(scope or {})}
 
-    def quarantine_page(self, scope, op, when, skip, limit, order="newest"):
-        """A page of the quarantine from an edge (op: $lte older, $gte newer; skip: the
-        _ids at the edge shown already): one range of the (verdict, received) index a
+    def quarantine_page(self, scope, received, skip, limit, order="newest"):
+        """A page of the quarantine from an edge (received: its range; skip: the _ids
+        at the edge shown already): one range of the (verdict, received) index a
         verdict, merged by date, released messages passed over as they come. MongoDB
         merges these ranges itself for a $in; nx-27017 reads every message for a
         range beside a $in, or beside released or _id conditions (9 to 11 s a page
         at 200,000), and only one verdict's messages for each of these."""
         ranges = [self.bounded(self.collection.find(
-            {"verdict": verdict, "received": {op: when}, **(scope or {})}, WORDS_LEFT_OUT)
+            {"verdict": verdict, "received": received, **(scope or {})}, WORDS_LEFT_OUT)
             .sort(ORDERS[order]).batch_size(limit)) for verdict in AWAITING]
         merged = heapq.merge(*ranges, key=operator.itemgetter("received"),
                              reverse=order == "newest")
@@ -6551,16 +6549,10 @@ class WebHandler(BoundedHandler):
         with what a reviewer decides by, and release and delete at hand."""
         if set(self.params) - {"before", "after", "skip"}:
             raise HTTPError(400, "the quarantine takes no filters: search for them")
-        archive = self.server.archive
-        awaiting = archive.quarantine(self.scope())
-        edge = page_edge(self.params)
-        if edge:
-            newer = edge[0] == "$gte"
-            docs = list(archive.quarantine_page(self.scope(), *edge, limit=WEB_PAGE + 1,
-                                                order="oldest" if newer else "newest"))
-            docs, more = (docs[:WEB_PAGE][::-1] if newer else docs[:WEB_PAGE]), len(docs) > WEB_PAGE
-        else:
-            docs, more = self.one_page(awaiting, "newest")
+        archive, scope = self.server.archive, self.scope()
+        awaiting, edge = archive.quarantine(scope), page_edge(self.params)
+        docs, more = self.one_page(awaiting, "newest", edge and (
+            lambda limit, order: archive.quarantine_page(scope, *edge, limit, order)))
         count = available(lambda: archive.count(awaiting, limit=WEB_COUNT_MAX + 1))
         self.page("Quarantine", render_quarantine(docs, count, self.user, self.zone(),
                                                   self.page_links(docs, more, "/"),
@@ -7034,15 +7026,15 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
 
     # Helpers ################################################################
 
-    def one_page(self, query, order=None):
+    def one_page(self, query, order=None, read=None):
         """(up to WEB_PAGE documents, whether there are more that way): one more is
         asked for; a newer page (after=) is read oldest first, from the index the
         same way, and turned round. By size or score, one page: the largest or the
-        best matches."""
+        best matches. read(limit, order) reads the page, if not Archive.search."""
         order = order or self.order()
         newer = order == "newest" and bool(self.params.get("after"))
-        docs = list(self.server.archive.search(query, limit=WEB_PAGE + 1,
-                                               order="oldest" if newer else order))
+        read = read or (lambda limit, order: self.server.archive.search(query, limit, order=order))
+        docs = list(read(WEB_PAGE + 1, "oldest" if newer else order))
         more = len(docs) > WEB_PAGE and order == "newest"
         return (docs[:WEB_PAGE][::-1] if newer else docs[:WEB_PAGE]), more
 
@@ -7146,8 +7138,8 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         edge = page_edge(params)
         if edge:
             from bson import ObjectId
-            op, when, skip = edge
-            query = all_of(query, {"received": {op: when}}, {
+            received, skip = edge
+            query = all_of(query, {"received": received}, {
                 "_id": {"$nin": [ObjectId(i) for i in skip]}} if skip else {})
         return query
 
@@ -7493,14 +7485,15 @@ def edge_page(docs, way):
 
 
 def page_edge(params):
-    """(op, when, the _ids shown already at that time) of a page's before= ($lte) or
-    after= ($gte); None for a first page."""
-    for edge, op in (("before", "$lte"), ("after", "$gte")):
-        when = web_when(params.get(edge), edge) if params.get(edge) else None
-        if when:
-            return op, when, {i for i in (params.get("skip") or "").split(",")
-                              if re.fullmatch(r"[0-9a-f]{24}", i)}
-    return None
+    """(the range of received from a page's before= ($lte) and after= ($gte), the
+    _ids shown already at that time); None for a first page."""
+    received = {op: web_when(params[edge], edge) for edge, op in (("before", "$lte"),
+                                                                  ("after", "$gte"))
+                if params.get(edge)}
+    if not received:
+        return None
+    return received, {i for i in (params.get("skip") or "").split(",")
+                      if re.fullmatch(r"[0-9a-f]{24}", i)}
 
 
 def dashboard_data(archive):
@@ -8829,11 +8822,11 @@ class LogFormat(logging.Formatter):
     lines of that second, not by localtime and strftime for each (3 of a message's
     8 us of logging), and the process id known, not asked of the kernel each line."""
 
+    pid = os.getpid()   # set again in a forked worker (below the class)
+
     def __init__(self, fmt):
         super().__init__(fmt)
         self.second, self.stamp = None, ""
-        self.pid = os.getpid()
-        os.register_at_fork(after_in_child=lambda: setattr(self, "pid", os.getpid()))
 
     def formatMessage(self, record):
         record.process = self.pid
@@ -8845,6 +8838,9 @@ class LogFormat(logging.Formatter):
             self.stamp, self.second = time.strftime("%Y-%m-%d %H:%M:%S",
                                                     self.converter(second)), second
         return f"{self.stamp},{int(record.msecs):03d}"
+
+
+os.register_at_fork(after_in_child=lambda: setattr(LogFormat, "pid", os.getpid()))
 
 
 @dataclasses.dataclass

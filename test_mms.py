@@ -4291,6 +4291,13 @@ class ArchiveCase(MongoCase):
             self.keys.append(self.key(self.send_message(client, body, sender, (rcpt,))))
             time.sleep(0.01)  # newest first, by received
 
+    def tapped(self, **hooks):
+        """(a WireTap before this test's MongoDB, the URI that goes through it), for
+        a command or an archive to be asked through; the server is left as it is."""
+        tap = WireTap(self.uri, **hooks)
+        self.addCleanup(tap.close)
+        return tap, f"mongodb://127.0.0.1:{tap.port}/?directConnection=true"
+
     def mms(self, *args, uri=None):
         """The command in this process (as `mms.py` runs it after parsing): many
         commands a test, without starting Python each time."""
@@ -4792,11 +4799,6 @@ def old_messages(db_uri, dbname, count, when):
 class TestArchiveQueries(ArchiveCase):
     """The shapes of what the archive commands ask, read off the wire: each one a
     query an index serves on a real MongoDB, bounded, and batched."""
-
-    def tapped(self, **hooks):
-        tap = WireTap(self.uri, **hooks)
-        self.addCleanup(tap.close)
-        return tap, f"mongodb://127.0.0.1:{tap.port}/?directConnection=true"
 
     def test_list_gives_its_limit_to_mongodb(self):
         tap, uri = self.tapped()
@@ -5400,9 +5402,7 @@ class TestHeldAndReleasedCounters(ArchiveCase):
 
     def test_the_dashboard_reads_two_counters_not_the_archive(self):
         self.run_ok("hold", self.keys[0])
-        tap = WireTap(self.uri)
-        self.addCleanup(tap.close)
-        uri = f"mongodb://127.0.0.1:{tap.port}/?directConnection=true"
+        tap, uri = self.tapped()
         cfg = mms.parse_config(["web", "--mongo-host", uri, "--mongo-database", self.dbname])
         archive = mms.Archive(cfg, max_time_ms=mms.WEB_QUERY_MS).connect()
         self.addCleanup(archive.close)

@@ -36,8 +36,10 @@ absolute numbers from different runs.
 
 import argparse
 import base64
+import html
 import os
 import random
+import re
 import runpy
 import shutil
 import signal
@@ -550,12 +552,15 @@ class Bench:
                 for name, path in pages.items():
                     seconds, status, said = self.web_get(web.port, path, cookie)
                     print(f"{name:<48} {seconds:7.3f} s  {status}{said}")
-                path = "/"
+                body = self.web_fetch(web.port, "/", cookie)[2]
                 for n in range(2, 12):   # older pages of the quarantine, by its own links
-                    path = self.older_page(web.port, path, cookie)
-                    if n in (2, 11) and path:
-                        seconds, status, said = self.web_get(web.port, path, cookie)
-                        print(f"{f'quarantine, page {n}':<48} {seconds:7.3f} s  {status}{said}")
+                    older = re.search(rb'<a href="([^"]+)">Older messages</a>', body)
+                    if not older:
+                        break
+                    seconds, status, body = self.web_fetch(
+                        web.port, html.unescape(older.group(1).decode()), cookie)
+                    if n in (2, 11):
+                        print(f"{f'quarantine, page {n}':<48} {seconds:7.3f} s  {status}")
                 for command in (["verify", "--since", "1d"], ["stats", "--since", "30d",
                                                               "--by", "sender"]):
                     seconds, rss = self.run_command(MMS, command, "bench_console")
@@ -651,7 +656,6 @@ class Bench:
     @staticmethod
     def web_login(port):
         import http.client
-        import re
         import urllib.parse
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("GET", "/login")
@@ -666,8 +670,8 @@ class Bench:
         return answer.getheader("Set-Cookie").split(";")[0]
 
     @staticmethod
-    def web_get(port, path, cookie):
-        """(seconds, status, what the page says of a figure not available now)."""
+    def web_fetch(port, path, cookie):
+        """(seconds, status, body)."""
         import http.client
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         started = time.monotonic()
@@ -675,21 +679,13 @@ class Bench:
         answer = conn.getresponse()
         body = answer.read()
         conn.close()
-        said = ", not available now" if b"not available now" in body else ""
-        return time.monotonic() - started, answer.status, said
+        return time.monotonic() - started, answer.status, body
 
     @staticmethod
-    def older_page(port, path, cookie):
-        """The path of the link to the older page on the page at path, or None."""
-        import html
-        import http.client
-        import re
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        conn.request("GET", path, headers={"Cookie": cookie})
-        body = conn.getresponse().read().decode()
-        conn.close()
-        found = re.search(r'<a href="([^"]+)">Older messages</a>', body)
-        return found and html.unescape(found.group(1))
+    def web_get(port, path, cookie):
+        """(seconds, status, what the page says of a figure not available now)."""
+        seconds, status, body = Bench.web_fetch(port, path, cookie)
+        return seconds, status, ", not available now" if b"not available now" in body else ""
 
     def fill_console(self, count, batch=1000):
         """An archive in mms's shape, written as mms writes it, with its daily counts."""
