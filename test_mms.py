@@ -4993,6 +4993,7 @@ class TestArchiveQueries(ArchiveCase):
 
     def test_reindex_after_a_change_of_index_text_parses_again_and_counts_nothing(self):
         self.server.mode.store.tally.flush()
+        self.server.mode.store.archive.states()   # as the server's index builder may yet
         counted = sorted((d["_id"], d["messages"]) for d in self.db["message_daily"].find())
         code, out, err = self.mms("reindex", "--index-text", "5")
         self.assertEqual(code, 0, err)
@@ -6648,6 +6649,26 @@ class TestConsoleAtScale(WebCase):
     def reads(self):
         return [c for c in list(self.tap.commands) if next(iter(c)) in self.READS]
 
+    def test_an_older_page_is_a_range_and_passes_over_the_rows_shown(self):
+        """Three messages of one second: the older page's edge is that second, and the
+        two shown already are read again and passed over, not asked away with $nin."""
+        old_messages(self.uri, self.dbname, 3, datetime.datetime(2024, 5, 1, tzinfo=mms.UTC))
+        cookie = self.login("viewer")
+        with mock.patch.object(mms, "WEB_PAGE", 2):
+            first = self.http("GET", "/messages?sender=old%40x.org", cookie=cookie)[2].decode()
+            older = html.unescape(re.search(r'<a href="(/messages\?[^"]+)">Older', first)
+                                  .group(1))
+            before = len(self.tap.sent("find", "message"))
+            second = self.http("GET", older, cookie=cookie)[2].decode()
+        shown, rest = (re.findall(r'href="/messages/([0-9a-f]{64})"', page)
+                       for page in (first, second))
+        self.assertEqual((len(shown), len(rest), set(shown) & set(rest)), (2, 1, set()))
+        self.assertIn("skip=", older)
+        find = self.tap.sent("find", "message")[before]
+        self.assertEqual(find["filter"], {"$and": [{"sender": "old@x.org"}, {"received": {
+            "$lte": datetime.datetime(2024, 5, 1)}}]})
+        self.assertEqual(find["limit"], 2 + 1 + 2)     # a page, one more, and the two shown
+
     def test_every_read_carries_the_consoles_max_time(self):
         cookie = self.login()
         for path in ["/", "/dashboard", "/messages", "/messages?sender=%40example.org&verdict=clean",
@@ -6686,7 +6707,7 @@ class TestConsoleAtScale(WebCase):
             "message_id=%3Cm1%40x.org%3E": {"message_id": "m1@x.org"},
             "quarantine=spam": {"quarantine": "spam"},
             "subject=Invoice%20n%C2%BA%207": {"$text": {"$search": "Invoice"}, "subject": {
-                "$regex": re.escape("Invoice nº 7"), "$options": "i"}},   # its longest word
+                "$regex": "(?i)" + re.escape("Invoice nº 7")}},   # its longest word
         }
         for query, expected in table.items():
             with self.subTest(query):
