@@ -7036,13 +7036,24 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         asked for; a newer page (after=) is read oldest first, from the index the
         same way, and turned round. By size or score, one page: the largest or the
         best matches. read(limit, order) reads the page, if not Archive.search.
-        From an edge, the rows shown already (skip=) are read again and passed over."""
+        From an edge, the rows shown already (skip=) are read again and passed over,
+        and so are rows outside the edge: nx-27017 compares dates to the second, so
+        its range holds the rest of the edge's second too (120 messages of one second
+        came back as the older page). Where that leaves the page short, it is read
+        again, twice as far; MongoDB's range is exact, and one read does."""
         order = order or self.order()
         newer = order == "newest" and bool(self.params.get("after"))
         read = read or (lambda limit, order: self.server.archive.search(query, limit, order=order))
-        shown = (page_edge(self.params) or (None, set()))[1]
-        docs = [doc for doc in read(WEB_PAGE + 1 + len(shown), "oldest" if newer else order)
-                if str(doc["_id"]) not in shown][:WEB_PAGE + 1]
+        received, shown = page_edge(self.params) or ({}, set())
+        limit = WEB_PAGE + 1 + len(shown)
+        while True:
+            found = list(read(limit, "oldest" if newer else order))
+            docs = [doc for doc in found if str(doc["_id"]) not in shown
+                    and within(doc.get("received"), received)]
+            if len(docs) > WEB_PAGE or len(found) < limit:
+                break
+            limit *= 2
+        docs = docs[:WEB_PAGE + 1]
         more = len(docs) > WEB_PAGE and order == "newest"
         return (docs[:WEB_PAGE][::-1] if newer else docs[:WEB_PAGE]), more
 
@@ -7487,6 +7498,15 @@ def edge_page(docs, way):
     same = [str(d["_id"]) for d in docs if d.get("received") == edge]
     return {"before" if way == "older" else "after": edge.astimezone(UTC).isoformat(),
             "skip": ",".join(same)}
+
+
+def within(when, received):
+    """Whether a date is in a page edge's range ({"$lte": ..., "$gte": ...})."""
+    if not received:
+        return True
+    if not isinstance(when, datetime.datetime):
+        return False
+    return (when <= received.get("$lte", when)) and (when >= received.get("$gte", when))
 
 
 def page_edge(params):
