@@ -4690,8 +4690,9 @@ class Archive:
                 **(scope or {})}
 
     def quarantine_page(self, scope, received, limit, order="newest"):
-        """A page of the quarantine from an edge (received: its range): one range of the (verdict, received) index a
-        verdict, merged by date, released messages passed over as they come. MongoDB
+        """A page of the quarantine from an edge (received: its range): one range of
+        the (verdict, received) index a verdict, merged by date, released messages
+        passed over as they come (one_page passes over the rows shown already). MongoDB
         merges these ranges itself for a $in; nx-27017 reads every message for a
         range beside a $in, or beside released or _id conditions (9 to 11 s a page
         at 200,000), and only one verdict's messages for each of these."""
