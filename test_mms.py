@@ -4630,6 +4630,24 @@ class TestContentSearch(ArchiveCase):
                          {"invoice", "draft"})
         self.assertEqual(self.mms("list", "--sort", "score")[:2], (1, ""))  # it needs --text
 
+    def test_a_text_search_stops_at_its_since_rather_than_asking_it(self):
+        """Newest first, since is where reading a $text search's matches stops: the
+        text index serves neither the date nor the order, and nx-27017 reads every
+        message for a $text beside a date."""
+        draft = self.db["message"].find_one_and_delete({"store_key": self.found["draft"]})
+        draft["received"] = datetime.datetime.now(mms.UTC) - datetime.timedelta(days=2)
+        self.db["message"].insert_one(draft)   # a $set of a date: a string on nx-27017
+        tap, uri = self.tapped()
+        for since, found in (("1d", ["invoice"]), ("3d", ["invoice", "draft"])):
+            code, out, _ = self.mms("list", "--text", "invoice", "--since", since, "--limit",
+                                    "5", uri=uri)
+            self.assertEqual([self.name(line.split()[0]) for line in out.splitlines()], found)
+            find = tap.sent("find", "message")[-1]
+            self.assertNotIn("received", str(find["filter"]))
+            self.assertEqual((find["sort"], find["limit"]), ({"received": -1}, 5))
+        code, out, _ = self.mms("count", "--text", "invoice", "--since", "1d", uri=uri)
+        self.assertEqual(out, "1")
+
     def test_atlas_search_is_asked_a_search_stage_first(self):
         """No mongot can run here: the stage is read off the wire, and the answer is
         written as Atlas Search would give it (the message that holds the word)."""
@@ -4814,6 +4832,41 @@ class TestArchiveQueries(ArchiveCase):
         self.assertEqual(find["filter"], {"client_hex": {
             "$gte": "00000000000000000000ffff7f000000", "$lte": "00000000000000000000ffff7fffffff"}})
         self.assertEqual(len(self.mms("list", "--limit", "0")[1].splitlines()), 4)  # 0: all
+
+    def test_a_date_range_is_read_in_windows_of_time_from_its_edge(self):
+        """A page of a date range asks for its first hour, then for windows as much
+        wider as the rows found say, each one ending where the last began, the last
+        one open: nx-27017 reads every message of a range before it limits. A count
+        of a range reads the same way."""
+        edge = datetime.datetime(2024, 5, 1, tzinfo=mms.UTC)
+        for ago, count in ((datetime.timedelta(minutes=10), 3), (datetime.timedelta(hours=5), 2),
+                           (datetime.timedelta(days=20), 2), (datetime.timedelta(days=1000), 1)):
+            old_messages(self.uri, self.dbname, count, edge - ago)
+        tap, uri = self.tapped()
+        archive = mms.Archive(mms.parse_config(["--mongo-host", uri, "--mongo-database",
+                                                self.dbname])).connect()
+        self.addCleanup(archive.close)
+        older = {"sender": "old@x.org", "received": {"$lt": edge}}
+        docs = list(archive.search(older, limit=20))
+        self.assertEqual([doc["received"] for doc in docs], sorted(
+            [edge - datetime.timedelta(minutes=10)] * 3 + [edge - datetime.timedelta(hours=5)] * 2
+            + [edge - datetime.timedelta(days=20)] * 2 + [edge - datetime.timedelta(days=1000)],
+            reverse=True))
+        finds = tap.sent("find", "message")
+        windows = [find["filter"]["$and"][1]["received"] for find in finds[:-1]]
+        edge = edge.replace(tzinfo=None)                       # as the wire gives it back
+        self.assertEqual(windows[0], {"$gte": edge - datetime.timedelta(hours=1)})
+        for newer, window in zip(windows, windows[1:]):
+            self.assertEqual(window["$lt"], newer["$gte"])
+        self.assertEqual(finds[-1]["filter"]["$and"][1]["received"], {"$lt": windows[-1]["$gte"]})
+        self.assertLessEqual(len(finds), mms.Archive.WINDOWS_MAX)
+        self.assertEqual([find["limit"] for find in finds[:3]], [20, 20 - 3, 20 - 3 - 2])
+        tap.commands.clear()
+        self.assertEqual(len(list(archive.search(older, limit=3))), 3)
+        self.assertEqual(len(tap.sent("find", "message")), 1)   # the first hour held them
+        self.assertEqual(archive.count(older, limit=4), 4)
+        find = tap.sent("find", "message")[-1]
+        self.assertEqual((find["projection"], find["limit"]), ({"_id": 1, "received": 1}, 4 - 3))
 
     def test_count_without_a_filter_is_the_collections_own(self):
         tap, uri = self.tapped()
@@ -6612,11 +6665,17 @@ class TestQuarantinePage(WebCase):
             page = self.http("GET", older, cookie=self.login())[2].decode()
         self.assertIn(f'href="/messages/{self.spam}"', page)
         self.assertNotIn(f'href="/messages/{self.virus}"', page)
-        finds = [c for c in self.tap.sent("find", "message") if "received" in c["filter"]]
-        self.assertEqual(sorted(c["filter"]["verdict"] for c in finds), sorted(mms.AWAITING))
-        for find in finds:     # one range of (verdict, received) a verdict, merged by date
-            self.assertEqual(set(find["filter"]), {"verdict", "received"})
-            self.assertEqual(list(find["filter"]["received"]), ["$lte"])
+        finds = [c for c in self.tap.sent("find", "message") if "$and" in c["filter"]]
+        for verdict in mms.AWAITING:   # one range of (verdict, received) a verdict, merged
+            ranges, windows = zip(*(find["filter"]["$and"] for find in finds    # by date, in
+                                    if find["filter"]["$and"][0]["verdict"] == verdict))
+            edge = ranges[0]["received"]["$lte"]                     # windows from the edge
+            self.assertEqual(list(ranges), [{"verdict": verdict, "received": {"$lte": edge}}]
+                             * len(ranges))
+            self.assertEqual(windows[0]["received"], {"$gte": edge - mms.DAY})   # a day first
+            for newer, window in zip(windows, windows[1:]):
+                self.assertEqual(window["received"]["$lt"], newer["received"]["$gte"])
+        for find in finds:
             self.assertEqual((find["sort"], find["maxTimeMS"]), ({"received": -1},
                                                                  mms.WEB_QUERY_MS))
 
@@ -6665,8 +6724,10 @@ class TestConsoleAtScale(WebCase):
         self.assertEqual((len(shown), len(rest), set(shown) & set(rest)), (2, 1, set()))
         self.assertIn("skip=", older)
         find = self.tap.sent("find", "message")[before]
-        self.assertEqual(find["filter"], {"$and": [{"sender": "old@x.org"}, {"received": {
-            "$lte": datetime.datetime(2024, 5, 1)}}]})
+        edge = datetime.datetime(2024, 5, 1)
+        self.assertEqual(find["filter"], {"$and": [   # and an hour from the edge (in_windows)
+            {"sender": "old@x.org"}, {"received": {"$lte": edge}},
+            {"received": {"$gte": edge - datetime.timedelta(hours=1)}}]})
         self.assertEqual(find["limit"], 2 + 1 + 2)     # a page, one more, and the two shown
 
     def test_every_read_carries_the_consoles_max_time(self):
