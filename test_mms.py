@@ -6730,6 +6730,37 @@ class TestConsoleAtScale(WebCase):
             {"received": {"$gte": edge - datetime.timedelta(hours=1)}}]})
         self.assertEqual(find["limit"], 2 + 1 + 2)     # a page, one more, and the two shown
 
+    def test_a_word_searchs_pages_read_its_matches_from_the_newest(self):
+        """Five messages with the word, two a page: no page asks a date beside the
+        $text (nx-27017 reads every message for one); each reads the matches from the
+        newest, as far as start= says the newer pages went, and the pages hold each
+        message once, newest first, there and back."""
+        keys = []
+        for n in range(5):
+            keys.insert(0, self.key(self.send_message(
+                self.raw(), f"Subject: invoice {n}\r\n\r\nbody\r\n".encode())))
+            time.sleep(0.01)
+        cookie, pages, path = self.login("viewer"), [], "/messages?subject=invoice"
+        with mock.patch.object(mms, "WEB_PAGE", 2):
+            while path:
+                before = len(self.tap.sent("find", "message"))
+                page = self.http("GET", path, cookie=cookie)[2].decode()
+                pages.append((re.findall(r'href="/messages/([0-9a-f]{64})"', page),
+                              self.tap.sent("find", "message")[before]))
+                older = re.search(r'<a href="(/messages\?[^"]+)">Older', page)
+                path = older and html.unescape(older.group(1))
+            newer = html.unescape(re.search(r'<a href="(/messages\?[^"]+)">Newer', page).group(1))
+            back = re.findall(r'href="/messages/([0-9a-f]{64})"',
+                              self.http("GET", newer, cookie=cookie)[2].decode())
+        self.assertEqual([shown for shown, _ in pages], [keys[0:2], keys[2:4], keys[4:]])
+        self.assertEqual(back, keys[2:4])
+        for _, find in pages:
+            self.assertNotIn("received", str(find["filter"]))
+            self.assertEqual(find["sort"], {"received": -1})
+        self.assertEqual([find["limit"] for _, find in pages], [2 + 1, 2 + 1 + 1 + 2,
+                                                               2 + 1 + 1 + 4])
+        self.assertIn("start=2", newer)          # the rows above the page it goes to
+
     def test_every_read_carries_the_consoles_max_time(self):
         cookie = self.login()
         for path in ["/", "/dashboard", "/messages", "/messages?sender=%40example.org&verdict=clean",
