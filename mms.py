@@ -4253,9 +4253,9 @@ class MetricsHandler(BoundedHandler):
 # The archive #################################################################
 ###############################################################################
 
-# nx-27017, the MongoDB-wire server the tests run on, answers some queries wrongly.
-# These forms are right on MongoDB and on nx-27017 alike; nowhere else does mms
-# bend a query for it.
+# nx-27017, the MongoDB-wire server the tests run on, answers some queries wrongly,
+# and some slowly. These forms are right on MongoDB and on nx-27017 alike; nowhere
+# else does mms bend a query for it.
 # - Not on hold: {held: {$nin: [true]}}, which MongoDB reads as {$ne: true}; nx-27017
 #   answers $ne and $nor wrongly beside other conditions.
 # - Conditions are joined with $and: nx-27017 applies a top-level $or alone.
@@ -4272,6 +4272,11 @@ class MetricsHandler(BoundedHandler):
 # - The daily counts are read by an aggregation's $match on a range of _id: nx-27017
 #   reads every counter for a find with that range (1.2 s of 187,000), not for the
 #   $match (0.01 s); on MongoDB both are the same range of the _id index.
+# - A page of a date range is read in windows of time (Archive.in_windows), a $text
+#   search's since is where reading stops (Archive.text_since), and a word search's
+#   page from an edge asks no date (WebHandler.edges): nx-27017 reads every message
+#   for a date range, and row by row beside a $text. On MongoDB each is the same
+#   index range, or the same text index entries, as the one query it replaces.
 # - fs.chunks cannot be listed on nx-27017: orphan chunks are found on MongoDB only.
 #   A find on fs.files gets every file at once, whatever its batchSize (and no range
 #   or regular expression on it works): verify's memory grows with the files there.
@@ -4695,9 +4700,10 @@ class Archive:
             return self.text_since(query, limit, projection)
         if "$text" not in query and (low if order == "oldest" else low or high):
             return self.in_windows(query, limit, projection, order, low, high)
-        return self.sorted(query, limit, projection, order)
+        return self.ordered(query, limit, projection, order)
 
-    def sorted(self, query, limit, projection=None, order="newest"):
+    def ordered(self, query, limit, projection=None, order="newest"):
+        """One find, in the order asked, the limit given to MongoDB."""
         # By score without the score in the projection (MongoDB 4.4 and later sort by
         # it as it is): nx-27017 would bring back the score alone.
         cursor = self.collection.find(query, projection or WORDS_LEFT_OUT).sort(ORDERS[order])
@@ -4708,7 +4714,7 @@ class Archive:
 
     def in_windows(self, query, limit, projection, order, low, high, first=WINDOW_FIRST):
         """A page of a date range, read in windows of time from its start: `first`,
-        then one as much wider as the rows found say the page still needs (2 to 16
+        then one as much wider as the rows found say the page still needs (2 to 32
         times), then the rest. On MongoDB each is a range of the same index as the
         whole, bounded by the limit, and the first fills a page of a busy archive.
         Where the first holds less than a sixteenth of what is needed, the rest is
@@ -4730,8 +4736,8 @@ class Archive:
             if not final:
                 window["$gte" if newest else "$lt"] = cut
             found = 0
-            for doc in self.sorted(all_of(query, {"received": window}) if window else query,
-                                   left, projection, order):
+            for doc in self.ordered(all_of(query, {"received": window}) if window else query,
+                                    left, projection, order):
                 found += 1
                 yield doc
             left -= found if limit else 0
@@ -4749,7 +4755,7 @@ class Archive:
         nx-27017 reads every message in Python for a $text beside a date (27 s for a
         subject and since=1d at 200,000 messages), and serves one alone from its index."""
         stripped, keep = without_lower_dates(query)
-        for doc in self.sorted(stripped, limit, projection):
+        for doc in self.ordered(stripped, limit, projection):
             if not keep(doc.get("received")):
                 return
             yield doc
