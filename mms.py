@@ -4277,6 +4277,8 @@ class MetricsHandler(BoundedHandler):
 #   page from an edge asks no date (WebHandler.edges): nx-27017 reads every message
 #   for a date range, and row by row beside a $text. On MongoDB each is the same
 #   index range, or the same text index entries, as the one query it replaces.
+# - An address, a domain and a scoped user's one domain are asked as equality, not
+#   $in: nx-27017 reads every message in Python for a $in beside a date.
 # - fs.chunks cannot be listed on nx-27017: orphan chunks are found on MongoDB only.
 #   A find on fs.files gets every file at once, whatever its batchSize (and no range
 #   or regular expression on it works): verify's memory grows with the files there.
@@ -5352,9 +5354,11 @@ class Filters:
 
     def query(self):
         """The MongoDB filter. Each clause has its index (README, "At scale"), but the
-        subject's, which the console bounds by its maxTimeMS. nx-27017 needs `$in`
-        for an element of an indexed array, and `$elemMatch` for a regular
-        expression on one; both forms are right on MongoDB too."""
+        subject's, which the console bounds by its maxTimeMS. An address or a domain
+        is asked as equality, which MongoDB reads on an array as on a value: nx-27017
+        reads every message in Python for a $in beside a date (0.65 s against 0.044 s
+        at 20,000). nx-27017 needs `$elemMatch` for a regular expression on an
+        element of an array; that form is right on MongoDB too."""
         clauses, received = [], {}
         if self.sender is not None:
             clauses.append(address_clause(self.sender, "sender", "sender_domain"))
@@ -5484,11 +5488,11 @@ def address_clause(address, fields, domain_field):
     else one address (in any of these fields)."""
     address = address.strip().lower()
     if address.startswith("@"):
-        return {domain_field: {"$in": [address[1:]]}}
+        return {domain_field: address[1:]}
     value = "" if address == "<>" else address.strip("<>")
     if isinstance(fields, str):
         return {fields: value}
-    return {"$or": [{field: {"$in": [value]}} for field in fields]}
+    return {"$or": [{field: value} for field in fields]}
 
 
 @command("count", "how many messages the filters find", FILTERS + MONGO)
@@ -7251,9 +7255,12 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         return self.user.get("zone") or self.server.zone
 
     def scope(self):
-        """A scoped user's searches: only mail for their domains, in the query."""
+        """A scoped user's searches: only mail for their domains, in the query; one
+        domain as equality (Filters.query says why)."""
         domains = self.user.get("domains")
-        return {"rcpt_domain": {"$in": list(domains)}} if domains else {}
+        if not domains:
+            return {}
+        return {"rcpt_domain": domains[0] if len(domains) == 1 else {"$in": list(domains)}}
 
     def search(self, params=None):
         """(the query, the filters as given) from the URL (or a form's fields), from
