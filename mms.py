@@ -7029,7 +7029,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         self.audit("list", result=f"{len(docs)} message(s) by the API: " +
                    urllib.parse.urlencode(page)[:400])
         self.json({"messages": [dict(doc, verdict=verdict(doc)) for doc in docs],
-                   "next": edge_page(docs, "older", self.start()) if more else None})
+                   "next": edge_page(docs, "older", self.shown_above()) if more else None})
 
     @route("GET", r"/api/messages/([0-9a-f]{64})")
     def get_api_message(self, key):
@@ -7157,7 +7157,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         read = read or (lambda limit, order: self.server.archive.search(query, limit, order=order))
         received, shown = page_edge(self.params) or ({}, set())
         words = bool(received) and "$text" in query and order == "newest"
-        limit = WEB_PAGE + 1 + len(shown) + (self.start() if words else 0)
+        limit = WEB_PAGE + 1 + len(shown) + (self.shown_above() if words else 0)
         while True:
             found = list(read(limit, "oldest" if newer and not words else order))
             docs = [doc for doc in found if str(doc["_id"]) not in shown
@@ -7174,17 +7174,19 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         return (docs[:WEB_PAGE][::-1] if newer else docs[:WEB_PAGE]), more
 
     def page_links(self, docs, more, where="/messages"):
-        """{older, newer, where}: which pages there are beside this one (by date only:
+        """{older, newer, where, start}: which pages there are beside this one (by date only:
         by size or score there is one page). One came from a newer or older page if
         it was asked with after= or before=."""
         if not docs or (where == "/messages" and self.order() != "newest"):
             return {}
         newer = bool(self.params.get("after"))
         return {"older": more or newer, "newer": more if newer else
-                bool(self.params.get("before")), "where": where, "start": self.start()}
+                bool(self.params.get("before")), "where": where,
+                "start": self.shown_above()}
 
-    def start(self):
-        """How many rows the newer pages showed (start=), as far as a page reads."""
+    def shown_above(self):
+        """How many rows the newer pages showed (start=): as far as a word search's
+        page reads its matches (one_page)."""
         start = self.params.get("start") or ""
         return min(int(start), WEB_DEPTH_MAX) if start.isascii() and start.isdigit() else 0
 
