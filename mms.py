@@ -7160,9 +7160,9 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         limit = WEB_PAGE + 1 + len(shown) + (self.shown_above() if words else 0)
         while True:
             found = list(read(limit, "oldest" if newer and not words else order))
-            docs = [doc for doc in found if str(doc["_id"]) not in shown
-                    and within(doc.get("received"), received)]
-            passed = any(not within(doc.get("received"), received) for doc in found)
+            inside = [doc for doc in found if within(doc.get("received"), received)]
+            docs = [doc for doc in inside if str(doc["_id"]) not in shown]
+            passed = len(inside) < len(found)           # read past a newer page's edge
             if (passed if words and newer else len(docs) > WEB_PAGE) or len(found) < limit \
                     or limit >= WEB_DEPTH_MAX:
                 break
