@@ -726,7 +726,10 @@ class Bench:
                                 30 * 86400)),
                             "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                             "subject": subject, **flags}
-                jobs.append(archive.prepare(metadata, mms.Message(data)))
+                message = mms.Message(data)
+                metadata.update(mms.completed_fields(message.pieces(), cfg.index_text,
+                                                     metadata["sender"]))
+                jobs.append(archive.prepare(metadata, message))
             archive.insert(jobs)
             if any(job.error for job in jobs):
                 raise SystemExit(f"bench: writing the archive failed: {jobs[0].error}")
@@ -772,6 +775,9 @@ CONSOLE_SEARCHES = [   # (name, query string): one for each kind of filter
     ("subject (text index; since=1d)", "subject=invoice&since=1d"),
     ("subject (text index; a word in none)", "subject=zebra"),
     ("subject (text index; a word in 1 of 6)", "subject=invoice"),
+    ("words (text index; a word in 1 of 6)", "text=invoice"),
+    ("words (two, and -word)", "text=invoice+about+-holiday"),
+    ("words (since=1d)", "text=invoice&since=1d"),
 ]
 
 
