@@ -4278,7 +4278,8 @@ class MetricsHandler(BoundedHandler):
 #   for a date range, and row by row beside a $text. On MongoDB each is the same
 #   index range, or the same text index entries, as the one query it replaces.
 # - An address, a domain and a scoped user's one domain are asked as equality, not
-#   $in: nx-27017 reads every message in Python for a $in beside a date.
+#   $in, and a scoped user's several domains beside a date as one range each, merged
+#   (each_domain): nx-27017 reads every message in Python for a $in beside a date.
 # - Beside a $text, conditions on fields go at the top, not in $and, and the terms
 #   of --text are one regular expression on `text` (all_of, text_clauses): nx-27017
 #   tests a $text's matches in Python, row by row, beside any $and, $or or $nor.
@@ -4352,6 +4353,25 @@ def without_lower_dates(query):
         return isinstance(when, datetime.datetime) and all(
             when >= at if op == "$gte" else when > at for op, at in bounds)
     return stripped, keep
+
+
+DOMAINS_SPLIT_MAX = 10    # a scoped user's domains read one range each, up to this many
+
+
+def each_domain(query):
+    """The query once for each domain of its rcpt_domain $in (a scoped user's
+    several domains, up to DOMAINS_SPLIT_MAX), else [query]: MongoDB merges the
+    ranges of a $in itself, and nx-27017 reads every message in Python for a $in
+    beside a date."""
+    for clause in [query, *query.get("$and", ())]:
+        domains = clause.get("rcpt_domain")
+        if isinstance(domains, dict) and list(domains) == ["$in"] and \
+                1 < len(domains["$in"]) <= DOMAINS_SPLIT_MAX:
+            if clause is query:
+                return [{**query, "rcpt_domain": domain} for domain in domains["$in"]]
+            return [{**query, "$and": [{**one, "rcpt_domain": domain} if one is clause else one
+                                       for one in query["$and"]]} for domain in domains["$in"]]
+    return [query]
 
 
 def as_date(field):
@@ -4717,8 +4737,21 @@ class Archive:
         if "$text" in query and order == "newest" and low is not None:
             return self.text_since(query, limit, projection)
         if "$text" not in query and (low if order == "oldest" else low or high):
-            return self.in_windows(query, limit, projection, order, low, high)
+            return self.merged([self.in_windows(one, limit, projection, order, low, high)
+                                for one in each_domain(query)], limit, order)
         return self.ordered(query, limit, projection, order)
+
+    @staticmethod
+    def merged(reads, limit, order):
+        """Reads in one order, merged by date, each message once (one for two of a
+        scoped user's domains is in the read of each), at most limit of them."""
+        if len(reads) == 1:
+            return reads[0]
+        seen = set()
+        docs = heapq.merge(*reads, key=operator.itemgetter("received"),
+                           reverse=order == "newest")
+        return itertools.islice((doc for doc in docs if not (
+            doc["_id"] in seen or seen.add(doc["_id"]))), limit or None)
 
     def ordered(self, query, limit, projection=None, order="newest"):
         """One find, in the order asked, the limit given to MongoDB."""
@@ -4817,12 +4850,11 @@ class Archive:
         at 200,000), and only one verdict's messages for each of these. Each range is
         read in windows of time (in_windows), a day first: quarantined mail is a few
         in a hundred, and a page of it spans hours."""
-        ranges = [self.in_windows({"verdict": verdict, "received": received, **(scope or {})},
-                                  0, None, order, *date_span({"received": received}), DAY)
-                  for verdict in AWAITING]
-        merged = heapq.merge(*ranges, key=operator.itemgetter("received"),
-                             reverse=order == "newest")
-        return itertools.islice((doc for doc in merged if doc.get("released") is None), limit)
+        ranges = [self.in_windows(query, 0, None, order, *date_span(query), DAY)
+                  for verdict in AWAITING for query in each_domain(
+                      {"verdict": verdict, "received": received, **(scope or {})})]
+        return itertools.islice((doc for doc in self.merged(ranges, 0, order)
+                                 if doc.get("released") is None), limit)
 
     def pieces(self, doc, file=None):
         """The raw message, a piece at a time, from its chunks in order: a message is
@@ -7286,7 +7318,8 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
 
     def scope(self):
         """A scoped user's searches: only mail for their domains, in the query; one
-        domain as equality (Filters.query says why)."""
+        domain as equality (Filters.query says why), several a $in, which a page of
+        a date range reads one domain at a time (each_domain)."""
         domains = self.user.get("domains")
         if not domains:
             return {}

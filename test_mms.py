@@ -6597,11 +6597,14 @@ class TestQuarantinePage(WebCase):
     a scoped user's within their domains; each row with what a reviewer decides by
     and the actions their role allows."""
 
-    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor", "scoped": "hunter2 hunter2"}
+    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor", "scoped": "hunter2 hunter2",
+                 "two": "correct horse"}
 
     def more_users(self):
         return [f"reviewer:{mms.hash_password(self.PASSWORDS['reviewer'])}:reviewer\n",
-                f"scoped:{mms.hash_password(self.PASSWORDS['scoped'])}:reviewer:example.org\n"]
+                f"scoped:{mms.hash_password(self.PASSWORDS['scoped'])}:reviewer:example.org\n",
+                f"two:{mms.hash_password(self.PASSWORDS['two'])}:reviewer:"
+                "example.org,example.net\n"]
 
     def web_uri(self):
         self.tap = WireTap(self.uri)
@@ -6680,6 +6683,38 @@ class TestQuarantinePage(WebCase):
         for find in finds:
             self.assertEqual((find["sort"], find["maxTimeMS"]), ({"received": -1},
                                                                  mms.WEB_QUERY_MS))
+
+    def test_a_user_of_two_domains_gets_one_range_a_domain_and_each_message_once(self):
+        """A message quarantined for both domains is read in both ranges, and shown
+        once."""
+        both = self.key(self.send_message(self.raw(), amavis_copy("both", ["bob@example.com"]),
+                                          rcpts=("spam@example.net", "banned@example.org")))
+        cookie, pages, path, ranges = self.login("two"), [], "/", set()
+        with mock.patch.object(mms, "WEB_PAGE", 1):
+            while path:
+                self.tap.commands.clear()
+                page = self.http("GET", path, cookie=cookie)[2].decode()
+                pages.append(re.findall(r'<tr class="[a-z]+">.*?href="/messages/([0-9a-f]{64})"',
+                                        page, re.S))
+                older = re.search(r'<a href="(/\?[^"]+)">Older messages</a>', page)
+                path = older and html.unescape(older.group(1))
+                finds = [c["filter"] for c in self.tap.sent("find", "message")
+                         if "received" in str(c["filter"])]
+                ranges |= {re.search(r"'verdict': '(\w+)'.*'rcpt_domain': '([\w.]+)'",
+                                     find).groups() for find in map(str, finds)}
+        self.assertEqual(pages, [[both], [self.banned], [self.virus], [self.spam]])
+        self.assertEqual(ranges, {(verdict, domain) for verdict in mms.AWAITING  # no $in
+                                  for domain in ("example.org", "example.net")})
+        self.tap.commands.clear()
+        status, _, body = self.http("GET", "/messages?since=1d", cookie=cookie)
+        found = list(dict.fromkeys(re.findall(r'href="/messages/([0-9a-f]{64})"',
+                                              body.decode())))
+        self.assertEqual(found, [both, self.banned, self.virus, self.released, self.spam])
+        self.assertIn("5 messages", body.decode())
+        ranges = [c["filter"]["$and"] for c in self.tap.sent("find", "message")
+                  if "$and" in c["filter"]]
+        self.assertEqual({str(c) for r in ranges for c in r if "rcpt_domain" in c},
+                         {"{'rcpt_domain': 'example.org'}", "{'rcpt_domain': 'example.net'}"})
 
     def test_a_failed_release_says_what_to_do_and_links_back(self):
         self.down.close()                                      # nothing listens there now
@@ -7333,11 +7368,14 @@ class TestConsoleLists(WebCase):
     --allow-tell); each for the recipients in the user's scope, audited; a Lists
     page to see and remove entries. Viewers see none of it."""
 
-    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor", "scoped": "hunter2 hunter2"}
+    PASSWORDS = {**WebCase.PASSWORDS, "reviewer": "tr0ub4dor", "scoped": "hunter2 hunter2",
+                 "two": "correct horse"}
 
     def more_users(self):
         return [f"reviewer:{mms.hash_password(self.PASSWORDS['reviewer'])}:reviewer\n",
-                f"scoped:{mms.hash_password(self.PASSWORDS['scoped'])}:reviewer:example.org\n"]
+                f"scoped:{mms.hash_password(self.PASSWORDS['scoped'])}:reviewer:example.org\n",
+                f"two:{mms.hash_password(self.PASSWORDS['two'])}:reviewer:"
+                "example.org,example.net\n"]
 
     def web_args(self):
         return ["--spamd", LearningSpamd.get().address]

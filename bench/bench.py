@@ -708,13 +708,16 @@ class Bench:
         senders = [f"user{n}@sender{n % 300}.example" for n in range(3000)]
         rcpts = [f"user{n}@rcpt{n % 40}.example" for n in range(2000)]
         weights = [1 / (n + 1) for n in range(3000)]
+        vocabulary = [f"w{n}" for n in range(5000)] + list(CONSOLE_WORDS)  # Zipf, as
+        vocabulary_weights = [1 / (n + 1) for n in range(len(vocabulary))]  # words go
         started = time.monotonic()
         for start in range(0, count, batch):
             jobs = []
             for n in range(start, min(count, start + batch)):
                 subject = f"note {n} about {rng.choice(CONSOLE_WORDS)}"
-                data = (f"Subject: {subject}\r\n\r\n".encode()
-                        + base64.b64encode(rng.randbytes(rng.randrange(200, 3000))) + b"\r\n")
+                body = " ".join(rng.choices(vocabulary, vocabulary_weights,
+                                            k=rng.randrange(30, 400)))
+                data = f"Subject: {subject}\r\n\r\n{body}\r\n".encode()
                 roll = rng.random()
                 flags = ({"is_spam": 1, "quarantine": "spam"} if roll < 0.03 else
                          {"is_virus": 1, "quarantine": "virus"} if roll < 0.04 else
