@@ -5463,8 +5463,8 @@ def text_clauses(search):
     alone. MongoDB reads the same documents for a "phrase" of $text; nx-27017
     answers one word right, but not a phrase beside another condition, two words,
     or -word; and it tests a $text's matches row by row in Python beside an $or,
-    $nor or $and, where it asks SQLite for a condition on one field (README,
-    "Word searches on nx-27017")."""
+    $nor or $and, and not beside conditions on fields (README, "Word searches on
+    nx-27017")."""
     wanted, unwanted = [], []
     for minus, phrase, word in TEXT_TERM_RE.findall(search[:1000]):
         words = WORD_RE.findall(phrase or word)
