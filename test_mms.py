@@ -6712,6 +6712,7 @@ class TestQuarantinePage(WebCase):
                                   for domain in ("example.org", "example.net")})
         self.tap.commands.clear()
         status, _, body = self.http("GET", "/messages?since=1d", cookie=cookie)
+        self.assertEqual(status, 200)
         found = list(dict.fromkeys(re.findall(r'href="/messages/([0-9a-f]{64})"',
                                               body.decode())))
         self.assertEqual(found, [both, self.banned, self.virus, self.released, self.spam])

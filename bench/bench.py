@@ -708,8 +708,9 @@ class Bench:
         senders = [f"user{n}@sender{n % 300}.example" for n in range(3000)]
         rcpts = [f"user{n}@rcpt{n % 40}.example" for n in range(2000)]
         weights = [1 / (n + 1) for n in range(3000)]
-        vocabulary = [f"w{n}" for n in range(5000)] + list(CONSOLE_WORDS)  # Zipf, as
-        vocabulary_weights = [1 / (n + 1) for n in range(len(vocabulary))]  # words go
+        # Bodies of words, the commonest far more often than the rest, as words go.
+        vocabulary = [f"w{n}" for n in range(5000)] + list(CONSOLE_WORDS)
+        vocabulary_weights = [1 / (n + 1) for n in range(len(vocabulary))]
         started = time.monotonic()
         for start in range(0, count, batch):
             jobs = []
