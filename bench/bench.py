@@ -539,6 +539,11 @@ class Bench:
             web = self.web_console()
             try:
                 cookie = self.web_login(web.port)
+
+                def time_pages(pages):
+                    for name, path in pages.items():
+                        seconds, status, said = self.web_get(web.port, path, cookie)
+                        print(f"{name:<48} {seconds:7.3f} s  {status}{said}")
                 pages = {"quarantine (where every role lands)": "/",
                          "dashboard, cold": "/dashboard", "dashboard, warm": "/dashboard",
                          "lists": "/lists", "audit log": "/audit",
@@ -551,9 +556,7 @@ class Bench:
                              "baseline: /api/stats?since=7d&by=sender-domain":
                                  "/api/stats?since=7d&by=sender-domain"}
                 print(f"### {count} messages")
-                for name, path in pages.items():
-                    seconds, status, said = self.web_get(web.port, path, cookie)
-                    print(f"{name:<48} {seconds:7.3f} s  {status}{said}")
+                time_pages(pages)
                 body = self.web_fetch(web.port, "/", cookie)[2]
                 for n in range(2, 12):   # older pages of the quarantine, by its own links
                     older = re.search(rb'<a href="([^"]+)">Older messages</a>', body)
@@ -563,9 +566,7 @@ class Bench:
                         web.port, html.unescape(older.group(1).decode()), cookie)
                     if n in (2, 11):
                         print(f"{f'quarantine, page {n}':<48} {seconds:7.3f} s  {status}")
-                for name, path in baselines.items():
-                    seconds, status, said = self.web_get(web.port, path, cookie)
-                    print(f"{name:<48} {seconds:7.3f} s  {status}{said}")
+                time_pages(baselines)
                 for command in (["verify", "--since", "1d"], ["stats", "--since", "30d",
                                                               "--by", "sender"]):
                     seconds, rss = self.run_command(MMS, command, "bench_console")
