@@ -4850,7 +4850,8 @@ class Archive:
         at 200,000), and only one verdict's messages for each of these. Each range is
         read in windows of time (in_windows), a day first: quarantined mail is a few
         in a hundred, and a page of it spans hours."""
-        ranges = [self.in_windows(query, 0, None, order, *date_span(query), DAY)
+        span = date_span({"received": received})
+        ranges = [self.in_windows(query, 0, None, order, *span, DAY)
                   for verdict in AWAITING for query in each_domain(
                       {"verdict": verdict, "received": received, **(scope or {})})]
         return itertools.islice((doc for doc in self.merged(ranges, 0, order)
