@@ -4280,6 +4280,9 @@ class MetricsHandler(BoundedHandler):
 # - An address, a domain and a scoped user's one domain are asked as equality, not
 #   $in, and a scoped user's several domains beside a date as one range each, merged
 #   (each_domain): nx-27017 reads every message in Python for a $in beside a date.
+# - Beside a date, equality on a field of one value is the range [value, value]
+#   (as_points): nx-27017 serves that from the field's index, and equality by
+#   reading every message. MongoDB reads both as one point of the same index.
 # - Beside a $text, conditions on fields go at the top, not in $and, and the terms
 #   of --text are one regular expression on `text` (all_of, text_clauses): nx-27017
 #   tests a $text's matches in Python, row by row, beside any $and, $or or $nor.
@@ -4318,6 +4321,29 @@ def all_of(*clauses):
     if len(rest) == 1 and not set(rest[0]) & set(top):
         return {**top, **rest[0]}
     return {**top, **({"$and": rest} if rest else {})}
+
+
+POINT_FIELDS = ("verdict", "quarantine", "sender", "sender_domain")   # one value a message
+
+
+def as_points(query):
+    """The query with equality on a field of POINT_FIELDS written as the range
+    [value, value] where a date is asked beside it (and no $text), as Archive.ordered
+    sends it. MongoDB's planner reads both as one point of the (field, received)
+    index, which then gives the date's order (a point interval is an equality).
+    nx-27017 asks a date in SQL, where its equality also looks into arrays, and no
+    index serves that (0.7 to 1.1 s a query at 200,000 messages); a range it reads
+    from the field's index (0.02 s). Arrays (rcpt, rcpt_domain) stay equality: a
+    range on one there is wrong on nx-27017."""
+    if "$text" in query or not any(date_span(query)):
+        return query
+
+    def points(clause):
+        return {key: {"$gte": value, "$lte": value} if key in POINT_FIELDS and isinstance(
+            value, str) else value for key, value in clause.items()}
+    top = points({key: value for key, value in query.items() if key != "$and"})
+    return {**top, **({"$and": [points(one) for one in query["$and"]]}
+                      if "$and" in query else {})}
 
 
 def date_span(query):
@@ -4757,7 +4783,8 @@ class Archive:
         """One find, in the order asked, the limit given to MongoDB."""
         # By score without the score in the projection (MongoDB 4.4 and later sort by
         # it as it is): nx-27017 would bring back the score alone.
-        cursor = self.collection.find(query, projection or WORDS_LEFT_OUT).sort(ORDERS[order])
+        cursor = self.collection.find(as_points(query), projection or WORDS_LEFT_OUT).sort(
+            ORDERS[order])
         return self.bounded(cursor.limit(limit).batch_size(self.BATCH))  # never 16 MB at once
 
     WINDOW_FIRST = datetime.timedelta(hours=1)

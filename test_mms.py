@@ -6677,10 +6677,11 @@ class TestQuarantinePage(WebCase):
         self.assertNotIn(f'href="/messages/{self.virus}"', page)
         finds = [c for c in self.tap.sent("find", "message") if "$and" in c["filter"]]
         for verdict in mms.AWAITING:   # one range of (verdict, received) a verdict, merged
-            ranges, windows = zip(*(find["filter"]["$and"] for find in finds    # by date, in
-                                    if find["filter"]["$and"][0]["verdict"] == verdict))
-            edge = ranges[0]["received"]["$lte"]                     # windows from the edge
-            self.assertEqual(list(ranges), [{"verdict": verdict, "received": {"$lte": edge}}]
+            point = {"$gte": verdict, "$lte": verdict}     # by date, in windows from the edge;
+            ranges, windows = zip(*(find["filter"]["$and"] for find in finds   # the verdict a
+                                    if find["filter"]["$and"][0]["verdict"] == point))  # point
+            edge = ranges[0]["received"]["$lte"]       # of its index, as nx-27017 serves it
+            self.assertEqual(list(ranges), [{"verdict": point, "received": {"$lte": edge}}]
                              * len(ranges))
             self.assertEqual(windows[0]["received"], {"$gte": edge - mms.DAY})   # a day first
             for newer, window in zip(windows, windows[1:]):
@@ -6705,7 +6706,7 @@ class TestQuarantinePage(WebCase):
                 path = older and html.unescape(older.group(1))
                 finds = [c["filter"] for c in self.tap.sent("find", "message")
                          if "received" in str(c["filter"])]
-                ranges |= {re.search(r"'verdict': '(\w+)'.*'rcpt_domain': '([\w.]+)'",
+                ranges |= {re.search(r"'verdict': \{'\$gte': '(\w+)'.*'rcpt_domain': '([\w.]+)'",
                                      find).groups() for find in map(str, finds)}
         self.assertEqual(pages, [[both], [self.banned], [self.virus], [self.spam]])
         self.assertEqual(ranges, {(verdict, domain) for verdict in mms.AWAITING  # no $in
@@ -6769,7 +6770,7 @@ class TestConsoleAtScale(WebCase):
         find = self.tap.sent("find", "message")[before]
         edge = datetime.datetime(2024, 5, 1)
         self.assertEqual(find["filter"], {"$and": [   # and an hour from the edge (in_windows)
-            {"sender": "old@x.org"}, {"received": {"$lte": edge}},
+            {"sender": {"$gte": "old@x.org", "$lte": "old@x.org"}}, {"received": {"$lte": edge}},
             {"received": {"$gte": edge - datetime.timedelta(hours=1)}}]})
         self.assertEqual(find["limit"], 2 + 1 + 2)     # a page, one more, and the two shown
 
@@ -6854,6 +6855,28 @@ class TestConsoleAtScale(WebCase):
                 self.assertEqual(find["limit"], mms.WEB_PAGE + 1)
                 self.assertEqual((count["filter"], count["projection"], count["limit"]),
                                  (expected, {"_id": 1}, mms.WEB_COUNT_MAX + 1))   # how many
+
+    def test_beside_a_date_a_field_of_one_value_is_a_point_of_its_index(self):
+        """Beside a date, equality on a field that holds one value is asked as the
+        range [value, value]: one point of the same index on MongoDB, and the form
+        nx-27017 reads from that index beside a date. A recipient domain, one of an
+        array, stays equality; without a date, so does the sender."""
+        cookie = self.login()
+        point = {"$gte": "evil@example.org", "$lte": "evil@example.org"}
+        for query, sender in (("sender=evil%40example.org&rcpt=%40example.com&since=1d", point),
+                              ("sender=evil%40example.org&rcpt=%40example.com",
+                               "evil@example.org")):
+            with self.subTest(query):
+                before = len(self.tap.sent("find", "message"))
+                status, _, body = self.http("GET", f"/messages?{query}", cookie=cookie)
+                self.assertEqual(status, 200)
+                self.assertEqual(set(re.findall(r'href="/messages/([0-9a-f]{64})"',
+                                                body.decode())), {self.hostile})
+                find = self.tap.sent("find", "message")[before]["filter"]
+                clauses = [find, *find.get("$and", ())]
+                self.assertEqual([c["sender"] for c in clauses if "sender" in c], [sender])
+                self.assertEqual([c["rcpt_domain"] for c in clauses if "rcpt_domain" in c],
+                                 ["example.com"])
 
     def test_a_subject_of_short_words_says_it_cannot_be_searched_so(self):
         status, _, body = self.http("GET", "/messages?subject=re%3A%20hi", cookie=self.login())
