@@ -4611,7 +4611,8 @@ class TestContentSearch(ArchiveCase):
                 "text": {"$regex": "(?i)^(?=(?:[^ ]* )*?(?<![^ ])invoice(?![^ ]))"
                                    "(?=(?:[^ ]* )*?(?<![^ ])wire transfer(?![^ ]))"}},
             ("--text", "invoice -draft", "--sender", "@example.org"): {   # no $and, $or
-                "$text": {"$search": "invoice"}, "sender_domain": "example.org",  # or $nor
+                "$text": {"$search": "invoice"}, "sender_domain": {   # or $nor
+                    "$gte": "example.org", "$lte": "example.org"},
                 "text": {"$regex": "(?i)^(?=(?:[^ ]* )*?(?<![^ ])invoice(?![^ ]))"
                                    "(?!(?:[^ ]* )*?(?<![^ ])draft(?![^ ]))"}},
             ("--text", "invoice"): {"$text": {"$search": "invoice"},
@@ -4800,6 +4801,13 @@ class TestCheckInstances(MongoCase):
         self.assertEqual(check("archive_a")[0], 0)
 
 
+def clauses(query):
+    """A query's conditions, one a field, whether all_of put them at its top or in
+    its $and (an $or, a second range of the same field)."""
+    return [{key: value} for clause in [query, *query.get("$and", ())]
+            for key, value in clause.items() if key != "$and"]
+
+
 def old_messages(db_uri, dbname, count, when):
     """`count` messages written straight into the archive as mms writes them, received
     at `when`: an archive's years, without sending each one over SMTP."""
@@ -4860,12 +4868,12 @@ class TestArchiveQueries(ArchiveCase):
             + [edge - datetime.timedelta(days=20)] * 2 + [edge - datetime.timedelta(days=1000)],
             reverse=True))
         finds = tap.sent("find", "message")
-        windows = [find["filter"]["$and"][1]["received"] for find in finds[:-1]]
+        windows = [find["filter"]["$and"][0]["received"] for find in finds[:-1]]
         edge = edge.replace(tzinfo=None)                       # as the wire gives it back
         self.assertEqual(windows[0], {"$gte": edge - datetime.timedelta(hours=1)})
         for newer, window in zip(windows, windows[1:]):
             self.assertEqual(window["$lt"], newer["$gte"])
-        self.assertEqual(finds[-1]["filter"]["$and"][1]["received"], {"$lt": windows[-1]["$gte"]})
+        self.assertEqual(finds[-1]["filter"]["$and"][0]["received"], {"$lt": windows[-1]["$gte"]})
         self.assertLessEqual(len(finds), mms.Archive.WINDOWS_MAX)
         self.assertEqual([find["limit"] for find in finds[:3]], [20, 20 - 3, 20 - 3 - 2])
         tap.commands.clear()
@@ -4882,7 +4890,8 @@ class TestArchiveQueries(ArchiveCase):
         self.assertEqual(tap.sent("aggregate"), [])
         self.assertEqual(self.mms("count", "--sender", "a@x.org", uri=uri), (0, "2", ""))
         [pipeline] = [c["pipeline"] for c in tap.sent("aggregate", "message")]
-        self.assertEqual(pipeline[0], {"$match": {"sender": "a@x.org"}})
+        self.assertEqual(pipeline[0], {"$match": {"sender": {"$gte": "a@x.org",
+                                                             "$lte": "a@x.org"}}})
 
     def test_conditions_are_joined_so_that_each_one_counts(self):
         """A --rcpt (an $or of rcpt and quarantine_to) beside a time range."""
@@ -4965,10 +4974,10 @@ class TestArchiveQueries(ArchiveCase):
             # the shard key: on a cluster sharded on store_key, each shard its own
             self.assertEqual(len(statement["q"]["store_key"]["$in"]),
                              len(statement["q"]["_id"]["$in"]))
-        [read] = [c for c in tap.sent("find", "message") if "$and" in c["filter"]][:1]
-        self.assertIn({"received": {"$lt": read["filter"]["$and"][0]["received"]["$lt"]}},
-                      read["filter"]["$and"])
-        self.assertIn({"held": {"$nin": [True]}}, read["filter"]["$and"])
+        [read] = [clauses(c["filter"]) for c in tap.sent("find", "message")
+                  if "received" in c["filter"]][:1]
+        self.assertEqual([list(c["received"]) for c in read if "received" in c], [["$lt"]])
+        self.assertIn({"held": {"$nin": [True]}}, read)
         left = list(self.db["message"].find({"received": {"$lt": old + datetime.timedelta(1)}}))
         self.assertEqual(sorted(d["_id"] for d in left), sorted(held))
         for doc in left:   # their files stay
@@ -6655,16 +6664,30 @@ class TestQuarantinePage(WebCase):
     def test_asked_on_its_index_with_max_time(self):
         self.tap.commands.clear()
         self.rows("scoped")
-        [find, count] = [c for c in self.tap.sent("find", "message")
-                         if "verdict" in str(c["filter"])]
+        [find, *counts] = [c for c in self.tap.sent("find", "message")
+                           if "verdict" in str(c["filter"])]
         self.assertEqual(find["filter"], {
             "verdict": {"$in": ["virus", "banned", "spam"]}, "released": {"$in": [None]},
             "rcpt_domain": "example.org"})
         self.assertEqual((find["sort"], find["limit"], find["maxTimeMS"]),
                          ({"received": -1}, mms.WEB_PAGE + 1, mms.WEB_QUERY_MS))
-        self.assertEqual((count["filter"], count["projection"], count["limit"],
-                          count["maxTimeMS"]),               # how many, up to 1,001
-                         (find["filter"], {"_id": 1}, mms.WEB_COUNT_MAX + 1, mms.WEB_QUERY_MS))
+        left = mms.WEB_COUNT_MAX + 1              # how many, up to 1,001: a verdict at a
+        for verdict, count in zip(mms.AWAITING, counts, strict=True):   # time, each a point
+            self.assertEqual((count["filter"], count["projection"], count["limit"],
+                              count["maxTimeMS"]), ({**find["filter"], "verdict": {
+                                  "$gte": verdict, "$lte": verdict}}, {"_id": 1}, left,
+                                  mms.WEB_QUERY_MS))
+            left -= verdict == "banned"           # the one message for example.org
+
+    def test_the_count_stops_at_its_limit(self):
+        """The first verdicts fill the count's limit: the others are not asked."""
+        self.tap.commands.clear()
+        with mock.patch.object(mms, "WEB_COUNT_MAX", 1):
+            page, _ = self.rows("admin")
+        self.assertIn("More than 1 messages await judgement.", page)
+        counts = [c for c in self.tap.sent("find", "message") if c["projection"] == {"_id": 1}]
+        self.assertEqual([(c["filter"]["verdict"]["$gte"], c["limit"]) for c in counts],
+                         [("virus", 2), ("banned", 1)])
 
     def test_older_pages_are_ranges_of_the_same_query(self):
         with mock.patch.object(mms, "WEB_PAGE", 2):
@@ -6678,9 +6701,11 @@ class TestQuarantinePage(WebCase):
         finds = [c for c in self.tap.sent("find", "message") if "$and" in c["filter"]]
         for verdict in mms.AWAITING:   # one range of (verdict, received) a verdict, merged
             point = {"$gte": verdict, "$lte": verdict}     # by date, in windows from the edge;
-            ranges, windows = zip(*(find["filter"]["$and"] for find in finds   # the verdict a
-                                    if find["filter"]["$and"][0]["verdict"] == point))  # point
-            edge = ranges[0]["received"]["$lte"]       # of its index, as nx-27017 serves it
+            ranges, windows = zip(*(({key: value for key, value in find["filter"].items()
+                                      if key != "$and"}, find["filter"]["$and"][0])
+                                    for find in finds   # the verdict a point of its index,
+                                    if find["filter"]["verdict"] == point))  # as nx-27017
+            edge = ranges[0]["received"]["$lte"]                            # serves it
             self.assertEqual(list(ranges), [{"verdict": point, "received": {"$lte": edge}}]
                              * len(ranges))
             self.assertEqual(windows[0]["received"], {"$gte": edge - mms.DAY})   # a day first
@@ -6718,8 +6743,8 @@ class TestQuarantinePage(WebCase):
                                               body.decode())))
         self.assertEqual(found, [both, self.banned, self.virus, self.released, self.spam])
         self.assertIn("5 messages", body.decode())
-        ranges = [c["filter"]["$and"] for c in self.tap.sent("find", "message")
-                  if "$and" in c["filter"]]
+        ranges = [clauses(c["filter"]) for c in self.tap.sent("find", "message")
+                  if "received" in str(c["filter"])]
         self.assertEqual({str(c) for r in ranges for c in r if "rcpt_domain" in c},
                          {"{'rcpt_domain': 'example.org'}", "{'rcpt_domain': 'example.net'}"})
 
@@ -6769,9 +6794,9 @@ class TestConsoleAtScale(WebCase):
         self.assertIn("skip=", older)
         find = self.tap.sent("find", "message")[before]
         edge = datetime.datetime(2024, 5, 1)
-        self.assertEqual(find["filter"], {"$and": [   # and an hour from the edge (in_windows)
-            {"sender": {"$gte": "old@x.org", "$lte": "old@x.org"}}, {"received": {"$lte": edge}},
-            {"received": {"$gte": edge - datetime.timedelta(hours=1)}}]})
+        self.assertEqual(find["filter"], {   # and an hour from the edge (in_windows)
+            "sender": {"$gte": "old@x.org", "$lte": "old@x.org"}, "received": {"$lte": edge},
+            "$and": [{"received": {"$gte": edge - datetime.timedelta(hours=1)}}]})
         self.assertEqual(find["limit"], 2 + 1 + 2)     # a page, one more, and the two shown
 
     def test_a_word_searchs_pages_read_its_matches_from_the_newest(self):
@@ -6830,18 +6855,20 @@ class TestConsoleAtScale(WebCase):
         cookie = self.login()
         hex_range = {"$gte": "00000000000000000000ffff7f000000",
                      "$lte": "00000000000000000000ffff7fffffff"}
+        def point(value):           # a field of one value: [value, value] (as_points)
+            return {"$gte": value, "$lte": value}
         table = {
-            "sender=%40Example.ORG": {"sender_domain": "example.org"},
-            "sender=evil%40example.org": {"sender": "evil@example.org"},
-            "sender=%3C%3E": {"sender": ""},
+            "sender=%40Example.ORG": {"sender_domain": point("example.org")},
+            "sender=evil%40example.org": {"sender": point("evil@example.org")},
+            "sender=%3C%3E": {"sender": point("")},
             "rcpt=%40example.com": {"rcpt_domain": "example.com"},
             "rcpt=b%40example.com": {"$or": [{"rcpt": "b@example.com"},
                                              {"quarantine_to": "b@example.com"}]},
-            "verdict=virus": {"verdict": "virus"},
-            "virus=1": {"verdict": "virus"},
+            "verdict=virus": {"verdict": point("virus")},
+            "virus=1": {"verdict": point("virus")},
             "client=127.0.0.0%2F8": {"client_hex": hex_range},
             "message_id=%3Cm1%40x.org%3E": {"message_id": "m1@x.org"},
-            "quarantine=spam": {"quarantine": "spam"},
+            "quarantine=spam": {"quarantine": point("spam")},
             "subject=Invoice%20n%C2%BA%207": {"$text": {"$search": "Invoice"}, "subject": {
                 "$regex": "(?i)" + re.escape("Invoice nº 7")}},   # its longest word
         }
@@ -6856,16 +6883,15 @@ class TestConsoleAtScale(WebCase):
                 self.assertEqual((count["filter"], count["projection"], count["limit"]),
                                  (expected, {"_id": 1}, mms.WEB_COUNT_MAX + 1))   # how many
 
-    def test_beside_a_date_a_field_of_one_value_is_a_point_of_its_index(self):
-        """Beside a date, equality on a field that holds one value is asked as the
-        range [value, value]: one point of the same index on MongoDB, and the form
-        nx-27017 reads from that index beside a date. A recipient domain, one of an
-        array, stays equality; without a date, so does the sender."""
+    def test_a_field_of_one_value_is_a_point_of_its_index(self):
+        """Equality on a field that holds one value is asked as the range [value,
+        value], with a date or without: one point of the same index on MongoDB, and
+        the form nx-27017 reads from that index. A recipient domain, one of an
+        array, stays equality."""
         cookie = self.login()
         point = {"$gte": "evil@example.org", "$lte": "evil@example.org"}
-        for query, sender in (("sender=evil%40example.org&rcpt=%40example.com&since=1d", point),
-                              ("sender=evil%40example.org&rcpt=%40example.com",
-                               "evil@example.org")):
+        for query in ("sender=evil%40example.org&rcpt=%40example.com&since=1d",
+                      "sender=evil%40example.org&rcpt=%40example.com"):
             with self.subTest(query):
                 before = len(self.tap.sent("find", "message"))
                 status, _, body = self.http("GET", f"/messages?{query}", cookie=cookie)
@@ -6874,7 +6900,7 @@ class TestConsoleAtScale(WebCase):
                                                 body.decode())), {self.hostile})
                 find = self.tap.sent("find", "message")[before]["filter"]
                 clauses = [find, *find.get("$and", ())]
-                self.assertEqual([c["sender"] for c in clauses if "sender" in c], [sender])
+                self.assertEqual([c["sender"] for c in clauses if "sender" in c], [point])
                 self.assertEqual([c["rcpt_domain"] for c in clauses if "rcpt_domain" in c],
                                  ["example.com"])
 
@@ -6940,14 +6966,15 @@ class TestConsoleAtScale(WebCase):
         self.assertEqual(self.http("GET", "/audit?user=admin&action=hold&since=1d",
                                    cookie=cookie)[0], 200)
         [find] = self.tap.sent("find", "message_audit")
-        self.assertEqual(find["filter"]["$and"][:2], [{"user": "admin"}, {"action": "hold"}])
+        self.assertEqual(clauses(find["filter"])[:2], [{"user": "admin"}, {"action": "hold"}])
         self.assertEqual((find["sort"], find["limit"], find["maxTimeMS"]),
                          ({"at": -1}, 4 * mms.WEB_PAGE, mms.WEB_QUERY_MS))
         self.assertNotIn("skip", find)
         self.http("POST", "/messages/bulk", {"csrf": self.csrf(cookie), "action": "hold",
                                              "all": "1", "sender": "@example.org"}, cookie=cookie)
         [count] = [c for c in self.tap.sent("aggregate", "message")
-                   if c["pipeline"][0]["$match"] == {"sender_domain": "example.org"}]
+                   if c["pipeline"][0]["$match"] == {"sender_domain": {
+                       "$gte": "example.org", "$lte": "example.org"}}]
         self.assertEqual(count["maxTimeMS"], mms.WEB_QUERY_MS)
 
     def test_each_write_to_a_message_names_its_shard_key(self):
