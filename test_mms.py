@@ -6699,13 +6699,14 @@ class TestQuarantinePage(WebCase):
         self.assertIn(f'href="/messages/{self.spam}"', page)
         self.assertNotIn(f'href="/messages/{self.virus}"', page)
         finds = [c for c in self.tap.sent("find", "message") if "$and" in c["filter"]]
-        for verdict in mms.AWAITING:   # one range of (verdict, received) a verdict, merged
-            point = {"$gte": verdict, "$lte": verdict}     # by date, in windows from the edge;
+        # One range of (verdict, received) a verdict, merged by date, in windows from
+        # the edge; the verdict a point of its index, as nx-27017 serves it.
+        for verdict in mms.AWAITING:
+            point = {"$gte": verdict, "$lte": verdict}
             ranges, windows = zip(*(({key: value for key, value in find["filter"].items()
                                       if key != "$and"}, find["filter"]["$and"][0])
-                                    for find in finds   # the verdict a point of its index,
-                                    if find["filter"]["verdict"] == point))  # as nx-27017
-            edge = ranges[0]["received"]["$lte"]                            # serves it
+                                    for find in finds if find["filter"]["verdict"] == point))
+            edge = ranges[0]["received"]["$lte"]
             self.assertEqual(list(ranges), [{"verdict": point, "received": {"$lte": edge}}]
                              * len(ranges))
             self.assertEqual(windows[0]["received"], {"$gte": edge - mms.DAY})   # a day first
