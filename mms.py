@@ -4284,9 +4284,9 @@ class MetricsHandler(BoundedHandler):
 # - Equality on a field of one value is asked as the range [value, value]
 #   (as_points): nx-27017 serves that from the field's index, and equality by
 #   reading every message. MongoDB reads both as one point of the same index.
-# - Beside a $text, conditions on fields go at the top, not in $and, and the terms
-#   of --text are one regular expression on `text` (all_of, text_clauses): nx-27017
-#   tests a $text's matches in Python, row by row, beside any $and, $or or $nor.
+# - The terms of --text are one regular expression on `text` (text_clauses), at the
+#   top beside the $text as any field is: nx-27017 tests a $text's matches in
+#   Python, row by row, beside any $and, $or or $nor.
 # - fs.chunks cannot be listed on nx-27017: orphan chunks are found on MongoDB only.
 #   A find on fs.files gets every file at once, whatever its batchSize (and no range
 #   or regular expression on it works): verify's memory grows with the files there.
