@@ -4881,7 +4881,8 @@ class TestArchiveQueries(ArchiveCase):
         self.assertEqual(len(tap.sent("find", "message")), 1)   # the first hour held them
         self.assertEqual(archive.count(older, limit=4), 4)
         find = tap.sent("find", "message")[-1]
-        self.assertEqual((find["projection"], find["limit"]), ({"_id": 1, "received": 1}, 4 - 3))
+        self.assertEqual((find["projection"], find["limit"]),
+                         ({"store_key": 1, "received": 1}, 4 - 3))
 
     def test_count_without_a_filter_is_the_collections_own(self):
         tap, uri = self.tapped()
@@ -6780,7 +6781,8 @@ class TestConsoleAtScale(WebCase):
 
     def test_an_older_page_is_a_range_and_passes_over_the_rows_shown(self):
         """Three messages of one second: the older page's edge is that second, and the
-        two shown already are read again and passed over, not asked away with $nin."""
+        two shown already are read again and passed over, not asked away with $nin.
+        The page is its count's first rows (counted_page), read by _id and store_key."""
         old_messages(self.uri, self.dbname, 3, datetime.datetime(2024, 5, 1, tzinfo=mms.UTC))
         cookie = self.login("viewer")
         with mock.patch.object(mms, "WEB_PAGE", 2):
@@ -6798,7 +6800,59 @@ class TestConsoleAtScale(WebCase):
         self.assertEqual(find["filter"], {   # and an hour from the edge (in_windows)
             "sender": {"$gte": "old@x.org", "$lte": "old@x.org"}, "received": {"$lte": edge},
             "$and": [{"received": {"$gte": edge - datetime.timedelta(hours=1)}}]})
-        self.assertEqual(find["limit"], 2 + 1 + 2)     # a page, one more, and the two shown
+        self.assertEqual((find["limit"], find["projection"]),
+                         (mms.WEB_COUNT_MAX + 1, {"store_key": 1, "received": 1}))
+        rows = self.tap.sent("find", "message")[-1]             # after the count's windows
+        self.assertEqual(rows["filter"], {"_id": {"$in": [mock.ANY]},
+                                          "store_key": {"$in": rest}})
+        self.assertIn("maxTimeMS", rows)
+
+    def test_a_page_of_a_date_range_is_its_counts_first_rows(self):
+        """Five messages of a sender, two a page, since=1d: each page is the first rows
+        of its count's read, newest first, read again by _id and store_key, and not
+        read a second time on its own (nx-27017 reads every message's date for each
+        date range). A count MongoDB stops leaves the rows, read once more, and no
+        count."""
+        keys = []
+        for n in range(5):
+            keys.insert(0, self.key(self.send_message(
+                self.raw(), b"Subject: s\r\n\r\nbody\r\n", sender="five@x.org")))
+            time.sleep(0.01)
+        cookie, path, pages = self.login("viewer"), "/messages?sender=five%40x.org&since=1d", []
+        with mock.patch.object(mms, "WEB_PAGE", 2):
+            while path:
+                before = len(self.tap.sent("find", "message"))
+                page = self.http("GET", path, cookie=cookie)[2].decode()
+                finds = self.tap.sent("find", "message")[before:]
+                pages.append((re.findall(r'href="/messages/([0-9a-f]{64})"', page),
+                              re.search(r"<p><strong>([^<]*)</strong>", page).group(1)))
+                self.assertEqual([f["projection"] for f in finds[:-1]],
+                                 [{"store_key": 1, "received": 1}] * (len(finds) - 1))
+                self.assertEqual(finds[0]["limit"], mms.WEB_COUNT_MAX + 1)
+                self.assertEqual(set(finds[-1]["filter"]), {"_id", "store_key"})
+                start = 2 * (len(pages) - 1)             # the page's rows and one more
+                self.assertEqual(finds[-1]["filter"]["store_key"]["$in"], keys[start:start + 3])
+                older = re.search(r'<a href="(/messages\?[^"]+)">Older', page)
+                path = older and html.unescape(older.group(1))
+            self.assertEqual([rows for rows, _ in pages], [keys[0:2], keys[2:4], keys[4:]])
+            # The first page's count: an older page's counts its edge's whole second on
+            # nx-27017 (which compares dates to the second), where MongoDB's does not.
+            self.assertEqual(pages[0][1], "5 messages")
+
+            def stopped(command, answer):
+                if command.get("projection") == {"store_key": 1, "received": 1}:
+                    return {"ok": 0.0, "code": 50, "codeName": "MaxTimeMSExpired",
+                            "errmsg": "operation exceeded time limit"}
+
+            self.tap.on_reply = stopped
+            before = len(self.tap.sent("find", "message"))
+            page = self.http("GET", "/messages?sender=five%40x.org&since=1d",
+                             cookie=cookie)[2].decode()
+        self.tap.on_reply = None
+        self.assertEqual(re.findall(r'href="/messages/([0-9a-f]{64})"', page), keys[0:2])
+        self.assertNotIn("5 messages", page)
+        self.assertEqual([f["limit"] for f in self.tap.sent("find", "message")[before:]],
+                         [mms.WEB_COUNT_MAX + 1, 2 + 1])   # the count once, then the page
 
     def test_a_word_searchs_pages_read_its_matches_from_the_newest(self):
         """Five messages with the word, two a page: no page asks a date beside the
