@@ -4749,7 +4749,7 @@ class Archive:
             raise UsageError(f"store_key {key} is ambiguous: {keys}")
         return docs[0]
 
-    def search(self, query, limit=0, projection=None, order="newest"):
+    def search(self, query, limit=0, projection=None, order="newest", first=None):
         """Newest first (or oldest), from the index: the limit goes to MongoDB, so the
         first line comes from the index, not from a sort of every match. By size, or
         by score (the best --text match first), MongoDB sorts what the filters find,
@@ -4764,7 +4764,8 @@ class Archive:
         if "$text" in query and order == "newest" and low is not None:
             return self.text_since(query, limit, projection)
         if "$text" not in query and (low if order == "oldest" else low or high):
-            return self.merged([self.in_windows(one, limit, projection, order, low, high)
+            return self.merged([self.in_windows(one, limit, projection, order, low, high,
+                                                first or self.WINDOW_FIRST)
                                 for one in each_domain(query)], limit, order)
         return self.ordered(query, limit, projection, order)
 
@@ -4794,8 +4795,11 @@ class Archive:
     def in_windows(self, query, limit, projection, order, low, high, first=WINDOW_FIRST):
         """A page of a date range, read in windows of time from its start: `first`,
         then one as much wider as the rows found say the page still needs (2 to 32
-        times), then the rest. On MongoDB each is a range of the same index as the
-        whole, bounded by the limit, and the first fills a page of a busy archive.
+        times), then the rest; a rest shorter than the window is read with it (a
+        `since` a day back is one window from a day: not a day, then the
+        microseconds between the two `now`s). On MongoDB each is a range of the
+        same index as the whole, bounded by the limit, and the first fills a page
+        of a busy archive.
         Where the first holds less than a sixteenth of what is needed, the rest is
         read at once: few messages, and one more date range, not two.
         nx-27017 reads every message of a date range before it sorts and limits:
@@ -4810,7 +4814,7 @@ class Archive:
             except OverflowError:   # past the year 1 or 9999: this window is the last
                 cut = None
             final = cut is None or n == self.WINDOWS_MAX - 1 or end is not None and (
-                cut <= end if newest else cut >= end)
+                cut - end < width if newest else end - cut < width)   # a shorter rest joins
             window = {} if last_cut is None else {"$lt" if newest else "$gte": last_cut}
             if not final:
                 window["$gte" if newest else "$lt"] = cut
@@ -4864,8 +4868,12 @@ class Archive:
             "$text" in query and self.cfg.text_search == "atlas")
 
     def newest_keys(self, query, limit):
-        """The first `limit` messages' {_id, store_key, received}, newest first."""
-        return list(self.search(query, limit, {"store_key": 1, "received": 1}))
+        """The first `limit` messages' {_id, store_key, received}, newest first, in
+        windows of time from a day (in_windows): a count's limit (1,001) is twenty
+        pages. On MongoDB the same index keys as from an hour; on nx-27017 a
+        window costs a read of every message's date, so `since=1d` is one read,
+        not two (on the hand-timed archive of 200,000: 0.92 s against 1.51 s)."""
+        return list(self.search(query, limit, {"store_key": 1, "received": 1}, first=DAY))
 
     def counted_page(self, query, size, limit, keep=lambda row: True):
         """(the newest `size` messages that keep(row) passes, how many the query finds

@@ -4851,8 +4851,9 @@ class TestArchiveQueries(ArchiveCase):
     def test_a_date_range_is_read_in_windows_of_time_from_its_edge(self):
         """A page of a date range asks for its first hour, then for windows as much
         wider as the rows found say, each one ending where the last began, the last
-        one open: nx-27017 reads every message of a range before it limits. A count
-        of a range reads the same way."""
+        one open: nx-27017 reads every message of a range before it limits. A rest
+        shorter than the window is read with it. A count of a range reads the same
+        way from a day."""
         edge = datetime.datetime(2024, 5, 1, tzinfo=mms.UTC)
         for ago, count in ((datetime.timedelta(minutes=10), 3), (datetime.timedelta(hours=5), 2),
                            (datetime.timedelta(days=20), 2), (datetime.timedelta(days=1000), 1)):
@@ -4879,10 +4880,19 @@ class TestArchiveQueries(ArchiveCase):
         tap.commands.clear()
         self.assertEqual(len(list(archive.search(older, limit=3))), 3)
         self.assertEqual(len(tap.sent("find", "message")), 1)   # the first hour held them
+        tap.commands.clear()
+        ends = older["received"]["$lt"]                      # 1 hour, and the 30 minutes before
+        self.assertEqual(len(list(archive.search({**older, "received": {
+            "$lt": ends, "$gte": ends - datetime.timedelta(minutes=90)}}, limit=20))), 3)
+        [find] = tap.sent("find", "message")
+        self.assertEqual(find["filter"]["received"], {
+            "$lt": edge, "$gte": edge - datetime.timedelta(minutes=90)})
+        self.assertNotIn("$and", find["filter"])
+        tap.commands.clear()
         self.assertEqual(archive.count(older, limit=4), 4)
-        find = tap.sent("find", "message")[-1]
-        self.assertEqual((find["projection"], find["limit"]),
-                         ({"store_key": 1, "received": 1}, 4 - 3))
+        [find] = tap.sent("find", "message")                   # the first day held them
+        self.assertEqual((find["projection"], find["limit"], find["filter"]["$and"]), (
+            {"store_key": 1, "received": 1}, 4, [{"received": {"$gte": edge - mms.DAY}}]))
 
     def test_count_without_a_filter_is_the_collections_own(self):
         tap, uri = self.tapped()
@@ -6797,9 +6807,9 @@ class TestConsoleAtScale(WebCase):
         self.assertIn("skip=", older)
         find = self.tap.sent("find", "message")[before]
         edge = datetime.datetime(2024, 5, 1)
-        self.assertEqual(find["filter"], {   # and an hour from the edge (in_windows)
+        self.assertEqual(find["filter"], {   # and a day from the edge (newest_keys)
             "sender": {"$gte": "old@x.org", "$lte": "old@x.org"}, "received": {"$lte": edge},
-            "$and": [{"received": {"$gte": edge - datetime.timedelta(hours=1)}}]})
+            "$and": [{"received": {"$gte": edge - mms.DAY}}]})
         self.assertEqual((find["limit"], find["projection"]),
                          (mms.WEB_COUNT_MAX + 1, {"store_key": 1, "received": 1}))
         rows = self.tap.sent("find", "message")[-1]             # after the count's windows
