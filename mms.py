@@ -7283,12 +7283,16 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         """(a page, whether there are more, how many match up to WEB_COUNT_MAX + 1 or
         None): the rows even when counting runs out of time. A page newest first (the
         first, or an older one) of a count that reads newest first comes from the
-        count's own read (Archive.counted_page), passing over what one_page would."""
+        count's own read (Archive.counted_page), passing over what one_page would. A
+        first page that holds every match is its own count."""
         archive, limit = self.server.archive, WEB_COUNT_MAX + 1
-        edge = page_edge(self.params)
-        if self.params.get("after") or self.order() != "newest" or \
+        edge, newest = page_edge(self.params), self.order() == "newest"
+        if self.params.get("after") or not newest or \
                 edge and "$text" in query or not archive.counts_newest(query, limit):
-            return *self.one_page(query), available(lambda: archive.count(query, limit))
+            docs, more = self.one_page(query)
+            if newest and not edge and not more:      # every match is on the page
+                return docs, more, len(docs)
+            return docs, more, available(lambda: archive.count(query, limit))
         received, shown = edge or ({}, set())
         counted = available(lambda: archive.counted_page(
             query, WEB_PAGE + 1, limit,

@@ -6817,6 +6817,20 @@ class TestConsoleAtScale(WebCase):
                                           "store_key": {"$in": rest}})
         self.assertIn("maxTimeMS", rows)
 
+    def test_a_first_page_that_holds_every_match_is_its_own_count(self):
+        """Three messages of a sender: on a page of 50, one find and "3 messages"; on
+        pages of two, the count is asked (up to 1,001 _ids) beside the page."""
+        for _ in range(3):
+            self.send_message(self.raw(), b"Subject: s\r\n\r\nbody\r\n", sender="three@x.org")
+        cookie = self.login("viewer")
+        for size, finds in ((50, [50 + 1]), (2, [2 + 1, mms.WEB_COUNT_MAX + 1])):
+            with self.subTest(size=size), mock.patch.object(mms, "WEB_PAGE", size):
+                before = len(self.tap.sent("find", "message"))
+                page = self.http("GET", "/messages?sender=three%40x.org", cookie=cookie)[2]
+                self.assertIn(b"<p><strong>3 messages</strong></p>", page)
+                self.assertEqual([f["limit"] for f in self.tap.sent("find", "message")[before:]],
+                                 finds)
+
     def test_a_page_of_a_date_range_is_its_counts_first_rows(self):
         """Five messages of a sender, two a page, since=1d: each page is the first rows
         of its count's read, newest first, read again by _id and store_key, and not
@@ -6937,16 +6951,24 @@ class TestConsoleAtScale(WebCase):
             "subject=Invoice%20n%C2%BA%207": {"$text": {"$search": "Invoice"}, "subject": {
                 "$regex": "(?i)" + re.escape("Invoice nº 7")}},   # its longest word
         }
+        asked = set()
         for query, expected in table.items():
-            with self.subTest(query):
+            # Pages of none: a page that holds every match is its own count ("No
+            # messages"), and a count is asked where the page's one more row came back.
+            with self.subTest(query), mock.patch.object(mms, "WEB_PAGE", 0):
                 before = len(self.tap.sent("find", "message"))
-                self.assertEqual(self.http("GET", f"/messages?{query}", cookie=cookie)[0], 200)
-                [find, count] = self.tap.sent("find", "message")[before:]
+                status, _, body = self.http("GET", f"/messages?{query}", cookie=cookie)
+                self.assertEqual(status, 200)
+                [find, *counts] = self.tap.sent("find", "message")[before:]
                 self.assertEqual(find["filter"], expected)
                 self.assertEqual(find["sort"], {"received": -1})
-                self.assertEqual(find["limit"], mms.WEB_PAGE + 1)
-                self.assertEqual((count["filter"], count["projection"], count["limit"]),
-                                 (expected, {"_id": 1}, mms.WEB_COUNT_MAX + 1))   # how many
+                self.assertEqual(find["limit"], 0 + 1)
+                self.assertEqual(len(counts), int(b"<strong>No messages</strong>" not in body))
+                for count in counts:
+                    self.assertEqual((count["filter"], count["projection"], count["limit"]),
+                                     (expected, {"_id": 1}, mms.WEB_COUNT_MAX + 1))
+                    asked.add(query)
+        self.assertEqual(len(asked), 5)    # sender domain and address, rcpt, and client
 
     def test_a_field_of_one_value_is_a_point_of_its_index(self):
         """Equality on a field that holds one value is asked as the range [value,
