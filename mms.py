@@ -4277,7 +4277,9 @@ class MetricsHandler(BoundedHandler):
 #   search's since is where reading stops (Archive.text_since), and a word search's
 #   page from an edge asks no date (WebHandler.edges): nx-27017 reads every message
 #   for a date range, and row by row beside a $text. On MongoDB each is the same
-#   index range, or the same text index entries, as the one query it replaces.
+#   index range, or the same text index entries, as the one query it replaces. A
+#   search's page of a date range is the first rows of its count's read, from a day
+#   (Archive.counted_page): one read of every message's date there, not three.
 # - An address, a domain and a scoped user's one domain are asked as equality, not
 #   $in, and a scoped user's several domains beside a date as one range each, merged
 #   (each_domain): nx-27017 reads every message in Python for a $in beside a date.
