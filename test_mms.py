@@ -6859,7 +6859,7 @@ class TestConsoleAtScale(WebCase):
                 older = re.search(r'<a href="(/messages\?[^"]+)">Older', page)
                 path = older and html.unescape(older.group(1))
             self.assertEqual([rows for rows, _ in pages], [keys[0:2], keys[2:4], keys[4:]])
-            # The first page's count: an older page's counts its edge's whole second on
+            # The first page's count: an older page counts its edge's whole second on
             # nx-27017 (which compares dates to the second), where MongoDB's does not.
             self.assertEqual(pages[0][1], "5 messages")
 
