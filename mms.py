@@ -4888,9 +4888,10 @@ class Archive:
         rows = self.newest_keys(query, limit)
         first = [row for row in rows if keep(row)][:size]
         place = {row["_id"]: n for n, row in enumerate(first)}
+        keys = [row.get("store_key") for row in first]   # null: another tool's, without one
         docs = list(self.bounded(self.collection.find(
-            {"_id": {"$in": list(place)}, "store_key": {"$in": [r["store_key"] for r in first]}},
-            WORDS_LEFT_OUT))) if first else []
+            {"_id": {"$in": list(place)}, "store_key": {"$in": keys}}, WORDS_LEFT_OUT))) \
+            if first else []
         return sorted(docs, key=lambda doc: place[doc["_id"]]), len(rows)
 
     def quarantine(self, scope=None):

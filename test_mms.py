@@ -6817,6 +6817,18 @@ class TestConsoleAtScale(WebCase):
                                           "store_key": {"$in": rest}})
         self.assertIn("maxTimeMS", rows)
 
+    def test_another_tools_document_without_a_store_key_is_listed(self):
+        """A document another tool wrote, with no store_key: the page of a date range,
+        read again by _id and store_key, lists it all the same (null matches the
+        missing field), as a page read on its own did."""
+        self.db["message"].insert_one({"sender": "other@x.org", "sender_domain": "x.org",
+                                       "received": datetime.datetime.now(mms.UTC), "size": 1})
+        status, _, body = self.http("GET", "/messages?sender=other%40x.org&since=1d",
+                                    cookie=self.login("viewer"))
+        self.assertEqual(status, 200, body[:300])
+        self.assertIn(b"<strong>1 message</strong>", body)
+        self.assertIn(b"other@x.org", body)
+
     def test_a_first_page_that_holds_every_match_is_its_own_count(self):
         """Three messages of a sender: on a page of 50, one find and "3 messages"; on
         pages of two, the count is asked (up to 1,001 _ids) beside the page."""
