@@ -4878,7 +4878,7 @@ class Archive:
         against 1.40-1.89 s)."""
         return list(self.search(query, limit, {"store_key": 1, "received": 1}, first=DAY))
 
-    def counted_page(self, query, size, limit, keep=lambda row: True):
+    def counted_page(self, query, size, limit, keep):
         """(the newest `size` messages that keep(row) passes, how many the query finds
         up to limit), for a query count reads newest first (counts_newest): the page is
         the count's first rows, read again by _id and store_key (the shard key). On
