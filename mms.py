@@ -4273,16 +4273,17 @@ class MetricsHandler(BoundedHandler):
 # - The daily counts are read by an aggregation's $match on a range of _id: nx-27017
 #   reads every counter for a find with that range (1.2 s of 187,000), not for the
 #   $match (0.01 s); on MongoDB both are the same range of the _id index.
-# - A page of a date range is read in windows of time (Archive.in_windows), a $text
-#   search's since is where reading stops (Archive.text_since), and a word search's
-#   page from an edge asks no date (WebHandler.edges): nx-27017 reads every message
-#   for a date range, and row by row beside a $text. On MongoDB each is the same
-#   index range, or the same text index entries, as the one query it replaces. A
-#   search's page of a date range is the first rows of its count's read, from a day
-#   (Archive.counted_page): one read of every message's date there, not three.
+# - Newest first, a since is where reading stops (Archive.newest_since); a page of
+#   a range with an end is read in windows of time (Archive.in_windows), and a word
+#   search's page from an edge asks no date (WebHandler.edges): nx-27017 reads every
+#   message for a date range, and row by row beside a $text. On MongoDB each is the
+#   same index range, or the same text index entries, as the one query it replaces
+#   (a since, at most a batch more). A search's page of a date range is the first
+#   rows of its count's read (Archive.counted_page): one read there, not three.
 # - An address, a domain and a scoped user's one domain are asked as equality, not
-#   $in, and a scoped user's several domains beside a date as one range each, merged
-#   (each_domain): nx-27017 reads every message in Python for a $in beside a date.
+#   $in, and a scoped user's several domains beside an end date as one range each,
+#   merged (each_domain): nx-27017 reads every message in Python for a $in beside a
+#   date.
 # - Equality on a field of one value is asked as the range [value, value]
 #   (as_points): nx-27017 serves that from the field's index, and equality by
 #   reading every message. MongoDB reads both as one point of the same index.
@@ -4763,8 +4764,8 @@ class Archive:
                  dict(ORDERS[order])}, *([{"$limit": limit}] if limit else []),
                 {"$project": projection or WORDS_LEFT_OUT}])
         low, high = date_span(query) if limit and order in ("newest", "oldest") else (None,) * 2
-        if "$text" in query and order == "newest" and low is not None:
-            return self.text_since(query, limit, projection)
+        if order == "newest" and low is not None and (high is None or "$text" in query):
+            return self.newest_since(query, limit, projection)
         if "$text" not in query and (low if order == "oldest" else low or high):
             return self.merged([self.in_windows(one, limit, projection, order, low, high,
                                                 first or self.WINDOW_FIRST)
@@ -4783,13 +4784,13 @@ class Archive:
         return itertools.islice((doc for doc in docs if not (
             doc["_id"] in seen or seen.add(doc["_id"]))), limit or None)
 
-    def ordered(self, query, limit, projection=None, order="newest"):
+    def ordered(self, query, limit, projection=None, order="newest", batch=None):
         """One find, in the order asked, the limit given to MongoDB."""
         # By score without the score in the projection (MongoDB 4.4 and later sort by
         # it as it is): nx-27017 would bring back the score alone.
         cursor = self.collection.find(as_points(query), projection or WORDS_LEFT_OUT).sort(
             ORDERS[order])
-        return self.bounded(cursor.limit(limit).batch_size(self.BATCH))  # never 16 MB at once
+        return self.bounded(cursor.limit(limit).batch_size(batch or self.BATCH))  # never 16 MB
 
     WINDOW_FIRST = datetime.timedelta(hours=1)
     WINDOWS_MAX = 3
@@ -4833,14 +4834,21 @@ class Archive:
                 else None
             at = last_cut = cut
 
-    def text_since(self, query, limit, projection):
-        """Newest first, a $text search's lower bound on received is where reading
-        stops, not a condition: on MongoDB the text index serves neither the date nor
-        the order, so the same matches are fetched and sorted for the same limit.
-        nx-27017 reads every message in Python for a $text beside a date (27 s for a
-        subject and since=1d at 200,000 messages), and serves one alone from its index."""
+    SINCE_BATCH = 101     # MongoDB's own first batch
+
+    def newest_since(self, query, limit, projection):
+        """Newest first, a lower bound on received is where reading stops, not a
+        condition of the query. nx-27017 reads every message for a date range, 1.3 s
+        at 200,000 whatever the range holds (row by row beside a $text: 27 s), and
+        serves the same query without its date from its indexes, in order: 0.1 s for
+        1,001 messages, 0.18 s for a reviewer's two domains. On MongoDB the same
+        index keys, newest first, as the range's (the filter's (field, received)
+        index, or received's); where the range holds fewer than the limit, past
+        its bound the rest of one batch (up to SINCE_BATCH documents). The text index
+        serves neither the date nor the order: there, the same matches are fetched
+        and sorted for the same limit."""
         stripped, keep = without_lower_dates(query)
-        for doc in self.ordered(stripped, limit, projection):
+        for doc in self.ordered(stripped, limit, projection, batch=min(limit, self.SINCE_BATCH)):
             if not keep(doc.get("received")):
                 return
             yield doc
@@ -4870,12 +4878,11 @@ class Archive:
             "$text" in query and self.cfg.text_search == "atlas")
 
     def newest_keys(self, query, limit):
-        """The first `limit` messages' {_id, store_key, received}, newest first, in
-        windows of time from a day (in_windows): a count's limit (1,001) is twenty
-        pages. On MongoDB the same index keys as from an hour; on nx-27017 a
-        window costs a read of every message's date, so `since=1d` is one read,
-        not two (its page, on an archive of the bench's at 200,000: 0.99-1.40 s
-        against 1.40-1.89 s)."""
+        """The first `limit` messages' {_id, store_key, received}, newest first: to a
+        since (newest_since), or in windows of time from a day where the range has
+        an end (in_windows), as a count's limit (1,001) is twenty pages. On MongoDB
+        the same index keys as from an hour; on nx-27017 a window costs a read of
+        every message's date."""
         return list(self.search(query, limit, {"store_key": 1, "received": 1}, first=DAY))
 
     def counted_page(self, query, size, limit, keep):
@@ -4883,9 +4890,9 @@ class Archive:
         up to limit), for a query count reads newest first (counts_newest): the page is
         the count's first rows, read again by _id and store_key (the shard key). On
         MongoDB the same keys as a page's read and a count's, and `size` _id lookups on
-        the shards that hold them; nx-27017 reads every message's date for each date
-        range, and a page of since=1d and its count took three such reads (1.97-3.00 s
-        at 200,000), where the count's one read from a day (newest_keys) serves both."""
+        the shards that hold them: one read of the range, not two (on nx-27017, where
+        a range with an end costs a read of every message's date, a page of one and
+        its count took three such reads)."""
         rows = self.newest_keys(query, limit)
         first = [row for row in rows if keep(row)][:size]
         place = {row["_id"]: n for n, row in enumerate(first)}
@@ -6350,6 +6357,7 @@ WEB_SWEEP_SECONDS = 60                              # expired sessions and failu
 WEB_PAGE = 50                                       # messages a page
 WEB_DEPTH_MAX = 10_000                              # a word search's page reads this far
 WEB_COUNT_MAX = 1000                                # a search counts this far ("more than")
+WEB_OVER_KEEP, WEB_OVER_MAX = 60, 1000              # "more than" kept (s), for this many searches
 WEB_BULK_MAX = 1000                                 # messages one bulk action changes
 WEB_MBOX_MAX = 1000                                 # messages in a search's mbox download
 WEB_QUERY_MS = 5000                                 # maxTimeMS of each console query
@@ -6492,7 +6500,7 @@ class WebServer(BoundedHTTPServer):
         self.cfg, self.archive = cfg, archive
         self.users = read_web_users(cfg.web_users)
         self.secret = web_secret(cfg.web_secret) if cfg.web_secret else None
-        self.sessions, self.failures, self.cache = {}, {}, {}
+        self.sessions, self.failures, self.cache, self.overs = {}, {}, {}, {}
         self.zone = cfg.web_timezone
         self.learning = "spamd" in cfg.given and bool(cfg.spamd)   # learn buttons shown
         self.audit = AuditLog(archive)
@@ -6608,6 +6616,26 @@ class WebServer(BoundedHTTPServer):
         """The login form's CSRF token: tied to the browser's pre-session cookie, so a
         form on another site cannot log a browser in (as the sender's account)."""
         return hmac.new(self.login_key, cookie.encode(), hashlib.sha256).hexdigest()
+
+    def over(self, key):
+        """Whether a count of this search said "more than WEB_COUNT_MAX" within
+        WEB_OVER_KEEP seconds."""
+        with self.lock:
+            at = self.overs.get(key)
+        return at is not None and time.monotonic() - at < WEB_OVER_KEEP
+
+    def note_over(self, key):
+        """A count of this search said "more than WEB_COUNT_MAX" now (the oldest of
+        WEB_OVER_MAX searches goes first)."""
+        with self.lock:
+            self.overs.pop(key, None)
+            self.overs[key] = time.monotonic()
+            while len(self.overs) > WEB_OVER_MAX:
+                del self.overs[next(iter(self.overs))]
+
+    def forget_overs(self):
+        with self.lock:
+            self.overs.clear()
 
     def cached(self, key, make):
         """make()'s value, made at most once a WEB_CACHE_SECONDS however many visitors
@@ -6812,7 +6840,8 @@ class WebHandler(BoundedHandler):
         awaiting, edge = archive.quarantine(scope), page_edge(self.params)
         docs, more = self.one_page(awaiting, "newest", edge and (
             lambda limit, order: archive.quarantine_page(scope, edge[0], limit, order)))
-        count = available(lambda: archive.quarantine_count(scope, WEB_COUNT_MAX + 1))
+        count = self.count_of(("quarantine", repr(scope)),
+                              lambda: archive.quarantine_count(scope, WEB_COUNT_MAX + 1))
         self.page("Quarantine", render_quarantine(docs, count, self.user, self.zone(),
                                                   self.page_links(docs, more, "/"),
                                                   self.actions))
@@ -6976,6 +7005,7 @@ class WebHandler(BoundedHandler):
             result = f"released: {record['reply']}" if record else "not released"
             if refused:
                 result += "; refused: " + "; ".join(f"{r} {a}" for r, a in refused.items())
+        self.server.forget_overs()      # a release or a delete: a count may fall
         log.info("web: %s %s %s: %s", user, action, key, result)
         self.audit(action, key, result)
         return result
@@ -7150,6 +7180,7 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
                        user=rcpt)
         refused, record = release_message(self.server.cfg, self.server.archive, doc, [rcpt],
                                           again=True, by=by, once_for=rcpt)
+        self.server.forget_overs()
         log.info("web: %s released %s from a report: %s", rcpt, doc["store_key"],
                  record["reply"] if record else refused)
         self.audit("report-release", doc["store_key"], record["reply"] if record else refused,
@@ -7283,6 +7314,22 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
 
     # Helpers ################################################################
 
+    def count_of(self, key, count):
+        """count() (up to WEB_COUNT_MAX + 1, or None out of time), unless a count of
+        the same search said "more than WEB_COUNT_MAX" in the last WEB_OVER_KEEP
+        seconds: that is a bound, not a number, and mail only adds to it (a purge
+        aside). This console's own writes forget it. Otherwise every page of a busy
+        search, and every visit to a busy quarantine, reads 1,001 index keys: on
+        nx-27017, 0.08 to 0.12 s of the time that SMTP's inserts share, two thirds
+        of such a page's. SMTP kept 36 to 38% of its rate beside two reviewers who
+        clicked such pages without pause, 61 to 69% with the bound kept."""
+        if self.server.over(key):
+            return WEB_COUNT_MAX + 1
+        found = available(count)
+        if found is not None and found > WEB_COUNT_MAX:
+            self.server.note_over(key)
+        return found
+
     def counted_search(self, query):
         """(a page, whether there are more, how many match up to WEB_COUNT_MAX + 1 or
         None): the rows even when counting runs out of time. A page newest first (the
@@ -7296,7 +7343,8 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
             docs, more = self.one_page(query)
             if newest and not edge and not more:      # every match is on the page
                 return docs, more, len(docs)
-            return docs, more, available(lambda: archive.count(query, limit))
+            return docs, more, self.count_of(("search", repr(query)),
+                                             lambda: archive.count(query, limit))
         received, shown = edge or ({}, set())
         counted = available(lambda: archive.counted_page(
             query, WEB_PAGE + 1, limit,

@@ -4894,6 +4894,34 @@ class TestArchiveQueries(ArchiveCase):
         self.assertEqual((find["projection"], find["limit"], find["filter"]["$and"]), (
             {"store_key": 1, "received": 1}, 4, [{"received": {"$gte": edge - mms.DAY}}]))
 
+    def test_a_since_newest_first_is_where_reading_stops(self):
+        """Newest first, a since is not asked of MongoDB: the query without it, newest
+        first, in batches of at most SINCE_BATCH, read until a message older than it
+        (nx-27017 reads every message for any date range). On MongoDB the same index
+        keys, and at most the rest of a batch past the since."""
+        now = datetime.datetime.now(mms.UTC)
+        old_messages(self.uri, self.dbname, 3, now - datetime.timedelta(minutes=10))
+        old_messages(self.uri, self.dbname, 2, now - datetime.timedelta(hours=30))
+        tap, uri = self.tapped()
+        archive = mms.Archive(mms.parse_config(["--mongo-host", uri, "--mongo-database",
+                                                self.dbname])).connect()
+        self.addCleanup(archive.close)
+        since = {"sender": "old@x.org", "received": {"$gte": now - mms.DAY}}
+        self.assertEqual(len(list(archive.search(since, limit=20))), 3)
+        [find] = tap.sent("find", "message")
+        self.assertEqual((find["filter"], find["sort"], find["limit"]),
+                         ({"sender": {"$gte": "old@x.org", "$lte": "old@x.org"}},
+                          {"received": -1}, 20))
+        self.assertEqual(find["batchSize"], 20 + 1)   # pymongo's: the limit in one batch
+        tap.commands.clear()
+        with mock.patch.object(mms.Archive, "SINCE_BATCH", 1):
+            self.assertEqual(archive.count(since, limit=1001), 3)
+        [find] = tap.sent("find", "message")
+        self.assertEqual((find["projection"], find["limit"], find["batchSize"]),
+                         ({"store_key": 1, "received": 1}, 1001, 1))
+        more = [c for c in tap.sent("getMore") if c["collection"] == "message"]
+        self.assertEqual(len(more), 3)       # the 2nd, the 3rd, then the 4th: older: stop
+
     def test_count_without_a_filter_is_the_collections_own(self):
         tap, uri = self.tapped()
         self.assertEqual(self.mms("count", uri=uri), (0, "4", ""))
@@ -6700,6 +6728,26 @@ class TestQuarantinePage(WebCase):
         self.assertEqual([(c["filter"]["verdict"]["$gte"], c["limit"]) for c in counts],
                          [("virus", 2), ("banned", 1)])
 
+    def test_more_than_its_limit_is_a_bound_kept_until_a_release(self):
+        """A busy quarantine's "more than" is counted once a minute, not at each visit;
+        a release on the console forgets it, and the page says the number again."""
+        def counts():
+            return [c for c in self.tap.sent("find", "message") if c["projection"] == {"_id": 1}]
+        with mock.patch.object(mms, "WEB_COUNT_MAX", 2):
+            self.tap.commands.clear()
+            for _ in range(2):
+                self.assertIn("More than 2 messages await judgement.", self.rows("admin")[0])
+            self.assertEqual(len(counts()), 3)      # the first visit's: a verdict at a time
+            with mock.patch.object(mms, "WEB_OVER_KEEP", 0):    # a minute on
+                self.assertIn("More than 2 messages", self.rows("admin")[0])
+            self.assertEqual(len(counts()), 6)
+            cookie = self.login()
+            self.assertEqual(self.http("POST", f"/messages/{self.spam}/release",
+                                       {"csrf": self.csrf(cookie)}, cookie=cookie)[0], 303)
+            for _ in range(2):
+                self.assertRegex(self.rows("admin")[0], r">2 messages await judgement\.")
+            self.assertEqual(len(counts()), 12)     # a number is counted at each visit
+
     def test_older_pages_are_ranges_of_the_same_query(self):
         with mock.patch.object(mms, "WEB_PAGE", 2):
             page, rows = self.rows("admin")
@@ -6755,10 +6803,14 @@ class TestQuarantinePage(WebCase):
                                               body.decode())))
         self.assertEqual(found, [both, self.banned, self.virus, self.released, self.spam])
         self.assertIn("5 messages", body.decode())
-        ranges = [clauses(c["filter"]) for c in self.tap.sent("find", "message")
-                  if "received" in str(c["filter"])]
-        self.assertEqual({str(c) for r in ranges for c in r if "rcpt_domain" in c},
-                         {"{'rcpt_domain': 'example.org'}", "{'rcpt_domain': 'example.net'}"})
+        # A since is where reading stops (newest_since): the domains' $in, no date,
+        # newest first, in batches of 101; the page is the count's rows, read again.
+        [count, page] = self.tap.sent("find", "message")
+        self.assertEqual({k: count[k] for k in ("filter", "sort", "limit", "batchSize")},
+                         {"filter": {"rcpt_domain": {"$in": ["example.org", "example.net"]}},
+                          "sort": {"received": -1}, "limit": mms.WEB_COUNT_MAX + 1,
+                          "batchSize": mms.Archive.SINCE_BATCH})
+        self.assertEqual(set(page["filter"]), {"_id", "store_key"})
 
     def test_a_failed_release_says_what_to_do_and_links_back(self):
         self.down.close()                                      # nothing listens there now
@@ -6981,6 +7033,28 @@ class TestConsoleAtScale(WebCase):
                                      (expected, {"_id": 1}, mms.WEB_COUNT_MAX + 1))
                     asked.add(query)
         self.assertEqual(len(asked), 5)    # sender domain and address, rcpt, and client
+
+    def test_more_than_its_limit_is_a_bound_kept_a_minute(self):
+        """Paging through a busy search counts it once a minute; a number under the
+        limit is counted at each page, and the bound is each search's own."""
+        old_messages(self.uri, self.dbname, 3, datetime.datetime(2024, 5, 1, tzinfo=mms.UTC))
+        cookie = self.login("viewer")
+
+        def counts(query):
+            before = len(self.tap.sent("find", "message"))
+            body = self.http("GET", f"/messages?{query}", cookie=cookie)[2].decode()
+            said = re.search(r"<p><strong>([^<]*)</strong>", body).group(1)
+            return said, sum(c["projection"] == {"_id": 1}
+                             for c in self.tap.sent("find", "message")[before:])
+        with mock.patch.object(mms, "WEB_PAGE", 1):
+            for _ in range(2):
+                self.assertEqual(counts("sender=old%40x.org"), ("3 messages", 1))
+            with mock.patch.object(mms, "WEB_COUNT_MAX", 2):
+                self.assertEqual(counts("sender=old%40x.org"), ("More than 2 messages", 1))
+                self.assertEqual(counts("sender=old%40x.org"), ("More than 2 messages", 0))
+                self.assertEqual(counts("sender=%40x.org"), ("More than 2 messages", 1))
+                with mock.patch.object(mms, "WEB_OVER_KEEP", 0):    # a minute on
+                    self.assertEqual(counts("sender=old%40x.org"), ("More than 2 messages", 1))
 
     def test_a_field_of_one_value_is_a_point_of_its_index(self):
         """Equality on a field that holds one value is asked as the range [value,
