@@ -4879,8 +4879,8 @@ class Archive:
 
     def newest_keys(self, query, limit):
         """The first `limit` messages' {_id, store_key, received}, newest first: to a
-        since (newest_since), or in windows of time from a day where the range has
-        an end (in_windows), as a count's limit (1,001) is twenty pages. On MongoDB
+        since (newest_since), or, where the range has an end, in windows of time
+        from a day (in_windows): a count's limit (1,001) is twenty pages. On MongoDB
         the same index keys as from an hour; on nx-27017 a window costs a read of
         every message's date."""
         return list(self.search(query, limit, {"store_key": 1, "received": 1}, first=DAY))
