@@ -4379,6 +4379,9 @@ def without_lower_dates(query):
     words = {"$text": query["$text"]} if "$text" in query else {}
     stripped = all_of(words, *clauses)
 
+    bounds = [(op, at.replace(microsecond=at.microsecond // 1000 * 1000))   # as BSON holds
+              if isinstance(at, datetime.datetime) else (op, at) for op, at in bounds]
+
     def keep(when):
         return isinstance(when, datetime.datetime) and all(
             when >= at if op == "$gte" else when > at for op, at in bounds)

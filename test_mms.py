@@ -4899,7 +4899,7 @@ class TestArchiveQueries(ArchiveCase):
         first, in batches of at most SINCE_BATCH, read until a message older than it
         (nx-27017 reads every message for any date range). On MongoDB the same index
         keys, and at most the rest of a batch past the since."""
-        now = datetime.datetime.now(mms.UTC)
+        now = datetime.datetime.now(mms.UTC).replace(microsecond=123456)
         old_messages(self.uri, self.dbname, 3, now - datetime.timedelta(minutes=10))
         old_messages(self.uri, self.dbname, 2, now - datetime.timedelta(hours=30))
         tap, uri = self.tapped()
@@ -4921,6 +4921,10 @@ class TestArchiveQueries(ArchiveCase):
                          ({"store_key": 1, "received": 1}, 1001, 1))
         more = [c for c in tap.sent("getMore") if c["collection"] == "message"]
         self.assertEqual(len(more), 3)       # the 2nd, the 3rd, then the 4th: older: stop
+        # A since at the very microsecond they were received keeps them, as MongoDB's
+        # range would: BSON dates hold milliseconds.
+        at = {"sender": "old@x.org", "received": {"$gte": now - datetime.timedelta(minutes=10)}}
+        self.assertEqual(len(list(archive.search(at, limit=20))), 3)
 
     def test_count_without_a_filter_is_the_collections_own(self):
         tap, uri = self.tapped()
