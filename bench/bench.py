@@ -23,7 +23,8 @@ with mms's thread model, with and without added Python work, beside mms-debug),
 archive (count, verify and purge on 60,000 stored messages, time and peak RSS;
 `--baseline REV` runs the mms.py of a git revision beside it), or console (the web
 console's pages and `stats` on archives of 10,000, 50,000 and 200,000 messages,
-and SMTP while two reviewers use the console), or parse (storing with the
+and SMTP while two reviewers use the console: three pairs, alone then beside
+them, and the median share), or parse (storing with the
 completed document and its words, against --index-text 0 and --baseline REV;
 reindex and list --text on 200,000 messages).
 
