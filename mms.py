@@ -7321,8 +7321,8 @@ holds <bdi>{h(held)}</bdi>. {h(then)}</p>
         """count() (up to WEB_COUNT_MAX + 1, or None out of time), unless a count of
         the same search said "more than WEB_COUNT_MAX" in the last WEB_OVER_KEEP
         seconds: that is a bound, not a number, and mail only adds to it (a purge
-        aside). This console's own writes forget it. Otherwise every page of a busy
-        search, and every visit to a busy quarantine, reads 1,001 index keys: on
+        aside). This console's own writes forget it. Otherwise every visit to a busy
+        search's first page, or to a busy quarantine, reads 1,001 index keys: on
         nx-27017, 0.08 to 0.12 s of the time that SMTP's inserts share, two thirds
         of such a page's. SMTP kept 36 to 38% of its rate beside two reviewers who
         clicked such pages without pause, 61 to 69% with the bound kept."""
