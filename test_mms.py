@@ -7039,8 +7039,8 @@ class TestConsoleAtScale(WebCase):
         self.assertEqual(len(asked), 5)    # sender domain and address, rcpt, and client
 
     def test_more_than_its_limit_is_a_bound_kept_a_minute(self):
-        """Paging through a busy search counts it once a minute; a number under the
-        limit is counted at each page, and the bound is each search's own."""
+        """A busy search's first page counts it once a minute, whoever asks; a number
+        under the limit is counted at each visit, and the bound is each search's own."""
         old_messages(self.uri, self.dbname, 3, datetime.datetime(2024, 5, 1, tzinfo=mms.UTC))
         cookie = self.login("viewer")
 
