@@ -7039,7 +7039,7 @@ class TestConsoleAtScale(WebCase):
         self.assertEqual(len(asked), 5)    # sender domain and address, rcpt, and client
 
     def test_more_than_its_limit_is_a_bound_kept_a_minute(self):
-        """A busy search's first page counts it once a minute, whoever asks; a number
+        """A busy search's first page counts it once a minute; a number
         under the limit is counted at each visit, and the bound is each search's own."""
         old_messages(self.uri, self.dbname, 3, datetime.datetime(2024, 5, 1, tzinfo=mms.UTC))
         cookie = self.login("viewer")
