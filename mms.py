@@ -4365,22 +4365,22 @@ def date_span(query):
 
 
 def without_lower_dates(query):
-    """(the query without its lower bounds on received, whether a date passes them)."""
+    """(the query without its lower bounds on received, whether a date passes them,
+    compared to the millisecond, as BSON holds dates and MongoDB's range compares)."""
     bounds, clauses = [], []
     top = {key: value for key, value in query.items() if key not in ("$and", "$text")}
     for clause in [top] * bool(top) + query.get("$and", []):
         received = clause.get("received")
         if isinstance(received, dict):
-            bounds += [(op, received[op]) for op in ("$gte", "$gt") if op in received]
+            bounds += [(op, received[op].replace(microsecond=received[op].microsecond
+                                                 // 1000 * 1000))
+                       for op in ("$gte", "$gt") if op in received]
             received = {op: when for op, when in received.items() if op not in ("$gte", "$gt")}
             clause = {**clause, "received": received} if received else {
                 key: value for key, value in clause.items() if key != "received"}
         clauses.append(clause)
     words = {"$text": query["$text"]} if "$text" in query else {}
     stripped = all_of(words, *clauses)
-
-    bounds = [(op, at.replace(microsecond=at.microsecond // 1000 * 1000))   # as BSON holds
-              if isinstance(at, datetime.datetime) else (op, at) for op, at in bounds]
 
     def keep(when):
         return isinstance(when, datetime.datetime) and all(
@@ -4798,14 +4798,14 @@ class Archive:
     WINDOW_FIRST = datetime.timedelta(hours=1)
     WINDOWS_MAX = 3
 
-    def in_windows(self, query, limit, projection, order, low, high, first=WINDOW_FIRST):
+    def in_windows(self, query, limit, projection, order, low, high, first):
         """A page of a date range, read in windows of time from its start: `first`,
         then one as much wider as the rows found say the page still needs (2 to 32
         times), then the rest; a rest shorter than the window is read with it (a
-        `since` a day back is one window from a day: not a day, then the
-        microseconds between the two `now`s). On MongoDB each is a range of the
-        same index as the whole, bounded by the limit, and the first fills a page
-        of a busy archive.
+        range a few seconds over a day, read from a day, is one window, not a day
+        and then those seconds). On MongoDB each is a range of the same index as
+        the whole, bounded by the limit, and the first fills a page of a busy
+        archive.
         Where the first holds less than a sixteenth of what is needed, the rest is
         read at once: few messages, and one more date range, not two.
         nx-27017 reads every message of a date range before it sorts and limits:
