@@ -8573,8 +8573,12 @@ class TestLogging(unittest.TestCase):
     """The log as an administrator reads it: under supervisord, or in a file logrotate moves."""
 
     def serve(self, *args):
+        """Returns once mms greets: the port listens a moment before mms has logged
+        its start and serves, and a signal in that moment only stops it."""
         server = MmsProcess("--server", "debug", *args)
         self.addCleanup(server.stop)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as probe:
+            self.assertTrue(probe.recv(512).startswith(b"220 "))
         return server
 
     def finish(self, server):
