@@ -979,6 +979,36 @@ class TestPipelining(ServerCase):
         self.assertEqual([m["sender"] for m, _ in self.messages()], ["a@x", "c@x"])
 
 
+    def test_a_client_that_reads_late_gets_every_reply_in_order(self):
+        """Replies to 20,000 pipelined commands outgrow what the kernel takes at once
+        from mms (a send buffer of 8 KiB, which its connections inherit from the
+        listening socket, and a client's window of 4 KiB): the rest waits for the
+        client, and none is lost or reordered. The same without ctypes's socket
+        calls, where every call goes through the socket module."""
+        self.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        cycle = ((b"NOOP", b"250 "), (b"VRFY a", b"252 "), (b"XYZZY", b"500 "))
+        commands = b"".join(cycle[n % 3][0] + b"\r\n" for n in range(20_000))
+        for held in (mms.HELD, None):
+            with self.subTest(held=held is not None), mock.patch.object(mms, "HELD", held):
+                sock = socket.socket()
+                self.addCleanup(sock.close)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.settimeout(20)
+                sock.connect(("127.0.0.1", self.port))
+                writer = threading.Thread(target=sock.sendall, args=(commands + b"QUIT\r\n",),
+                                          daemon=True)
+                writer.start()
+                time.sleep(0.5)                           # mms answers into a full window
+                with sock.makefile("rb") as replies:
+                    lines = [replies.readline() for _ in range(20_002)]
+                writer.join(20)
+                self.assertEqual(lines[0][:4], b"220 ")
+                wrong = next((n for n, line in enumerate(lines[1:-1])
+                              if line[:4] != cycle[n % 3][1]), None)
+                self.assertIsNone(wrong, f"reply {wrong}: {lines[1:-1][wrong or 0]!r}")
+                self.assertEqual(lines[-1][:4], b"221 ")
+
+
 class TestTransactions(ServerCase):
 
     def setUp(self):
