@@ -994,13 +994,18 @@ def reply_text(reply):
 # through the socket module, which lets the GIL go, times it out and raises its
 # error. Measured in the README (Performance). Without ctypes, or on a system
 # without these flags, every call goes through the socket module.
+RECV_FLAGS = int(getattr(socket, "MSG_DONTWAIT", 0))   # ints: an IntFlag's | costs more
+SEND_FLAGS = RECV_FLAGS | int(getattr(socket, "MSG_NOSIGNAL", 0))  # than the call
+
+
 def held_socket_calls():
     """(recv, send, close) of libc with the GIL kept, or None."""
+    if not RECV_FLAGS or SEND_FLAGS == RECV_FLAGS:
+        return None
     try:
         import ctypes
         libc = ctypes.PyDLL(None, use_errno=True)
         recv, send, close = libc.recv, libc.send, libc.close
-        socket.MSG_DONTWAIT, socket.MSG_NOSIGNAL
     except (ImportError, OSError, AttributeError):
         return None
     for call in (recv, send):
@@ -1033,7 +1038,7 @@ def recv_now(sock):
     if HELD is None:
         return None
     area, address = held_inbox()
-    got = HELD[0](sock.fileno(), address, RECV_SIZE, socket.MSG_DONTWAIT)
+    got = HELD[0](sock.fileno(), address, RECV_SIZE, RECV_FLAGS)
     return area[:got] if got >= 0 else None
 
 
@@ -1042,8 +1047,7 @@ def send_now(sock, data):
     with no held calls."""
     if HELD is None:
         return 0
-    return max(HELD[1](sock.fileno(), data, len(data),
-                       socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL), 0)
+    return max(HELD[1](sock.fileno(), data, len(data), SEND_FLAGS), 0)
 
 
 def close_now(sock):
