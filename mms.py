@@ -1174,7 +1174,7 @@ class SMTPSession(socketserver.BaseRequestHandler):
         (SO_RCVTIMEO): no poll call before it. The socket starts with the listening
         socket's ACCEPT_TICK, and a read that outlasts it is given the rest of its
         time then: a client that answers within a second, as nearly all do, costs
-        no setsockopt call."""
+        no setsockopt call. What is there already is taken with the GIL kept."""
         chunk = recv_now(self.request)
         if chunk is not None:
             return chunk

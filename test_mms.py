@@ -978,13 +978,13 @@ class TestPipelining(ServerCase):
             self.assertEqual(reply[0], CODES[name][0], (name, reply))
         self.assertEqual([m["sender"] for m, _ in self.messages()], ["a@x", "c@x"])
 
-
     def test_a_client_that_reads_late_gets_every_reply_in_order(self):
         """Replies to 20,000 pipelined commands outgrow what the kernel takes at once
         from mms (a send buffer of 8 KiB, which its connections inherit from the
         listening socket, and a client's window of 4 KiB): the rest waits for the
-        client, and none is lost or reordered. The same without ctypes's socket
-        calls, where every call goes through the socket module."""
+        client, and none is lost or reordered. The same where every call goes
+        through the socket module, as on a Python built without ctypes (HELD is
+        None there; this one has ctypes, so the test sets it)."""
         self.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         cycle = ((b"NOOP", b"250 "), (b"VRFY a", b"252 "), (b"XYZZY", b"500 "))
         commands = b"".join(cycle[n % 3][0] + b"\r\n" for n in range(20_000))
