@@ -6624,10 +6624,8 @@ class WebServer(BoundedHTTPServer):
         WEB_HASHING_MAX hashes run at once (503 after WEB_HASHING_WAIT)."""
         now = time.monotonic()
         with self.lock:
-            recent = [t for t in self.failures.pop(address, ()) if now - t < WEB_FAILURES_WINDOW]
-            self.failures[address] = recent + [now]     # the newest last
-            while len(self.failures) > WEB_FAILING_MAX:
-                del self.failures[next(iter(self.failures))]
+            recent = [t for t in self.failures.get(address, ()) if now - t < WEB_FAILURES_WINDOW]
+            put_newest(self.failures, address, recent + [now], WEB_FAILING_MAX)
             if len(recent) >= WEB_FAILURES_MAX:
                 self.failures[address].pop()
                 raise HTTPError(429, "too many failed logins from your address: wait")
@@ -6648,10 +6646,9 @@ class WebServer(BoundedHTTPServer):
     def open_session(self, user, profile):
         token = os.urandom(24).hex()
         with self.lock:
-            self.sessions[token] = {"user": user, **profile, "csrf": os.urandom(16).hex(),
-                                    "expires": time.monotonic() + WEB_SESSION_SECONDS}
-            while len(self.sessions) > WEB_SESSIONS_MAX:
-                del self.sessions[next(iter(self.sessions))]
+            put_newest(self.sessions, token, {
+                "user": user, **profile, "csrf": os.urandom(16).hex(),
+                "expires": time.monotonic() + WEB_SESSION_SECONDS}, WEB_SESSIONS_MAX)
         return token
 
     def session(self, token):
@@ -6711,10 +6708,7 @@ class WebServer(BoundedHTTPServer):
         """A count of this search said "more than WEB_COUNT_MAX" now (the oldest of
         WEB_OVER_MAX searches goes first)."""
         with self.lock:
-            self.overs.pop(key, None)
-            self.overs[key] = time.monotonic()
-            while len(self.overs) > WEB_OVER_MAX:
-                del self.overs[next(iter(self.overs))]
+            put_newest(self.overs, key, time.monotonic(), WEB_OVER_MAX)
 
     def forget_overs(self):
         with self.lock:
@@ -6731,6 +6725,15 @@ class WebServer(BoundedHTTPServer):
             if entry["at"] is None or now - entry["at"] >= WEB_CACHE_SECONDS:
                 entry["value"], entry["at"] = make(), now
             return entry["value"]
+
+
+def put_newest(table, key, value, most):
+    """table[key] = value as its newest entry (a dict keeps the order of insertion);
+    past `most` entries, the oldest go first."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > most:
+        del table[next(iter(table))]
 
 
 def h(value):
